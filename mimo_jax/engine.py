@@ -1,0 +1,212 @@
+"""The Python API: Engine.from_pretrained(path).generate / stream / score.
+
+Compiled pieces (each jitted once per shape, the cache donated):
+  prefill  — a chunk of prompt tokens, bucketed to a power of two (tail padded, positions -1), returns the
+             logits of the chunk's last real token;
+  decode   — one token in, one sampled token out; the loop feeds the device array straight back, and the host
+             reads token t only after step t+1 has been dispatched, so the device never waits on the host.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mimo_jax import model, sampling
+from mimo_jax.config import ModelConfig
+from mimo_jax.errors import InputError
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_ms: float = 0.0
+    decode_s: float = 0.0
+    finish_reason: str = ""  # "eos" | "length" | "context"
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"[prompt {self.prompt_tokens} tok, prefill {self.prefill_ms:.1f} ms | "
+                f"{self.new_tokens} new tok, decode {self.decode_tok_s:.1f} tok/s | {self.finish_reason}]")
+
+
+@dataclasses.dataclass
+class Generation:
+    token_ids: list[int]
+    text: str | None
+    stats: GenerationStats
+
+
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
+def _prefill(params, tokens, positions, cache, cfg: ModelConfig):
+    hidden, cache = model.forward_hidden(params, tokens, positions, cache, cfg)
+    last = jnp.sum(positions >= 0) - 1
+    return model.lm_logits(params, hidden[:, last], cfg), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "is_greedy"), donate_argnames="cache")
+def _decode(params, token, position, cache, key, temperature, top_k, top_p, cfg: ModelConfig, is_greedy: bool):
+    hidden, cache = model.forward_hidden(params, token[:, None], position[None], cache, cfg)
+    logits = model.lm_logits(params, hidden[:, 0], cfg)
+    key = jax.random.fold_in(key, position)
+    return sampling.next_token(key, logits, temperature, top_k, top_p, is_greedy), cache
+
+
+@functools.partial(jax.jit, static_argnames="is_greedy")
+def _first_token(logits, key, position, temperature, top_k, top_p, is_greedy: bool):
+    return sampling.next_token(jax.random.fold_in(key, position), logits, temperature, top_k, top_p, is_greedy)
+
+
+def _bucket(n: int, largest: int) -> int:
+    size = 16
+    while size < n:
+        size *= 2
+    return min(size, largest)
+
+
+class Engine:
+    def __init__(self, cfg: ModelConfig, params, tokenizer=None, max_seq_len: int | None = None,
+                 prefill_chunk: int = 512, cache_dtype=None):
+        self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+        self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 4096))
+        self.prefill_chunk = prefill_chunk
+        self.cache_dtype = cache_dtype or params["embed"].dtype
+
+    # ---- construction ----
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype=jnp.bfloat16, **kwargs) -> "Engine":
+        """A checkpoint directory (config.json + *.safetensors [+ tokenizer.json])."""
+        from mimo_jax.loader import load_checkpoint
+
+        cfg, params = load_checkpoint(path, dtype)
+        return cls(cfg, params, tokenizer=_find_tokenizer(Path(path)), **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16, **kwargs) -> "Engine":
+        """Random weights, for benchmarks and tests."""
+        return cls(cfg, model.init_params(cfg, jax.random.PRNGKey(seed), dtype), **kwargs)
+
+    # ---- inputs ----
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InputError("a text prompt needs a tokenizer; this checkpoint has none (pass token ids)")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise InputError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        if len(ids) >= self.max_seq_len:
+            raise InputError(f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len} "
+                             f"(prompt + at least one new token)")
+        return ids
+
+    def new_cache(self):
+        return model.init_cache(self.cfg, 1, self.max_seq_len, self.cache_dtype)
+
+    def _chunks(self, ids: list[int]):
+        """(tokens [1,T], positions [T]) chunks of the prompt, each padded to its bucket."""
+        start = 0
+        while start < len(ids):
+            n = min(self.prefill_chunk, len(ids) - start)
+            size = _bucket(n, self.prefill_chunk)
+            tokens = np.zeros((1, size), np.int32)
+            tokens[0, :n] = ids[start:start + n]
+            positions = np.where(np.arange(size) < n, start + np.arange(size), -1).astype(np.int32)
+            yield jnp.asarray(tokens), jnp.asarray(positions), n
+            start += n
+
+    # ---- API ----
+    def score(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Teacher-forced logits [len, vocab] (float32): row t predicts token t+1."""
+        ids = self.encode(token_ids)
+        cache, rows = self.new_cache(), []
+        for tokens, positions, n in self._chunks(ids):
+            logits, cache = model.forward(self.params, tokens, positions, cache, self.cfg)
+            rows.append(np.asarray(logits[0, :n]))
+        return np.concatenate(rows)
+
+    def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> "Stream":
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise InputError(f"invalid sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
+                             f"top_p={top_p} (in (0, 1])")
+        return Stream(self, self.encode(prompt), max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos)
+
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> Generation:
+        s = self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos)
+        ids = list(s)
+        return Generation(ids, self.tokenizer.decode(ids) if self.tokenizer else None, s.stats)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = set(self.cfg.eos_token_ids)
+        if self.tokenizer is not None:
+            ids |= set(getattr(self.tokenizer, "eos_ids", ()) or ())
+        return ids
+
+
+class Stream:
+    """Iterates new token ids as they are produced; `.stats` is complete once the iteration ends."""
+
+    def __init__(self, engine: Engine, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos):
+        self.engine, self.ids = engine, ids
+        self.max_new_tokens, self.stop_at_eos = max_new_tokens, stop_at_eos
+        self.sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+        self.is_greedy = temperature == 0.0
+        self.key = jax.random.PRNGKey(seed)
+        self.stats = GenerationStats(prompt_tokens=len(ids))
+
+    def __iter__(self) -> Iterator[int]:
+        e, cfg = self.engine, self.engine.cfg
+        t0 = time.perf_counter()
+        cache = e.new_cache()
+        for tokens, positions, _ in e._chunks(self.ids):
+            logits, cache = _prefill(e.params, tokens, positions, cache, cfg)
+        position = len(self.ids)
+        token = _first_token(logits, self.key, jnp.int32(position), *self.sampling, is_greedy=self.is_greedy)
+        token.block_until_ready()
+        self.stats.prefill_ms = 1e3 * (time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        budget = min(self.max_new_tokens, e.max_seq_len - len(self.ids))
+        eos = e.eos_ids if self.stop_at_eos else set()
+        for i in range(budget):
+            nxt = None
+            if i + 1 < budget:  # dispatch step i+1 before reading token i on the host
+                nxt, cache = _decode(e.params, token, jnp.int32(position), cache, self.key, *self.sampling,
+                                     cfg=cfg, is_greedy=self.is_greedy)
+                position += 1
+            t = int(token[0])
+            self.stats.new_tokens += 1
+            self.stats.decode_s = time.perf_counter() - t1
+            yield t
+            if t in eos:
+                self.stats.finish_reason = "eos"
+                return
+            token = nxt
+        self.stats.finish_reason = "length" if budget == self.max_new_tokens else "context"
+
+
+def _find_tokenizer(path: Path):
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (path / name).is_file():
+            from mimo_jax.tokenizer import Tokenizer
+
+            return Tokenizer.from_file(path / name)
+    return None

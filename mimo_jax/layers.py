@@ -1,0 +1,108 @@
+"""Layer math as pure functions: RMSNorm, partial RoPE, attention with sinks and windows, SwiGLU.
+
+Shapes: B batch, T new tokens, S cached keys, H hidden, Hq/Hkv heads (G = Hq // Hkv), D qk head dim, Dv v head dim.
+Positions are shared by the batch: `positions` [T] int32, consecutive from the cache length, with -1 marking
+padding at the tail (padded tokens are never written to a cache and attend to nothing).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mimo_jax.config import AttentionSpec
+from mimo_jax.ops import matmul
+
+
+def rms_norm(x, weight, eps):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rope(x, positions, theta: float, rope_dim: int):
+    """Rotate-half RoPE on the first rope_dim dims of each head; x [B, T, heads, D], positions [T]."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rope_dim, 2, dtype=jnp.float32) / rope_dim))
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[None, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    rot, rest = x[..., :rope_dim], x[..., rope_dim:]
+    half = rope_dim // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
+
+
+def swiglu(p, x):
+    return matmul(jax.nn.silu(matmul(x, p["w_gate"])) * matmul(x, p["w_up"]), p["w_down"])
+
+
+def attend(q, k, v, mask, sink, scale):
+    """Softmax attention with an optional per-head sink logit in the denominator.
+
+    q [B,T,Hkv,G,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv], mask [T,S] bool, sink [Hkv,G] f32 or None.
+    p_ts = exp(a_ts - m) / (exp(sink - m) + sum_s' exp(a_ts' - m)),  m = max(max_s a_ts, sink).
+    A row with nothing visible (padding) returns zeros.
+    """
+    s = jnp.einsum("bthgd,bshd->bhgts", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask[None, None, None], s, -jnp.inf)
+    m = jnp.max(s, axis=-1)
+    if sink is not None:
+        m = jnp.maximum(m, sink[None, :, :, None])
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m[..., None])
+    denom = jnp.sum(p, axis=-1)
+    if sink is not None:
+        denom = denom + jnp.exp(sink[None, :, :, None] - m)
+    p = p / jnp.maximum(denom, jnp.finfo(jnp.float32).tiny)[..., None]
+    return jnp.einsum("bhgts,bshd->bthgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+def ring_positions(length, size: int):
+    """Position held by each slot of a ring buffer of `size` after `length` tokens (slot = pos % size); -1 if none."""
+    slots = jnp.arange(size, dtype=jnp.int32)
+    pos = length - 1 - jnp.mod(length - 1 - slots, size)
+    return jnp.where(pos >= 0, pos, -1)
+
+
+def attention(p, x, positions, cache, index, spec: AttentionSpec):
+    """Pre-normed x [B,T,H] -> attention output [B,T,H] and the cache with this chunk written.
+
+    `cache` holds the stacked {"k","v"} of a whole run of layers; `index` picks this layer in its leading axes.
+    Full layers cache every position (slot = position). Sliding layers keep a ring of the last `window`
+    positions (slot = position % window): keys are the ring (older positions) plus this chunk, and the ring is
+    rebuilt so each slot holds the newest valid position with its residue.
+    """
+    b, t, _ = x.shape
+    hkv, g = spec.num_kv_heads, spec.num_heads // spec.num_kv_heads
+    q = matmul(x, p["wq"]).reshape(b, t, spec.num_heads, spec.head_dim)
+    k = matmul(x, p["wk"]).reshape(b, t, hkv, spec.head_dim)
+    v = matmul(x, p["wv"]).reshape(b, t, hkv, spec.v_head_dim)
+    if spec.value_scale != 1.0:
+        v = v * jnp.asarray(spec.value_scale, v.dtype)
+    q = rope(q, positions, spec.rope_theta, spec.rope_dim)
+    k = rope(k, positions, spec.rope_theta, spec.rope_dim)
+    k, v = k.astype(cache["k"].dtype), v.astype(cache["v"].dtype)
+    start = positions[0]
+    n_valid = jnp.sum(positions >= 0)
+    qpos = positions[:, None]
+    if spec.window is None:
+        capacity = cache["k"].shape[len(index) + 1]
+        slots = jnp.where(positions >= 0, positions, capacity)  # padding -> out of range -> dropped
+        rows = jnp.arange(b)[:, None]
+        cache = {name: cache[name].at[(*index, rows, slots[None, :])].set(new, mode="drop")
+                 for name, new in (("k", k), ("v", v))}
+        keys, values = cache["k"][index], cache["v"][index]
+        mask = jnp.arange(capacity)[None, :] <= qpos
+    else:
+        size = spec.window
+        old_k, old_v = cache["k"][index], cache["v"][index]
+        kpos = jnp.concatenate([ring_positions(start, size), positions])
+        keys, values = jnp.concatenate([old_k, k], axis=1), jnp.concatenate([old_v, v], axis=1)
+        mask = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos) & (kpos[None, :] >= qpos - spec.window)
+        new_pos = ring_positions(start + n_valid, size)
+        from_chunk = (new_pos >= start)[None, :, None, None]
+        take = jnp.clip(new_pos - start, 0, t - 1)
+        cache = {"k": cache["k"].at[index].set(jnp.where(from_chunk, k[:, take], old_k)),
+                 "v": cache["v"].at[index].set(jnp.where(from_chunk, v[:, take], old_v))}
+    sink = p["sink"].astype(jnp.float32).reshape(hkv, g) if spec.sink else None
+    out = attend(q.reshape(b, t, hkv, g, spec.head_dim), keys, values, mask, sink, spec.head_dim ** -0.5)
+    return matmul(out.reshape(b, t, spec.num_heads * spec.v_head_dim), p["wo"]), cache

@@ -1,0 +1,302 @@
+"""Checkpoint loading: one mapping table from checkpoint keys to pytree paths and transforms.
+
+Two layouts of MiMo-V2-Flash are read by the same table:
+  * transformers' in-memory layout: fused experts `mlp.experts.gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I],
+    sinks in `self_attn.sinks`;
+  * the XiaomiMiMo hub layout: per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight`, sinks in
+    `self_attn.attention_sink_bias`, FP8 e4m3 weights with `<name>_scale_inv` 128x128 block scales.
+Llama checkpoints use the subset of names they share. `model.mtp.layers.{j}.*` land in params["mtp"].
+
+Tensors are streamed one at a time from the *.safetensors files into preallocated host buffers, then moved to
+the device. Every leaf must be filled exactly; a missing or misshapen tensor is a CheckpointError naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from mimo_jax.config import MOE, ModelConfig, config_from_hf
+from mimo_jax.errors import CheckpointError, ConfigError
+from mimo_jax.model import param_shapes, plan_of
+from mimo_jax.plan import layer_slots
+
+# safetensors' numpy reader looks float8 up on the numpy module; ml_dtypes provides the type numpy lacks.
+if not hasattr(np, "float8_e4m3fn"):
+    np.float8_e4m3fn = ml_dtypes.float8_e4m3fn
+
+log = logging.getLogger(__name__)
+
+
+# ---- transforms: source tensor (torch layout [out, in]) -> {target leaf name: array in our [in, out] layout} ----
+
+def _same(a):
+    return a
+
+
+def _t(a):
+    return np.swapaxes(a, -1, -2)
+
+
+def _split_gate_up(a):  # [E, 2I, H] -> gate, up as [E, H, I]
+    i = a.shape[1] // 2
+    return _t(a[:, :i]), _t(a[:, i:])
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    pattern: str  # regex over the key suffix after the layer prefix
+    targets: tuple[tuple[str, ...], ...]  # pytree sub-paths filled
+    fn: Callable = _same  # returns one array, or a tuple of arrays (one per target)
+    per_expert: bool = False  # the key carries an expert index and fills one expert's slice
+
+
+TOP_RULES = {
+    "model.embed_tokens.weight": Rule("", (("embed",),)),
+    "model.norm.weight": Rule("", (("final_norm",),)),
+    "lm_head.weight": Rule("", (("lm_head",),), _t),
+}
+
+LAYER_RULES = (
+    Rule(r"input_layernorm\.weight", (("attn_norm",),)),
+    Rule(r"(post_attention_layernorm|pre_mlp_layernorm)\.weight", (("mlp_norm",),)),
+    Rule(r"self_attn\.q_proj\.weight", (("attn", "wq"),), _t),
+    Rule(r"self_attn\.k_proj\.weight", (("attn", "wk"),), _t),
+    Rule(r"self_attn\.v_proj\.weight", (("attn", "wv"),), _t),
+    Rule(r"self_attn\.o_proj\.weight", (("attn", "wo"),), _t),
+    Rule(r"self_attn\.(sinks|attention_sink_bias)", (("attn", "sink"),)),
+    Rule(r"mlp\.gate_proj\.weight", (("mlp", "w_gate"),), _t),
+    Rule(r"mlp\.up_proj\.weight", (("mlp", "w_up"),), _t),
+    Rule(r"mlp\.down_proj\.weight", (("mlp", "w_down"),), _t),
+    Rule(r"mlp\.gate\.weight", (("mlp", "router"),), _t),
+    Rule(r"mlp\.gate\.e_score_correction_bias", (("mlp", "router_bias"),)),
+    Rule(r"mlp\.experts\.gate_up_proj", (("mlp", "w_gate"), ("mlp", "w_up")), _split_gate_up),
+    Rule(r"mlp\.experts\.down_proj", (("mlp", "w_down"),), _t),
+    Rule(r"mlp\.experts\.(?P<e>\d+)\.gate_proj\.weight", (("mlp", "w_gate"),), _t, per_expert=True),
+    Rule(r"mlp\.experts\.(?P<e>\d+)\.up_proj\.weight", (("mlp", "w_up"),), _t, per_expert=True),
+    Rule(r"mlp\.experts\.(?P<e>\d+)\.down_proj\.weight", (("mlp", "w_down"),), _t, per_expert=True),
+    # MTP-only tensors
+    Rule(r"enorm\.weight", (("enorm",),)),
+    Rule(r"hnorm\.weight", (("hnorm",),)),
+    Rule(r"eh_proj\.weight", (("eh_proj",),), _t),
+    Rule(r"final_layernorm\.weight", (("final_norm",),)),
+)
+_LAYER_KEY = re.compile(r"model\.(layers|mtp\.layers)\.(\d+)\.(.+)")
+IGNORED = re.compile(r".*(rotary_emb\.inv_freq|_scale_inv)$")
+# the canonical (hub) key reported when a leaf is missing
+_CANONICAL = {("attn_norm",): "input_layernorm.weight", ("mlp_norm",): "post_attention_layernorm.weight",
+              ("attn", "wq"): "self_attn.q_proj.weight", ("attn", "wk"): "self_attn.k_proj.weight",
+              ("attn", "wv"): "self_attn.v_proj.weight", ("attn", "wo"): "self_attn.o_proj.weight",
+              ("attn", "sink"): "self_attn.attention_sink_bias", ("mlp", "w_gate"): "mlp.gate_proj.weight",
+              ("mlp", "w_up"): "mlp.up_proj.weight", ("mlp", "w_down"): "mlp.down_proj.weight",
+              ("mlp", "router"): "mlp.gate.weight", ("mlp", "router_bias"): "mlp.gate.e_score_correction_bias",
+              ("enorm",): "enorm.weight", ("hnorm",): "hnorm.weight", ("eh_proj",): "eh_proj.weight",
+              ("final_norm",): "final_layernorm.weight"}
+
+
+def _match_layer_rule(suffix: str):
+    for rule in LAYER_RULES:
+        m = re.fullmatch(rule.pattern, suffix)
+        if m:
+            return rule, m
+    return None, None
+
+
+# ---- the checkpoint directory ----
+
+class Checkpoint:
+    """config.json + *.safetensors; tensors read one at a time, as numpy, FP8 blocks dequantized."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open  # imported here: optional for random-init use
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"checkpoint directory not found: {self.path}")
+        cfg_file = self.path / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"no config.json in checkpoint directory {self.path}")
+        try:
+            self.hf_config = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no *.safetensors files in {self.path}")
+        self._open = {}
+        self.file_of: dict[str, Path] = {}
+        for f in files:
+            try:
+                handle = safe_open(str(f), framework="numpy")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"cannot read {f.name}: {e}") from None
+            self._open[f] = handle
+            for k in handle.keys():
+                self.file_of[k] = f
+        quant = self.hf_config.get("quantization_config") or {}
+        self.block = tuple(quant.get("weight_block_size", (128, 128)))
+
+    def keys(self) -> list[str]:
+        return list(self.file_of)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._open[self.file_of[key]].get_slice(key).get_shape())
+
+    def read(self, key: str) -> np.ndarray:
+        a = self._open[self.file_of[key]].get_tensor(key)
+        if a.dtype == ml_dtypes.float8_e4m3fn:
+            a = self._dequant_fp8(key, a)
+        return a
+
+    def _dequant_fp8(self, key: str, a: np.ndarray) -> np.ndarray:
+        scale_key = key + "_scale_inv"
+        if scale_key not in self.file_of:
+            raise CheckpointError(f"FP8 tensor {key} has no {scale_key}")
+        scale = self._open[self.file_of[scale_key]].get_tensor(scale_key).astype(np.float32)
+        bo, bi = self.block
+        want = (-(-a.shape[0] // bo), -(-a.shape[1] // bi))
+        if a.ndim != 2 or scale.shape != want:
+            raise CheckpointError(f"{scale_key} has shape {scale.shape}, expected {want} for {key} {a.shape}")
+        full = np.repeat(np.repeat(scale, bo, axis=0), bi, axis=1)[: a.shape[0], : a.shape[1]]
+        return a.astype(np.float32) * full
+
+
+def _np_dtype(dtype):
+    return np.dtype(jnp.dtype(dtype).name) if jnp.dtype(dtype) != jnp.bfloat16 else np.dtype(ml_dtypes.bfloat16)
+
+
+def _key_path(path) -> tuple:
+    return tuple(p.key if hasattr(p, "key") else p.idx for p in path)
+
+
+def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype=jnp.bfloat16) -> dict:
+    """Fill the parameter pytree of `cfg` from (checkpoint key, array) pairs through the mapping table.
+
+    Returns host numpy leaves. Raises CheckpointError for a misshapen, duplicate or missing tensor.
+    """
+    structs = param_shapes(cfg, dtype)
+    flat = {_key_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(structs)[0]}
+    buffers = {k: np.zeros(s.shape, _np_dtype(s.dtype)) for k, s in flat.items()}
+    plan = plan_of(cfg)
+    slots = layer_slots(plan)
+    filled = {k: np.zeros(s.shape[: _lead(k) + _is_expert_leaf(k, plan)], bool) for k, s in flat.items()}
+    unknown = []
+
+    def place(key, leaf, index, value, expert=None):
+        if leaf not in buffers:
+            raise CheckpointError(f"tensor {key} does not fit the config (no parameter {'.'.join(map(str, leaf))})")
+        idx = index + ((expert,) if expert is not None else ())
+        want = buffers[leaf].shape[len(idx):]
+        if tuple(value.shape) != tuple(want):
+            raise CheckpointError(f"tensor {key} has shape {tuple(array.shape)}, which does not match the config "
+                                  f"(expected {tuple(want)} after the layout transform, got {tuple(value.shape)})")
+        if np.any(filled[leaf][idx]):
+            raise CheckpointError(f"tensor {key} is given twice")
+        buffers[leaf][idx] = value
+        filled[leaf][idx] = True
+
+    for key, array in tensors:
+        if key in TOP_RULES:
+            rule = TOP_RULES[key]
+            if rule.targets[0] not in buffers:  # e.g. lm_head of a tied model
+                continue
+            place(key, rule.targets[0], (), rule.fn(array))
+            continue
+        m = _LAYER_KEY.fullmatch(key)
+        rule, rm = _match_layer_rule(m.group(3)) if m else (None, None)
+        if rule is None:
+            if not IGNORED.fullmatch(key):
+                unknown.append(key)
+            continue
+        j = int(m.group(2))
+        if m.group(1) == "layers":
+            if j >= cfg.num_layers:
+                raise CheckpointError(f"tensor {key}: layer {j} is past num_hidden_layers={cfg.num_layers}")
+            slot = slots[j]
+            prefix = ("layers", slot.item) + ((slot.run,) if slot.run is not None else ())
+            index = slot.index
+        else:
+            if j >= cfg.num_mtp_layers:
+                continue
+            prefix, index = ("mtp",), (j,)
+        values = rule.fn(array)
+        values = values if isinstance(values, tuple) else (values,)
+        expert = int(rm.group("e")) if rule.per_expert else None
+        for target, value in zip(rule.targets, values):
+            place(key, prefix + target, index, value, expert)
+    if unknown:
+        log.warning("ignored %d checkpoint tensors not in the model, e.g. %s", len(unknown), unknown[0])
+    for leaf, done in filled.items():
+        if not done.all():
+            raise CheckpointError(f"checkpoint is missing tensor {_missing_name(cfg, leaf, done, slots)}")
+    return _unflatten(structs, buffers)
+
+
+def _lead(leaf: tuple) -> int:
+    """Leading stack axes of a leaf: 0 top-level, 1 Run / mtp, 2 Loop."""
+    if leaf[0] == "layers":
+        return 2 if isinstance(leaf[2], int) else 1
+    return 1 if leaf[0] == "mtp" else 0
+
+
+def _is_expert_leaf(leaf: tuple, plan) -> int:
+    """1 for the expert weights of a MoE layer (filled expert by expert), else 0."""
+    if leaf[0] != "layers" or leaf[-1] not in ("w_gate", "w_up", "w_down"):
+        return 0
+    item = plan[leaf[1]]
+    kind = item.runs[leaf[2]].kind if _lead(leaf) == 2 else item.kind
+    return int(kind[1] == MOE)
+
+
+def _missing_name(cfg, leaf, done, slots) -> str:
+    if leaf[0] in ("embed", "final_norm", "lm_head"):
+        return {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
+                "lm_head": "lm_head.weight"}[leaf[0]]
+    first = tuple(int(i) for i in np.argwhere(~done)[0])
+    if leaf[0] == "mtp":
+        j, sub, rest = first[0], leaf[1:], first[1:]
+        prefix = f"model.mtp.layers.{j}."
+    else:
+        lead = 2 if isinstance(leaf[2], int) else 1
+        item, run = leaf[1], (leaf[2] if lead == 2 else None)
+        layer = next(i for i, s in enumerate(slots) if s.item == item and s.run == run and s.index == first[:lead])
+        sub, rest = leaf[2 + (lead == 2):], first[lead:]
+        prefix = f"model.layers.{layer}."
+    name = _CANONICAL.get(tuple(sub), ".".join(sub))
+    if rest:  # one expert's slice
+        name = name.replace("mlp.", f"mlp.experts.{rest[0]}.")
+    return prefix + name
+
+
+def _unflatten(structs, buffers):
+    paths, treedef = jax.tree_util.tree_flatten_with_path(structs)
+    return jax.tree_util.tree_unflatten(treedef, [buffers[_key_path(p)] for p, _ in paths])
+
+
+def _mtp_count(keys: Iterable[str]) -> int:
+    found = [int(m.group(1)) for k in keys if (m := re.match(r"model\.mtp\.layers\.(\d+)\.", k))]
+    return max(found) + 1 if found else 0
+
+
+def load_checkpoint(path: str | Path, dtype=jnp.bfloat16) -> tuple[ModelConfig, dict]:
+    """(config, params on the default device) from a directory of config.json + *.safetensors."""
+    ckpt = Checkpoint(path)
+    cfg = config_from_hf(ckpt.hf_config)
+    cfg = cfg.replace(num_mtp_layers=_mtp_count(ckpt.keys()))
+    host = assemble(cfg, iter_tensors(ckpt), dtype)
+    return cfg, jax.tree_util.tree_map(jnp.asarray, host)
+
+
+def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, np.ndarray]]:
+    """Stream (key, array) one tensor at a time; block scales are consumed by their FP8 weights."""
+    for k in ckpt.keys():
+        if not IGNORED.fullmatch(k):
+            yield k, ckpt.read(k)

@@ -1,0 +1,178 @@
+"""The MiMo-V2-Flash decoder (and, by configuration, Llama) as pure functions over parameter pytrees.
+
+    params = {"embed": [V,H], "final_norm": [H], "lm_head": [H,V] (absent when tied),
+              "layers": stacked per plan (see plan.py), each layer
+                  {"attn_norm", "mlp_norm", "attn": {"wq","wk","wv","wo","sink"?},
+                   "mlp": dense {"w_gate","w_up","w_down"} | moe {"router","router_bias","w_gate","w_up","w_down"}},
+              "mtp": stacked [n_mtp] (when present) {"enorm","hnorm","eh_proj", "attn_norm","attn","mlp_norm",
+                  "mlp" (dense), "final_norm"}}
+    cache  = {"layers": stacked per plan, each layer {"k": [B,S,Hkv,D], "v": [B,S,Hkv,Dv]}}
+             S = capacity on full layers, S = window on sliding layers (a ring buffer).
+
+forward_hidden(params, tokens [B,T], positions [T], cache, cfg) -> (hidden [B,T,H], cache): positions are
+consecutive from the cache length with -1 marking tail padding (see layers.py). `cfg` is static.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mimo_jax.config import DENSE, FULL, SLIDING, ModelConfig
+from mimo_jax.layers import attention, rms_norm, swiglu
+from mimo_jax.moe import moe
+from mimo_jax.plan import Loop, Run, make_plan, stacked
+
+F32_LEAVES = ("router", "router_bias", "sink")  # kept in float32 whatever the model dtype
+
+
+def plan_of(cfg: ModelConfig):
+    return make_plan(cfg.layer_kinds)
+
+
+def _layer_shapes(cfg: ModelConfig, kind) -> dict:
+    attn_kind, mlp_kind = kind
+    s = cfg.attention(attn_kind)
+    h = cfg.hidden_size
+    attn = {"wq": (h, s.num_heads * s.head_dim), "wk": (h, s.num_kv_heads * s.head_dim),
+            "wv": (h, s.num_kv_heads * s.v_head_dim), "wo": (s.num_heads * s.v_head_dim, h)}
+    if s.sink:
+        attn["sink"] = (s.num_heads,)
+    if mlp_kind == DENSE:
+        i = cfg.intermediate_size
+        mlp = {"w_gate": (h, i), "w_up": (h, i), "w_down": (i, h)}
+    else:
+        e, i = cfg.num_experts, cfg.moe_intermediate_size
+        mlp = {"router": (h, e), "router_bias": (e,), "w_gate": (e, h, i), "w_up": (e, h, i), "w_down": (e, i, h)}
+    return {"attn_norm": (h,), "mlp_norm": (h,), "attn": attn, "mlp": mlp}
+
+
+def _mtp_shapes(cfg: ModelConfig) -> dict:
+    h = cfg.hidden_size
+    block = _layer_shapes(cfg, (SLIDING, DENSE))
+    return {"enorm": (h,), "hnorm": (h,), "eh_proj": (2 * h, h), **block, "final_norm": (h,)}
+
+
+def _to_structs(shapes: dict, lead: tuple, dtype) -> dict:
+    def leaf(path, shape):
+        name = path[-1].key
+        return jax.ShapeDtypeStruct(lead + shape, jnp.float32 if name in F32_LEAVES else dtype)
+    return jax.tree_util.tree_map_with_path(leaf, shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def param_shapes(cfg: ModelConfig, dtype=jnp.bfloat16) -> dict:
+    """The parameter pytree as jax.ShapeDtypeStruct leaves (no memory)."""
+    v, h = cfg.vocab_size, cfg.hidden_size
+    out = {"embed": jax.ShapeDtypeStruct((v, h), dtype), "final_norm": jax.ShapeDtypeStruct((h,), dtype),
+           "layers": stacked(plan_of(cfg), lambda kind, lead: _to_structs(_layer_shapes(cfg, kind), lead, dtype))}
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = jax.ShapeDtypeStruct((h, v), dtype)
+    if cfg.num_mtp_layers:
+        out["mtp"] = _to_structs(_mtp_shapes(cfg), (cfg.num_mtp_layers,), dtype)
+    return out
+
+
+def init_params(cfg: ModelConfig, key, dtype=jnp.bfloat16) -> dict:
+    """Random weights (for tests and benchmarks): matrices ~ N(0, 1/fan_in), norms ~ 1 + N(0, 0.1^2),
+    sinks and router biases random too (zeros would hide bugs)."""
+    structs = param_shapes(cfg, dtype)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(structs)
+    keys = jax.random.split(key, len(leaves))
+
+    def make(path, s, k):
+        name = path[-1].key
+        if name.endswith("norm"):
+            return (1.0 + 0.1 * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype)
+        if name in ("sink", "router_bias"):
+            return (0.5 * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype)
+        scale = 1.0 if name == "embed" else s.shape[-2] ** -0.5
+        return (scale * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype)
+
+    return jax.tree_util.tree_unflatten(treedef, [make(p, s, k) for (p, s), k in zip(leaves, keys)])
+
+
+def cache_shapes(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16) -> dict:
+    def make(kind, lead):
+        s = cfg.attention(kind[0])
+        length = capacity if kind[0] == FULL else s.window
+        return {"k": jax.ShapeDtypeStruct(lead + (batch, length, s.num_kv_heads, s.head_dim), dtype),
+                "v": jax.ShapeDtypeStruct(lead + (batch, length, s.num_kv_heads, s.v_head_dim), dtype)}
+    return {"layers": stacked(plan_of(cfg), make)}
+
+
+def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16) -> dict:
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(cfg, batch, capacity, dtype))
+
+
+def decoder_layer(p, x, positions, cache, index, kind, cfg: ModelConfig):
+    """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
+    attn_kind, mlp_kind = kind
+    a, cache = attention(p["attn"], rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), positions, cache, index,
+                         cfg.attention(attn_kind))
+    x = x + a
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    if mlp_kind == DENSE:
+        return x + swiglu(p["mlp"], h), cache
+    return x + moe(p["mlp"], h, cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor), cache
+
+
+def _scan_run(x, params, cache, positions, kind, cfg, outer=()):
+    length = jax.tree_util.tree_leaves(params)[0].shape[0]
+
+    def body(carry, xs):
+        x, cache = carry
+        p, i = xs
+        return decoder_layer(p, x, positions, cache, (*outer, i), kind, cfg), None
+
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (params, jnp.arange(length)))
+    return x, cache
+
+
+def _scan_loop(x, params, caches, positions, loop: Loop, cfg):
+    def body(carry, xs):
+        x, caches = carry
+        ps, rep = xs
+        new = []
+        for run, p, c in zip(loop.runs, ps, caches):
+            x, c = _scan_run(x, p, c, positions, run.kind, cfg, outer=(rep,))
+            new.append(c)
+        return (x, new), None
+
+    (x, caches), _ = jax.lax.scan(body, (x, list(caches)), (list(params), jnp.arange(loop.repeats)))
+    return x, caches
+
+
+def run_layers(layer_params, layer_caches, x, positions, cfg: ModelConfig):
+    new_caches = []
+    for item, p, c in zip(plan_of(cfg), layer_params, layer_caches):
+        if isinstance(item, Run):
+            x, c = _scan_run(x, p, c, positions, item.kind, cfg)
+        else:
+            x, c = _scan_loop(x, p, c, positions, item, cfg)
+        new_caches.append(c)
+    return x, new_caches
+
+
+def embed(params, tokens):
+    return jnp.take(params["embed"], tokens, axis=0)
+
+
+def forward_hidden(params, tokens, positions, cache, cfg: ModelConfig):
+    """tokens [B,T] -> (last layer's hidden states [B,T,H], before the final norm; updated cache)."""
+    x, layers = run_layers(params["layers"], cache["layers"], embed(params, tokens), positions, cfg)
+    return x, {**cache, "layers": layers}
+
+
+def lm_logits(params, hidden, cfg: ModelConfig):
+    """Final norm and the (possibly tied) lm_head: hidden [..., H] -> float32 logits [..., V]."""
+    h = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.dot(h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
+def forward(params, tokens, positions, cache, cfg: ModelConfig):
+    """tokens [B,T] -> (logits [B,T,V] f32, cache)."""
+    hidden, cache = forward_hidden(params, tokens, positions, cache, cfg)
+    return lm_logits(params, hidden, cfg), cache
