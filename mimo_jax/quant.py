@@ -1,0 +1,231 @@
+"""4-bit weight formats: a pytree weight type, quantize / dequantize (the jnp reference), GGUF import.
+
+Layout ("in, out", as the model holds weights): a logical weight W[..., K, N] is stored as
+  packed  uint8 [..., K/2, N]      two 4-bit codes per byte
+  scales        [..., K/G, N]      one per group of G consecutive K rows (float16; uint8 e8m0 for mxfp4)
+  mins          [..., K/G, N]      float16, int4_asym only (None otherwise)
+Nibble order, per group of G rows along K: byte j of the group holds row j in its low nibble and row
+j + G/2 in its high nibble. With G = 32 this is exactly the byte order of a GGUF Q4_0/Q4_1 block, and
+for every G the low and the high halves of a group are contiguous K ranges, which is what the Pallas
+kernels want (two dots of K = G/2 per group, no interleaving).
+
+Formats (q is the unsigned 4-bit code, s the group's scale, m its min):
+  int4_sym   w = (q - 8) * s        GGUF Q4_0 (s = d, float16)
+  int4_asym  w = q * s + m          GGUF Q4_1 (s = d, m = m, float16)
+  mxfp4      w = e2m1(q) * 2^(e - 127), e the group's e8m0 byte, G = 32 (OCP MX; UltraSpeed experts)
+
+All arrays are pytree leaves and share their leading dims, so a stacked [L, K, N] weight scans into
+per-layer [K, N] weights; format, group size, logical (K, N) and dtype are static aux data.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMATS = ("int4_sym", "int4_asym", "mxfp4")
+PACK = 32  # K granularity of the layout: every group size is a multiple of this
+
+# e2m1 magnitudes for codes 0..7; bit 3 of the code is the sign.
+E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A 4-bit weight W[..., K, N]; see the module docstring for the layout."""
+
+    packed: Any                # uint8 [..., K/2, N]
+    scales: Any                # float16 [..., K/G, N] (uint8 e8m0 for mxfp4)
+    mins: Any                  # float16 [..., K/G, N] for int4_asym, else None
+    fmt: str
+    group_size: int
+    kn: tuple[int, int]        # logical (K, N) of the last two dims
+    dtype: str = "bfloat16"    # logical dtype: what dequantize returns by default
+
+    def tree_flatten(self):
+        return (self.packed, self.scales, self.mins), (self.fmt, self.group_size, self.kn, self.dtype)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.packed.shape[:-2]) + tuple(self.kn)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored arrays (what a matmul must stream)."""
+        leaves = [a for a in (self.packed, self.scales, self.mins) if a is not None]
+        return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in leaves))
+
+    def __getitem__(self, idx) -> "QuantizedWeight":
+        """Index leading (stacking) dims only, e.g. w[layer] or w[expert_ids]."""
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if len(idx) > self.ndim - 2 or any(i is Ellipsis for i in idx):
+            raise IndexError(f"QuantizedWeight{self.shape}: only leading dims can be indexed, got {idx}")
+        pick = lambda a: None if a is None else a[idx]
+        return dataclasses.replace(self, packed=pick(self.packed), scales=pick(self.scales), mins=pick(self.mins))
+
+
+def _check(fmt: str, group_size: int, K: int, N: int) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown 4-bit format {fmt!r}; expected one of {FORMATS}")
+    if fmt == "mxfp4" and group_size != 32:
+        raise ValueError(f"mxfp4 has a fixed group of 32 values, got group_size={group_size}")
+    if group_size % PACK or group_size <= 0:
+        raise ValueError(f"group_size must be a positive multiple of {PACK}, got {group_size}")
+    if K % group_size:
+        raise ValueError(f"weight shape (K={K}, N={N}): K must be a multiple of group_size={group_size}")
+
+
+# --------------------------------------------------------------------------- packing
+
+def pack_codes(q, group_size: int):
+    """uint8 codes [..., K, N] (values 0..15) -> packed uint8 [..., K/2, N] (module docstring order)."""
+    *lead, K, N = q.shape
+    g = q.reshape(*lead, K // group_size, 2, group_size // 2, N).astype(jnp.uint8)
+    return (g[..., 0, :, :] | (g[..., 1, :, :] << 4)).reshape(*lead, K // 2, N)
+
+
+def unpack_codes(packed, group_size: int):
+    """packed uint8 [..., K/2, N] -> uint8 codes [..., K, N]."""
+    *lead, K2, N = packed.shape
+    p = packed.reshape(*lead, K2 * 2 // group_size, 1, group_size // 2, N)
+    q = jnp.concatenate([p & 15, p >> 4], axis=-3)
+    return q.reshape(*lead, K2 * 2, N)
+
+
+def _per_row(a, group_size: int):
+    """[..., K/G, N] -> [..., K, N] by repeating each group's value G times along K."""
+    return jnp.repeat(a, group_size, axis=-2)
+
+
+def e2m1_to_float(q):
+    """4-bit e2m1 codes -> float32 values."""
+    mag = jnp.asarray(E2M1_VALUES)[(q & 7).astype(jnp.int32)]
+    return jnp.where((q & 8) != 0, -mag, mag)
+
+
+# --------------------------------------------------------------------------- quantize / dequantize
+
+def quantize(w, fmt: str = "int4_sym", group_size: int = 128) -> QuantizedWeight:
+    """Round-to-nearest quantization of W[..., K, N] (groups of `group_size` along K).
+
+    int4_sym follows GGUF Q4_0 (scale = the signed value of largest magnitude / -8, so it maps to code 0),
+    int4_asym follows Q4_1 (scale = (max - min) / 15, min = min), mxfp4 follows OCP MX (shared exponent
+    floor(log2(amax)) - 2, elements rounded to the nearest e2m1 value). Scales are stored as float16 and
+    the codes are computed from the stored (rounded) scales.
+    """
+    w = jnp.asarray(w)
+    if w.ndim < 2:
+        raise ValueError(f"quantize needs a weight [..., K, N], got shape {w.shape}")
+    *lead, K, N = w.shape
+    _check(fmt, group_size, K, N)
+    wg = w.astype(jnp.float32).reshape(*lead, K // group_size, group_size, N)
+    mins = None
+    if fmt == "int4_sym":
+        idx = jnp.argmax(jnp.abs(wg), axis=-2, keepdims=True)
+        vmax = jnp.take_along_axis(wg, idx, axis=-2)
+        s = (vmax / -8.0).astype(jnp.float16)
+        sf = s.astype(jnp.float32)
+        inv = jnp.where(sf == 0, 0.0, 1.0 / jnp.where(sf == 0, 1.0, sf))
+        q = jnp.clip(jnp.round(wg * inv) + 8, 0, 15)
+        scales = s[..., 0, :]
+    elif fmt == "int4_asym":
+        lo, hi = wg.min(axis=-2, keepdims=True), wg.max(axis=-2, keepdims=True)
+        s = ((hi - lo) / 15.0).astype(jnp.float16)
+        m = lo.astype(jnp.float16)
+        sf = s.astype(jnp.float32)
+        inv = jnp.where(sf == 0, 0.0, 1.0 / jnp.where(sf == 0, 1.0, sf))
+        q = jnp.clip(jnp.round((wg - m.astype(jnp.float32)) * inv), 0, 15)
+        scales, mins = s[..., 0, :], m[..., 0, :]
+    else:  # mxfp4
+        amax = jnp.max(jnp.abs(wg), axis=-2, keepdims=True)
+        e = jnp.where(amax > 0, jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0))) - 2, 0.0)
+        e = jnp.clip(e, -126, 127)
+        x = wg / jnp.exp2(e)
+        mag = jnp.abs(x)
+        code = jnp.argmin(jnp.abs(mag[..., None] - jnp.asarray(E2M1_VALUES)), axis=-1)
+        q = code + 8 * ((x < 0) & (code > 0))
+        scales = (e + 127).astype(jnp.uint8)[..., 0, :]
+    q = q.astype(jnp.uint8).reshape(*lead, K, N)
+    return QuantizedWeight(pack_codes(q, group_size), scales, mins, fmt, group_size, (K, N),
+                           jnp.dtype(w.dtype).name if jnp.issubdtype(w.dtype, jnp.floating) else "float32")
+
+
+def dequantize(qw: QuantizedWeight, dtype=None):
+    """The jnp reference: W[..., K, N] in `dtype` (default: the weight's logical dtype), computed in f32."""
+    dtype = jnp.dtype(dtype or qw.dtype)
+    q = unpack_codes(qw.packed, qw.group_size)
+    G = qw.group_size
+    if qw.fmt == "int4_sym":
+        w = (q.astype(jnp.float32) - 8.0) * _per_row(qw.scales.astype(jnp.float32), G)
+    elif qw.fmt == "int4_asym":
+        w = q.astype(jnp.float32) * _per_row(qw.scales.astype(jnp.float32), G) \
+            + _per_row(qw.mins.astype(jnp.float32), G)
+    else:
+        scale = jnp.exp2(qw.scales.astype(jnp.float32) - 127.0)
+        w = e2m1_to_float(q) * _per_row(scale, G)
+    return w.astype(dtype)
+
+
+def quantization_error(w, qw: QuantizedWeight) -> dict[str, float]:
+    """How far dequantize(qw) is from w: relative RMS error, max abs error, SNR in dB (host floats)."""
+    w = np.asarray(jnp.asarray(w, jnp.float32))
+    d = np.asarray(dequantize(qw, jnp.float32))
+    err = d - w
+    rms_w = float(np.sqrt(np.mean(w.astype(np.float64) ** 2)))
+    rms_e = float(np.sqrt(np.mean(err.astype(np.float64) ** 2)))
+    return {"rel_rms": rms_e / max(rms_w, 1e-30), "max_abs": float(np.max(np.abs(err))),
+            "snr_db": float(20 * np.log10(max(rms_w, 1e-30) / max(rms_e, 1e-30)))}
+
+
+# --------------------------------------------------------------------------- GGUF Q4_0 / Q4_1 (exact)
+
+def _gguf_blocks(raw_blocks, shape, block_bytes: int):
+    *lead, n_out, n_in = shape
+    if n_in % 32:
+        raise ValueError(f"GGUF tensor shape {tuple(shape)}: in-features must be a multiple of 32")
+    raw = np.ascontiguousarray(np.asarray(raw_blocks, dtype=np.uint8)).reshape(-1)
+    n_blocks = int(np.prod(shape)) // 32
+    if raw.size != n_blocks * block_bytes:
+        raise ValueError(f"GGUF tensor shape {tuple(shape)} needs {n_blocks * block_bytes} bytes, got {raw.size}")
+    return raw.reshape(*lead, n_out, n_in // 32, block_bytes), lead, n_out, n_in
+
+
+def _gguf_to_kn(blocks, lead, n_out, n_in):
+    """[..., out, in/32, 16] bytes -> [..., in/2, out]: byte j of a block already is our nibble order."""
+    qs = blocks.reshape(*lead, n_out, n_in // 2)
+    return np.ascontiguousarray(np.swapaxes(qs, -1, -2))
+
+
+def _f16_field(blocks, offset):
+    v = np.ascontiguousarray(blocks[..., offset:offset + 2]).view(np.float16)[..., 0]  # [..., out, in/32]
+    return np.ascontiguousarray(np.swapaxes(v, -1, -2))                                # [..., in/32, out]
+
+
+def from_gguf_q4_0(raw_blocks, shape, dtype: str = "bfloat16") -> QuantizedWeight:
+    """GGUF Q4_0 bytes (18 per block of 32: f16 d, 16 bytes of nibbles) of a tensor whose dequantized
+    numpy/torch shape is `shape` = [..., out, in] -> QuantizedWeight of logical shape [..., in, out],
+    bit-exact (dequantize == gguf.quants.dequantize(...).swapaxes(-1, -2) in float32)."""
+    blocks, lead, n_out, n_in = _gguf_blocks(raw_blocks, shape, 18)
+    packed = _gguf_to_kn(blocks[..., 2:], lead, n_out, n_in)
+    return QuantizedWeight(jnp.asarray(packed), jnp.asarray(_f16_field(blocks, 0)), None,
+                           "int4_sym", 32, (n_in, n_out), dtype)
+
+
+def from_gguf_q4_1(raw_blocks, shape, dtype: str = "bfloat16") -> QuantizedWeight:
+    """GGUF Q4_1 bytes (20 per block of 32: f16 d, f16 m, 16 bytes of nibbles); see from_gguf_q4_0."""
+    blocks, lead, n_out, n_in = _gguf_blocks(raw_blocks, shape, 20)
+    packed = _gguf_to_kn(blocks[..., 4:], lead, n_out, n_in)
+    return QuantizedWeight(jnp.asarray(packed), jnp.asarray(_f16_field(blocks, 0)),
+                           jnp.asarray(_f16_field(blocks, 2)), "int4_asym", 32, (n_in, n_out), dtype)

@@ -1,0 +1,278 @@
+"""W4A16 dequant-matmul Pallas kernels (Triton lowering): dense x[M,K] @ W4[K,N] and grouped by expert.
+
+Weight layout: see mimo_jax/quant.py (packed uint8 [.., K/2, N]; per group of G rows along K, byte j holds
+row j in the low nibble and row j + G/2 in the high nibble; scales/mins [.., K/G, N]).
+
+Per group the kernel loads the G/2 x N-tile bytes once, turns each nibble into a bf16 in registers, and
+does two small dots (x[:, low half] @ lo, x[:, high half] @ hi) into one f32 partial; the group's scale
+(and min) are applied to that partial, not per element:
+    x . w = s * (x . q) + m * sum(x)          (int4_asym; int4_sym has m = -8 s)
+With the "magic" nibble -> bf16 conversion the kernel dots with bf16(128 + q), built by OR-ing the code
+into the bit pattern of 128.0 (0x4300) -- no int->float conversion instruction -- and folds the 128 into
+the min term: x . w = s * dot + sum(x) * (m - 128 s). mxfp4 codes become bf16 by placing the e2m1
+exponent/mantissa bits into a bf16 pattern (a select handles the two subnormal codes); the e8m0 scale is
+a power of two applied to the partial.
+
+Decode is weight streaming: every program reads a disjoint [K range, N tile] of the weight once. For small
+M the grid is (M tiles, N tiles, K splits) so that enough programs exist to keep HBM busy (split-K partials
+are summed by XLA). The grouped kernel walks a tile schedule (expert, first row, end row) built from
+group_sizes; experts with no rows get no tiles and are never read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+F32, BF16, U16 = jnp.float32, jnp.bfloat16, jnp.uint16
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    bm: int = 16            # rows of x per program (>= 16: tensor-core dot minimum)
+    bn: int = 128           # output columns per program
+    split_k: int = 1        # programs along K (partials summed outside)
+    unroll: int = 1         # groups per loop iteration
+    num_warps: int = 4
+    num_stages: int = 3
+    method: str = "magic"   # nibble -> bf16: "magic" (bit trick) or "convert" (int -> float)
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def _largest_pow2_divisor(n: int, cap: int) -> int:
+    b = cap
+    while b > 1 and n % b:
+        b //= 2
+    return b
+
+
+def default_config(M: int, K: int, N: int, group_size: int, n_sms: int = 132) -> KernelConfig:
+    bm = 16 if M <= 16 else min(64, 1 << (M - 1).bit_length())
+    bn = _largest_pow2_divisor(N, 128)
+    groups = K // group_size
+    unroll = _largest_pow2_divisor(groups, max(1, 256 // group_size))
+    programs = -(-M // bm) * (N // bn)
+    split = 1
+    while programs * split * 2 <= 2 * n_sms and (groups // (split * 2)) % unroll == 0 \
+            and groups // (split * 2) >= unroll and split < 16:
+        split *= 2
+    return KernelConfig(bm=bm, bn=bn, split_k=split, unroll=unroll)
+
+
+def check_shapes(K: int, N: int, group_size: int, cfg: KernelConfig, what: str = "weight") -> None:
+    if N % 16:
+        raise ValueError(f"{what} shape (K={K}, N={N}): the Pallas kernel needs N a multiple of 16")
+    if not _pow2(group_size) or group_size < 32:
+        raise ValueError(f"{what} shape (K={K}, N={N}): the Pallas kernel needs a power-of-two group "
+                         f"size >= 32, got {group_size}")
+    if K % group_size:
+        raise ValueError(f"{what} shape (K={K}, N={N}): K must be a multiple of the group size {group_size}")
+    if N % cfg.bn or not _pow2(cfg.bn) or not _pow2(cfg.bm) or cfg.bm < 16:
+        raise ValueError(f"{what} shape (K={K}, N={N}): block (bm={cfg.bm}, bn={cfg.bn}) must be powers "
+                         f"of two, bm >= 16, bn dividing N")
+    groups = K // group_size
+    if groups % (cfg.split_k * cfg.unroll):
+        raise ValueError(f"{what} shape (K={K}, N={N}): {groups} groups of {group_size} not divisible by "
+                         f"split_k*unroll = {cfg.split_k}*{cfg.unroll}")
+
+
+# --------------------------------------------------------------------------- in-register dequant
+
+def _codes_to_bf16(c, fmt: str, method: str):
+    """uint16 codes 0..15 -> bf16 values the dot uses (128 + q for int4 "magic", q for "convert")."""
+    if fmt == "mxfp4":
+        mag = c & 7
+        bits = jnp.where(mag >= 2, mag * 64 + 0x3F00, mag * 0x3F00) | ((c & 8) << 12)
+        return jax.lax.bitcast_convert_type(bits.astype(U16), BF16)
+    if method == "magic":
+        return jax.lax.bitcast_convert_type(c | 0x4300, BF16)
+    return c.astype(F32).astype(BF16)
+
+
+def _group_partial(x_lo, x_hi, p, s, m, fmt: str, method: str):
+    """One group: x_lo/x_hi [bm, G/2] bf16, p [G/2, bn] uint8, s/m [1, bn] -> f32 [bm, bn] contribution."""
+    p16 = p.astype(U16)
+    lo = _codes_to_bf16(p16 & 15, fmt, method)
+    hi = _codes_to_bf16(p16 >> 4, fmt, method)
+    d = jnp.dot(x_lo, lo, preferred_element_type=F32) + jnp.dot(x_hi, hi, preferred_element_type=F32)
+    if fmt == "mxfp4":
+        scale = jax.lax.bitcast_convert_type(s.astype(U16) << 7, BF16).astype(F32)  # 2^(e - 127)
+        return d * scale
+    sf = s.astype(F32)
+    bias = 128.0 if method == "magic" else 0.0
+    c = -(8.0 + bias) * sf if fmt == "int4_sym" else m.astype(F32) - bias * sf
+    xs = jnp.sum(x_lo.astype(F32), axis=1, keepdims=True) + jnp.sum(x_hi.astype(F32), axis=1, keepdims=True)
+    return d * sf + xs * c
+
+
+def _k_loop(x_ref, rows_at, rmask, w_at, n0, g_first, n_iter, cfg, fmt, gs, bm, accs_init):
+    """The K loop over groups; w_at lists (packed, scales, mins or None, leading index) per weight."""
+    half = gs // 2
+
+    def body(i, accs):
+        accs = list(accs)
+        for u in range(cfg.unroll):
+            g = g_first + i * cfg.unroll + u
+            k0 = pl.multiple_of(g * gs, gs)
+            x_lo = plgpu.load(x_ref.at[pl.ds(rows_at, bm), pl.ds(k0, half)], mask=rmask[:, None], other=0.0)
+            x_hi = plgpu.load(x_ref.at[pl.ds(rows_at, bm), pl.ds(k0 + half, half)], mask=rmask[:, None],
+                              other=0.0)
+            for j, (p_ref, s_ref, m_ref, lead) in enumerate(w_at):
+                p = p_ref[(*lead, pl.ds(pl.multiple_of(g * half, half), half), pl.ds(n0, cfg.bn))]
+                s = s_ref[(*lead, pl.ds(g, 1), pl.ds(n0, cfg.bn))]
+                m = None if m_ref is None else m_ref[(*lead, pl.ds(g, 1), pl.ds(n0, cfg.bn))]
+                accs[j] = accs[j] + _group_partial(x_lo, x_hi, p, s, m, fmt, cfg.method)
+        return tuple(accs)
+
+    return jax.lax.fori_loop(0, n_iter, body, accs_init)
+
+
+# --------------------------------------------------------------------------- dense
+
+def _dense_kernel(x_ref, p_ref, s_ref, *rest, fmt, gs, M, cfg, groups_per_split):
+    m_ref = rest[0] if fmt == "int4_asym" else None
+    o_ref = rest[-1]
+    mi, ni, ki = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    r0 = mi * cfg.bm
+    rows = r0 + jnp.arange(cfg.bm)
+    rmask = rows < M
+    n0 = pl.multiple_of(ni * cfg.bn, cfg.bn)
+    init = (jnp.zeros((cfg.bm, cfg.bn), F32),)
+    (acc,) = _k_loop(x_ref, r0, rmask, [(p_ref, s_ref, m_ref, ())], n0, ki * groups_per_split,
+                     groups_per_split // cfg.unroll, cfg, fmt, gs, cfg.bm, init)
+    lead = (ki,) if cfg.split_k > 1 else ()
+    plgpu.store(o_ref.at[(*lead, pl.ds(r0, cfg.bm), pl.ds(n0, cfg.bn))], acc.astype(o_ref.dtype),
+                mask=rmask[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "cfg", "interpret"))
+def int4_matmul(x, packed, scales, mins, *, fmt: str, group_size: int, cfg: KernelConfig | None = None,
+                interpret: bool = False):
+    """x[M, K] (bf16) @ W4[K, N] -> [M, N] in x's dtype. packed/scales/mins as in mimo_jax.quant."""
+    M, K = x.shape
+    N = packed.shape[-1]
+    if packed.shape != (K // 2, N):
+        raise ValueError(f"int4_matmul: x {x.shape} does not match packed weight {packed.shape} (K={K})")
+    cfg = cfg or default_config(M, K, N, group_size)
+    check_shapes(K, N, group_size, cfg)
+    groups_per_split = K // group_size // cfg.split_k
+    grid = (pl.cdiv(M, cfg.bm), N // cfg.bn, cfg.split_k)
+    out_dtype = F32 if cfg.split_k > 1 else x.dtype
+    out_shape = (cfg.split_k, M, N) if cfg.split_k > 1 else (M, N)
+    args = (x.astype(BF16), packed, scales) + ((mins,) if fmt == "int4_asym" else ())
+    kernel = functools.partial(_dense_kernel, fmt=fmt, gs=group_size, M=M, cfg=cfg,
+                               groups_per_split=groups_per_split)
+    out = pl.pallas_call(
+        kernel, grid=grid, out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype), interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        name=f"int4_matmul_{fmt}",
+    )(*args)
+    if cfg.split_k > 1:
+        out = out.sum(axis=0).astype(x.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------- grouped by expert
+
+def tile_schedule(group_sizes, M: int, bm: int):
+    """int32 [3, T]: (expert, first row, end row) of each row tile of x sorted by expert.
+
+    Tiles never straddle experts; experts with no rows get none. Rows past sum(group_sizes) belong to a
+    pseudo expert E whose tiles write zeros (jax.lax.ragged_dot semantics). Unused tiles are empty.
+    """
+    E = group_sizes.shape[0]
+    ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), M)
+    ends = jnp.concatenate([ends, jnp.array([M], jnp.int32)])
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    counts = ends - starts
+    ntiles = (counts + bm - 1) // bm
+    tile_end = jnp.cumsum(ntiles)
+    T = min(E, M) + 1 + -(-M // bm)
+    t = jnp.arange(T, dtype=jnp.int32)
+    e = jnp.searchsorted(tile_end, t, side="right").astype(jnp.int32)
+    valid = e <= E
+    e = jnp.minimum(e, E)
+    r0 = starts[e] + (t - (tile_end[e] - ntiles[e])) * bm
+    r1 = jnp.minimum(r0 + bm, ends[e])
+    return jnp.stack([e, jnp.where(valid, r0, 0), jnp.where(valid, r1, 0)])
+
+
+def _grouped_kernel(tiles_ref, x_ref, *refs, fmt, gs, E, cfg, n_weights, epilogue):
+    per = 3 if fmt == "int4_asym" else 2
+    wrefs = refs[:per * n_weights]
+    rest = refs[per * n_weights:]
+    rs_ref = rest[0] if epilogue == "silu_mul_scaled" else None
+    o_ref = rest[-1]
+    ni, t = pl.program_id(0), pl.program_id(1)
+    e, r0, r1 = tiles_ref[0, t], tiles_ref[1, t], tiles_ref[2, t]
+    rows = r0 + jnp.arange(cfg.bm)
+    rmask = rows < r1
+    n0 = pl.multiple_of(ni * cfg.bn, cfg.bn)
+    out_at = o_ref.at[pl.ds(r0, cfg.bm), pl.ds(n0, cfg.bn)]
+
+    @pl.when((r1 > r0) & (e == E))
+    def _zero_rows():
+        plgpu.store(out_at, jnp.zeros((cfg.bm, cfg.bn), o_ref.dtype), mask=rmask[:, None])
+
+    @pl.when((r1 > r0) & (e < E))
+    def _compute():
+        w_at = []
+        for j in range(n_weights):
+            p_ref, s_ref = wrefs[per * j], wrefs[per * j + 1]
+            m_ref = wrefs[per * j + 2] if per == 3 else None
+            w_at.append((p_ref, s_ref, m_ref, (e,)))
+        init = tuple(jnp.zeros((cfg.bm, cfg.bn), F32) for _ in range(n_weights))
+        accs = _k_loop(x_ref, r0, rmask, w_at, n0, 0, x_ref.shape[1] // gs // cfg.unroll, cfg, fmt, gs,
+                       cfg.bm, init)
+        if epilogue == "none":
+            out = accs[0]
+        else:
+            g, u = accs
+            out = g * jax.nn.sigmoid(g) * u
+            if rs_ref is not None:
+                out = out * plgpu.load(rs_ref.at[pl.ds(r0, cfg.bm)], mask=rmask, other=0.0)[:, None]
+        plgpu.store(out_at, out.astype(o_ref.dtype), mask=rmask[:, None])
+
+
+def default_grouped_config(M: int, K: int, N: int, group_size: int) -> KernelConfig:
+    groups = K // group_size
+    return KernelConfig(bm=16, bn=_largest_pow2_divisor(N, 128), split_k=1,
+                        unroll=_largest_pow2_divisor(groups, max(1, 256 // group_size)))
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "cfg", "interpret", "epilogue"))
+def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, group_size: int,
+                        cfg: KernelConfig | None = None, interpret: bool = False, epilogue: str = "none"):
+    """Rows of x[M, K] sorted by expert, group_sizes[E] rows per expert; weights is a tuple of
+    (packed [E, K/2, N], scales [E, K/G, N], mins or None) -- one entry, or two (gate, up) for
+    epilogue "silu_mul" (SiLU(x Wg) * (x Wu)) / "silu_mul_scaled" (same, times row_scale[M])."""
+    M, K = x.shape
+    E, K2, N = weights[0][0].shape
+    if K2 * 2 != K:
+        raise ValueError(f"int4_grouped_matmul: x {x.shape} does not match expert weights [E={E}, K={K2 * 2}, "
+                         f"N={N}]")
+    cfg = cfg or default_grouped_config(M, K, N, group_size)
+    check_shapes(K, N, group_size, dataclasses.replace(cfg, split_k=1), what="expert weight")
+    if cfg.split_k != 1:
+        raise ValueError("int4_grouped_matmul: split_k must be 1")
+    tiles = tile_schedule(group_sizes, M, cfg.bm)
+    flat = []
+    for (p, s, m) in weights:
+        flat += [p, s] + ([m] if fmt == "int4_asym" else [])
+    if epilogue == "silu_mul_scaled":
+        flat.append(row_scale.astype(F32))
+    kernel = functools.partial(_grouped_kernel, fmt=fmt, gs=group_size, E=E, cfg=cfg,
+                               n_weights=len(weights), epilogue=epilogue)
+    return pl.pallas_call(
+        kernel, grid=(N // cfg.bn, tiles.shape[1]), out_shape=jax.ShapeDtypeStruct((M, N), x.dtype),
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        name=f"int4_grouped_{fmt}",
+    )(tiles, x.astype(BF16), *flat)
