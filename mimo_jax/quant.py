@@ -229,3 +229,95 @@ def from_gguf_q4_1(raw_blocks, shape, dtype: str = "bfloat16") -> QuantizedWeigh
     packed = _gguf_to_kn(blocks[..., 4:], lead, n_out, n_in)
     return QuantizedWeight(jnp.asarray(packed), jnp.asarray(_f16_field(blocks, 0)),
                            jnp.asarray(_f16_field(blocks, 2)), "int4_asym", 32, (n_in, n_out), dtype)
+
+
+# --------------------------------------------------------------------------- matmuls (dispatch)
+
+IMPLS = ("auto", "pallas", "interpret", "xla")
+
+
+def _impl(impl: str | None) -> str:
+    """auto -> "pallas" on a CUDA GPU, else "xla". MIMO_QUANT_IMPL overrides the default at trace time."""
+    import os
+    impl = impl or os.environ.get("MIMO_QUANT_IMPL", "auto")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown quantized matmul impl {impl!r}; expected one of {IMPLS}")
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+    return impl
+
+
+def _weight_arrays(w: QuantizedWeight):
+    return (w.packed, w.scales, w.mins if w.fmt == "int4_asym" else None)
+
+
+def qmatmul(x, w, *, impl: str | None = None, cfg=None):
+    """x[..., K] @ w[K, N] -> [..., N] in x's dtype. w: a plain array (jnp.dot) or a QuantizedWeight
+    (Pallas kernel on GPU, XLA dequantize + dot elsewhere; impl="interpret" runs the kernel in Pallas
+    interpret mode, impl="xla" forces the fallback)."""
+    if not isinstance(w, QuantizedWeight):
+        return jnp.dot(x, w)
+    if w.ndim != 2:
+        raise ValueError(f"qmatmul: weight must be [K, N], got {w.shape} (index the stacked dims first)")
+    K, N = w.kn
+    if x.shape[-1] != K:
+        raise ValueError(f"qmatmul: x {x.shape} does not match weight (K={K}, N={N})")
+    impl = _impl(impl)
+    x2 = x.reshape(-1, K)
+    if impl == "xla":
+        out = jnp.dot(x2, dequantize(w, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    else:
+        from pallas_kernels.int4_matmul import int4_matmul
+        out = int4_matmul(x2, *_weight_arrays(w), fmt=w.fmt, group_size=w.group_size, cfg=cfg,
+                          interpret=impl == "interpret")
+    return out.reshape(*x.shape[:-1], N)
+
+
+def _check_ragged(x, w, group_sizes, name):
+    if w.ndim != 3:
+        raise ValueError(f"{name}: expert weight must be [E, K, N], got {tuple(w.shape)}")
+    E, K, N = w.shape
+    if x.ndim != 2 or x.shape[1] != K:
+        raise ValueError(f"{name}: x {x.shape} does not match expert weight [E={E}, K={K}, N={N}]")
+    if group_sizes.shape != (E,):
+        raise ValueError(f"{name}: group_sizes {group_sizes.shape} does not match E={E}")
+
+
+def ragged_qmatmul(x, w, group_sizes, *, impl: str | None = None, cfg=None):
+    """jax.lax.ragged_dot semantics: rows of x[M, K] sorted by expert, group_sizes[E] (int32) rows per
+    expert, w[E, K, N] plain or quantized -> [M, N] (rows past sum(group_sizes) are zero). The Pallas
+    kernel reads only experts that have rows, each once per N tile."""
+    _check_ragged(x, w, group_sizes, "ragged_qmatmul")
+    if not isinstance(w, QuantizedWeight):
+        return jax.lax.ragged_dot(x, w, group_sizes)
+    impl = _impl(impl)
+    if impl == "xla":
+        return jax.lax.ragged_dot(x, dequantize(w, x.dtype), group_sizes,
+                                  preferred_element_type=jnp.float32).astype(x.dtype)
+    from pallas_kernels.int4_matmul import int4_grouped_matmul
+    return int4_grouped_matmul(x, group_sizes, (_weight_arrays(w),), fmt=w.fmt, group_size=w.group_size,
+                               cfg=cfg, interpret=impl == "interpret")
+
+
+def ragged_qmatmul_gate_up(x, w_gate, w_up, group_sizes, row_scale=None, *, impl: str | None = None,
+                           cfg=None):
+    """SiLU(x @ w_gate) * (x @ w_up) per expert (ragged_dot semantics), optionally times row_scale[M]
+    (e.g. the router weight of each row, which commutes with the down projection). One kernel reads x
+    once for both weights when both are quantized in the same format."""
+    _check_ragged(x, w_gate, group_sizes, "ragged_qmatmul_gate_up")
+    _check_ragged(x, w_up, group_sizes, "ragged_qmatmul_gate_up")
+    impl = _impl(impl)
+    same = (isinstance(w_gate, QuantizedWeight) and isinstance(w_up, QuantizedWeight)
+            and (w_gate.fmt, w_gate.group_size) == (w_up.fmt, w_up.group_size))
+    if impl == "xla" or not same:
+        g = ragged_qmatmul(x, w_gate, group_sizes, impl=impl, cfg=cfg).astype(jnp.float32)
+        u = ragged_qmatmul(x, w_up, group_sizes, impl=impl, cfg=cfg).astype(jnp.float32)
+        h = jax.nn.silu(g) * u
+        if row_scale is not None:
+            h = h * row_scale.astype(jnp.float32)[:, None]
+        return h.astype(x.dtype)
+    from pallas_kernels.int4_matmul import int4_grouped_matmul
+    return int4_grouped_matmul(x, group_sizes, (_weight_arrays(w_gate), _weight_arrays(w_up)), row_scale,
+                               fmt=w_gate.fmt, group_size=w_gate.group_size, cfg=cfg,
+                               interpret=impl == "interpret",
+                               epilogue="silu_mul" if row_scale is None else "silu_mul_scaled")

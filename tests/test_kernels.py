@@ -1,0 +1,120 @@
+"""Pallas int4 kernels == jnp dequantize + dot, in interpret mode on CPU; plus a Triton lowering check."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mimo_jax import quant as Q
+from pallas_kernels.int4_matmul import KernelConfig, int4_grouped_matmul, int4_matmul, tile_schedule
+
+# bf16 activations and output against an f32 reference: ~2e-3 typical, 1e-2 bound
+TOL = 1e-2
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert not np.isnan(a).any()
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _weights(key, shape, fmt, gs):
+    w = jax.random.normal(jax.random.PRNGKey(key), shape, jnp.float32)
+    return Q.quantize(w, fmt, gs)
+
+
+def _x(key, M, K):
+    return jax.random.normal(jax.random.PRNGKey(key), (M, K), jnp.float32).astype(jnp.bfloat16)
+
+
+CASES = [  # fmt, group, M, K, N, kernel config
+    ("int4_sym", 32, 1, 256, 64, KernelConfig(bn=32, split_k=2, unroll=2)),
+    ("int4_sym", 128, 5, 256, 32, KernelConfig(bn=32, method="convert")),
+    ("int4_asym", 32, 16, 128, 48, KernelConfig(bn=16, unroll=2)),
+    ("int4_asym", 64, 3, 256, 32, KernelConfig(bn=32, split_k=4, method="convert")),
+    ("mxfp4", 32, 2, 128, 32, KernelConfig(bn=32, split_k=2)),
+    ("mxfp4", 32, 37, 64, 16, KernelConfig(bm=16, bn=16)),  # several M tiles, last one partial
+]
+
+
+@pytest.mark.parametrize("fmt,gs,M,K,N,cfg", CASES)
+def test_dense_kernel_matches_reference(fmt, gs, M, K, N, cfg):
+    qw = _weights(M + K, (K, N), fmt, gs)
+    x = _x(N, M, K)
+    ref = x.astype(jnp.float32) @ Q.dequantize(qw, jnp.float32)
+    out = Q.qmatmul(x, qw, impl="interpret", cfg=cfg)
+    assert out.shape == (M, N) and out.dtype == jnp.bfloat16
+    assert _rel(out, ref) < TOL
+
+
+def test_qmatmul_leading_dims_and_default_config():
+    qw = _weights(0, (128, 32), "int4_sym", 64)
+    x = _x(1, 6, 128).reshape(2, 3, 128)
+    ref = x.astype(jnp.float32) @ Q.dequantize(qw, jnp.float32)
+    out = Q.qmatmul(x, qw, impl="interpret")
+    assert out.shape == (2, 3, 32) and _rel(out, ref) < TOL
+
+
+@pytest.mark.parametrize("fmt,gs", [("int4_sym", 32), ("int4_asym", 64), ("mxfp4", 32)])
+def test_grouped_kernel_matches_ragged_dot(fmt, gs):
+    E, K, N = 6, 128, 32
+    gsz = jnp.array([1, 0, 19, 3, 0, 1], jnp.int32)  # odd loads, empty experts, one > bm rows
+    M = 26                                            # 2 trailing rows past sum(group_sizes): zeros
+    we = _weights(3, (E, K, N), fmt, gs)
+    x = _x(4, M, K)
+    ref = jax.lax.ragged_dot(x.astype(jnp.float32), Q.dequantize(we, jnp.float32), gsz)
+    cfg = KernelConfig(bm=16, bn=16, unroll=2)
+    out = Q.ragged_qmatmul(x, we, gsz, impl="interpret", cfg=cfg)
+    assert out.shape == (M, N) and _rel(out, ref) < TOL
+    np.testing.assert_array_equal(np.asarray(out[24:], np.float32), 0.0)
+
+    wu = _weights(5, (E, K, N), fmt, gs)
+    refu = jax.lax.ragged_dot(x.astype(jnp.float32), Q.dequantize(wu, jnp.float32), gsz)
+    rs = jax.random.uniform(jax.random.PRNGKey(6), (M,))
+    h = Q.ragged_qmatmul_gate_up(x, we, wu, gsz, rs, impl="interpret", cfg=cfg)
+    assert _rel(h, jax.nn.silu(ref) * refu * rs[:, None]) < TOL
+
+
+def test_grouped_single_token_top_k():
+    # decode: one token, 4 of 8 experts, one row each
+    E, K, N = 8, 64, 32
+    we = _weights(7, (E, K, N), "int4_sym", 32)
+    gsz = jnp.array([0, 1, 0, 1, 1, 0, 0, 1], jnp.int32)
+    x = _x(8, 4, K)
+    ref = jax.lax.ragged_dot(x.astype(jnp.float32), Q.dequantize(we, jnp.float32), gsz)
+    assert _rel(Q.ragged_qmatmul(x, we, gsz, impl="interpret"), ref) < TOL
+
+
+def test_tile_schedule_skips_empty_experts():
+    t = np.asarray(tile_schedule(jnp.array([0, 2, 0, 17], jnp.int32), 20, 16))
+    live = [tuple(c) for c in t.T if c[2] > c[1]]
+    assert live == [(1, 0, 2), (3, 2, 18), (3, 18, 19), (4, 19, 20)]  # expert 4 = rows past the total
+
+
+def test_unsupported_shapes_raise_with_the_shape():
+    qw = _weights(0, (64, 40), "int4_sym", 32)  # N = 40: not a multiple of 16
+    with pytest.raises(ValueError, match=r"K=64, N=40"):
+        Q.qmatmul(_x(0, 1, 64), qw, impl="interpret")
+    qw = _weights(0, (64, 32), "int4_sym", 32)
+    with pytest.raises(ValueError, match=r"K=64, N=32"):
+        Q.qmatmul(_x(0, 1, 64), qw, impl="interpret", cfg=KernelConfig(bn=64))
+    with pytest.raises(ValueError, match=r"K=64, N=32"):
+        Q.qmatmul(_x(0, 1, 64), qw, impl="interpret", cfg=KernelConfig(bn=32, split_k=4))
+    we = _weights(0, (2, 64, 24), "int4_sym", 32)
+    with pytest.raises(ValueError, match=r"K=64, N=24"):
+        Q.ragged_qmatmul(_x(0, 2, 64), we, jnp.array([1, 1], jnp.int32), impl="interpret")
+
+
+@pytest.mark.parametrize("fmt", ["int4_sym", "int4_asym", "mxfp4"])
+def test_kernels_lower_to_triton(fmt):
+    """Lowering to Triton IR runs on CPU; catches ops the Triton backend does not support."""
+    qw = _weights(0, (256, 64), fmt, 32)
+    we = _weights(1, (4, 256, 64), fmt, 32)
+    x = _x(2, 9, 256)
+    gsz = jnp.array([3, 0, 4, 2], jnp.int32)
+    low = jax.jit(lambda x, w: Q.qmatmul(x, w, impl="pallas")).trace(x, qw).lower(lowering_platforms=("cuda",))
+    assert "triton" in low.as_text()
+    for row_scale in (None, jnp.ones((9,))):
+        jax.jit(lambda x, w, g: Q.ragged_qmatmul_gate_up(x, w, w, g, row_scale, impl="pallas")) \
+            .trace(x, we, gsz).lower(lowering_platforms=("cuda",))
