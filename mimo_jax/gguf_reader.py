@@ -148,7 +148,9 @@ class GGUFModel:
         if name not in self.gguf_tensors:
             raise KeyError(f"{name!r} is not in {self.path.name}; see tensor_names()")
         t = self.gguf_tensors[name]
-        data, shape = t.data, tuple(int(d) for d in reversed(t.shape))
+        # A plain ndarray view of the memmap (no copy): gguf's dequantize slices row groups, and each
+        # np.memmap slice pays __array_finalize__, which doubles dequantization time.
+        data, shape = np.asarray(t.data), tuple(int(d) for d in reversed(t.shape))
         n_head = self._permuted_heads(name)
         if n_head is not None:
             data = _unpermute_rows(data, n_head)
