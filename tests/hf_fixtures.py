@@ -144,6 +144,7 @@ def hub_config(cfg: MiMoV2FlashConfig) -> dict:
         "num_experts_per_tok": cfg.num_experts_per_tok, "norm_topk_prob": cfg.norm_topk_prob,
         "routed_scaling_factor": cfg.routed_scaling_factor, "n_group": 1, "topk_group": 1,
         "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": False,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
         "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [FP8_BLOCK, FP8_BLOCK]},
     }
 

@@ -1,0 +1,98 @@
+"""Cached decoding == one full forward, for MiMo-shaped and Llama-shaped configs; the layer plan."""
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mimo_jax import model
+from mimo_jax.config import load_config
+from mimo_jax.engine import Engine
+from mimo_jax.plan import Loop, Run, layer_slots, make_plan
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def setup(name, seed=0, capacity=96):
+    cfg = load_config(CONFIGS / f"{name}.json")
+    params = model.init_params(cfg, jax.random.PRNGKey(seed), jnp.float32)
+    return cfg, params, capacity
+
+
+def full_forward(cfg, params, ids, capacity):
+    cache = model.init_cache(cfg, 1, capacity, jnp.float32)
+    logits, _ = model.forward(params, jnp.asarray([ids]), jnp.arange(len(ids), dtype=jnp.int32), cache, cfg)
+    return np.asarray(logits[0])
+
+
+def chunked_forward(cfg, params, ids, capacity, chunk, pad_to):
+    """Feed ids `chunk` at a time, each padded to `pad_to` with position -1; collect the real rows."""
+    cache = model.init_cache(cfg, 1, capacity, jnp.float32)
+    rows = []
+    for start in range(0, len(ids), chunk):
+        piece = ids[start:start + chunk]
+        tokens = np.zeros((1, pad_to), np.int32)
+        tokens[0, :len(piece)] = piece
+        positions = np.where(np.arange(pad_to) < len(piece), start + np.arange(pad_to), -1).astype(np.int32)
+        logits, cache = model.forward(params, jnp.asarray(tokens), jnp.asarray(positions), cache, cfg)
+        rows.append(np.asarray(logits[0, :len(piece)]))
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("name", ["tiny_mimo", "tiny_llama"])
+@pytest.mark.parametrize("chunk,pad_to", [(1, 1), (3, 4), (11, 16), (20, 32)])
+def test_cached_decode_equals_full_forward(name, chunk, pad_to):
+    cfg, params, capacity = setup(name)
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=5 * 8 + 3).tolist()  # 5+ windows
+    ref = full_forward(cfg, params, ids, capacity)
+    got = chunked_forward(cfg, params, ids, capacity, chunk, pad_to)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+
+
+def test_engine_greedy_equals_argmax_of_full_forward():
+    cfg, params, capacity = setup("tiny_mimo", seed=3)
+    engine = Engine(cfg, params, max_seq_len=capacity, prefill_chunk=16)
+    prompt = np.random.default_rng(2).integers(0, cfg.vocab_size, size=21).tolist()
+    out = engine.generate(prompt, max_new_tokens=30).token_ids
+    seq = list(prompt)
+    for _ in range(30):  # no cache at all: re-run the whole sequence each step
+        seq.append(int(np.argmax(full_forward(cfg, params, seq, capacity)[-1])))
+    assert out == seq[len(prompt):]
+
+
+def test_score_matches_full_forward_across_chunks():
+    cfg, params, capacity = setup("tiny_mimo", seed=4)
+    engine = Engine(cfg, params, max_seq_len=capacity, prefill_chunk=16)
+    ids = list(range(3, 3 + 50))
+    np.testing.assert_allclose(engine.score(ids), full_forward(cfg, params, ids, capacity), rtol=2e-5, atol=1e-5)
+
+
+def test_ring_buffer_size_is_the_window_not_the_context():
+    cfg = load_config(CONFIGS / "mimo_v2_flash.json")
+    shapes = model.cache_shapes(cfg, batch=1, capacity=65536)
+    sizes = {leaf.shape[-3] for leaf in jax.tree_util.tree_leaves(shapes)}
+    assert sizes == {65536, cfg.sliding_window}
+    full_bytes = sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes) if s.shape[-3] == 65536)
+    all_bytes = sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes))
+    assert all_bytes < 1.1 * full_bytes  # the 39 SWA layers add < 10% at 64K context
+
+
+def test_plan_covers_every_layer_once_in_order():
+    for kinds in [(("f", "d"),) + (("s", "m"),) * 4 + ((("f", "m"),) + (("s", "m"),) * 5) * 7,
+                  (("f", "d"),) * 30, tuple(("s" if i % 3 else "f", "m") for i in range(17)), (("f", "d"),)]:
+        plan = make_plan(kinds)
+        slots = layer_slots(plan)
+        assert len(slots) == len(kinds)
+        for kind, slot in zip(kinds, slots):
+            item = plan[slot.item]
+            run = item if isinstance(item, Run) else item.runs[slot.run]
+            assert run.kind == kind
+        assert len(set(slots)) == len(slots)
+
+
+def test_flash_plan_traces_few_bodies():
+    cfg = load_config(CONFIGS / "mimo_v2_flash.json")
+    plan = model.plan_of(cfg)
+    bodies = sum(1 if isinstance(i, Run) else len(i.runs) for i in plan)
+    assert bodies <= 5 and any(isinstance(i, Loop) and i.repeats == 7 for i in plan)
