@@ -39,7 +39,7 @@ class KernelConfig:
     unroll: int = 1         # groups per loop iteration
     num_warps: int = 4
     num_stages: int = 3
-    method: str = "magic"   # nibble -> bf16: "magic" (bit trick) or "convert" (int -> float)
+    method: str = "magic"   # nibble -> bf16: "magic" / "magic_sub" (bit trick) or "convert" (int -> float)
 
 
 def _pow2(v: int) -> bool:
@@ -86,13 +86,17 @@ def check_shapes(K: int, N: int, group_size: int, cfg: KernelConfig, what: str =
 # --------------------------------------------------------------------------- in-register dequant
 
 def _codes_to_bf16(c, fmt: str, method: str):
-    """uint16 codes 0..15 -> bf16 values the dot uses (128 + q for int4 "magic", q for "convert")."""
+    """uint16 codes 0..15 -> the bf16 values the dot uses: 128 + q ("magic"), q - 8 / q ("magic_sub", int4_sym
+    / int4_asym), q ("convert"); e2m1(q) for mxfp4."""
     if fmt == "mxfp4":
         mag = c & 7
         bits = jnp.where(mag >= 2, mag * 64 + 0x3F00, mag * 0x3F00) | ((c & 8) << 12)
         return jax.lax.bitcast_convert_type(bits.astype(U16), BF16)
-    if method == "magic":
-        return jax.lax.bitcast_convert_type(c | 0x4300, BF16)
+    if method in ("magic", "magic_sub"):
+        v = jax.lax.bitcast_convert_type(c | 0x4300, BF16)  # exactly 128 + q
+        if method == "magic_sub":
+            v = v - jnp.asarray(136.0 if fmt == "int4_sym" else 128.0, BF16)  # exact in bf16
+        return v
     return c.astype(F32).astype(BF16)
 
 
@@ -106,6 +110,9 @@ def _group_partial(x_lo, x_hi, p, s, m, fmt: str, method: str):
         scale = jax.lax.bitcast_convert_type(s.astype(U16) << 7, BF16).astype(F32)  # 2^(e - 127)
         return d * scale
     sf = s.astype(F32)
+    if fmt == "int4_sym" and method == "magic_sub":
+        return d * sf  # the dot already used q - 8
+    # x . w = s * (x . code) + sum(x) * c, code = q + bias
     bias = 128.0 if method == "magic" else 0.0
     c = -(8.0 + bias) * sf if fmt == "int4_sym" else m.astype(F32) - bias * sf
     xs = jnp.sum(x_lo.astype(F32), axis=1, keepdims=True) + jnp.sum(x_hi.astype(F32), axis=1, keepdims=True)

@@ -30,8 +30,9 @@ def _x(key, M, K):
 
 CASES = [  # fmt, group, M, K, N, kernel config
     ("int4_sym", 32, 1, 256, 64, KernelConfig(bn=32, split_k=2, unroll=2)),
+    ("int4_sym", 64, 4, 256, 32, KernelConfig(bn=32, method="magic_sub")),
     ("int4_sym", 128, 5, 256, 32, KernelConfig(bn=32, method="convert")),
-    ("int4_asym", 32, 16, 128, 48, KernelConfig(bn=16, unroll=2)),
+    ("int4_asym", 32, 16, 128, 48, KernelConfig(bn=16, unroll=2, method="magic_sub")),
     ("int4_asym", 64, 3, 256, 32, KernelConfig(bn=32, split_k=4, method="convert")),
     ("mxfp4", 32, 2, 128, 32, KernelConfig(bn=32, split_k=2)),
     ("mxfp4", 32, 37, 64, 16, KernelConfig(bm=16, bn=16)),  # several M tiles, last one partial
