@@ -41,7 +41,7 @@ def log(*a):
     LOG.append(s)
 
 
-def timeit(f, *args, min_total=0.03, reps=3):
+def timeit(f, *args, min_total=0.05, reps=5):
     """Seconds per call of f(*args): calls enqueued back to back, one sync per batch, median of reps."""
     jax.block_until_ready(f(*args))
     jax.block_until_ready(f(*args))
@@ -99,11 +99,11 @@ def check():
             qw = Q.quantize(w, fmt, gs)
             x = jax.random.normal(jax.random.PRNGKey(N), (M, K), jnp.float32).astype(jnp.bfloat16)
             ref = x.astype(jnp.float32) @ Q.dequantize(qw, jnp.float32)
-            for method in ("magic", "magic_sub", "convert"):
+            for method in ("magic", "magic_sub", "asm"):
                 cfg = dataclasses.replace(K4.default_config(M, K, N, gs), method=method)
                 e = rel_err(jax.jit(lambda x, w: Q.qmatmul(x, w, impl=IMPL, cfg=cfg))(x, qw), ref)
                 worst = max(worst, e if e == e else 1.0)
-                if e != e or e > 1e-2 or method == "magic":
+                if e != e or e > 1e-2 or method == "asm":
                     log(f"  dense {fmt:9s} g{gs:<3d} M={M:<3d} K={K:<5d} N={N:<5d} {method:9s} rel err {e:.2e}")
         E, K, N = 32, 1024, 512
         we = Q.quantize(jax.random.normal(jax.random.PRNGKey(1), (E, K, N)), fmt, gs)
@@ -166,50 +166,40 @@ def time_xla_fallback(M, K, N, fmt, gs):
     return timeit(f, x, ws) / R
 
 
+def _try(M, K, N, c, ceiling, res, fmt="int4_sym", gs=128):
+    try:
+        t, nb = time_pallas(M, K, N, fmt, gs, c)
+        res.append((t, c))
+        log(f"  M={M:<3d} K={K:<5d} N={N:<5d} {c} {t * 1e6:8.1f} us {nb / t / 1e12:5.2f} TB/s "
+            f"{100 * nb / t / ceiling:5.1f}%")
+    except Exception as e:  # noqa: BLE001 -- report and go on
+        log(f"  M={M} {c} FAILED {type(e).__name__}: {str(e)[:300]}")
+
+
 def sweep(ceiling, quick=False):
-    """Block shapes / split-K / warps / stages / nibble conversion at a few decode shapes."""
-    log("## sweep (int4_sym g128 unless noted; TB/s of bytes that must move; % of ceiling)")
+    """Nibble conversion, then block shape / split-K, then warps / stages, at a few decode shapes."""
+    log("## sweep (int4_sym g128; TB/s of bytes that must move; % of ceiling)")
     best = {}
-    cases = [(1, 4096, 16384), (16, 4096, 16384), (1, 4096, 2048), (16, 4096, 2048)]
+    cases = [(1, 4096, 16384), (16, 4096, 16384), (1, 16384, 4096), (1, 4096, 2048), (16, 4096, 2048)]
     for (M, K, N) in cases[:2] if quick else cases:
         base = K4.default_config(M, K, N, 128)
-        cands = [base]
-        for bn in (64, 128, 256):
-            for split in (1, 2, 4, 8, 16):
-                c = dataclasses.replace(base, bn=bn, split_k=split, unroll=1)
-                groups = K // 128
-                if N % bn == 0 and groups % split == 0 and (N // bn) * split * -(-M // c.bm) <= 1024:
-                    cands.append(c)
         res = []
-        for c in cands:
-            try:
-                t, nb = time_pallas(M, K, N, "int4_sym", 128, c)
-                res.append((t, c))
-                log(f"  M={M:<3d} K={K:<5d} N={N:<5d} {c} {t * 1e6:8.1f} us {nb / t / 1e12:5.2f} TB/s "
-                    f"{100 * nb / t / ceiling:5.1f}%")
-            except Exception as e:  # noqa: BLE001 -- report and go on
-                log(f"  M={M} {c} FAILED {type(e).__name__}: {str(e)[:200]}")
+        for method in ("asm", "magic_sub"):
+            _try(M, K, N, dataclasses.replace(base, method=method), ceiling, res)
         res.sort(key=lambda r: r[0])
         top = res[0][1]
-        more = []
-        for nw in (2, 4, 8):
-            for ns in (2, 3, 4, 5):
-                more.append(dataclasses.replace(top, num_warps=nw, num_stages=ns))
-        for method in ("magic_sub", "convert"):
-            more.append(dataclasses.replace(top, method=method))
-        for u in (2, 4):
-            if (K // 128 // top.split_k) % u == 0:
-                more.append(dataclasses.replace(top, unroll=u))
-        for c in more:
-            if c == top:
-                continue
-            try:
-                t, nb = time_pallas(M, K, N, "int4_sym", 128, c)
-                res.append((t, c))
-                log(f"  M={M:<3d} K={K:<5d} N={N:<5d} {c} {t * 1e6:8.1f} us {nb / t / 1e12:5.2f} TB/s "
-                    f"{100 * nb / t / ceiling:5.1f}%")
-            except Exception as e:  # noqa: BLE001
-                log(f"  M={M} {c} FAILED {type(e).__name__}: {str(e)[:200]}")
+        for bn in (64, 128, 256):
+            for split in (1, 2, 4, 8, 16):
+                c = dataclasses.replace(top, bn=bn, split_k=split)
+                n_prog = (N // bn) * split * -(-M // c.bm)
+                if N % bn == 0 and (K // 128) % split == 0 and 128 <= n_prog <= 1024 and c != top:
+                    _try(M, K, N, c, ceiling, res)
+        res.sort(key=lambda r: r[0])
+        top = res[0][1]
+        for nw, ns in ((2, 3), (4, 2), (4, 4), (4, 5), (8, 3), (8, 4)):
+            _try(M, K, N, dataclasses.replace(top, num_warps=nw, num_stages=ns), ceiling, res)
+        if (K // 128 // top.split_k) % 2 == 0:
+            _try(M, K, N, dataclasses.replace(top, unroll=2), ceiling, res)
         res.sort(key=lambda r: r[0])
         best[(M, K, N)] = res[0]
         log(f"  BEST M={M} K={K} N={N}: {res[0][1]} {res[0][0] * 1e6:.1f} us")
@@ -288,6 +278,21 @@ def grouped(ceiling, fmt="int4_sym", gs=128, cfgs=(None,), fused=True):
     return out
 
 
+def capture_ptx():
+    """Keep the PTX of every Triton kernel compiled in this process (for reading offline)."""
+    from jax._src.lib import triton as jtriton
+    kept = []
+    orig = jtriton.compile
+
+    def compile_and_keep(*args, **kw):
+        r = orig(*args, **kw)
+        kept.append((kw.get("num_warps"), kw.get("num_stages"), getattr(r, "smem_bytes", None), r.asm))
+        return r
+
+    jtriton.compile = compile_and_keep
+    return kept
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
@@ -298,7 +303,9 @@ def main():
     ap.add_argument("--formats", action="store_true", help="M in {1,16} rows for every format")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--dump-ptx", action="store_true")
     a = ap.parse_args()
+    kept = capture_ptx() if a.dump_ptx else None
     log(f"device {jax.devices()[0].device_kind}; jax {jax.__version__}; date {time.strftime('%Y-%m-%d')}")
     ceiling = hbm_ceiling()
     log(f"HBM read ceiling (sum over 4 GiB bf16): {ceiling / 1e12:.3f} TB/s")
@@ -308,9 +315,9 @@ def main():
     if a.sweep:
         res["sweep"] = {str(k): (v[0], str(v[1])) for k, v in sweep(ceiling, a.quick).items()}
     if a.grouped_sweep:
-        cfgs = [None] + [K4.KernelConfig(bn=bn, unroll=u, num_warps=nw, num_stages=ns)
-                         for bn, u, nw, ns in ((64, 1, 4, 3), (64, 2, 4, 4), (128, 2, 4, 4), (128, 1, 8, 3),
-                                               (128, 2, 8, 4), (256, 1, 8, 3), (32, 2, 4, 4))]
+        cfgs = [None] + [K4.KernelConfig(bn=bn, unroll=u, num_warps=nw, num_stages=ns, method=m)
+                         for bn, u, nw, ns, m in ((128, 2, 4, 3, "magic_sub"), (128, 1, 4, 3, "asm"),
+                                                  (64, 2, 4, 3, "asm"), (128, 2, 4, 4, "asm"))]
         res["grouped_sweep"] = grouped(ceiling, cfgs=cfgs, fused=False)
     if a.table:
         res["table"] = table(ceiling, ms=(1, 16) if a.quick else MS)
@@ -325,6 +332,10 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "bench_int4.json"), "w") as fh:
         json.dump(res, fh, indent=1, default=str)
+    if kept:
+        with open(os.path.join(a.out, "kernels_ptx.txt"), "w") as fh:
+            for nw, ns, smem, asm in kept:
+                fh.write(f"//// num_warps={nw} num_stages={ns} smem={smem}\n{asm}\n")
     with open(os.path.join(a.out, "bench_int4.log"), "w") as fh:
         fh.write("\n".join(LOG) + "\n")
 

@@ -39,7 +39,8 @@ class KernelConfig:
     unroll: int = 1         # groups per loop iteration
     num_warps: int = 4
     num_stages: int = 3
-    method: str = "magic"   # nibble -> bf16: "magic" / "magic_sub" (bit trick) or "convert" (int -> float)
+    method: str = "asm"     # nibble -> bf16: "asm" (inline PTX, GPU only; interpret mode uses "magic_sub"),
+                            # "magic" / "magic_sub" (bit trick in jnp) or "convert" (int -> float)
 
 
 def _pow2(v: int) -> bool:
@@ -54,16 +55,20 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
 
 
 def default_config(M: int, K: int, N: int, group_size: int, n_sms: int = 132) -> KernelConfig:
+    """Enough programs (>= ~2 per SM) to stream the weight at M = 1: N tiles x K splits."""
     bm = 16 if M <= 16 else min(64, 1 << (M - 1).bit_length())
-    bn = _largest_pow2_divisor(N, 128)
+    bn = _largest_pow2_divisor(N, 256 if N >= 8192 else 128)
     groups = K // group_size
-    unroll = _largest_pow2_divisor(groups, max(1, 256 // group_size))
+    unroll = 1
     programs = -(-M // bm) * (N // bn)
     split = 1
-    while programs * split * 2 <= 2 * n_sms and (groups // (split * 2)) % unroll == 0 \
-            and groups // (split * 2) >= unroll and split < 16:
+    while programs * split < 2 * n_sms and groups % (split * 2) == 0 and split < 16:
         split *= 2
     return KernelConfig(bm=bm, bn=bn, split_k=split, unroll=unroll)
+
+
+def _for_backend(cfg: KernelConfig, interpret: bool) -> KernelConfig:
+    return dataclasses.replace(cfg, method="magic_sub") if interpret and cfg.method == "asm" else cfg
 
 
 def check_shapes(K: int, N: int, group_size: int, cfg: KernelConfig, what: str = "weight") -> None:
@@ -100,11 +105,46 @@ def _codes_to_bf16(c, fmt: str, method: str):
     return c.astype(F32).astype(BF16)
 
 
+
+# Marlin-style nibble -> bf16 on 32-bit registers, 4 packed bytes at a time: prmt spreads bytes b0,b1 (b2,b3)
+# into the two 16-bit halves of a register, lop3 computes (t & 0x000F000F) | 0x43004300 = bf16x2(128 + q),
+# one bf16x2 fma subtracts the bias. Low nibbles: 6 instructions per 4 weights; high nibbles add a shift.
+# (Two single-result asm calls: the Triton lowering here mishandles multi-result inline asm.)
+_NIBBLES_ASM = """{
+.reg .b32 t0, t1, one, bias;
+mov.b32 one, 0x3F803F80;
+mov.b32 bias, BIAS;
+prmt.b32 t0, $2, 0, 0x4140;
+prmt.b32 t1, $2, 0, 0x4342;
+SHIFT
+lop3.b32 t0, t0, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 t1, t1, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $0, t0, one, bias;
+fma.rn.bf16x2 $1, t1, one, bias;
+}"""
+
+
+def _nibbles_asm(p, fmt: str):
+    """uint8 [r, c] -> (low, high) nibbles as bf16 q - 8 (int4_sym) or q (int4_asym)."""
+    bias = "0xC308C308" if fmt == "int4_sym" else "0xC300C300"  # bf16x2 of -136 / -128
+    out = []
+    for shift in ("", "shr.b32 t0, t0, 4;\nshr.b32 t1, t1, 4;"):
+        asm = _NIBBLES_ASM.replace("BIAS", bias).replace("SHIFT", shift)
+        (v,) = plgpu.elementwise_inline_asm(asm, args=[p], constraints="=r,=r,r", pack=4,
+                                            result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, BF16)])
+        out.append(v)
+    return out
+
+
 def _group_partial(x_lo, x_hi, p, s, m, fmt: str, method: str):
     """One group: x_lo/x_hi [bm, G/2] bf16, p [G/2, bn] uint8, s/m [1, bn] -> f32 [bm, bn] contribution."""
-    p16 = p.astype(U16)
-    lo = _codes_to_bf16(p16 & 15, fmt, method)
-    hi = _codes_to_bf16(p16 >> 4, fmt, method)
+    if method == "asm" and fmt != "mxfp4":
+        lo, hi = _nibbles_asm(p, fmt)
+        method = "magic_sub"  # same values as magic_sub from here on
+    else:
+        p16 = p.astype(U16)
+        lo = _codes_to_bf16(p16 & 15, fmt, method)
+        hi = _codes_to_bf16(p16 >> 4, fmt, method)
     d = jnp.dot(x_lo, lo, preferred_element_type=F32) + jnp.dot(x_hi, hi, preferred_element_type=F32)
     if fmt == "mxfp4":
         scale = jax.lax.bitcast_convert_type(s.astype(U16) << 7, BF16).astype(F32)  # 2^(e - 127)
@@ -167,7 +207,7 @@ def int4_matmul(x, packed, scales, mins, *, fmt: str, group_size: int, cfg: Kern
     N = packed.shape[-1]
     if packed.shape != (K // 2, N):
         raise ValueError(f"int4_matmul: x {x.shape} does not match packed weight {packed.shape} (K={K})")
-    cfg = cfg or default_config(M, K, N, group_size)
+    cfg = _for_backend(cfg or default_config(M, K, N, group_size), interpret)
     check_shapes(K, N, group_size, cfg)
     groups_per_split = K // group_size // cfg.split_k
     grid = (pl.cdiv(M, cfg.bm), N // cfg.bn, cfg.split_k)
@@ -203,7 +243,9 @@ def tile_schedule(group_sizes, M: int, bm: int):
     tile_end = jnp.cumsum(ntiles)
     T = min(E, M) + 1 + -(-M // bm)
     t = jnp.arange(T, dtype=jnp.int32)
-    e = jnp.searchsorted(tile_end, t, side="right").astype(jnp.int32)
+    # tile t belongs to the first expert whose tile_end exceeds t (a compare-all; jnp.searchsorted's
+    # default lowers to a while loop, which costs a host round trip per step on GPU)
+    e = jnp.sum(tile_end[None, :] <= t[:, None], axis=1, dtype=jnp.int32)
     valid = e <= E
     e = jnp.minimum(e, E)
     r0 = starts[e] + (t - (tile_end[e] - ntiles[e])) * bm
@@ -265,7 +307,7 @@ def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, gr
     if K2 * 2 != K:
         raise ValueError(f"int4_grouped_matmul: x {x.shape} does not match expert weights [E={E}, K={K2 * 2}, "
                          f"N={N}]")
-    cfg = cfg or default_grouped_config(M, K, N, group_size)
+    cfg = _for_backend(cfg or default_grouped_config(M, K, N, group_size), interpret)
     check_shapes(K, N, group_size, dataclasses.replace(cfg, split_k=1), what="expert weight")
     if cfg.split_k != 1:
         raise ValueError("int4_grouped_matmul: split_k must be 1")
