@@ -282,7 +282,10 @@ def capture_ptx():
     """Keep the PTX of every Triton kernel compiled in this process (for reading offline)."""
     from jax._src.lib import triton as jtriton
     kept = []
-    orig = jtriton.compile
+    orig = getattr(jtriton, "compile", None)
+    if orig is None:
+        log(f"(no jax._src.lib.triton.compile to hook in this jaxlib: {dir(jtriton)})")
+        return kept
 
     def compile_and_keep(*args, **kw):
         r = orig(*args, **kw)
