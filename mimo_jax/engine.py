@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import model, sampling
+from mimo_jax import model, mtp, sampling, speculative
 from mimo_jax.config import ModelConfig
 from mimo_jax.errors import InputError
 
@@ -30,14 +30,37 @@ class GenerationStats:
     prefill_ms: float = 0.0
     decode_s: float = 0.0
     finish_reason: str = ""  # "eos" | "length" | "context"
+    speculative_k: int = 0
+    accepted_hist: list[int] = dataclasses.field(default_factory=list)  # steps that accepted n drafts, n = 0..k
+
+    @property
+    def spec_steps(self) -> int:
+        return sum(self.accepted_hist)
+
+    @property
+    def mean_accepted(self) -> float:
+        """Drafts accepted per speculative step (each step also emits one bonus token)."""
+        return sum(n * c for n, c in enumerate(self.accepted_hist)) / max(self.spec_steps, 1)
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """P(draft i accepted) for i = 1..k: the fraction of steps that accepted at least i drafts."""
+        steps = max(self.spec_steps, 1)
+        return [sum(self.accepted_hist[i:]) / steps for i in range(1, self.speculative_k + 1)]
 
     @property
     def decode_tok_s(self) -> float:
         return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
 
     def line(self) -> str:
-        return (f"[prompt {self.prompt_tokens} tok, prefill {self.prefill_ms:.1f} ms | "
+        text = (f"[prompt {self.prompt_tokens} tok, prefill {self.prefill_ms:.1f} ms | "
                 f"{self.new_tokens} new tok, decode {self.decode_tok_s:.1f} tok/s | {self.finish_reason}]")
+        if self.speculative_k:
+            by_pos = " ".join(f"{a:.2f}" for a in self.acceptance_by_position)
+            text += (f"\n[speculative k={self.speculative_k}: {self.spec_steps} steps, "
+                     f"{self.spec_steps / max(self.decode_s, 1e-9):.1f} steps/s, "
+                     f"{self.mean_accepted:.2f} accepted/step, acceptance by position {by_pos}]")
+        return text
 
 
 @dataclasses.dataclass
@@ -76,11 +99,18 @@ def _bucket(n: int, largest: int, smallest: int = 16) -> int:
 
 class Engine:
     def __init__(self, cfg: ModelConfig, params, tokenizer=None, max_seq_len: int | None = None,
-                 prefill_chunk: int = 512, cache_dtype=None):
+                 prefill_chunk: int = 512, cache_dtype=None, speculative_k: int = 0, drafter: str = "mtp"):
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 4096))
         self.prefill_chunk = prefill_chunk
         self.cache_dtype = cache_dtype or params["embed"].dtype
+        if speculative_k < 0:
+            raise InputError(f"speculative_k must be >= 0, got {speculative_k}")
+        if drafter not in speculative.DRAFTERS:
+            raise InputError(f"unknown drafter {drafter!r} (choose from {', '.join(speculative.DRAFTERS)})")
+        if speculative_k and speculative.DRAFTERS[drafter].uses_mtp and "mtp" not in params:
+            raise InputError("speculative decoding with the MTP drafter needs MTP layers; this model has none")
+        self.speculative_k, self.drafter = speculative_k, speculative.DRAFTERS[drafter]
 
     # ---- construction ----
     @classmethod
@@ -130,11 +160,11 @@ class Engine:
                              f"(prompt + at least one new token)")
         return ids
 
-    def new_cache(self, tokens_needed: int | None = None):
+    def new_cache(self, tokens_needed: int, ring_slack: int = 0):
         """A cache for `tokens_needed` positions, rounded up to a power of two (>= 256) so that decode compiles
         once per bucket and attends over the bucket, not the whole context."""
-        capacity = self.max_seq_len if tokens_needed is None else min(self.max_seq_len, _bucket(tokens_needed, 1 << 62, 256))
-        return model.init_cache(self.cfg, 1, capacity, self.cache_dtype)
+        capacity = min(self.max_seq_len, _bucket(tokens_needed, 1 << 62, 256))
+        return model.init_cache(self.cfg, 1, capacity, self.cache_dtype, ring_slack)
 
     def _chunks(self, ids: list[int]):
         """(tokens [1,T], positions [T]) chunks of the prompt, each padded to its bucket."""
@@ -193,6 +223,12 @@ class Stream:
         self.stats = GenerationStats(prompt_tokens=len(ids))
 
     def __iter__(self) -> Iterator[int]:
+        if self.engine.speculative_k:
+            yield from self._speculative()
+        else:
+            yield from self._plain()
+
+    def _plain(self) -> Iterator[int]:
         e, cfg = self.engine, self.engine.cfg
         t0 = time.perf_counter()
         cache = e.new_cache(len(self.ids) + self.max_new_tokens)
@@ -220,6 +256,62 @@ class Stream:
                 return
             token = nxt
         self.stats.finish_reason = "length" if budget == self.max_new_tokens else "context"
+
+    def _speculative(self) -> Iterator[int]:
+        """Prefill (target, then MTP layer 0 over the same positions), then one jitted step per k+1 positions;
+        step s+1 is dispatched before the host reads step s's tokens and accepted count."""
+        e, cfg, k, drafter = self.engine, self.engine.cfg, self.engine.speculative_k, self.engine.drafter
+        self.stats.speculative_k, self.stats.accepted_hist = k, [0] * (k + 1)
+        t0 = time.perf_counter()
+        cache = e.new_cache(len(self.ids) + self.max_new_tokens + 2 * (k + 1), ring_slack=k + 1)
+        chunks, normed = list(e._chunks(self.ids)), []
+        for tokens, positions, _ in chunks:
+            h, logits, cache = speculative.target_chunk(e.params, tokens, positions, cache, cfg)
+            normed.append(h)
+        position = len(self.ids)
+        first = _first_token(logits, self.key, jnp.int32(position), *self.sampling, is_greedy=self.is_greedy)
+        first_id = int(first[0])
+        state = {"cache": cache, "token": first, "position": jnp.int32(position), "mtp_cache": {},
+                 "draft": jnp.zeros_like(first), "draft_logits": jnp.zeros((1, cfg.vocab_size), jnp.float32),
+                 "draft_hidden": jnp.zeros((1, cfg.hidden_size), e.cache_dtype)}
+        if drafter.uses_mtp:
+            mtp_cache = mtp.init_cache(cfg, 1, e.cache_dtype, k + 1)
+            following = np.asarray(self.ids[1:] + [first_id], np.int32)
+            for (tokens, positions, n), h in zip(chunks, normed):
+                nxt = np.zeros(tokens.shape, np.int32)
+                start = int(positions[0])
+                nxt[0, :n] = following[start:start + n]
+                draft, dl, dh, mtp_cache = speculative.mtp_chunk(e.params, h, jnp.asarray(nxt), positions, mtp_cache,
+                                                                 self.key, *self.sampling, cfg=cfg,
+                                                                 is_greedy=self.is_greedy)
+            state.update(mtp_cache=mtp_cache, draft=draft, draft_logits=dl, draft_hidden=dh)
+        self.stats.prefill_ms = 1e3 * (time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        budget = min(self.max_new_tokens, e.max_seq_len - len(self.ids))
+        eos = e.eos_ids if self.stop_at_eos else set()
+        run = functools.partial(speculative.step, e.params, key=self.key, temperature=self.sampling[0],
+                                top_k=self.sampling[1], top_p=self.sampling[2], cfg=cfg, k=k, drafter=drafter,
+                                is_greedy=self.is_greedy)
+        self.stats.new_tokens = 1
+        yield first_id
+        if first_id in eos:
+            self.stats.finish_reason = "eos"
+            return
+        pending = run(state=state)
+        while True:
+            emitted, n, state = pending
+            if self.stats.new_tokens + 1 < budget:  # not surely the last step: dispatch the next one first
+                pending = run(state=state)
+            emitted, n = jax.device_get((emitted, n))
+            self.stats.accepted_hist[int(n)] += 1
+            for t in emitted[0, : int(n) + 1].tolist():
+                self.stats.new_tokens += 1
+                self.stats.decode_s = time.perf_counter() - t1
+                yield t
+                if t in eos or self.stats.new_tokens >= budget:
+                    self.stats.finish_reason = "eos" if t in eos else (
+                        "length" if budget == self.max_new_tokens else "context")
+                    return
 
 
 def _find_tokenizer(path: Path):

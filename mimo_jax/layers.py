@@ -67,9 +67,11 @@ def attention(p, x, positions, cache, index, spec: AttentionSpec):
     """Pre-normed x [B,T,H] -> attention output [B,T,H] and the cache with this chunk written.
 
     `cache` holds the stacked {"k","v"} of a whole run of layers; `index` picks this layer in its leading axes.
-    Full layers cache every position (slot = position). Sliding layers keep a ring of the last `window`
-    positions (slot = position % window): keys are the ring (older positions) plus this chunk, and the ring is
-    rebuilt so each slot holds the newest valid position with its residue.
+    Full layers cache every position (slot = position). Sliding layers keep a ring of R >= window slots
+    (slot = position % R): keys are the ring (older positions) plus this chunk, masked to the window, and the
+    ring is rebuilt so each slot holds the newest valid position with its residue. With R = window + s, a chunk
+    of up to s positions that is later rolled back (rejected drafts: the next call starts before them) only
+    overwrote slots of positions already outside every later window, so nothing needed is lost.
     """
     b, t, _ = x.shape
     hkv, g = spec.num_kv_heads, spec.num_heads // spec.num_kv_heads
@@ -93,7 +95,7 @@ def attention(p, x, positions, cache, index, spec: AttentionSpec):
         keys, values = cache["k"][index], cache["v"][index]
         mask = jnp.arange(capacity)[None, :] <= qpos
     else:
-        size = spec.window
+        size = cache["k"].shape[len(index) + 1]
         old_k, old_v = cache["k"][index], cache["v"][index]
         kpos = jnp.concatenate([ring_positions(start, size), positions])
         keys, values = jnp.concatenate([old_k, k], axis=1), jnp.concatenate([old_v, v], axis=1)

@@ -92,17 +92,21 @@ def init_params(cfg: ModelConfig, key, dtype=jnp.bfloat16) -> dict:
     return jax.tree_util.tree_unflatten(treedef, [make(p, s, k) for (p, s), k in zip(leaves, keys)])
 
 
-def cache_shapes(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16) -> dict:
+def cache_shapes(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16, ring_slack: int = 0) -> dict:
+    """Full layers hold `capacity` positions; sliding layers a ring of window + ring_slack slots. Speculative
+    decoding sets ring_slack = k + 1, so the k+1 positions a verify pass writes never overwrite an entry that a
+    later query still sees in its window: rejected drafts need no rollback (layers.attention)."""
     def make(kind, lead):
         s = cfg.attention(kind[0])
-        length = capacity if kind[0] == FULL else s.window
+        length = capacity if kind[0] == FULL else s.window + ring_slack
         return {"k": jax.ShapeDtypeStruct(lead + (batch, length, s.num_kv_heads, s.head_dim), dtype),
                 "v": jax.ShapeDtypeStruct(lead + (batch, length, s.num_kv_heads, s.v_head_dim), dtype)}
     return {"layers": stacked(plan_of(cfg), make)}
 
 
-def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16) -> dict:
-    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(cfg, batch, capacity, dtype))
+def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16, ring_slack: int = 0) -> dict:
+    shapes = cache_shapes(cfg, batch, capacity, dtype, ring_slack)
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def decoder_layer(p, x, positions, cache, index, kind, cfg: ModelConfig):
@@ -164,11 +168,19 @@ def forward_hidden(params, tokens, positions, cache, cfg: ModelConfig):
     return x, {**cache, "layers": layers}
 
 
+def final_norm(params, hidden, cfg: ModelConfig):
+    return rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
+
+
+def head(params, normed, cfg: ModelConfig):
+    """The (possibly tied) lm_head: normed hidden [..., H] -> float32 logits [..., V]."""
+    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.dot(normed, w.astype(normed.dtype), preferred_element_type=jnp.float32)
+
+
 def lm_logits(params, hidden, cfg: ModelConfig):
-    """Final norm and the (possibly tied) lm_head: hidden [..., H] -> float32 logits [..., V]."""
-    h = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.dot(h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+    """Final norm and lm_head: last-layer hidden [..., H] -> float32 logits [..., V]."""
+    return head(params, final_norm(params, hidden, cfg), cfg)
 
 
 @functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")

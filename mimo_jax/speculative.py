@@ -1,0 +1,165 @@
+"""Speculative decoding: draft k tokens, verify them with ONE target forward, all inside one jitted step.
+
+State (a pytree; batch 1 because positions are shared by the batch):
+    cache        target KV cache, holding positions < P           (SWA rings sized window + k + 1)
+    mtp_cache    the drafter's ring caches
+    token [1]    the last emitted token, at position P, not yet in the target cache
+    position     P (int32 scalar)
+    draft [1], draft_logits [1,V], draft_hidden [1,H]
+                 the drafter's first guess d_1 for position P+1, the logits it was drawn from (q_1), and the MTP
+                 hidden it came from (at position P-1)
+
+One step, with p_i the target's distribution for position P+i and q_i the drafter's (both after temperature,
+top-k, top-p):
+    1. draft    d_1 from the state, d_2..d_k by chaining MTP layers (depth i uses layer i mod n_mtp);
+    2. verify   target([token, d_1, ..., d_k]) at positions P..P+k  -> p_1..p_{k+1}   (one forward);
+    3. accept   greedy: d_i is accepted while d_i == argmax p_i.
+                sampled: d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)) (u_i q_i(d_i) < p_i(d_i));
+                n = length of the accepted prefix = sum(cumprod(accepted)), no host round trip;
+                bonus  = argmax p_{n+1} (greedy), or a draw from norm(max(0, p_{n+1} - q_{n+1})) after a rejection,
+                         from p_{k+1} when all k were accepted (q_{k+1} = 0). This keeps the output distribution
+                         exactly the target's (Leviathan et al. 2023; Chen et al. 2023).
+    4. emit     d_1..d_n, bonus (n + 1 tokens; the host reads them and n once per step);
+    5. commit   the verify pass already wrote positions P..P+k; full-attention entries past P+n are stale but
+                masked (a query never sees slots beyond its position), and the SWA rings have k+1 spare slots,
+                so the rejected positions overwrote nothing still in any later window: nothing to roll back.
+    6. refresh  MTP layer 0 re-reads positions P..P+n with the target's hidden states and the emitted tokens
+                (filling its cache with true inputs) and its output at P+n gives the next step's d_1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from mimo_jax import model, mtp, sampling
+from mimo_jax.config import ModelConfig
+
+
+def _draw(key, logits, settings, is_greedy):
+    return sampling.next_token(key, logits, *settings, is_greedy)
+
+
+# ---- drafters: propose(params, state, key, settings, cfg, k, is_greedy) -> (drafts [1,k], q logits [1,k,V],
+#      mtp_cache); refresh(...) -> (draft, draft_logits, draft_hidden, mtp_cache) for the next step ----
+
+def _mtp_propose(params, state, key, settings, cfg, k, is_greedy):
+    drafts, qs = [state["draft"]], [state["draft_logits"]]
+    hidden, cache = state["draft_hidden"][:, None], state["mtp_cache"]
+    for i in range(1, k):
+        position = state["position"] - 1 + i
+        hidden, logits, cache = mtp.mtp_layer(params, i % cfg.num_mtp_layers, hidden, drafts[-1][:, None],
+                                              position[None], cache, cfg)
+        qs.append(logits[:, 0])
+        drafts.append(_draw(jax.random.fold_in(key, i), logits[:, 0], settings, is_greedy))
+    return jnp.stack(drafts, axis=1), jnp.stack(qs, axis=1), cache
+
+
+def _mtp_refresh(params, state, normed, emitted, n_acc, key, settings, cfg, is_greedy):
+    k1 = emitted.shape[1]
+    positions = jnp.where(jnp.arange(k1) <= n_acc, state["position"] + jnp.arange(k1), -1).astype(jnp.int32)
+    hidden, logits, cache = mtp.mtp_layer(params, 0, normed, emitted, positions, state["mtp_cache"], cfg)
+    logits = logits[:, n_acc]
+    return _draw(key, logits, settings, is_greedy), logits, hidden[:, n_acc], cache
+
+
+def _oracle_propose(params, state, key, settings, cfg, k, is_greedy, shift=0):
+    """The target's own greedy continuation (computed on a throwaway copy of the cache), shifted by `shift`
+    (mod vocab): shift 0 is always right under greedy, shift 1 always wrong. q is one-hot on the draft."""
+    cache, token, drafts = state["cache"], state["token"], []
+    for i in range(k):
+        hidden, cache = model.forward_hidden(params, token[:, None], (state["position"] + i)[None], cache, cfg)
+        token = (jnp.argmax(model.lm_logits(params, hidden[:, 0], cfg), axis=-1) + shift) % cfg.vocab_size
+        drafts.append(token.astype(jnp.int32))
+    drafts = jnp.stack(drafts, axis=1)
+    q = jnp.where(jax.nn.one_hot(drafts, cfg.vocab_size) > 0, 0.0, -jnp.inf)
+    return drafts, q, state["mtp_cache"]
+
+
+def _keep_refresh(params, state, normed, emitted, n_acc, key, settings, cfg, is_greedy):
+    return state["draft"], state["draft_logits"], state["draft_hidden"], state["mtp_cache"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Drafter:
+    name: str
+    propose: Callable
+    refresh: Callable
+    uses_mtp: bool
+
+
+MTP = Drafter("mtp", _mtp_propose, _mtp_refresh, True)
+ORACLE = Drafter("oracle", _oracle_propose, _keep_refresh, False)
+WRONG = Drafter("wrong", functools.partial(_oracle_propose, shift=1), _keep_refresh, False)
+DRAFTERS = {d.name: d for d in (MTP, ORACLE, WRONG)}
+
+
+# ---- the step ----
+
+def accept(drafts, q_logits, p_logits, key, settings, is_greedy: bool):
+    """drafts [1,k], q_logits [1,k,V], p_logits [1,k+1,V] -> (n accepted, bonus token [1])."""
+    k = drafts.shape[1]
+    if is_greedy:
+        target = jnp.argmax(p_logits, axis=-1).astype(jnp.int32)  # [1, k+1]
+        ok = drafts[0] == target[0, :k]
+        n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
+        return n, target[:, n]
+    p = jax.nn.softmax(sampling.filtered_logits(p_logits, *settings), axis=-1)[0]  # [k+1, V]
+    q = jax.nn.softmax(sampling.filtered_logits(q_logits, *settings), axis=-1)[0]  # [k, V]
+    p_d = jnp.take_along_axis(p[:k], drafts[0][:, None], axis=-1)[:, 0]
+    q_d = jnp.take_along_axis(q, drafts[0][:, None], axis=-1)[:, 0]
+    key_u, key_b = jax.random.split(key)
+    ok = jax.random.uniform(key_u, (k,)) * q_d < p_d
+    n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
+    residual = jnp.maximum(p - jnp.concatenate([q, jnp.zeros_like(q[:1])]), 0.0)[n]
+    residual = jnp.where(jnp.sum(residual) > 0, residual, p[n])
+    bonus = jax.random.categorical(key_b, jnp.log(residual)).astype(jnp.int32)
+    return n, bonus[None]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "drafter", "is_greedy"), donate_argnames="state")
+def step(params, state, key, temperature, top_k, top_p, *, cfg: ModelConfig, k: int, drafter: Drafter,
+         is_greedy: bool):
+    """One speculative step -> (emitted [1, k+1] (first n+1 valid), n accepted drafts, new state)."""
+    settings = (temperature, top_k, top_p)
+    position = state["position"]
+    key_d, key_a, key_r = jax.random.split(jax.random.fold_in(key, position), 3)
+    drafts, q_logits, mtp_cache = drafter.propose(params, state, key_d, settings, cfg, k, is_greedy)
+    tokens = jnp.concatenate([state["token"][:, None], drafts], axis=1)
+    hidden, cache = model.forward_hidden(params, tokens, position + jnp.arange(k + 1, dtype=jnp.int32),
+                                         state["cache"], cfg)
+    normed = model.final_norm(params, hidden, cfg)
+    n, bonus = accept(drafts, q_logits, model.head(params, normed, cfg), key_a, settings, is_greedy)
+    slots = jnp.arange(k + 1)
+    emitted = jnp.where(slots < n, jnp.concatenate([drafts, drafts[:, :1]], axis=1), 0)
+    emitted = jnp.where(slots == n, bonus[:, None], emitted).astype(jnp.int32)
+    state = {**state, "cache": cache, "mtp_cache": mtp_cache}
+    draft, draft_logits, draft_hidden, mtp_cache = drafter.refresh(params, state, normed, emitted, n, key_r,
+                                                                   settings, cfg, is_greedy)
+    new_state = {"cache": cache, "mtp_cache": mtp_cache, "token": bonus, "position": position + n + 1,
+                 "draft": draft, "draft_logits": draft_logits, "draft_hidden": draft_hidden}
+    return emitted, n, new_state
+
+
+# ---- the state after the prompt ----
+
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
+def target_chunk(params, tokens, positions, cache, cfg: ModelConfig):
+    """A prompt chunk through the target -> (normed hidden [1,T,H], logits of the last real token, cache)."""
+    hidden, cache = model.forward_hidden(params, tokens, positions, cache, cfg)
+    normed = model.final_norm(params, hidden, cfg)
+    last = jnp.sum(positions >= 0) - 1
+    return normed, model.head(params, normed[:, last], cfg), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "is_greedy"), donate_argnames="mtp_cache")
+def mtp_chunk(params, normed, next_tokens, positions, mtp_cache, key, temperature, top_k, top_p, *,
+              cfg: ModelConfig, is_greedy: bool):
+    """MTP layer 0 over a prompt chunk (hidden at t, token at t+1) -> (d_1, its logits, its hidden, mtp_cache)."""
+    hidden, logits, mtp_cache = mtp.mtp_layer(params, 0, normed, next_tokens, positions, mtp_cache, cfg)
+    last = jnp.sum(positions >= 0) - 1
+    draft = _draw(jax.random.fold_in(key, 1 << 30), logits[:, last], (temperature, top_k, top_p), is_greedy)
+    return draft, logits[:, last], hidden[:, last], mtp_cache
