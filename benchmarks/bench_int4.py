@@ -206,6 +206,45 @@ def sweep(ceiling, quick=False):
     return best
 
 
+GEMV_BEST = {}
+
+
+def gemv_cfg(K, N, gs):
+    """The M = 1 GEMV path's config: the in-run sweep's best, else >= ~2 programs per SM."""
+    if (K, N) in GEMV_BEST:
+        return GEMV_BEST[(K, N)]
+    bn = 64 if N % 64 == 0 else 32
+    split = 1
+    while (N // bn) * split < 264 and (K // gs) % (split * 2) == 0 and split < 16:
+        split *= 2
+    return K4.KernelConfig(bm=1, bn=bn, split_k=split)
+
+
+def gemv_sweep(ceiling):
+    log("## M = 1: GEMV path (no tensor cores) vs the dot path; int4_sym g128 unless noted")
+    for fmt, gs in (("int4_sym", 128), ("int4_asym", 32), ("mxfp4", 32)):
+        w = jax.random.normal(jax.random.PRNGKey(0), (4096, 2048), jnp.float32)
+        qw = Q.quantize(w, fmt, gs)
+        x = jax.random.normal(jax.random.PRNGKey(1), (1, 4096), jnp.float32).astype(jnp.bfloat16)
+        ref = x.astype(jnp.float32) @ Q.dequantize(qw, jnp.float32)
+        e = rel_err(jax.jit(lambda x, w: Q.qmatmul(x, w, impl=IMPL, cfg=gemv_cfg(4096, 2048, gs)))(x, qw), ref)
+        log(f"  gemv correctness {fmt} g{gs}: rel err {e:.2e} {'ok' if e < 1e-2 else 'FAIL'}")
+    for (K, N) in ((4096, 16384), (16384, 4096), (4096, 2048)):
+        res = []
+        _try(1, K, N, K4.default_config(1, K, N, 128), ceiling, res)
+        for bn in (32, 64, 128):
+            for split in (1, 2, 4, 8, 16):
+                n_prog = (N // bn) * split
+                if (K // 128) % split == 0 and 128 <= n_prog <= 1024:
+                    for nw in (4, 8):
+                        _try(1, K, N, K4.KernelConfig(bm=1, bn=bn, split_k=split, num_warps=nw), ceiling, res)
+        res.sort(key=lambda r: r[0])
+        gem = [r for r in res if r[1].bm == 1]
+        if gem:
+            GEMV_BEST[(K, N)] = gem[0][1]
+        log(f"  BEST M=1 K={K} N={N}: {res[0][1]} {res[0][0] * 1e6:.1f} us")
+
+
 def table(ceiling, fmt="int4_sym", gs=128, ms=MS, shapes=SHAPES):
     log(f"## dense table: {fmt} g{gs}; ceiling {ceiling / 1e12:.2f} TB/s")
     hdr = (f"| M | K | N | kernel us | TB/s | % ceiling | XLA bf16 us | x vs bf16 | XLA int4 us | x vs int4 "
@@ -217,13 +256,19 @@ def table(ceiling, fmt="int4_sym", gs=128, ms=MS, shapes=SHAPES):
         for M in ms:
             try:
                 t, nb = time_pallas(M, K, N, fmt, gs, None)
+                path = "dot"
+                if M == 1 and GEMV_BEST:
+                    tg, _ = time_pallas(M, K, N, fmt, gs, gemv_cfg(K, N, gs))
+                    log(f"  (M=1 K={K} N={N}: dot path {t * 1e6:.1f} us, GEMV path {tg * 1e6:.1f} us)")
+                    if tg < t:
+                        t, path = tg, "gemv"
                 tb = time_xla_bf16(M, K, N)
                 ti = time_xla_int4(M, K, N)
                 tf = time_xla_fallback(M, K, N, fmt, gs) if M in (1, 16) else float("nan")
             except Exception as e:  # noqa: BLE001
                 log(f"| {M} | {K} | {N} | FAILED {type(e).__name__}: {str(e)[:150]} |")
                 continue
-            r = dict(M=M, K=K, N=N, us=t * 1e6, tbs=nb / t / 1e12, pct=100 * nb / t / ceiling,
+            r = dict(M=M, K=K, N=N, path=path, us=t * 1e6, tbs=nb / t / 1e12, pct=100 * nb / t / ceiling,
                      bf16_us=tb * 1e6, x_bf16=tb / t, int4_us=ti * 1e6, x_int4=ti / t, fallback_us=tf * 1e6)
             rows.append(r)
             log(f"| {M} | {K} | {N} | {r['us']:.1f} | {r['tbs']:.2f} | {r['pct']:.0f}% | {r['bf16_us']:.1f} | "
@@ -305,6 +350,7 @@ def main():
     ap.add_argument("--grouped-sweep", action="store_true")
     ap.add_argument("--formats", action="store_true", help="M in {1,16} rows for every format")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--gemv-sweep", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--dump-ptx", action="store_true")
     a = ap.parse_args()
@@ -317,6 +363,9 @@ def main():
         res["check"] = check()
     if a.sweep:
         res["sweep"] = {str(k): (v[0], str(v[1])) for k, v in sweep(ceiling, a.quick).items()}
+    if a.gemv_sweep:
+        gemv_sweep(ceiling)
+        res["gemv_best"] = {str(k): str(v) for k, v in GEMV_BEST.items()}
     if a.grouped_sweep:
         cfgs = [None] + [K4.KernelConfig(bn=bn, unroll=u, num_warps=nw, num_stages=ns, method=m)
                          for bn, u, nw, ns, m in ((128, 2, 4, 3, "magic_sub"), (128, 1, 4, 3, "asm"),

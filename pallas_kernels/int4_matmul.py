@@ -33,7 +33,7 @@ F32, BF16, U16 = jnp.float32, jnp.bfloat16, jnp.uint16
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    bm: int = 16            # rows of x per program (>= 16: tensor-core dot minimum)
+    bm: int = 16            # rows of x per program (>= 16: tensor-core dot minimum; 1: the M = 1 GEMV path)
     bn: int = 128           # output columns per program
     split_k: int = 1        # programs along K (partials summed outside)
     unroll: int = 1         # groups per loop iteration
@@ -199,6 +199,48 @@ def _dense_kernel(x_ref, p_ref, s_ref, *rest, fmt, gs, M, cfg, groups_per_split)
                 mask=rmask[:, None])
 
 
+def _gemv_kernel(x_ref, p_ref, s_ref, *rest, fmt, gs, cfg, groups_per_split):
+    """M = 1 without tensor cores: FMAs into a [G/2, bn] f32 accumulator in the weight tile's own layout
+    (no shared-memory round trip to a dot-operand layout), one reduction over K rows at the end."""
+    m_ref = rest[0] if fmt == "int4_asym" else None
+    o_ref = rest[-1]
+    ni, ki = pl.program_id(0), pl.program_id(1)
+    n0 = pl.multiple_of(ni * cfg.bn, cfg.bn)
+    half = gs // 2
+    method = cfg.method if cfg.method in ("asm", "magic_sub") else "magic_sub"
+
+    def body(i, carry):
+        acc, acc_min = carry
+        g = ki * groups_per_split + i
+        k0 = pl.multiple_of(g * gs, gs)
+        x_lo = x_ref[pl.ds(k0, half), :].astype(F32)          # [G/2, 1]
+        x_hi = x_ref[pl.ds(k0 + half, half), :].astype(F32)
+        p = p_ref[pl.ds(pl.multiple_of(g * half, half), half), pl.ds(n0, cfg.bn)]
+        if method == "asm" and fmt != "mxfp4":
+            lo, hi = _nibbles_asm(p, fmt)
+        else:
+            p16 = p.astype(U16)
+            lo = _codes_to_bf16(p16 & 15, fmt, "magic_sub")
+            hi = _codes_to_bf16(p16 >> 4, fmt, "magic_sub")
+        part = lo.astype(F32) * x_lo + hi.astype(F32) * x_hi  # [G/2, bn]
+        s = s_ref[pl.ds(g, 1), pl.ds(n0, cfg.bn)]
+        if fmt == "mxfp4":
+            scale = jax.lax.bitcast_convert_type(s.astype(U16) << 7, BF16).astype(F32)
+        else:
+            scale = s.astype(F32)
+        acc = acc + part * scale
+        if fmt == "int4_asym":  # w = q s + m: the m term is m * sum(x) over the group
+            xs = jnp.sum(x_lo, axis=0, keepdims=True) + jnp.sum(x_hi, axis=0, keepdims=True)  # [1, 1]
+            acc_min = acc_min + m_ref[pl.ds(g, 1), pl.ds(n0, cfg.bn)].astype(F32) * xs
+        return acc, acc_min
+
+    init = (jnp.zeros((half, cfg.bn), F32), jnp.zeros((1, cfg.bn), F32))
+    acc, acc_min = jax.lax.fori_loop(0, groups_per_split, body, init)
+    out = jnp.sum(acc, axis=0, keepdims=True) + acc_min
+    lead = (ki,) if cfg.split_k > 1 else ()
+    o_ref[(*lead, pl.ds(0, 1), pl.ds(n0, cfg.bn))] = out.astype(o_ref.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("fmt", "group_size", "cfg", "interpret"))
 def int4_matmul(x, packed, scales, mins, *, fmt: str, group_size: int, cfg: KernelConfig | None = None,
                 interpret: bool = False):
@@ -208,14 +250,23 @@ def int4_matmul(x, packed, scales, mins, *, fmt: str, group_size: int, cfg: Kern
     if packed.shape != (K // 2, N):
         raise ValueError(f"int4_matmul: x {x.shape} does not match packed weight {packed.shape} (K={K})")
     cfg = _for_backend(cfg or default_config(M, K, N, group_size), interpret)
-    check_shapes(K, N, group_size, cfg)
+    gemv = cfg.bm == 1
+    if gemv and M != 1:
+        raise ValueError(f"int4_matmul: bm=1 (the GEMV path) needs M = 1, got x {x.shape}")
+    check_shapes(K, N, group_size, dataclasses.replace(cfg, bm=16) if gemv else cfg)
     groups_per_split = K // group_size // cfg.split_k
-    grid = (pl.cdiv(M, cfg.bm), N // cfg.bn, cfg.split_k)
     out_dtype = F32 if cfg.split_k > 1 else x.dtype
     out_shape = (cfg.split_k, M, N) if cfg.split_k > 1 else (M, N)
-    args = (x.astype(BF16), packed, scales) + ((mins,) if fmt == "int4_asym" else ())
-    kernel = functools.partial(_dense_kernel, fmt=fmt, gs=group_size, M=M, cfg=cfg,
-                               groups_per_split=groups_per_split)
+    if gemv:
+        grid = (N // cfg.bn, cfg.split_k)
+        args = (x.astype(BF16).reshape(K, 1), packed, scales) + ((mins,) if fmt == "int4_asym" else ())
+        kernel = functools.partial(_gemv_kernel, fmt=fmt, gs=group_size, cfg=cfg,
+                                   groups_per_split=groups_per_split)
+    else:
+        grid = (pl.cdiv(M, cfg.bm), N // cfg.bn, cfg.split_k)
+        args = (x.astype(BF16), packed, scales) + ((mins,) if fmt == "int4_asym" else ())
+        kernel = functools.partial(_dense_kernel, fmt=fmt, gs=group_size, M=M, cfg=cfg,
+                                   groups_per_split=groups_per_split)
     out = pl.pallas_call(
         kernel, grid=grid, out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype), interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),

@@ -36,6 +36,9 @@ CASES = [  # fmt, group, M, K, N, kernel config
     ("int4_asym", 64, 3, 256, 32, KernelConfig(bn=32, split_k=4, method="convert")),
     ("mxfp4", 32, 2, 128, 32, KernelConfig(bn=32, split_k=2)),
     ("mxfp4", 32, 37, 64, 16, KernelConfig(bm=16, bn=16)),  # several M tiles, last one partial
+    ("int4_sym", 64, 1, 256, 64, KernelConfig(bm=1, bn=32, split_k=2)),  # M = 1 GEMV path
+    ("int4_asym", 32, 1, 128, 32, KernelConfig(bm=1, bn=32)),
+    ("mxfp4", 32, 1, 128, 32, KernelConfig(bm=1, bn=16, split_k=4)),
 ]
 
 
