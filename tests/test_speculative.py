@@ -1,0 +1,96 @@
+"""Speculative decoding: greedy output identical to plain greedy, sampling lossless, one compilation."""
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mimo_jax import model, sampling, speculative
+from mimo_jax.config import load_config
+from mimo_jax.engine import Engine
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_config(CONFIGS / "tiny_mimo.json")  # window 8, 2 MTP layers
+    return cfg, model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
+
+
+def engine(cfg, params, **kw):
+    return Engine(cfg, params, max_seq_len=256, prefill_chunk=16, **kw)
+
+
+@pytest.mark.parametrize("drafter,k", [("mtp", 4), ("mtp", 8), ("oracle", 8), ("wrong", 3)])
+def test_greedy_speculative_equals_plain_greedy(tiny, drafter, k):
+    cfg, params = tiny
+    for seed in (0, 1):
+        prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, 37).tolist()  # > 4 windows
+        plain = engine(cfg, params).generate(prompt, max_new_tokens=50)  # > 6 windows
+        spec = engine(cfg, params, speculative_k=k, drafter=drafter).generate(prompt, max_new_tokens=50)
+        assert spec.token_ids == plain.token_ids
+        hist = spec.stats.accepted_hist
+        if drafter == "oracle":  # every step accepts all k (the last may be cut by the budget)
+            assert sum(hist[:k]) <= 1 and hist[k] >= (50 - 1) // (k + 1) - 1
+        if drafter == "wrong":
+            assert hist[0] == spec.stats.spec_steps and spec.stats.mean_accepted == 0
+
+
+def test_speculative_step_compiles_once(tiny):
+    cfg, params = tiny
+    e = engine(cfg, params, speculative_k=4)
+    e.generate([1, 2, 3], max_new_tokens=20)
+    before = speculative.step._cache_size()
+    for prompt in ([5, 6, 7, 8, 9], list(range(40)), [3] * 17):  # other prompts, same cache bucket
+        out = e.generate(prompt, max_new_tokens=30)
+        assert out.stats.spec_steps > 3
+    assert speculative.step._cache_size() == before  # every step of every request reused one executable
+
+
+def _exact_marginals(cfg, params, prompt, settings):
+    """Exact distributions of the 2nd and 3rd generated tokens under the target alone (enumerating t1, t2)."""
+    v = cfg.vocab_size
+
+    def dist(prefixes):
+        n = len(prefixes[0])
+        cache = model.init_cache(cfg, len(prefixes), 64, jnp.float32)
+        logits, _ = model.forward(params, jnp.asarray(prefixes), jnp.arange(n, dtype=jnp.int32), cache, cfg)
+        return np.asarray(jax.nn.softmax(sampling.filtered_logits(logits[:, -1], *settings), axis=-1), np.float64)
+
+    p1 = dist([prompt])[0]
+    p2 = dist([prompt + [a] for a in range(v)])  # [t1, t2]
+    p3 = dist([prompt + [a, b] for a in range(v) for b in range(v)]).reshape(v, v, v)  # [t1, t2, t3]
+    joint12 = p1[:, None] * p2
+    return joint12.sum(0), np.einsum("ab,abc->c", joint12, p3)
+
+
+@pytest.mark.parametrize("drafter,settings", [("mtp", (1.0, 0, 1.0)), ("mtp", (0.8, 5, 0.9)),
+                                              ("oracle", (1.0, 0, 1.0))])
+def test_sampling_is_lossless(drafter, settings):
+    """Chi-square goodness of fit of the 2nd and 3rd generated tokens (both produced by speculative steps, k=2)
+    against the target's exact marginals: N = 1500 fixed seeds, reject at p < 1e-3 (df <= 15: statistic < 37.7).
+    A drafter that biases the output (e.g. always accepting) fails this by a wide margin."""
+    cfg = load_config(CONFIGS / "tiny_mimo.json").replace(vocab_size=16)
+    params = model.init_params(cfg, jax.random.PRNGKey(1), jnp.float32)
+    params = {**params, "embed": params["embed"] * 0.5}
+    temperature, top_k, top_p = settings
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
+    m2, m3 = _exact_marginals(cfg, params, prompt, (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p)))
+    e = Engine(cfg, params, max_seq_len=64, prefill_chunk=16, speculative_k=2, drafter=drafter)
+    n = 1500
+    counts = np.zeros((2, cfg.vocab_size))
+    accepted = 0
+    for seed in range(n):
+        out = e.generate(prompt, max_new_tokens=3, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        counts[0, out.token_ids[1]] += 1
+        counts[1, out.token_ids[2]] += 1
+        accepted += out.stats.accepted_hist[0] < out.stats.spec_steps
+    assert 0.05 * n < accepted  # rejections and acceptances both happen
+    for observed, exact in zip(counts, (m2, m3)):
+        support = exact > 1e-9
+        assert observed[~support].sum() == 0  # never a token the target can't produce (top-k / top-p respected)
+        expected = exact[support] * n
+        chi2 = float(((observed[support] - expected) ** 2 / expected).sum())
+        assert chi2 < 37.7, (chi2, observed, expected)
