@@ -27,6 +27,8 @@ flags.DEFINE_integer("seed", 0, "Sampling and random-init seed.")
 flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32"],
                   "Weights and activations dtype; auto = bfloat16 on GPU, float32 on CPU (XLA's CPU bf16 dots are slow).")
 flags.DEFINE_integer("max_seq_len", 4096, "Context capacity (prompt + generated tokens).")
+flags.DEFINE_integer("speculative_k", 0, "Draft k tokens per step with the MTP layers and verify them in one "
+                     "pass (0 = off).")
 
 
 def build_engine():
@@ -48,7 +50,7 @@ def build_engine():
         if FLAGS.checkpoint:
             raise InputError("give either --checkpoint or --config --random_init, not both")
         return Engine.from_config(load_config(FLAGS.config), seed=FLAGS.seed, dtype=dtype,
-                                  max_seq_len=FLAGS.max_seq_len)
+                                  max_seq_len=FLAGS.max_seq_len, speculative_k=FLAGS.speculative_k)
     if FLAGS.random_init:
         raise InputError("--random_init needs --config")
     path = FLAGS.checkpoint
@@ -56,7 +58,8 @@ def build_engine():
         from mimo_jax.gguf_reader import default_gguf_path
 
         path = default_gguf_path()
-    return Engine.from_pretrained(path, dtype=dtype, max_seq_len=FLAGS.max_seq_len)
+    return Engine.from_pretrained(path, dtype=dtype, max_seq_len=FLAGS.max_seq_len,
+                                  speculative_k=FLAGS.speculative_k)
 
 
 def parse_prompt():

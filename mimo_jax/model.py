@@ -73,6 +73,7 @@ def param_shapes(cfg: ModelConfig, dtype=jnp.bfloat16) -> dict:
     return out
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
 def init_params(cfg: ModelConfig, key, dtype=jnp.bfloat16) -> dict:
     """Random weights (for tests and benchmarks): matrices ~ N(0, 1/fan_in), norms ~ 1 + N(0, 0.1^2),
     sinks and router biases random too (zeros would hide bugs)."""
