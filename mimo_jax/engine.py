@@ -8,6 +8,7 @@ Compiled pieces (each jitted once per shape, the cache donated):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import model, mtp, sampling, speculative
+from mimo_jax import model, mtp, sampling, sharding, speculative
 from mimo_jax.config import ModelConfig
 from mimo_jax.errors import InputError
 
@@ -99,8 +100,12 @@ def _bucket(n: int, largest: int, smallest: int = 16) -> int:
 
 class Engine:
     def __init__(self, cfg: ModelConfig, params, tokenizer=None, max_seq_len: int | None = None,
-                 prefill_chunk: int = 512, cache_dtype=None, speculative_k: int = 0, drafter: str = "mtp"):
-        self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+                 prefill_chunk: int = 512, cache_dtype=None, speculative_k: int = 0, drafter: str = "mtp",
+                 mesh=None, attention: str = "tp"):
+        """mesh: a sharding.make_mesh(n) mesh to spread the model over (experts split, attention per
+        `attention`: "tp" = heads split where they divide, "replicated"); None = one device."""
+        self.cfg, self.tokenizer, self.mesh, self.attention = cfg, tokenizer, mesh, attention
+        self.params = self._place(params)
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 4096))
         self.prefill_chunk = prefill_chunk
         self.cache_dtype = cache_dtype or params["embed"].dtype
@@ -113,6 +118,15 @@ class Engine:
         self.speculative_k, self.drafter = speculative_k, speculative.DRAFTERS[drafter]
 
     # ---- construction ----
+    def _place(self, tree):
+        """Put a params or cache pytree on the mesh (each device gets only its slice), or leave it as is."""
+        if self.mesh is None:
+            return tree
+        return sharding.shard(tree, sharding.specs(tree, self.cfg, self.mesh, self.attention), self.mesh)
+
+    def _on_mesh(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=jnp.bfloat16, **kwargs) -> "Engine":
         """A checkpoint directory (config.json + *.safetensors [+ tokenizer.json]) or a Llama .gguf file."""
@@ -121,7 +135,10 @@ class Engine:
             return cls.from_gguf(path, dtype, **kwargs)
         from mimo_jax.loader import load_checkpoint
 
-        cfg, params = load_checkpoint(path, dtype)
+        mesh, attention = kwargs.get("mesh"), kwargs.get("attention", "tp")
+        place = None if mesh is None else (
+            lambda cfg, host: sharding.shard(host, sharding.specs(host, cfg, mesh, attention), mesh))
+        cfg, params = load_checkpoint(path, dtype, place)
         return cls(cfg, params, tokenizer=_find_tokenizer(path), **kwargs)
 
     @classmethod
@@ -164,7 +181,7 @@ class Engine:
         """A cache for `tokens_needed` positions, rounded up to a power of two (>= 256) so that decode compiles
         once per bucket and attends over the bucket, not the whole context."""
         capacity = min(self.max_seq_len, _bucket(tokens_needed, 1 << 62, 256))
-        return model.init_cache(self.cfg, 1, capacity, self.cache_dtype, ring_slack)
+        return self._place(model.init_cache(self.cfg, 1, capacity, self.cache_dtype, ring_slack))
 
     def _chunks(self, ids: list[int]):
         """(tokens [1,T], positions [T]) chunks of the prompt, each padded to its bucket."""
@@ -184,7 +201,8 @@ class Engine:
         ids = self.encode(token_ids)
         cache, rows = self.new_cache(len(ids)), []
         for tokens, positions, n in self._chunks(ids):
-            logits, cache = model.forward(self.params, tokens, positions, cache, self.cfg)
+            with self._on_mesh():
+                logits, cache = model.forward(self.params, tokens, positions, cache, self.cfg)
             rows.append(np.asarray(logits[0, :n]))
         return np.concatenate(rows)
 
@@ -223,10 +241,13 @@ class Stream:
         self.stats = GenerationStats(prompt_tokens=len(ids))
 
     def __iter__(self) -> Iterator[int]:
-        if self.engine.speculative_k:
-            yield from self._speculative()
-        else:
-            yield from self._plain()
+        steps = self._speculative() if self.engine.speculative_k else self._plain()
+        while True:  # the mesh context is set while the device work is dispatched, not while the caller runs
+            with self.engine._on_mesh():
+                token = next(steps, None)
+            if token is None:
+                return
+            yield token
 
     def _plain(self) -> Iterator[int]:
         e, cfg = self.engine, self.engine.cfg
@@ -275,7 +296,7 @@ class Stream:
                  "draft": jnp.zeros_like(first), "draft_logits": jnp.zeros((1, cfg.vocab_size), jnp.float32),
                  "draft_hidden": jnp.zeros((1, cfg.hidden_size), e.cache_dtype)}
         if drafter.uses_mtp:
-            mtp_cache = mtp.init_cache(cfg, 1, e.cache_dtype, k + 1)
+            mtp_cache = e._place(mtp.init_cache(cfg, 1, e.cache_dtype, k + 1))
             following = np.asarray(self.ids[1:] + [first_id], np.int32)
             for (tokens, positions, n), h in zip(chunks, normed):
                 nxt = np.zeros(tokens.shape, np.int32)

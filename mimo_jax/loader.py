@@ -286,13 +286,18 @@ def _mtp_count(keys: Iterable[str]) -> int:
     return max(found) + 1 if found else 0
 
 
-def load_checkpoint(path: str | Path, dtype=jnp.bfloat16) -> tuple[ModelConfig, dict]:
-    """(config, params on the default device) from a directory of config.json + *.safetensors."""
+def load_checkpoint(path: str | Path, dtype=jnp.bfloat16, place=None) -> tuple[ModelConfig, dict]:
+    """(config, params) from a directory of config.json + *.safetensors. `place(cfg, host_tree)` puts the host
+    arrays on devices (default: all on the default device; the Engine passes a sharded placement)."""
     ckpt = Checkpoint(path)
     cfg = config_from_hf(ckpt.hf_config)
     cfg = cfg.replace(num_mtp_layers=_mtp_count(ckpt.keys()))
     host = assemble(cfg, iter_tensors(ckpt), dtype)
-    return cfg, jax.tree_util.tree_map(jnp.asarray, host)
+    return cfg, (place or to_default_device)(cfg, host)
+
+
+def to_default_device(cfg, host_tree):
+    return jax.tree_util.tree_map(jnp.asarray, host_tree)
 
 
 def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, np.ndarray]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mimo_jax import sharding
 from mimo_jax.ops import ragged_matmul
 
 
@@ -27,7 +28,9 @@ def route(p, x, top_k: int, norm_topk_prob: bool, scaling: float):
 
 
 def experts(p, x, weights, ids):
-    """x [N, H], weights/ids [N, k] -> sum_j weights[:, j] * expert_{ids[:, j]}(x)  [N, H]."""
+    """x [N, H], weights/ids [N, k] -> sum_j weights[:, j] * expert_{ids[:, j]}(x)  [N, H].
+
+    ids equal to the number of experts mark pairs to skip (expert parallelism: held elsewhere)."""
     n, k = ids.shape
     num_experts = p["w_gate"].shape[0]
     flat = ids.reshape(-1)
@@ -45,4 +48,6 @@ def moe(p, x, top_k: int, norm_topk_prob: bool, scaling: float):
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     weights, ids = route(p, flat, top_k, norm_topk_prob, scaling)
+    if sharding.expert_axis_size() > 1:
+        return sharding.ep_experts(experts, p, flat, weights, ids).reshape(shape)
     return experts(p, flat, weights, ids).reshape(shape)

@@ -1,0 +1,127 @@
+"""Expert and tensor parallelism over a one-axis device mesh ("model"): the sharding table and the EP MoE.
+
+The table maps a parameter leaf (its name and logical rank, stack axes excluded) to logical axes, and the
+logical axes to the mesh:
+    experts   routed experts split by expert                 (one psum per MoE layer, in `ep_experts`)
+    q_heads / kv_heads
+              attention heads split (tensor parallel) when attention="tp" and both head counts divide the
+              mesh, else that attention type is replicated (no collective, every device reads all of it)
+    ffn       the dense SwiGLU's intermediate dim            (one psum after w_down, inserted by XLA)
+    vocab     embedding rows and lm_head columns
+The model code never asks how many devices there are: `moe.moe` looks for a "model" axis in the mesh set by
+`jax.set_mesh` (the Engine does that) and runs `ep_experts` under shard_map when it is larger than one.
+"""
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mimo_jax.config import FULL, SLIDING, ModelConfig
+from mimo_jax.errors import ConfigError
+from mimo_jax.plan import Loop
+
+AXIS = "model"
+
+# (leaf name, logical rank) -> logical axis per dim; anything not listed is replicated.
+TABLE = {
+    ("embed", 2): ("vocab", None),
+    ("lm_head", 2): (None, "vocab"),
+    ("wq", 2): (None, "q_heads"),
+    ("wk", 2): (None, "kv_heads"),
+    ("wv", 2): (None, "kv_heads"),
+    ("wo", 2): ("q_heads", None),
+    ("sink", 1): ("q_heads",),
+    ("w_gate", 2): (None, "ffn"),
+    ("w_up", 2): (None, "ffn"),
+    ("w_down", 2): ("ffn", None),
+    ("w_gate", 3): ("experts", None, None),
+    ("w_up", 3): ("experts", None, None),
+    ("w_down", 3): ("experts", None, None),
+    ("k", 4): (None, None, "kv_heads", None),  # KV cache [B, S, Hkv, D]
+    ("v", 4): (None, None, "kv_heads", None),
+}
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    devices = jax.devices()
+    n = num_devices or len(devices)
+    if n > len(devices):
+        raise ConfigError(f"asked for {n} devices, {len(devices)} are visible")
+    return Mesh(np.array(devices[:n]), (AXIS,))
+
+
+def _mesh_axes(cfg: ModelConfig, n: int, attn_kind: str, attention: str) -> dict:
+    s = cfg.attention(attn_kind)
+    tp = attention == "tp" and s.num_heads % n == 0 and s.num_kv_heads % n == 0
+    if cfg.num_experts and cfg.num_experts % n:
+        raise ConfigError(f"{cfg.num_experts} experts do not split over {n} devices")
+    return {"q_heads": AXIS if tp else None, "kv_heads": AXIS if tp else None,
+            "ffn": AXIS if cfg.intermediate_size % n == 0 else None,
+            "vocab": AXIS if cfg.vocab_size % n == 0 else None, "experts": AXIS}
+
+
+def _attn_kind(path: tuple, plan) -> str:
+    if path[0] == "mtp":
+        return SLIDING
+    if path[0] != "layers":
+        return FULL
+    item = plan[path[1]]
+    return (item.runs[path[2]] if isinstance(item, Loop) else item).kind[0]
+
+
+def _lead(path: tuple) -> int:
+    if path[0] == "layers":
+        return 2 if isinstance(path[2], int) else 1
+    return 1 if path[0] == "mtp" else 0
+
+
+def specs(tree, cfg: ModelConfig, mesh: Mesh, attention: str = "tp"):
+    """PartitionSpecs for a parameter or cache pytree (arrays or ShapeDtypeStructs), through TABLE."""
+    from mimo_jax.model import plan_of
+
+    plan, n = plan_of(cfg), mesh.shape[AXIS]
+
+    def spec(path, leaf):
+        keys = tuple(p.key if hasattr(p, "key") else p.idx for p in path)
+        lead = _lead(keys)
+        logical = TABLE.get((keys[-1], leaf.ndim - lead))
+        if logical is None:
+            return P()
+        axes = _mesh_axes(cfg, n, _attn_kind(keys, plan), attention)
+        return P(*([None] * lead), *(axes[a] if a else None for a in logical))
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def shard(tree, tree_specs, mesh: Mesh):
+    """Place each leaf on the mesh, each device receiving only its own slice."""
+    return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, tree_specs)
+
+
+def expert_axis_size() -> int:
+    """Size of the mesh axis the experts are split over, from the mesh set with jax.set_mesh (1 if none)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.shape.get(AXIS, 1) if mesh is not None and not mesh.empty else 1
+
+
+def ep_experts(local_experts, p, x, weights, ids):
+    """Expert parallel MoE: every device routes all tokens (weights/ids replicated), computes the (token, expert)
+    pairs whose expert it holds, and one psum adds the partial outputs. Shapes stay static: each device sorts
+    all N*k pairs with the foreign ones last, and the grouped matmul leaves rows past its local groups at zero.
+    """
+    expert_leaves = {name: p[name] for name in ("w_gate", "w_up", "w_down")}
+
+    def local(w, x, weights, ids):
+        e_local = w["w_gate"].shape[0]
+        first = jax.lax.axis_index(AXIS) * e_local
+        mine = (ids >= first) & (ids < first + e_local)
+        local_ids = jnp.where(mine, ids - first, e_local)  # foreign pairs sort after every local group
+        y = local_experts(w, x, jnp.where(mine, weights, 0.0), local_ids)
+        return jax.lax.psum(y, AXIS)
+
+    return jax.shard_map(local, in_specs=({k: P(AXIS) for k in expert_leaves}, P(), P(), P()), out_specs=P(),
+                         check_vma=False)(expert_leaves, x, weights, ids)

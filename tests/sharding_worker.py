@@ -1,0 +1,50 @@
+"""Run by test_sharding.py in a fresh process with 8 simulated CPU devices; prints one JSON result line."""
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from mimo_jax import model, sharding  # noqa: E402
+from mimo_jax.config import load_config  # noqa: E402
+from mimo_jax.engine import Engine  # noqa: E402
+
+
+def main():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = load_config(os.path.join(root, "configs", "tiny_mimo.json"))
+    # 8 q / 8 kv heads on both attention types so that "tp" really splits heads 2, 4 and 8 ways (heads that do
+    # not divide fall back to replicated attention, which the "replicated" runs cover).
+    configs = {"wide": base.replace(num_heads=8, num_kv_heads=8, swa_num_heads=8, swa_num_kv_heads=8)}
+    out = {"devices": len(jax.devices()), "logits": {}, "greedy": {}}
+    rng = np.random.default_rng(0)
+    for name, cfg in configs.items():
+        params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
+        ids = rng.integers(0, cfg.vocab_size, 40).tolist()
+        ref_logits = Engine(cfg, params, max_seq_len=128, prefill_chunk=16).score(ids)
+        prompt = ids[:27]
+        ref_greedy = Engine(cfg, params, max_seq_len=128, prefill_chunk=16).generate(prompt, 24).token_ids
+        for n in (1, 2, 4, 8):
+            for attention in ("tp", "replicated"):
+                e = Engine(cfg, params, max_seq_len=128, prefill_chunk=16, mesh=sharding.make_mesh(n),
+                           attention=attention)
+                got = e.score(ids)
+                key = f"{name}/{n}/{attention}"
+                out["logits"][key] = float(np.max(np.abs(got - ref_logits)) / np.max(np.abs(ref_logits)))
+                out["greedy"][key] = e.generate(prompt, 24).token_ids == ref_greedy
+            if n in (2, 8):
+                spec = Engine(cfg, params, max_seq_len=128, prefill_chunk=16, mesh=sharding.make_mesh(n),
+                              speculative_k=4)
+                out["greedy"][f"{name}/{n}/speculative"] = spec.generate(prompt, 24).token_ids == ref_greedy
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
