@@ -58,11 +58,12 @@ def timeit(f, *args, min_total=0.05, reps=5):
     return float(np.median(ts))
 
 
-def repeated(op, R):
+def repeated(op, R, T=None):
     """jit of x, *rest -> op(x_t, *rest) for T perturbed copies x_t of x, so that one call holds T * R ops:
     enough device work that host dispatch (which grows with the number of weight arguments) hides
-    behind it. Returns (jitted fn, T); time per op = time per call / (T * R)."""
-    T = max(4, math.ceil(64 / R))
+    behind it. Returns (jitted fn, T); time per op = time per call / (T * R). XLA baselines use T = 1:
+    XLA merges dots that share a weight into one larger dot, which would read the weight once."""
+    T = T or max(4, math.ceil(64 / R))
 
     def f(x, *rest):
         outs = []
@@ -160,7 +161,7 @@ def time_xla_bf16(M, K, N):
     R = _rotation(K * N * 2)
     ws = [jax.random.normal(jax.random.PRNGKey(i), (K, N), jnp.bfloat16) for i in range(R)]
     x = jax.random.normal(jax.random.PRNGKey(M), (M, K), jnp.float32).astype(jnp.bfloat16)
-    f, T = repeated(lambda x, ws: [x @ w for w in ws], R)
+    f, T = repeated(lambda x, ws: [x @ w for w in ws], R, T=1)
     return timeit(f, x, ws) / (R * T)
 
 
@@ -170,7 +171,7 @@ def time_xla_int4(M, K, N):
     qs = [jax.random.randint(jax.random.PRNGKey(i), (K, N), -8, 8).astype(jnp.int4) for i in range(R)]
     s = jnp.full((N,), 0.01, jnp.bfloat16)
     x = jax.random.normal(jax.random.PRNGKey(M), (M, K), jnp.float32).astype(jnp.bfloat16)
-    f, T = repeated(lambda x, s, qs: [(x @ q.astype(jnp.bfloat16)) * s for q in qs], R)
+    f, T = repeated(lambda x, s, qs: [(x @ q.astype(jnp.bfloat16)) * s for q in qs], R, T=1)
     return timeit(f, x, s, qs) / (R * T)
 
 
@@ -179,7 +180,7 @@ def time_xla_fallback(M, K, N, fmt, gs):
     R = _rotation(qw0.nbytes)
     ws = [random_qweight(jax.random.PRNGKey(i), (), K, N, fmt, gs) for i in range(R)]
     x = jax.random.normal(jax.random.PRNGKey(M), (M, K), jnp.float32).astype(jnp.bfloat16)
-    f, T = repeated(lambda x, ws: [Q.qmatmul(x, w, impl="xla") for w in ws], R)
+    f, T = repeated(lambda x, ws: [Q.qmatmul(x, w, impl="xla") for w in ws], R, T=1)
     return timeit(f, x, ws) / (R * T)
 
 
