@@ -27,11 +27,34 @@ flags.DEFINE_integer("seed", 0, "Sampling and random-init seed.")
 flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32"],
                   "Weights and activations dtype; auto = bfloat16 on GPU, float32 on CPU (XLA's CPU bf16 dots are slow).")
 flags.DEFINE_integer("max_seq_len", 4096, "Context capacity (prompt + generated tokens).")
+flags.DEFINE_enum("quant_experts", "none", ["none", "int4_sym", "int4_asym", "mxfp4"],
+                  "Store the routed experts in 4 bits (attention, dense MLP, embeddings, MTP stay in --dtype).")
+flags.DEFINE_integer("quant_group", 128, "Group size along K for int4 experts (mxfp4 always uses 32).")
+flags.DEFINE_integer("num_devices", 1, "Devices to spread the model over (experts split; attention per "
+                     "--attention).")
+flags.DEFINE_enum("attention", "tp", ["tp", "replicated"], "Attention across devices: heads split or replicated.")
 flags.DEFINE_integer("speculative_k", 0, "Draft k tokens per step with the MTP layers and verify them in one "
                      "pass (0 = off).")
 
 
 def build_engine():
+    engine = _load_engine()
+    if FLAGS.quant_experts != "none":
+        from mimo_jax.quantize_model import quantize_experts
+
+        engine.params = engine._place(quantize_experts(engine.params, FLAGS.quant_experts, FLAGS.quant_group))
+    return engine
+
+
+def _engine_kwargs():
+    from mimo_jax import sharding
+
+    mesh = sharding.make_mesh(FLAGS.num_devices) if FLAGS.num_devices > 1 else None
+    return dict(max_seq_len=FLAGS.max_seq_len, speculative_k=FLAGS.speculative_k, mesh=mesh,
+                attention=FLAGS.attention)
+
+
+def _load_engine():
     import jax.numpy as jnp
 
     from mimo_jax.config import load_config
@@ -49,8 +72,7 @@ def build_engine():
             raise InputError("--config runs random weights: add --random_init (or use --checkpoint)")
         if FLAGS.checkpoint:
             raise InputError("give either --checkpoint or --config --random_init, not both")
-        return Engine.from_config(load_config(FLAGS.config), seed=FLAGS.seed, dtype=dtype,
-                                  max_seq_len=FLAGS.max_seq_len, speculative_k=FLAGS.speculative_k)
+        return Engine.from_config(load_config(FLAGS.config), seed=FLAGS.seed, dtype=dtype, **_engine_kwargs())
     if FLAGS.random_init:
         raise InputError("--random_init needs --config")
     path = FLAGS.checkpoint
@@ -58,8 +80,7 @@ def build_engine():
         from mimo_jax.gguf_reader import default_gguf_path
 
         path = default_gguf_path()
-    return Engine.from_pretrained(path, dtype=dtype, max_seq_len=FLAGS.max_seq_len,
-                                  speculative_k=FLAGS.speculative_k)
+    return Engine.from_pretrained(path, dtype=dtype, **_engine_kwargs())
 
 
 def parse_prompt():

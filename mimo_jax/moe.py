@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mimo_jax import sharding
-from mimo_jax.ops import ragged_matmul
+from mimo_jax.ops import ragged_matmul, ragged_swiglu_in
 
 
 def route(p, x, top_k: int, norm_topk_prob: bool, scaling: float):
@@ -32,12 +32,12 @@ def experts(p, x, weights, ids):
 
     ids equal to the number of experts mark pairs to skip (expert parallelism: held elsewhere)."""
     n, k = ids.shape
-    num_experts = p["w_gate"].shape[0]
+    num_experts = p["w_gate"].shape[0]  # (local experts under expert parallelism)
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     rows = x[order // k]
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    h = jax.nn.silu(ragged_matmul(rows, p["w_gate"], group_sizes)) * ragged_matmul(rows, p["w_up"], group_sizes)
+    h = ragged_swiglu_in(rows, p["w_gate"], p["w_up"], group_sizes)
     y = ragged_matmul(h, p["w_down"], group_sizes)
     y = jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)
     return jnp.einsum("nkh,nk->nh", y.astype(jnp.float32), weights).astype(x.dtype)

@@ -87,6 +87,8 @@ def specs(tree, cfg: ModelConfig, mesh: Mesh, attention: str = "tp"):
 
     def spec(path, leaf):
         keys = tuple(p.key if hasattr(p, "key") else p.idx for p in path)
+        while isinstance(keys[-1], int):  # an array inside a QuantizedWeight: packed / scales / mins
+            keys = keys[:-1]
         lead = _lead(keys)
         logical = TABLE.get((keys[-1], leaf.ndim - lead))
         if logical is None:
