@@ -35,7 +35,7 @@ def read_ceiling_gbs(dtype=jnp.float32) -> float:
 
 
 def step_bytes(cfg: ModelConfig, itemsize: int, capacity: int, tokens: int = 1, distinct_experts: float | None = None,
-               ring: int = 0) -> float:
+               ring: int = 0, expert_itemsize: float | None = None) -> float:
     """Weights + KV a forward over `tokens` positions must read once (experts: `distinct_experts` per layer)."""
     h, total = cfg.hidden_size, 0
     for attn_kind, mlp_kind in cfg.layer_kinds:
@@ -48,7 +48,8 @@ def step_bytes(cfg: ModelConfig, itemsize: int, capacity: int, tokens: int = 1, 
             total += 3 * h * cfg.intermediate_size
         else:
             e = distinct_experts if distinct_experts is not None else cfg.num_experts_per_tok
-            total += 3 * h * cfg.moe_intermediate_size * e + h * cfg.num_experts * 2  # router in f32
+            total += (3 * h * cfg.moe_intermediate_size * e * (expert_itemsize or itemsize) / itemsize
+                      + h * cfg.num_experts * 2)  # router in f32
     total += h * cfg.vocab_size  # lm_head
     return total * itemsize
 
@@ -73,19 +74,29 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--prompt_len", type=int, default=64)
     ap.add_argument("--new_tokens", type=int, default=128)
+    ap.add_argument("--quant_experts", default="none", help="none | int4_sym | int4_asym | mxfp4")
+    ap.add_argument("--quant_group", type=int, default=128)
     args = ap.parse_args()
     cfg = load_config(args.config)
     dtype = jnp.dtype(args.dtype)
     params = model.init_params(cfg, jax.random.PRNGKey(0), dtype)
+    expert_itemsize = None
+    if args.quant_experts != "none":
+        from mimo_jax.quantize_model import quantize_experts
+
+        params = quantize_experts(params, args.quant_experts, args.quant_group)
+        group = 32 if args.quant_experts == "mxfp4" else args.quant_group
+        scale_bytes = {"int4_sym": 2, "int4_asym": 4, "mxfp4": 1}[args.quant_experts]
+        expert_itemsize = 0.5 + scale_bytes / group
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
     ceiling = read_ceiling_gbs()
     print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, config "
-          f"{args.config}, dtype {args.dtype}, read ceiling measured now: {ceiling:.1f} GB/s")
+          f"{args.config}, dtype {args.dtype}, experts {args.quant_experts}, read ceiling measured now: {ceiling:.1f} GB/s")
     capacity = 256
     while capacity < args.prompt_len + args.new_tokens + 2 * (args.k + 1):
         capacity *= 2
     plain = run(Engine(cfg, params, max_seq_len=capacity, prefill_chunk=64), prompt, args.new_tokens)
-    b1 = step_bytes(cfg, dtype.itemsize, capacity)
+    b1 = step_bytes(cfg, dtype.itemsize, capacity, expert_itemsize=expert_itemsize)
     t_plain = 1.0 / plain.decode_tok_s
     print(f"plain decode: {1e3 * t_plain:.3f} ms/token, {plain.decode_tok_s:.1f} tok/s; floor {b1 / 1e6:.1f} MB "
           f"-> {1e3 * b1 / ceiling / 1e9:.3f} ms ({100 * b1 / ceiling / 1e9 / t_plain:.1f}% of the ceiling)")
@@ -95,7 +106,7 @@ def main():
         st = run(Engine(cfg, params, max_seq_len=capacity, prefill_chunk=64, speculative_k=k, drafter=drafter),
                  prompt, args.new_tokens)
         t_step = st.decode_s / max(st.spec_steps, 1)
-        verify = step_bytes(cfg, dtype.itemsize, capacity, k + 1, e_uniform, ring=k + 1)
+        verify = step_bytes(cfg, dtype.itemsize, capacity, k + 1, e_uniform, ring=k + 1, expert_itemsize=expert_itemsize)
         draft = k * mtp_bytes(cfg, dtype.itemsize, k + 1) if drafter == "mtp" else k * b1
         print(f"speculative k={k} drafter={drafter}: {1e3 * t_step:.3f} ms/step ({t_step / t_plain:.2f}x a plain "
               f"step), {st.mean_accepted:.2f} accepted/step, {(st.new_tokens - 1) / st.decode_s:.1f} tok/s; "
