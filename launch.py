@@ -3,6 +3,7 @@
     python launch.py --prompt "Hello"                                  # the bundled SmolLM2-135M (GGUF)
     python launch.py --checkpoint /path/to/MiMo-V2-Flash --prompt "..."
     python launch.py --config configs/tiny_mimo.json --random_init --prompt_ids 1,2,3
+    python launch.py --chat --prompts_file prompts.txt --output results.jsonl    # a batch, one JSON line each
 
 Flags live here only; they become keyword arguments of the library once. Errors print one line and exit 1.
 """
@@ -19,6 +20,12 @@ flags.DEFINE_string("config", None, "A config JSON (configs/*.json); needs --ran
 flags.DEFINE_bool("random_init", False, "Random weights for --config (benchmarks).")
 flags.DEFINE_string("prompt", None, "Prompt text.")
 flags.DEFINE_string("prompt_ids", None, "Prompt as comma-separated token ids (models without a tokenizer).")
+flags.DEFINE_bool("chat", False, "Wrap each text prompt in the model's chat template as one user message, with "
+                  "the assistant turn opened (off: the text goes to the model as is, as in transformers' generate).")
+flags.DEFINE_string("prompts_file", None, "A batch of prompts: a .jsonl file of objects with a \"prompt\" field "
+                    "(text or a list of token ids), any other file one text prompt a line; blank lines skipped.")
+flags.DEFINE_string("output", None, "With --prompts_file: write one JSON line per prompt (prompt, text, token_ids, "
+                    "stats) here, atomically (the file appears when the batch is done). Default: stdout.")
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
@@ -83,32 +90,64 @@ def _load_engine():
     return Engine.from_pretrained(path, dtype=dtype, **_engine_kwargs())
 
 
-def parse_prompt():
+def parse_prompts():
+    """The prompts to run (text or token-id lists), checked before the model loads."""
     from mimo_jax.errors import InputError
+    from mimo_jax.prompts import read_prompts
 
-    if FLAGS.prompt is not None and FLAGS.prompt_ids is not None:
-        raise InputError("give either --prompt or --prompt_ids, not both")
-    if FLAGS.prompt_ids is not None:
+    if FLAGS.output is not None and FLAGS.prompts_file is None:
+        raise InputError("--output needs --prompts_file (a single --prompt streams to stdout)")
+    given = [f for f in ("prompt", "prompt_ids", "prompts_file") if getattr(FLAGS, f) is not None]
+    if len(given) > 1:
+        raise InputError(f"give one of --prompt, --prompt_ids, --prompts_file, not {' and '.join('--' + f for f in given)}")
+    if FLAGS.prompts_file is not None:
+        prompts = read_prompts(FLAGS.prompts_file)
+    elif FLAGS.prompt_ids is not None:
         try:
-            return [int(t) for t in FLAGS.prompt_ids.split(",") if t.strip()]
+            prompts = [[int(t) for t in FLAGS.prompt_ids.split(",") if t.strip()]]
         except ValueError:
             raise InputError(f"--prompt_ids must be comma-separated integers, got {FLAGS.prompt_ids!r}") from None
-    if FLAGS.prompt is None:
-        raise InputError("no prompt: pass --prompt \"...\" (or --prompt_ids 1,2,3)")
-    return FLAGS.prompt
+    elif FLAGS.prompt is not None:
+        prompts = [FLAGS.prompt]
+    else:
+        raise InputError("no prompt: pass --prompt \"...\" (or --prompt_ids 1,2,3, or --prompts_file)")
+    if FLAGS.chat and not all(isinstance(p, str) for p in prompts):
+        raise InputError("--chat applies the chat template to text prompts; token-id prompts cannot take it")
+    return prompts
+
+
+def model_input(engine, prompt):
+    from mimo_jax.prompts import chat_ids
+
+    return engine.encode(chat_ids(engine.tokenizer, prompt) if FLAGS.chat else prompt)
+
+
+def sampling_kwargs():
+    return dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
 
 
 def run() -> None:
     import time
 
+    prompts = parse_prompts()
+    if FLAGS.output is not None:
+        from mimo_jax.prompts import AtomicJsonlWriter
+
+        AtomicJsonlWriter(FLAGS.output)  # checks the destination before the model loads
     t0 = time.perf_counter()
     engine = build_engine()
-    prompt = engine.encode(parse_prompt())
+    inputs = [model_input(engine, p) for p in prompts]
     t1 = time.perf_counter()
-    engine.generate(prompt, max_new_tokens=2)  # compile the prefill buckets and the decode step, untimed
+    engine.generate(inputs[0], max_new_tokens=2)  # compile the prefill buckets and the decode step, untimed
     print(f"[loaded in {t1 - t0:.1f} s, compiled in {time.perf_counter() - t1:.1f} s]", file=sys.stderr)
-    stream = engine.stream(prompt, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                           top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
+    if FLAGS.prompts_file is None:
+        stream_one(engine, inputs[0])
+    else:
+        run_batch(engine, prompts, inputs)
+
+
+def stream_one(engine, ids) -> None:
+    stream = engine.stream(ids, max_new_tokens=FLAGS.max_new_tokens, **sampling_kwargs())
     decoder = engine.tokenizer.stream_decoder() if engine.tokenizer else None
     for token in stream:
         piece = decoder.push(token) if decoder else f"{token} "
@@ -118,6 +157,39 @@ def run() -> None:
         sys.stdout.write(decoder.flush())
     sys.stdout.write("\n")
     print(stream.stats.line(), file=sys.stderr)
+
+
+class _Stdout:
+    """AtomicJsonlWriter's interface over stdout (no --output)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout.flush()
+
+    def write(self, obj):
+        import json
+
+        sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def run_batch(engine, prompts, inputs) -> None:
+    """One generation per prompt, in order, a progress bar on stderr; the output file appears at the end."""
+    from tqdm import tqdm
+
+    from mimo_jax.prompts import AtomicJsonlWriter, record
+
+    new_tokens = 0
+    with (AtomicJsonlWriter(FLAGS.output) if FLAGS.output else _Stdout()) as out:
+        bar = tqdm(zip(prompts, inputs), total=len(prompts), desc="prompts", unit="prompt", file=sys.stderr)
+        for prompt, ids in bar:
+            generation = engine.generate(ids, max_new_tokens=FLAGS.max_new_tokens, **sampling_kwargs())
+            out.write(record(prompt, generation))
+            new_tokens += generation.stats.new_tokens
+            bar.set_postfix(tok_s=f"{generation.stats.decode_tok_s:.1f}")
+    where = f" to {FLAGS.output}" if FLAGS.output else ""
+    print(f"[{len(prompts)} prompts, {new_tokens} new tokens{where}]", file=sys.stderr)
 
 
 def main(argv):
