@@ -76,6 +76,7 @@ def main():
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--quant_experts", default="none", help="none | int4_sym | int4_asym | mxfp4")
     ap.add_argument("--quant_group", type=int, default=128)
+    ap.add_argument("--drafters", default="mtp,oracle")
     args = ap.parse_args()
     cfg = load_config(args.config)
     dtype = jnp.dtype(args.dtype)
@@ -102,7 +103,7 @@ def main():
           f"-> {1e3 * b1 / ceiling / 1e9:.3f} ms ({100 * b1 / ceiling / 1e9 / t_plain:.1f}% of the ceiling)")
     k = args.k
     e_uniform = cfg.num_experts * (1 - (1 - cfg.num_experts_per_tok / max(cfg.num_experts, 1)) ** (k + 1))
-    for drafter in ("mtp", "oracle"):
+    for drafter in [d for d in args.drafters.split(",") if d]:
         st = run(Engine(cfg, params, max_seq_len=capacity, prefill_chunk=64, speculative_k=k, drafter=drafter),
                  prompt, args.new_tokens)
         t_step = st.decode_s / max(st.spec_steps, 1)

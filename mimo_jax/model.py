@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from mimo_jax.config import DENSE, FULL, SLIDING, ModelConfig
 from mimo_jax.layers import attention, rms_norm, swiglu
-from mimo_jax.moe import moe
+from mimo_jax.moe import EXPERT_KEYS, moe
 from mimo_jax.plan import Loop, Run, make_plan, stacked
 
 F32_LEAVES = ("router", "router_bias", "sink")  # kept in float32 whatever the model dtype
@@ -110,8 +110,9 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16, 
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def decoder_layer(p, x, positions, cache, index, kind, cfg: ModelConfig):
-    """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
+def decoder_layer(p, x, positions, cache, index, kind, cfg: ModelConfig, experts=None):
+    """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). For a MoE layer, `experts` is the run's
+    whole expert stack and `index` this layer's place in it (moe.experts reads only the experts it needs)."""
     attn_kind, mlp_kind = kind
     a, cache = attention(p["attn"], rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), positions, cache, index,
                          cfg.attention(attn_kind))
@@ -119,28 +120,37 @@ def decoder_layer(p, x, positions, cache, index, kind, cfg: ModelConfig):
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     if mlp_kind == DENSE:
         return x + swiglu(p["mlp"], h), cache
-    return x + moe(p["mlp"], h, cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor), cache
+    return x + moe(p["mlp"], experts, index, h, cfg.num_experts_per_tok, cfg.norm_topk_prob,
+                   cfg.routed_scaling_factor), cache
 
 
-def _scan_run(x, params, cache, positions, kind, cfg, outer=()):
+def _split_experts(params, kind):
+    """(params without the expert weights, the expert stack or None): the stack stays out of the layer scan."""
+    if kind[1] == DENSE:
+        return params, None
+    mlp = {k: v for k, v in params["mlp"].items() if k not in EXPERT_KEYS}
+    return {**params, "mlp": mlp}, {k: params["mlp"][k] for k in EXPERT_KEYS}
+
+
+def _scan_run(x, params, experts, cache, positions, kind, cfg, outer=()):
     length = jax.tree_util.tree_leaves(params)[0].shape[0]
 
     def body(carry, xs):
         x, cache = carry
         p, i = xs
-        return decoder_layer(p, x, positions, cache, (*outer, i), kind, cfg), None
+        return decoder_layer(p, x, positions, cache, (*outer, i), kind, cfg, experts), None
 
     (x, cache), _ = jax.lax.scan(body, (x, cache), (params, jnp.arange(length)))
     return x, cache
 
 
-def _scan_loop(x, params, caches, positions, loop: Loop, cfg):
+def _scan_loop(x, params, experts, caches, positions, loop: Loop, cfg):
     def body(carry, xs):
         x, caches = carry
         ps, rep = xs
         new = []
-        for run, p, c in zip(loop.runs, ps, caches):
-            x, c = _scan_run(x, p, c, positions, run.kind, cfg, outer=(rep,))
+        for run, p, ex, c in zip(loop.runs, ps, experts, caches):
+            x, c = _scan_run(x, p, ex, c, positions, run.kind, cfg, outer=(rep,))
             new.append(c)
         return (x, new), None
 
@@ -152,9 +162,11 @@ def run_layers(layer_params, layer_caches, x, positions, cfg: ModelConfig):
     new_caches = []
     for item, p, c in zip(plan_of(cfg), layer_params, layer_caches):
         if isinstance(item, Run):
-            x, c = _scan_run(x, p, c, positions, item.kind, cfg)
+            p, experts = _split_experts(p, item.kind)
+            x, c = _scan_run(x, p, experts, c, positions, item.kind, cfg)
         else:
-            x, c = _scan_loop(x, p, c, positions, item, cfg)
+            split = [_split_experts(pr, run.kind) for pr, run in zip(p, item.runs)]
+            x, c = _scan_loop(x, [s[0] for s in split], [s[1] for s in split], c, positions, item, cfg)
         new_caches.append(c)
     return x, new_caches
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mimo_jax import sharding
 from mimo_jax.ops import ragged_matmul, ragged_swiglu_in
@@ -27,27 +28,49 @@ def route(p, x, top_k: int, norm_topk_prob: bool, scaling: float):
     return weights * scaling, ids
 
 
-def experts(p, x, weights, ids):
-    """x [N, H], weights/ids [N, k] -> sum_j weights[:, j] * expert_{ids[:, j]}(x)  [N, H].
+EXPERT_KEYS = ("w_gate", "w_up", "w_down")
 
-    ids equal to the number of experts mark pairs to skip (expert parallelism: held elsewhere)."""
+
+def _flatten_lead(w, n_lead: int):
+    """[*stack, E, K, N] -> [prod(stack) * E, K, N] (also for a QuantizedWeight: all its arrays share the lead)."""
+    return jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[n_lead + 1:]), w)
+
+
+def experts(stack, index, x, weights, ids):
+    """Routed experts of one layer: sum_j weights[:, j] * expert_{ids[:, j]}(x), x [N, H] -> [N, H].
+
+    `stack` holds the expert weights of a whole run of layers ([*stack, E, K, N] each, never sliced by the layer
+    scan) and `index` picks this layer. With fewer (token, expert) pairs than experts (decode, verify), the
+    stack is viewed as [layers * E, K, N] and the grouped matmul reads only the experts the pairs name, straight
+    from the stack; otherwise (prefill) this layer's experts are sliced out first. An id equal to E marks a pair
+    to skip (expert parallelism: the expert lives on another device).
+    """
     n, k = ids.shape
-    num_experts = p["w_gate"].shape[0]  # (local experts under expert parallelism)
-    flat = ids.reshape(-1)
+    lead = stack["w_gate"].shape[: len(index)]
+    e = stack["w_gate"].shape[len(index)]
+    if n * k < e:
+        layer = sum(i * int(np.prod(lead[j + 1:])) for j, i in enumerate(index)) if index else 0
+        total = int(np.prod(lead)) * e
+        w = {name: _flatten_lead(stack[name], len(index)) for name in EXPERT_KEYS}
+        flat = jnp.where(ids < e, ids + layer * e, total).reshape(-1)
+    else:
+        total = e
+        w = {name: jax.tree_util.tree_map(lambda a: a[tuple(index)], stack[name]) for name in EXPERT_KEYS}
+        flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     rows = x[order // k]
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    h = ragged_swiglu_in(rows, p["w_gate"], p["w_up"], group_sizes)
-    y = ragged_matmul(h, p["w_down"], group_sizes)
+    group_sizes = jnp.bincount(flat, length=total).astype(jnp.int32)  # skipped pairs (id == total) dropped
+    h = ragged_swiglu_in(rows, w["w_gate"], w["w_up"], group_sizes)
+    y = ragged_matmul(h, w["w_down"], group_sizes)
     y = jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)
     return jnp.einsum("nkh,nk->nh", y.astype(jnp.float32), weights).astype(x.dtype)
 
 
-def moe(p, x, top_k: int, norm_topk_prob: bool, scaling: float):
-    """x [B, T, H] -> [B, T, H]."""
+def moe(p, stack, index, x, top_k: int, norm_topk_prob: bool, scaling: float):
+    """x [B, T, H] -> [B, T, H]; p holds this layer's router, stack/index its experts (see `experts`)."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     weights, ids = route(p, flat, top_k, norm_topk_prob, scaling)
     if sharding.expert_axis_size() > 1:
-        return sharding.ep_experts(experts, p, flat, weights, ids).reshape(shape)
-    return experts(p, flat, weights, ids).reshape(shape)
+        return sharding.ep_experts(experts, stack, index, flat, weights, ids).reshape(shape)
+    return experts(stack, index, flat, weights, ids).reshape(shape)

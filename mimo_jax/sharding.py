@@ -110,20 +110,20 @@ def expert_axis_size() -> int:
     return mesh.shape.get(AXIS, 1) if mesh is not None and not mesh.empty else 1
 
 
-def ep_experts(local_experts, p, x, weights, ids):
+def ep_experts(local_experts, stack, index, x, weights, ids):
     """Expert parallel MoE: every device routes all tokens (weights/ids replicated), computes the (token, expert)
-    pairs whose expert it holds, and one psum adds the partial outputs. Shapes stay static: each device sorts
-    all N*k pairs with the foreign ones last, and the grouped matmul leaves rows past its local groups at zero.
+    pairs whose expert it holds, and one psum adds the partial outputs. Shapes stay static: pairs held elsewhere
+    get the skip id and contribute zero rows. `stack` is the run's expert stack, split on its expert axis.
     """
-    expert_leaves = {name: p[name] for name in ("w_gate", "w_up", "w_down")}
+    n_lead = len(index)
+    expert_spec = P(*([None] * n_lead), AXIS)
 
-    def local(w, x, weights, ids):
-        e_local = w["w_gate"].shape[0]
+    def local(stack, index, x, weights, ids):
+        e_local = stack["w_gate"].shape[n_lead]
         first = jax.lax.axis_index(AXIS) * e_local
         mine = (ids >= first) & (ids < first + e_local)
-        local_ids = jnp.where(mine, ids - first, e_local)  # foreign pairs sort after every local group
-        y = local_experts(w, x, jnp.where(mine, weights, 0.0), local_ids)
+        y = local_experts(stack, index, x, jnp.where(mine, weights, 0.0), jnp.where(mine, ids - first, e_local))
         return jax.lax.psum(y, AXIS)
 
-    return jax.shard_map(local, in_specs=({k: P(AXIS) for k in expert_leaves}, P(), P(), P()), out_specs=P(),
-                         check_vma=False)(expert_leaves, x, weights, ids)
+    return jax.shard_map(local, in_specs=({k: expert_spec for k in stack}, P(), P(), P(), P()), out_specs=P(),
+                         check_vma=False)(stack, tuple(index), x, weights, ids)

@@ -1,0 +1,171 @@
+"""Expert-parallel decode on several GPUs at MiMo-V2-Flash layer shapes with random int4 experts.
+
+    python benchmarks/bench_sharded.py --devices 2 --layers 48 --attention tp
+
+Weights are generated directly on their devices (no host copy). Prints: the HBM read ceiling per device
+(measured now), the decode step time against the floor (bytes one step must read, spread over the devices),
+the time split by stubbing parts out (attention only / MoE only), the latency of one small psum, and the
+collectives in the compiled step.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from mimo_jax import layers, model, moe, quant, sharding
+from mimo_jax.config import MOE, load_config
+
+GROUP = 128
+
+
+def abstract_params(cfg):
+    def to_q(path, s):
+        keys = [p.key for p in path if hasattr(p, "key")]
+        if keys[0] == "layers" and keys[-1] in ("w_gate", "w_up", "w_down") and len(s.shape) >= 4:
+            *lead, k, n = s.shape
+            return quant.QuantizedWeight(jax.ShapeDtypeStruct((*lead, k // 2, n), jnp.uint8),
+                                         jax.ShapeDtypeStruct((*lead, k // GROUP, n), jnp.float16), None,
+                                         "int4_sym", GROUP, (k, n))
+        return s
+    return jax.tree_util.tree_map_with_path(to_q, model.param_shapes(cfg, jnp.bfloat16))
+
+
+def random_params(cfg, mesh, attention):
+    shapes = abstract_params(cfg)
+    specs = sharding.specs(shapes, cfg, mesh, attention)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes)
+    out_shardings = jax.tree_util.tree_unflatten(treedef, [NamedSharding(mesh, s) for s in
+                                                           jax.tree_util.tree_leaves(specs)])
+
+    def make(key):
+        keys = jax.random.split(key, len(leaves))
+        vals = []
+        for s, k in zip(leaves, keys):
+            if s.dtype == jnp.uint8:
+                vals.append(jax.random.bits(k, s.shape, jnp.uint8))
+            elif s.dtype == jnp.float16:
+                vals.append(jnp.full(s.shape, 0.004, jnp.float16))
+            else:
+                scale = 1.0 if len(s.shape) < 2 else s.shape[-2] ** -0.5
+                vals.append((1.0 + 0.0 * jax.random.normal(k, s.shape, jnp.float32) if len(s.shape) == 1 else
+                             scale * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype))
+        return jax.tree_util.tree_unflatten(treedef, vals)
+
+    return jax.jit(make, out_shardings=out_shardings)(jax.random.PRNGKey(0))
+
+
+def hbm_ceiling_tbs():
+    x = jnp.ones((1 << 31,), jnp.bfloat16)
+    f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    f(x).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(20):
+        r = f(x)
+    r.block_until_ready()
+    return 20 * x.nbytes / (time.perf_counter() - t) / 1e12
+
+
+def time_decode(cfg, params, mesh, attention, steps=64):
+    cache = model.init_cache(cfg, 1, 1024, jnp.bfloat16)
+    cache = sharding.shard(cache, sharding.specs(cache, cfg, mesh, attention), mesh)
+    tok = jnp.zeros((1, 1), jnp.int32)
+    with jax.set_mesh(mesh):
+        compiled = model.forward.lower(params, tok, jnp.zeros((1,), jnp.int32), cache, cfg).compile()
+        for i in range(3):
+            logits, cache = compiled(params, tok, jnp.full((1,), i, jnp.int32), cache)
+        logits.block_until_ready()
+        t = time.perf_counter()
+        for i in range(3, 3 + steps):
+            logits, cache = compiled(params, tok, jnp.full((1,), i, jnp.int32), cache)
+        logits.block_until_ready()
+    return (time.perf_counter() - t) / steps, compiled.as_text()
+
+
+def psum_latency(mesh, h, reps=48):
+    x = jax.device_put(jnp.ones((mesh.shape[sharding.AXIS], h), jnp.bfloat16),
+                       NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.AXIS)))
+
+    @jax.jit
+    def f(x):
+        def body(c, _):
+            y = jax.shard_map(lambda a: jax.lax.psum(a, sharding.AXIS), mesh=mesh,
+                              in_specs=jax.sharding.PartitionSpec(sharding.AXIS),
+                              out_specs=jax.sharding.PartitionSpec(sharding.AXIS))(c)
+            return y * 0.5, None
+        return jax.lax.scan(body, x, None, length=reps)[0]
+
+    f(x).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(10):
+        r = f(x)
+    r.block_until_ready()
+    return (time.perf_counter() - t) / (10 * reps)
+
+
+def step_bytes(cfg, n_dev):
+    h, total = cfg.hidden_size, 0.0
+    for attn_kind, mlp_kind in cfg.layer_kinds:
+        s = cfg.attention(attn_kind)
+        total += 2 * (h * (s.num_heads * s.head_dim + s.num_kv_heads * (s.head_dim + s.v_head_dim))
+                      + s.num_heads * s.v_head_dim * h)
+        if mlp_kind == MOE:
+            total += cfg.num_experts_per_tok * 3 * h * cfg.moe_intermediate_size * (0.5 + 2 / GROUP)
+            total += 4 * h * cfg.num_experts
+        else:
+            total += 2 * 3 * h * cfg.intermediate_size
+    return total + 2 * h * cfg.vocab_size
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/mimo_v2_flash.json")
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--devices", type=int, default=len(jax.devices()))
+    ap.add_argument("--attention", default="tp")
+    ap.add_argument("--group", type=int, default=128)
+    args = ap.parse_args()
+    global GROUP
+    GROUP = args.group
+    base = load_config(args.config)
+    n = args.layers
+    cfg = base.replace(num_layers=n, layer_types=base.layer_types[:n], mlp_types=base.mlp_types[:n],
+                       num_mtp_layers=0)
+    mesh = sharding.make_mesh(args.devices)
+    ceiling = hbm_ceiling_tbs()
+    params = random_params(cfg, mesh, args.attention)
+    nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    print(f"{args.devices} x {jax.devices()[0].device_kind}, jax {jax.__version__}; {args.config} with {n} layers, "
+          f"int4_sym g{GROUP} experts, attention {args.attention}; {nbytes / 1e9:.1f} GB of weights; "
+          f"HBM read ceiling {ceiling:.2f} TB/s per device (measured now)")
+    t_full, hlo = time_decode(cfg, params, mesh, args.attention)
+    floor = step_bytes(cfg, args.devices) / (args.devices * ceiling * 1e12)
+    print(f"decode step: {1e3 * t_full:.3f} ms ({1 / t_full:.0f} tok/s); floor {1e3 * floor:.3f} ms "
+          f"(step bytes {step_bytes(cfg, 1) / 1e9:.2f} GB over {args.devices} devices) -> "
+          f"{100 * floor / t_full:.0f}% of the floor-limited speed")
+    ops = {op: len(re.findall(rf"\b{op}(-start)?\(", hlo)) for op in ("all-reduce", "all-gather", "all-to-all",
+                                                                      "reduce-scatter", "collective-permute")}
+    print(f"collectives in the compiled step (static count; loop bodies run once per layer): {ops}")
+    real_attention, real_moe = model.attention, model.moe
+    try:
+        model.moe = lambda p, h, *a: jnp.zeros_like(h)
+        jax.clear_caches()
+        t_attn, _ = time_decode(cfg, params, mesh, args.attention)
+        model.moe = real_moe
+        model.attention = lambda p, x, positions, cache, index, spec: (jnp.zeros_like(x), cache)
+        jax.clear_caches()
+        t_moe, _ = time_decode(cfg, params, mesh, args.attention)
+    finally:
+        model.attention, model.moe = real_attention, real_moe
+    t_psum = psum_latency(mesh, cfg.hidden_size)
+    print(f"per layer: full {1e6 * t_full / n:.1f} us; attention-only model {1e6 * t_attn / n:.1f} us; "
+          f"MoE-only model {1e6 * t_moe / n:.1f} us; one psum of [1, {cfg.hidden_size}] bf16 {1e6 * t_psum:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
