@@ -142,16 +142,24 @@ class Engine:
         return cls(cfg, params, tokenizer=_find_tokenizer(path), **kwargs)
 
     @classmethod
-    def from_gguf(cls, path: str | Path, dtype=jnp.bfloat16, **kwargs) -> "Engine":
-        """A GGUF file (Llama architecture): weights, config and tokenizer all come from it."""
+    def from_gguf(cls, path: str | Path, dtype=jnp.bfloat16, keep_int4: bool = False, **kwargs) -> "Engine":
+        """A GGUF file (Llama architecture): weights, config and tokenizer all come from it.
+
+        keep_int4: hold the Q4_0/Q4_1 linear weights as quant.QuantizedWeight (their bytes, not requantized;
+        the Pallas int4 kernels on GPU, dequantize + dot elsewhere); otherwise every tensor is dequantized to
+        `dtype`. See gguf_loading.py."""
         from mimo_jax.config import config_from_hf
+        from mimo_jax.gguf_loading import load_gguf
         from mimo_jax.gguf_reader import read_gguf
         from mimo_jax.loader import assemble
         from mimo_jax.tokenizer import Tokenizer
 
         gg = read_gguf(path)
-        cfg = config_from_hf(gg.hf_config)
-        params = jax.tree_util.tree_map(jnp.asarray, assemble(cfg, gg.tensors(), dtype))
+        if keep_int4:
+            cfg, params = load_gguf(gg, dtype, keep_int4=True)
+        else:
+            cfg = config_from_hf(gg.hf_config)
+            params = jax.tree_util.tree_map(jnp.asarray, assemble(cfg, gg.tensors(), dtype))
         return cls(cfg, params, tokenizer=Tokenizer.from_gguf(gg), **kwargs)
 
     @classmethod
