@@ -122,6 +122,26 @@ def step_bytes(cfg, n_dev):
     return total + 2 * h * cfg.vocab_size
 
 
+def engine_rows(cfg, params, mesh, args):
+    from mimo_jax.engine import Engine
+
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 1024).tolist()
+    for k in (0, args.k):
+        e = Engine(cfg, params, max_seq_len=2048, prefill_chunk=1024, mesh=mesh, attention=args.attention,
+                   speculative_k=k)
+        e.generate(prompt, max_new_tokens=8, stop_at_eos=False)  # compile
+        st = e.generate(prompt, max_new_tokens=64, stop_at_eos=False).stats
+        if k == 0:
+            t_plain = 1 / st.decode_tok_s
+            print(f"engine: prefill of a 1024-token prompt {st.prefill_ms:.0f} ms; plain decode "
+                  f"{1e3 * t_plain:.2f} ms/token ({st.decode_tok_s:.1f} tok/s)")
+        else:
+            t_step = st.decode_s / max(st.spec_steps, 1)
+            proj = ", ".join(f"a={a}: {(a + 1) / t_step:.0f} tok/s" for a in (4.3, 5.6, 6.3))
+            print(f"engine: speculative k={k} step {1e3 * t_step:.2f} ms ({t_step / t_plain:.2f}x plain), "
+                  f"{st.mean_accepted:.2f} accepted/step (random MTP); projected {proj}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/mimo_v2_flash.json")
@@ -129,13 +149,17 @@ def main():
     ap.add_argument("--devices", type=int, default=len(jax.devices()))
     ap.add_argument("--attention", default="tp")
     ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--engine", action="store_true", help="also time through the Engine: 1K-token prefill, plain "
+                    "decode and the speculative step (k = --k, MTP drafter with random weights)")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--skip_split", action="store_true")
     args = ap.parse_args()
     global GROUP
     GROUP = args.group
     base = load_config(args.config)
     n = args.layers
     cfg = base.replace(num_layers=n, layer_types=base.layer_types[:n], mlp_types=base.mlp_types[:n],
-                       num_mtp_layers=0)
+                       num_mtp_layers=base.num_mtp_layers if args.engine else 0)
     mesh = sharding.make_mesh(args.devices)
     ceiling = hbm_ceiling_tbs()
     params = random_params(cfg, mesh, args.attention)
@@ -151,6 +175,10 @@ def main():
     ops = {op: len(re.findall(rf"\b{op}(-start)?\(", hlo)) for op in ("all-reduce", "all-gather", "all-to-all",
                                                                       "reduce-scatter", "collective-permute")}
     print(f"collectives in the compiled step (static count; loop bodies run once per layer): {ops}")
+    if args.engine:
+        engine_rows(cfg, params, mesh, args)
+    if args.skip_split:
+        return
     real_attention, real_moe = model.attention, model.moe
     try:
         model.moe = lambda p, stack, index, h, *a: jnp.zeros_like(h)
