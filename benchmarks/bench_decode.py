@@ -11,7 +11,10 @@ the tok/s projected at UltraSpeed's acceptance lengths (4.3 / 5.6 / 6.3 accepted
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +24,7 @@ from mimo_jax import model
 from mimo_jax.config import DENSE, FULL, MOE, ModelConfig, load_config
 from mimo_jax.engine import Engine
 
-
-def read_ceiling_gbs(dtype=jnp.float32) -> float:
-    n = (1 << 30) // jnp.dtype(dtype).itemsize if jax.default_backend() != "cpu" else (1 << 27)
-    x = jnp.ones((n,), dtype)
-    f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    f(x).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(10):
-        r = f(x)
-    r.block_until_ready()
-    return 10 * x.nbytes / (time.perf_counter() - t) / 1e9
+from ceiling import read_ceiling
 
 
 def step_bytes(cfg: ModelConfig, itemsize: int, capacity: int, tokens: int = 1, distinct_experts: float | None = None,
@@ -90,7 +83,7 @@ def main():
         scale_bytes = {"int4_sym": 2, "int4_asym": 4, "mxfp4": 1}[args.quant_experts]
         expert_itemsize = 0.5 + scale_bytes / group
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
-    ceiling = read_ceiling_gbs()
+    ceiling = read_ceiling() / 1e9
     print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, config "
           f"{args.config}, dtype {args.dtype}, experts {args.quant_experts}, read ceiling measured now: {ceiling:.1f} GB/s")
     capacity = 256

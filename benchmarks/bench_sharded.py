@@ -10,8 +10,12 @@ collectives in the compiled step.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 import re
 import time
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +24,8 @@ from jax.sharding import NamedSharding
 
 from mimo_jax import layers, model, moe, quant, sharding
 from mimo_jax.config import MOE, load_config
+
+from ceiling import read_ceiling
 
 GROUP = 128
 
@@ -58,17 +64,6 @@ def random_params(cfg, mesh, attention):
         return jax.tree_util.tree_unflatten(treedef, vals)
 
     return jax.jit(make, out_shardings=out_shardings)(jax.random.PRNGKey(0))
-
-
-def hbm_ceiling_tbs():
-    x = jnp.ones((1 << 31,), jnp.bfloat16)
-    f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    f(x).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(20):
-        r = f(x)
-    r.block_until_ready()
-    return 20 * x.nbytes / (time.perf_counter() - t) / 1e12
 
 
 def time_decode(cfg, params, mesh, attention, steps=64):
@@ -161,7 +156,7 @@ def main():
     cfg = base.replace(num_layers=n, layer_types=base.layer_types[:n], mlp_types=base.mlp_types[:n],
                        num_mtp_layers=base.num_mtp_layers if args.engine else 0)
     mesh = sharding.make_mesh(args.devices)
-    ceiling = hbm_ceiling_tbs()
+    ceiling = read_ceiling() / 1e12
     params = random_params(cfg, mesh, args.attention)
     nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     print(f"{args.devices} x {jax.devices()[0].device_kind}, jax {jax.__version__}; {args.config} with {n} layers, "

@@ -7,7 +7,11 @@ same prompt. Prints tok/s for each, the ratio, and whether the first tokens agre
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 import time
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 import jax
 import jax.numpy as jnp
