@@ -38,8 +38,12 @@ flags.DEFINE_enum("quant_experts", "none", ["none", "int4_sym", "int4_asym", "mx
                   "Store the routed experts in 4 bits (attention, dense MLP, embeddings, MTP stay in --dtype).")
 flags.DEFINE_integer("quant_group", 128, "Group size along K for int4 experts (mxfp4 always uses 32).")
 flags.DEFINE_integer("num_devices", 1, "Devices to spread the model over (experts split; attention per "
-                     "--attention).")
+                     "--attention); with several hosts, the devices of all of them.")
 flags.DEFINE_enum("attention", "tp", ["tp", "replicated"], "Attention across devices: heads split or replicated.")
+flags.DEFINE_string("coordinator_address", None, "Several hosts: host:port of process 0 (jax.distributed); every "
+                    "host runs the same command with its own --process_id.")
+flags.DEFINE_integer("num_processes", 1, "Several hosts: how many processes in all.")
+flags.DEFINE_integer("process_id", 0, "Several hosts: this process's index.")
 flags.DEFINE_integer("speculative_k", 0, "Draft k tokens per step with the MTP layers and verify them in one "
                      "pass (0 = off).")
 
@@ -218,6 +222,11 @@ def main(argv):
         print(f"error: unexpected arguments {' '.join(argv[1:])}", file=sys.stderr)
         sys.exit(2)
     try:
+        if FLAGS.coordinator_address:  # before any other JAX call: the mesh then spans every host's devices
+            import jax
+
+            jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                       num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
         run()
     except MimoError as e:
         print(f"error: {e}", file=sys.stderr)

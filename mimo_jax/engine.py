@@ -91,6 +91,15 @@ def _first_token(logits, key, position, temperature, top_k, top_p, is_greedy: bo
     return sampling.next_token(jax.random.fold_in(key, position), logits, temperature, top_k, top_p, is_greedy)
 
 
+def to_host(x) -> np.ndarray:
+    """A device array's value on this host; across hosts (jax.distributed), gathered from every process."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _bucket(n: int, largest: int, smallest: int = 16) -> int:
     size = smallest
     while size < n:
@@ -211,7 +220,7 @@ class Engine:
         for tokens, positions, n in self._chunks(ids):
             with self._on_mesh():
                 logits, cache = model.forward(self.params, tokens, positions, cache, self.cfg)
-            rows.append(np.asarray(logits[0, :n]))
+            rows.append(to_host(logits)[0, :n])
         return np.concatenate(rows)
 
     def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -276,7 +285,7 @@ class Stream:
                 nxt, cache = _decode(e.params, token, jnp.int32(position), cache, self.key, *self.sampling,
                                      cfg=cfg, is_greedy=self.is_greedy)
                 position += 1
-            t = int(token[0])
+            t = int(to_host(token)[0])
             self.stats.new_tokens += 1
             self.stats.decode_s = time.perf_counter() - t1
             yield t
@@ -299,7 +308,7 @@ class Stream:
             normed.append(h)
         position = len(self.ids)
         first = _first_token(logits, self.key, jnp.int32(position), *self.sampling, is_greedy=self.is_greedy)
-        first_id = int(first[0])
+        first_id = int(to_host(first)[0])
         state = {"cache": cache, "token": first, "position": jnp.int32(position), "mtp_cache": {},
                  "draft": jnp.zeros_like(first), "draft_logits": jnp.zeros((1, cfg.vocab_size), jnp.float32),
                  "draft_hidden": jnp.zeros((1, cfg.hidden_size), e.cache_dtype)}
@@ -331,7 +340,7 @@ class Stream:
             emitted, n, state = pending
             if self.stats.new_tokens + 1 < budget:  # not surely the last step: dispatch the next one first
                 pending = run(state=state)
-            emitted, n = jax.device_get((emitted, n))
+            emitted, n = to_host(emitted), to_host(n)
             self.stats.accepted_hist[int(n)] += 1
             for t in emitted[0, : int(n) + 1].tolist():
                 self.stats.new_tokens += 1
