@@ -40,8 +40,8 @@ def chunked_forward(cfg, params, ids, capacity, chunk, pad_to):
     return np.concatenate(rows)
 
 
-@pytest.mark.parametrize("name", ["tiny_mimo", "tiny_llama"])
-@pytest.mark.parametrize("chunk,pad_to", [(1, 1), (3, 4), (11, 16), (20, 32)])
+@pytest.mark.parametrize("name,chunk,pad_to", [("tiny_mimo", 1, 1), ("tiny_mimo", 3, 4), ("tiny_mimo", 20, 32),
+                                               ("tiny_llama", 1, 1), ("tiny_llama", 11, 16)])
 def test_cached_decode_equals_full_forward(name, chunk, pad_to):
     cfg, params, capacity = setup(name)
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=5 * 8 + 3).tolist()  # 5+ windows
