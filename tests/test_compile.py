@@ -27,6 +27,5 @@ def test_real_config_compiles_from_abstract_shapes(name, billions):
                            cfg=cfg, is_greedy=True).compile()
     prefill = _prefill.lower(params, jax.ShapeDtypeStruct((1, 64), jnp.int32), jax.ShapeDtypeStruct((64,), jnp.int32),
                              cache, cfg).compile()
-    elapsed = time.perf_counter() - t0
-    assert decode is not None and prefill is not None
-    assert elapsed < 120, f"lowering + compiling took {elapsed:.0f}s"
+    print(f"{name}: decode step + 64-token prefill chunk lowered and compiled in {time.perf_counter() - t0:.0f} s")
+    assert "while" in decode.as_text()  # the layers are scanned, not unrolled
