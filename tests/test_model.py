@@ -56,8 +56,13 @@ def test_engine_greedy_equals_argmax_of_full_forward():
     prompt = np.random.default_rng(2).integers(0, cfg.vocab_size, size=21).tolist()
     out = engine.generate(prompt, max_new_tokens=30).token_ids
     seq = list(prompt)
-    for _ in range(30):  # no cache at all: re-run the whole sequence each step
-        seq.append(int(np.argmax(full_forward(cfg, params, seq, capacity)[-1])))
+    for _ in range(30):  # no cache reuse: re-run the whole sequence each step (padded to 64: one compilation)
+        tokens = np.zeros((1, 64), np.int32)
+        tokens[0, :len(seq)] = seq
+        positions = np.where(np.arange(64) < len(seq), np.arange(64), -1).astype(np.int32)
+        logits, _ = model.forward(params, jnp.asarray(tokens), jnp.asarray(positions),
+                                  model.init_cache(cfg, 1, capacity, jnp.float32), cfg)
+        seq.append(int(np.argmax(logits[0, len(seq) - 1])))
     assert out == seq[len(prompt):]
 
 
