@@ -25,7 +25,7 @@ from mimo_jax.config import ModelConfig, config_from_hf
 from mimo_jax.errors import CheckpointError
 from mimo_jax.gguf_reader import GGUFModel
 from mimo_jax.model import param_shapes, plan_of
-from mimo_jax.plan import layer_slots
+from mimo_jax.plan import layer_slots, path_keys, stack_axes
 
 # transformers name -> (pytree sub-path, linear: stored [out, in] and held [in, out])
 GLOBAL_TABLE = {
@@ -75,8 +75,8 @@ def load_gguf(gg: GGUFModel, dtype=jnp.bfloat16, keep_int4: bool = True) -> tupl
         values[leaf][index] = value
 
     def build(path, struct):
-        leaf = tuple(p.key if hasattr(p, "key") else p.idx for p in path)
-        lead = struct.shape[: _lead(leaf)]
+        leaf = path_keys(path)
+        lead = struct.shape[: stack_axes(leaf)]
         found = values.get(leaf, {})
         missing = [i for i in np.ndindex(lead) if i not in found]
         if missing:
@@ -109,13 +109,6 @@ def _place(name: str, cfg: ModelConfig, slots) -> tuple[tuple, tuple, bool, tupl
     slot = slots[layer]
     prefix = ("layers", slot.item) + ((slot.run,) if slot.run is not None else ())
     return prefix + sub, slot.index, linear, sub
-
-
-def _lead(leaf: tuple) -> int:
-    """Stack axes of a leaf: 0 top-level, 1 in a Run, 2 in a Loop's run ([repeats, length])."""
-    if leaf[0] != "layers":
-        return 0
-    return 2 if isinstance(leaf[2], int) else 1
 
 
 def _int4_leaves(gg: GGUFModel) -> set[tuple]:

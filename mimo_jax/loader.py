@@ -27,7 +27,7 @@ import numpy as np
 from mimo_jax.config import MOE, ModelConfig, config_from_hf
 from mimo_jax.errors import CheckpointError, ConfigError
 from mimo_jax.model import param_shapes, plan_of
-from mimo_jax.plan import layer_slots
+from mimo_jax.plan import layer_slots, leaf_kind, path_keys, stack_axes
 
 # safetensors' numpy reader looks float8 up on the numpy module; ml_dtypes provides the type numpy lacks.
 if not hasattr(np, "float8_e4m3fn"):
@@ -173,21 +173,17 @@ def _np_dtype(dtype):
     return np.dtype(jnp.dtype(dtype).name) if jnp.dtype(dtype) != jnp.bfloat16 else np.dtype(ml_dtypes.bfloat16)
 
 
-def _key_path(path) -> tuple:
-    return tuple(p.key if hasattr(p, "key") else p.idx for p in path)
-
-
 def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype=jnp.bfloat16) -> dict:
     """Fill the parameter pytree of `cfg` from (checkpoint key, array) pairs through the mapping table.
 
     Returns host numpy leaves. Raises CheckpointError for a misshapen, duplicate or missing tensor.
     """
     structs = param_shapes(cfg, dtype)
-    flat = {_key_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(structs)[0]}
+    flat = {path_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(structs)[0]}
     buffers = {k: np.zeros(s.shape, _np_dtype(s.dtype)) for k, s in flat.items()}
     plan = plan_of(cfg)
     slots = layer_slots(plan)
-    filled = {k: np.zeros(s.shape[: _lead(k) + _is_expert_leaf(k, plan)], bool) for k, s in flat.items()}
+    filled = {k: np.zeros(s.shape[: stack_axes(k) + _is_expert_leaf(k, plan)], bool) for k, s in flat.items()}
     unknown = []
 
     def place(key, leaf, index, value, expert=None):
@@ -240,20 +236,10 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype=
     return _unflatten(structs, buffers)
 
 
-def _lead(leaf: tuple) -> int:
-    """Leading stack axes of a leaf: 0 top-level, 1 Run / mtp, 2 Loop."""
-    if leaf[0] == "layers":
-        return 2 if isinstance(leaf[2], int) else 1
-    return 1 if leaf[0] == "mtp" else 0
-
-
 def _is_expert_leaf(leaf: tuple, plan) -> int:
     """1 for the expert weights of a MoE layer (filled expert by expert), else 0."""
-    if leaf[0] != "layers" or leaf[-1] not in ("w_gate", "w_up", "w_down"):
-        return 0
-    item = plan[leaf[1]]
-    kind = item.runs[leaf[2]].kind if _lead(leaf) == 2 else item.kind
-    return int(kind[1] == MOE)
+    kind = leaf_kind(plan, leaf)
+    return int(kind is not None and kind[1] == MOE and leaf[-1] in ("w_gate", "w_up", "w_down"))
 
 
 def _missing_name(cfg, leaf, done, slots) -> str:
@@ -278,7 +264,7 @@ def _missing_name(cfg, leaf, done, slots) -> str:
 
 def _unflatten(structs, buffers):
     paths, treedef = jax.tree_util.tree_flatten_with_path(structs)
-    return jax.tree_util.tree_unflatten(treedef, [buffers[_key_path(p)] for p, _ in paths])
+    return jax.tree_util.tree_unflatten(treedef, [buffers[path_keys(p)] for p, _ in paths])
 
 
 def _mtp_count(keys: Iterable[str]) -> int:

@@ -90,3 +90,27 @@ def stacked(plan: tuple[Item, ...], make):
         else:
             out.append([make(run.kind, (item.repeats, run.length)) for run in item.runs])
     return out
+
+
+# ---- reading a parameter / cache leaf's place in the plan (shared by the loaders, sharding, quantization) ----
+
+def path_keys(path) -> tuple:
+    """A jax.tree_util key path as plain keys: ("layers", 2, 0, "mlp", "w_gate"); list / node indices stay ints."""
+    return tuple(p.key if hasattr(p, "key") else p.idx for p in path)
+
+
+def stack_axes(keys: tuple) -> int:
+    """Leading stack axes of a leaf: 0 top-level, 1 in a Run or params["mtp"], 2 in a Loop's run."""
+    if keys[0] == "layers":
+        return 2 if isinstance(keys[2], int) else 1
+    return 1 if keys[0] == "mtp" else 0
+
+
+def leaf_kind(plan: tuple[Item, ...], keys: tuple) -> Kind | None:
+    """(attention, mlp) kind of the layer a leaf belongs to; MTP blocks are (sliding, dense); None top-level."""
+    if keys[0] == "mtp":
+        return ("sliding", "dense")
+    if keys[0] != "layers":
+        return None
+    item = plan[keys[1]]
+    return (item.runs[keys[2]] if isinstance(item, Loop) else item).kind

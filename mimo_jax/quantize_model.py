@@ -11,19 +11,16 @@ import jax.numpy as jnp
 
 from mimo_jax import quant
 from mimo_jax.errors import ConfigError
+from mimo_jax.plan import path_keys, stack_axes
 
 EXPERT_LEAVES = ("w_gate", "w_up", "w_down")
 CHOICES = ("none", "int4_sym", "int4_asym", "mxfp4")
 
 
 def _is_expert(path, leaf) -> bool:
-    keys = [p.key for p in path if hasattr(p, "key")]
-    return keys[:1] == ["layers"] and keys[-1] in EXPERT_LEAVES and "mlp" in keys and _logical_rank(path, leaf) == 3
-
-
-def _logical_rank(path, leaf) -> int:
-    lead = 2 if len(path) > 2 and hasattr(path[2], "idx") else 1  # Loop runs have [repeats, length] stacks
-    return leaf.ndim - lead
+    """A routed-expert weight: [*stack, E, K, N] under a layer's mlp (a dense MLP's weights have rank 2)."""
+    keys = path_keys(path)
+    return keys[0] == "layers" and keys[-1] in EXPERT_LEAVES and leaf.ndim - stack_axes(keys) == 3
 
 
 def quantize_experts(params, fmt: str = "int4_sym", group_size: int = 128):

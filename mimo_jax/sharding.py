@@ -13,16 +13,15 @@ The model code never asks how many devices there are: `moe.moe` looks for a "mod
 """
 from __future__ import annotations
 
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mimo_jax.config import FULL, SLIDING, ModelConfig
+from mimo_jax.config import FULL, ModelConfig
 from mimo_jax.errors import ConfigError
-from mimo_jax.plan import Loop
+from mimo_jax.plan import leaf_kind, path_keys, stack_axes
 
 AXIS = "model"
 
@@ -64,21 +63,6 @@ def _mesh_axes(cfg: ModelConfig, n: int, attn_kind: str, attention: str) -> dict
             "vocab": AXIS if cfg.vocab_size % n == 0 else None, "experts": AXIS}
 
 
-def _attn_kind(path: tuple, plan) -> str:
-    if path[0] == "mtp":
-        return SLIDING
-    if path[0] != "layers":
-        return FULL
-    item = plan[path[1]]
-    return (item.runs[path[2]] if isinstance(item, Loop) else item).kind[0]
-
-
-def _lead(path: tuple) -> int:
-    if path[0] == "layers":
-        return 2 if isinstance(path[2], int) else 1
-    return 1 if path[0] == "mtp" else 0
-
-
 def specs(tree, cfg: ModelConfig, mesh: Mesh, attention: str = "tp"):
     """PartitionSpecs for a parameter or cache pytree (arrays or ShapeDtypeStructs), through TABLE."""
     from mimo_jax.model import plan_of
@@ -86,14 +70,15 @@ def specs(tree, cfg: ModelConfig, mesh: Mesh, attention: str = "tp"):
     plan, n = plan_of(cfg), mesh.shape[AXIS]
 
     def spec(path, leaf):
-        keys = tuple(p.key if hasattr(p, "key") else p.idx for p in path)
+        keys = path_keys(path)
         while isinstance(keys[-1], int):  # an array inside a QuantizedWeight: packed / scales / mins
             keys = keys[:-1]
-        lead = _lead(keys)
+        lead = stack_axes(keys)
         logical = TABLE.get((keys[-1], leaf.ndim - lead))
         if logical is None:
             return P()
-        axes = _mesh_axes(cfg, n, _attn_kind(keys, plan), attention)
+        kind = leaf_kind(plan, keys)
+        axes = _mesh_axes(cfg, n, kind[0] if kind else FULL, attention)
         return P(*([None] * lead), *(axes[a] if a else None for a in logical))
 
     return jax.tree_util.tree_map_with_path(spec, tree)
