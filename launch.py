@@ -151,22 +151,13 @@ def run() -> None:
 
 
 def warm_up(engine, inputs) -> None:
-    """Compile, untimed, every shape the run will use: each prompt's prefill buckets and its cache capacity
-    (Engine._chunks / Engine.new_cache buckets), one two-token run per distinct shape, so that the stats of
-    each prompt time the model, not XLA."""
-    import itertools
-
-    from mimo_jax.engine import _bucket
-
+    """Compile, untimed, every shape the run will use, so that each prompt's stats time the model, not XLA."""
     seen = set()
     for ids in inputs:
-        key = (tuple(int(tokens.shape[1]) for tokens, _, _ in engine._chunks(ids)),
-               min(engine.max_seq_len, _bucket(len(ids) + FLAGS.max_new_tokens, 1 << 62, 256)))
+        key = engine.compile_key(ids, FLAGS.max_new_tokens)
         if key not in seen:
             seen.add(key)
-            stream = engine.stream(ids, max_new_tokens=FLAGS.max_new_tokens, **sampling_kwargs())
-            for _ in itertools.islice(stream, 2):
-                pass
+            engine.warm_up(ids, FLAGS.max_new_tokens, **sampling_kwargs())
 
 
 def stream_one(engine, ids) -> None:

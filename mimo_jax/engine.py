@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -194,11 +195,23 @@ class Engine:
                              f"(prompt + at least one new token)")
         return ids
 
-    def new_cache(self, tokens_needed: int, ring_slack: int = 0):
-        """A cache for `tokens_needed` positions, rounded up to a power of two (>= 256) so that decode compiles
-        once per bucket and attends over the bucket, not the whole context."""
-        capacity = min(self.max_seq_len, _bucket(tokens_needed, 1 << 62, 256))
+    def capacity(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Cache positions a request allocates: prompt + new tokens (+ two speculative steps of slack), rounded
+        up to a power of two (>= 256) so that decode compiles once per bucket and attends over the bucket."""
+        needed = prompt_len + max_new_tokens + (2 * (self.speculative_k + 1) if self.speculative_k else 0)
+        return min(self.max_seq_len, _bucket(needed, 1 << 62, 256))
+
+    def new_cache(self, capacity: int, ring_slack: int = 0):
         return self._place(model.init_cache(self.cfg, 1, capacity, self.cache_dtype, ring_slack))
+
+    def compile_key(self, ids: list[int], max_new_tokens: int) -> tuple:
+        """The shapes a request compiles for: its prefill chunk buckets and its cache capacity."""
+        return tuple(int(t.shape[1]) for t, _, _ in self._chunks(ids)), self.capacity(len(ids), max_new_tokens)
+
+    def warm_up(self, ids: list[int], max_new_tokens: int, **sampling) -> None:
+        """Compile, untimed, what a request of this prompt length and budget runs (two tokens through it)."""
+        for _ in itertools.islice(self.stream(ids, max_new_tokens, **sampling), 2):
+            pass
 
     def _chunks(self, ids: list[int]):
         """(tokens [1,T], positions [T]) chunks of the prompt, each padded to its bucket."""
@@ -216,7 +229,7 @@ class Engine:
     def score(self, token_ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits [len, vocab] (float32): row t predicts token t+1."""
         ids = self.encode(token_ids)
-        cache, rows = self.new_cache(len(ids)), []
+        cache, rows = self.new_cache(self.capacity(len(ids), 0)), []
         for tokens, positions, n in self._chunks(ids):
             with self._on_mesh():
                 logits, cache = model.forward(self.params, tokens, positions, cache, self.cfg)
@@ -269,7 +282,7 @@ class Stream:
     def _plain(self) -> Iterator[int]:
         e, cfg = self.engine, self.engine.cfg
         t0 = time.perf_counter()
-        cache = e.new_cache(len(self.ids) + self.max_new_tokens)
+        cache = e.new_cache(e.capacity(len(self.ids), self.max_new_tokens))
         for tokens, positions, _ in e._chunks(self.ids):
             logits, cache = _prefill(e.params, tokens, positions, cache, cfg)
         position = len(self.ids)
@@ -301,7 +314,7 @@ class Stream:
         e, cfg, k, drafter = self.engine, self.engine.cfg, self.engine.speculative_k, self.engine.drafter
         self.stats.speculative_k, self.stats.accepted_hist = k, [0] * (k + 1)
         t0 = time.perf_counter()
-        cache = e.new_cache(len(self.ids) + self.max_new_tokens + 2 * (k + 1), ring_slack=k + 1)
+        cache = e.new_cache(e.capacity(len(self.ids), self.max_new_tokens), ring_slack=k + 1)
         chunks, normed = list(e._chunks(self.ids)), []
         for tokens, positions, _ in chunks:
             h, logits, cache = speculative.target_chunk(e.params, tokens, positions, cache, cfg)
