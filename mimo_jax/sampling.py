@@ -21,7 +21,8 @@ def filtered_logits(logits, temperature, top_k, top_p):
     kth = jnp.take_along_axis(sorted_x, jnp.broadcast_to(k - 1, x.shape[:-1] + (1,)).astype(jnp.int32), axis=-1)
     probs = jax.nn.softmax(jnp.where(sorted_x >= kth, sorted_x, -jnp.inf), axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted token
-    keep = (before < top_p) | (jnp.arange(vocab) == 0)
+    # top_p >= 1 is "off", tested as such: the f32 running sum reaches 1.0 before a long tail does
+    keep = (before < top_p) | (top_p >= 1.0) | (jnp.arange(vocab) == 0)
     cutoff = jnp.min(jnp.where(keep & (sorted_x >= kth), sorted_x, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(x >= cutoff, x, -jnp.inf)
 
