@@ -23,7 +23,7 @@ import numpy as np
 from mimo_jax import quant
 from mimo_jax.config import ModelConfig, config_from_hf
 from mimo_jax.errors import CheckpointError
-from mimo_jax.gguf_reader import GGUFModel
+from mimo_jax.gguf_reader import GGUFModel, loading_progress
 from mimo_jax.model import param_shapes, plan_of
 from mimo_jax.plan import layer_slots, path_keys, stack_axes
 
@@ -60,7 +60,7 @@ def load_gguf(gg: GGUFModel, dtype=jnp.bfloat16, keep_int4: bool = True) -> tupl
     structs = param_shapes(cfg, dtype)
     kept = _int4_leaves(gg) if keep_int4 else set()
     values: dict[tuple, dict[tuple, object]] = {}  # leaf path -> {stack index: value}
-    for name in gg.tensor_names():
+    for name in loading_progress(gg.tensor_names(), gg.path):
         leaf, index, linear, sub = _place(name, cfg, slots)
         if leaf[0] == "lm_head" and cfg.tie_word_embeddings:
             continue

