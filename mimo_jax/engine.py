@@ -83,13 +83,14 @@ def _prefill(params, tokens, positions, cache, cfg: ModelConfig):
 def _decode(params, token, position, cache, key, temperature, top_k, top_p, cfg: ModelConfig, is_greedy: bool):
     hidden, cache = model.forward_hidden(params, token[:, None], position[None], cache, cfg)
     logits = model.lm_logits(params, hidden[:, 0], cfg)
-    key = jax.random.fold_in(key, position)
+    key = sampling.token_key(key, position + 1)  # the token produced here sits at position + 1
     return sampling.next_token(key, logits, temperature, top_k, top_p, is_greedy), cache
 
 
 @functools.partial(jax.jit, static_argnames="is_greedy")
-def _first_token(logits, key, position, temperature, top_k, top_p, is_greedy: bool):
-    return sampling.next_token(jax.random.fold_in(key, position), logits, temperature, top_k, top_p, is_greedy)
+def _first_token(logits, key, temperature, top_k, top_p, is_greedy: bool):
+    """key: already this token's own (sampling.token_key of its position)."""
+    return sampling.next_token(key, logits, temperature, top_k, top_p, is_greedy)
 
 
 def to_host(x) -> np.ndarray:
@@ -286,7 +287,7 @@ class Stream:
         for tokens, positions, _ in e._chunks(self.ids):
             logits, cache = _prefill(e.params, tokens, positions, cache, cfg)
         position = len(self.ids)
-        token = _first_token(logits, self.key, jnp.int32(position), *self.sampling, is_greedy=self.is_greedy)
+        token = _first_token(logits, sampling.token_key(self.key, position), *self.sampling, is_greedy=self.is_greedy)
         token.block_until_ready()
         self.stats.prefill_ms = 1e3 * (time.perf_counter() - t0)
         t1 = time.perf_counter()
@@ -320,7 +321,10 @@ class Stream:
             h, logits, cache = speculative.target_chunk(e.params, tokens, positions, cache, cfg)
             normed.append(h)
         position = len(self.ids)
-        first = _first_token(logits, self.key, jnp.int32(position), *self.sampling, is_greedy=self.is_greedy)
+        # the first token's position key is split: one half draws it, the other the prefill's draft d_1
+        # (speculative steps key on the position of the first token they produce, so never on this one)
+        first_key, draft_key = jax.random.split(sampling.token_key(self.key, position))
+        first = _first_token(logits, first_key, *self.sampling, is_greedy=self.is_greedy)
         first_id = int(to_host(first)[0])
         state = {"cache": cache, "token": first, "position": jnp.int32(position), "mtp_cache": {},
                  "draft": jnp.zeros_like(first), "draft_logits": jnp.zeros((1, cfg.vocab_size), jnp.float32),
@@ -333,7 +337,7 @@ class Stream:
                 start = int(positions[0])
                 nxt[0, :n] = following[start:start + n]
                 draft, dl, dh, mtp_cache = speculative.mtp_chunk(e.params, h, jnp.asarray(nxt), positions, mtp_cache,
-                                                                 self.key, *self.sampling, cfg=cfg,
+                                                                 draft_key, *self.sampling, cfg=cfg,
                                                                  is_greedy=self.is_greedy)
             state.update(mtp_cache=mtp_cache, draft=draft, draft_logits=dl, draft_hidden=dh)
         self.stats.prefill_ms = 1e3 * (time.perf_counter() - t0)

@@ -27,6 +27,12 @@ def filtered_logits(logits, temperature, top_k, top_p):
     return jnp.where(x >= cutoff, x, -jnp.inf)
 
 
+def token_key(key, position):
+    """The key of the token sampled for `position`: each generated token gets its own (a speculative step keys
+    on the position of the first token it produces and splits that key among its draws)."""
+    return jax.random.fold_in(key, position)
+
+
 def sample(key, logits, temperature, top_k, top_p):
     """One token id per row of logits [..., V]."""
     return jax.random.categorical(key, filtered_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)

@@ -126,7 +126,7 @@ def step(params, state, key, temperature, top_k, top_p, *, cfg: ModelConfig, k: 
     """One speculative step -> (emitted [1, k+1] (first n+1 valid), n accepted drafts, new state)."""
     settings = (temperature, top_k, top_p)
     position = state["position"]
-    key_d, key_a, key_r = jax.random.split(jax.random.fold_in(key, position), 3)
+    key_d, key_a, key_r = jax.random.split(sampling.token_key(key, position + 1), 3)  # its first token: P + 1
     drafts, q_logits, mtp_cache = drafter.propose(params, state, key_d, settings, cfg, k, is_greedy)
     tokens = jnp.concatenate([state["token"][:, None], drafts], axis=1)
     hidden, cache = model.forward_hidden(params, tokens, position + jnp.arange(k + 1, dtype=jnp.int32),
@@ -158,8 +158,9 @@ def target_chunk(params, tokens, positions, cache, cfg: ModelConfig):
 @functools.partial(jax.jit, static_argnames=("cfg", "is_greedy"), donate_argnames="mtp_cache")
 def mtp_chunk(params, normed, next_tokens, positions, mtp_cache, key, temperature, top_k, top_p, *,
               cfg: ModelConfig, is_greedy: bool):
-    """MTP layer 0 over a prompt chunk (hidden at t, token at t+1) -> (d_1, its logits, its hidden, mtp_cache)."""
+    """MTP layer 0 over a prompt chunk (hidden at t, token at t+1) -> (d_1, its logits, its hidden, mtp_cache).
+    key: d_1's own (only the last chunk's draw is kept)."""
     hidden, logits, mtp_cache = mtp.mtp_layer(params, 0, normed, next_tokens, positions, mtp_cache, cfg)
     last = jnp.sum(positions >= 0) - 1
-    draft = _draw(jax.random.fold_in(key, 1 << 30), logits[:, last], (temperature, top_k, top_p), is_greedy)
+    draft = _draw(key, logits[:, last], (temperature, top_k, top_p), is_greedy)
     return draft, logits[:, last], hidden[:, last], mtp_cache

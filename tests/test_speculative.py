@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimo_jax import model, sampling, speculative
+from mimo_jax import model, speculative
 from mimo_jax.config import load_config
 from mimo_jax.engine import Engine
+from sampling_stats import chi2_check, exact_dists
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -49,48 +50,30 @@ def test_speculative_step_compiles_once(tiny):
     assert speculative.step._cache_size() == before  # every step of every request reused one executable
 
 
-def _exact_marginals(cfg, params, prompt, settings):
-    """Exact distributions of the 2nd and 3rd generated tokens under the target alone (enumerating t1, t2)."""
-    v = cfg.vocab_size
-
-    def dist(prefixes):
-        n = len(prefixes[0])
-        cache = model.init_cache(cfg, len(prefixes), 64, jnp.float32)
-        logits, _ = model.forward(params, jnp.asarray(prefixes), jnp.arange(n, dtype=jnp.int32), cache, cfg)
-        return np.asarray(jax.nn.softmax(sampling.filtered_logits(logits[:, -1], *settings), axis=-1), np.float64)
-
-    p1 = dist([prompt])[0]
-    p2 = dist([prompt + [a] for a in range(v)])  # [t1, t2]
-    p3 = dist([prompt + [a, b] for a in range(v) for b in range(v)]).reshape(v, v, v)  # [t1, t2, t3]
-    joint12 = p1[:, None] * p2
-    return joint12.sum(0), np.einsum("ab,abc->c", joint12, p3)
-
-
 @pytest.mark.parametrize("drafter,settings", [("mtp", (1.0, 0, 1.0)), ("mtp", (0.8, 5, 0.9)),
                                               ("oracle", (1.0, 0, 1.0))])
 def test_sampling_is_lossless(drafter, settings):
-    """Chi-square goodness of fit of the 2nd and 3rd generated tokens (both produced by speculative steps, k=2)
-    against the target's exact marginals: N = 1500 fixed seeds, reject at p < 1e-3 (df <= 15: statistic < 37.7).
-    A drafter that biases the output (e.g. always accepting) fails this by a wide margin."""
+    """Chi-square goodness of fit, over N = 1500 fixed seeds with k = 2, of the joint of tokens 1 and 2 (the
+    first token, then the first speculative step) against p(t1) p(t2 | t1), and of the marginal of token 3
+    (a later step) against the target's exact one; reject at p < 1e-3. A drafter that biases the output (e.g.
+    always accepting), or a step drawing with the first token's key, fails this."""
     cfg = load_config(CONFIGS / "tiny_mimo.json").replace(vocab_size=16)
     params = model.init_params(cfg, jax.random.PRNGKey(1), jnp.float32)
     params = {**params, "embed": params["embed"] * 0.5}
     temperature, top_k, top_p = settings
     prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
-    m2, m3 = _exact_marginals(cfg, params, prompt, (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p)))
+    p1, p2, p3 = exact_dists(cfg, params, prompt, (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p)), 3)
+    joint12 = p1[:, None] * p2
+    m3 = np.einsum("ab,abc->c", joint12, p3)
     e = Engine(cfg, params, max_seq_len=64, prefill_chunk=16, speculative_k=2, drafter=drafter)
-    n = 1500
-    counts = np.zeros((2, cfg.vocab_size))
+    n, v = 1500, cfg.vocab_size
+    counts12, counts3 = np.zeros((v, v)), np.zeros(v)
     accepted = 0
     for seed in range(n):
         out = e.generate(prompt, max_new_tokens=3, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        counts[0, out.token_ids[1]] += 1
-        counts[1, out.token_ids[2]] += 1
+        counts12[out.token_ids[0], out.token_ids[1]] += 1
+        counts3[out.token_ids[2]] += 1
         accepted += out.stats.accepted_hist[0] < out.stats.spec_steps
     assert 0.05 * n < accepted  # rejections and acceptances both happen
-    for observed, exact in zip(counts, (m2, m3)):
-        support = exact > 1e-9
-        assert observed[~support].sum() == 0  # never a token the target can't produce (top-k / top-p respected)
-        expected = exact[support] * n
-        chi2 = float(((observed[support] - expected) ** 2 / expected).sum())
-        assert chi2 < 37.7, (chi2, observed, expected)
+    chi2_check(counts12, joint12, n)
+    chi2_check(counts3, m3, n)
