@@ -1,6 +1,7 @@
 """Batch prompts in and results out: prompt files, the chat template, one JSONL record per generation.
 
-    prompts = read_prompts("prompts.jsonl")          # [str | list[int]]; a file not ending in .jsonl: one per line
+    prompts = read_prompts("prompts.jsonl")          # [str | list[int]]; .json: a JSON list (or JSON lines);
+                                                     # any other file: one text prompt a line
     with AtomicJsonlWriter("out.jsonl") as out:      # out.jsonl appears only once every record is written
         out.write(record(prompt, engine.generate(chat_ids(engine.tokenizer, prompt))))
 """
@@ -20,21 +21,50 @@ Prompt = str | list[int]
 
 def read_prompts(path: str | Path) -> list[Prompt]:
     """A `.jsonl` file: one JSON object a line with a "prompt" field (text, or a list of token ids).
-    Any other file: one text prompt a line (the line without its newline). Blank lines are skipped in both.
-    Raises InputError for a missing or unreadable file, a malformed line (with its number), or no prompts."""
+    A `.json` file: a JSON list whose items are such objects, strings or token-id lists (or, failing that,
+    JSON lines as above). Any other file: one text prompt a line (the line without its newline). Blank
+    lines are skipped. Raises InputError for a missing or unreadable file, a malformed line or item (with its
+    number), or no prompts."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"prompts file not found: {path}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read prompts file {path}: {e}") from None
-    jsonl = path.suffix == ".jsonl"
-    prompts = [_parse_jsonl_line(line, path, n) if jsonl else line
-               for n, line in enumerate(lines, 1) if line.strip()]
+    if path.suffix == ".json":
+        prompts = _parse_json_file(text, path)
+    elif path.suffix == ".jsonl":
+        prompts = _parse_jsonl(text, path)
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise InputError(f"prompts file {path} holds no prompts (blank lines are skipped)")
     return prompts
+
+
+def _parse_jsonl(text: str, path: Path) -> list[Prompt]:
+    return [_parse_jsonl_line(line, path, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _parse_json_file(text: str, path: Path) -> list[Prompt]:
+    """A JSON list of prompts ({"prompt": ...} objects, strings or token-id lists), a single {"prompt": ...}
+    object, or JSON lines saved under a .json name."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as whole:
+        try:
+            return _parse_jsonl(text, path)
+        except InputError:
+            raise InputError(f"{path}: not valid JSON ({whole.msg} at line {whole.lineno}, column {whole.colno}) "
+                             f"nor JSON lines; expected a list of prompts") from None
+    if isinstance(doc, dict):
+        doc = [doc]
+    if not isinstance(doc, list):
+        raise InputError(f'{path}: expected a JSON list of prompts (strings, token-id lists or {{"prompt": ...}} '
+                         f"objects), got {type(doc).__name__}")
+    return [_check_prompt(item["prompt"] if isinstance(item, dict) and "prompt" in item else item,
+                          f"{path}, item {n}") for n, item in enumerate(doc, 1)]
 
 
 def _parse_jsonl_line(line: str, path: Path, n: int) -> Prompt:
@@ -45,10 +75,14 @@ def _parse_jsonl_line(line: str, path: Path, n: int) -> Prompt:
         raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict) or "prompt" not in obj:
         raise InputError(f'{where}: expected an object with a "prompt" field, got {line.strip()[:60]!r}')
-    prompt = obj["prompt"]
+    return _check_prompt(obj["prompt"], where)
+
+
+def _check_prompt(prompt: Any, where: str) -> Prompt:
     is_ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     if not (isinstance(prompt, str) or is_ids) or not prompt:
-        raise InputError(f'{where}: "prompt" must be a non-empty string or list of token ids, got {prompt!r:.60}')
+        raise InputError(f'{where}: a prompt must be a non-empty string or list of token ids (or an object with '
+                         f'such a "prompt"), got {prompt!r:.60}')
     return prompt
 
 

@@ -124,3 +124,26 @@ def test_atomic_writer(tmp_path):
         assert not out.exists()  # nothing at the destination until the block ends
         w.write({"b": "é"})
     assert read_jsonl(out) == [{"a": 1}, {"b": "é"}] and list(tmp_path.iterdir()) == [out]
+
+
+def test_read_prompts_json(tmp_path):
+    """A .json file is JSON (a list of prompts, or JSON lines under a .json name), never lines of text."""
+    path = tmp_path / "p.json"
+    path.write_text('[\n  {"prompt": "first", "id": 1},\n  "second",\n  [5, 6]\n]\n')
+    assert read_prompts(path) == ["first", "second", [5, 6]]
+    path.write_text('{"prompt": "only one"}')
+    assert read_prompts(path) == ["only one"]
+    path.write_text('{"prompt": "a"}\n\n{"prompt": [7]}\n')  # JSON lines saved as .json
+    assert read_prompts(path) == ["a", [7]]
+    for content, fragment in [('[{"prompt": "a"}, {"text": "b"}]', "item 2"), ('["a", ""]', "item 2"),
+                              ('{"prompt": "a",\n oops}', "not valid JSON"), ('"just a string"', "JSON list"),
+                              ("[]", "holds no prompts")]:
+        path.write_text(content)
+        with pytest.raises(InputError, match=fragment):
+            read_prompts(path)
+
+
+def test_bad_json_prompts_file_is_refused_before_load(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('[{"prompt": "unterminated"')
+    assert_one_line_error(launch("--prompts_file", str(path)), "p.json", "not valid JSON")
