@@ -114,14 +114,21 @@ def decoder_layer(p, x, positions, cache, index, kind, cfg: ModelConfig, experts
     """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). For a MoE layer, `experts` is the run's
     whole expert stack and `index` this layer's place in it (moe.experts reads only the experts it needs)."""
     attn_kind, mlp_kind = kind
-    a, cache = attention(p["attn"], rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), positions, cache, index,
-                         cfg.attention(attn_kind))
-    x = x + a
-    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    with jax.named_scope("norm"):
+        h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    with jax.named_scope("attention"):
+        a, cache = attention(p["attn"], h, positions, cache, index, cfg.attention(attn_kind))
+    with jax.named_scope("residual"):
+        x = x + a
+    with jax.named_scope("norm"):
+        h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     if mlp_kind == DENSE:
-        return x + swiglu(p["mlp"], h), cache
-    return x + moe(p["mlp"], experts, index, h, cfg.num_experts_per_tok, cfg.norm_topk_prob,
-                   cfg.routed_scaling_factor), cache
+        with jax.named_scope("mlp"):
+            y = swiglu(p["mlp"], h)
+    else:
+        y = moe(p["mlp"], experts, index, h, cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+    with jax.named_scope("residual"):
+        return x + y, cache
 
 
 def _split_experts(params, kind):
@@ -181,10 +188,12 @@ def forward_hidden(params, tokens, positions, cache, cfg: ModelConfig):
     return x, {**cache, "layers": layers}
 
 
+@jax.named_scope("norm")
 def final_norm(params, hidden, cfg: ModelConfig):
     return rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
 
 
+@jax.named_scope("lm_head")
 def head(params, normed, cfg: ModelConfig):
     """The (possibly tied) lm_head: normed hidden [..., H] -> float32 logits [..., V]."""
     w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]

@@ -70,7 +70,9 @@ def moe(p, stack, index, x, top_k: int, norm_topk_prob: bool, scaling: float):
     """x [B, T, H] -> [B, T, H]; p holds this layer's router, stack/index its experts (see `experts`)."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
-    weights, ids = route(p, flat, top_k, norm_topk_prob, scaling)
-    if sharding.expert_axis_size() > 1:
-        return sharding.ep_experts(experts, stack, index, flat, weights, ids).reshape(shape)
-    return experts(stack, index, flat, weights, ids).reshape(shape)
+    with jax.named_scope("router"):
+        weights, ids = route(p, flat, top_k, norm_topk_prob, scaling)
+    with jax.named_scope("experts"):
+        if sharding.expert_axis_size() > 1:
+            return sharding.ep_experts(experts, stack, index, flat, weights, ids).reshape(shape)
+        return experts(stack, index, flat, weights, ids).reshape(shape)

@@ -30,6 +30,7 @@ def init_cache(cfg: ModelConfig, batch: int, dtype, ring_slack: int) -> dict:
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(cfg, batch, dtype, ring_slack))
 
 
+@jax.named_scope("drafter")
 def mtp_layer(params, j: int, hidden, tokens, positions, cache, cfg: ModelConfig):
     """MTP layer j (static): hidden [B,T,H] normed, tokens [B,T] (the tokens one ahead of hidden), positions [T]
     (those of hidden; -1 = padding) -> (normed output [B,T,H], logits [B,T,V] f32, cache)."""

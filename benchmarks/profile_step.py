@@ -1,0 +1,225 @@
+"""One decode step (plain, and the speculative step) under the JAX profiler, as a table of kernels.
+
+    python benchmarks/profile_step.py --config configs/smollm2_135m.json
+    python benchmarks/profile_step.py --config configs/mid_mimo.json --quant_experts int4_sym --k 8
+    python benchmarks/profile_step.py --config configs/mimo_v2_flash.json --layers 48 --devices 2 --k 8
+
+The step runs through the Engine (the path a user takes), warmed up with the exact request shape, timed
+without the profiler, then profiled. Every GPU kernel of the decode module is attributed to a group by the
+JAX name scope of the HLO op it runs (model.py / layers.py / moe.py set them: attention, norm, residual,
+mlp, router, experts, lm_head, sampling) or by its kind (collectives, copies); the table gives each group's
+kernels and time per step, kernels per layer, the kernel sum against the step's wall time (the gaps: launch
+latency and host work), and the step against its floor (bytes it must read over the read ceiling measured
+in this run). Weight-sized copies (a layer loop materialising a slice before a GEMM) show up under copies.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+_DUMP = tempfile.mkdtemp(prefix="profile_step_hlo_")
+# Entry point: the optimized HLO of the step is dumped so every kernel can be traced back to its JAX op.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={_DUMP} --xla_dump_hlo_as_text"
+                           " --xla_dump_hlo_module_re=.*(decode|step).*").strip()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mimo_jax import model, sharding
+from mimo_jax.config import MOE, load_config
+from mimo_jax.engine import Engine
+
+from bench_decode import step_bytes
+from ceiling import read_ceiling
+
+GROUPS = ("attention", "norm", "residual", "mlp", "router", "experts", "lm_head", "sampling", "drafter")
+COLLECTIVE = re.compile(r"nccl|all.?reduce|all.?gather|reduce.?scatter|all.?to.?all|collective", re.I)
+COPY = re.compile(r"copy|memcpy|memset|dynamic.?slice|transpose", re.I)
+
+
+def group_of(kernel: str, op_name: str) -> str:
+    if COLLECTIVE.search(kernel) or COLLECTIVE.search(op_name):
+        return "collectives"
+    scopes = op_name.split("/")
+    if "drafter" in scopes:
+        return "drafter"
+    for scope in reversed(scopes):  # innermost named scope wins
+        if scope in GROUPS:
+            return scope
+    if COPY.search(kernel):
+        return "copies"
+    return "other"
+
+
+def op_names_by_module(dump_dir: str) -> dict[str, dict[str, str]]:
+    """{module name: {HLO instruction name: metadata op_name}} from the optimized HLO text dumps."""
+    out = {}
+    for path in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")):
+        name = re.sub(r"^module_\d+\.", "", os.path.basename(path)).split(".")[0]
+        ops = out.setdefault(name, {})
+        for line in open(path):
+            m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", line)
+            if m:
+                ops[m.group(1)] = m.group(2)
+    return out
+
+
+def kernel_events(xplane: str):
+    """(kernel name, duration us, stats dict) of every GPU kernel in the trace, and the per-module executions."""
+    pd = jax.profiler.ProfileData.from_file(xplane)
+    kernels, modules, line_names = [], collections.Counter(), set()
+    for plane in pd.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            line_names.add(line.name)
+            if line.name == "XLA Modules":
+                for ev in line.events:
+                    modules[ev.name.split("(")[0]] += 1
+                continue
+            if not line.name.startswith("Stream"):
+                continue
+            for ev in line.events:
+                kernels.append((ev.name, ev.duration_ns / 1e3, dict(ev.stats)))
+    return kernels, modules, sorted(line_names)
+
+
+def profile(engine: Engine, ids, n_new: int, module_re: str, n_layers: int, floor_s: float, trace_dir: str):
+    """Time the step (no profiler), then trace it; returns the summary dict and prints the table."""
+    engine.warm_up(ids, n_new)
+    stats = engine.generate(ids, max_new_tokens=n_new, stop_at_eos=False).stats
+    steps = stats.spec_steps if stats.speculative_k else stats.new_tokens - 1
+    wall = stats.decode_s / max(steps, 1)
+    with jax.profiler.trace(trace_dir):
+        pstats = engine.generate(ids, max_new_tokens=n_new, stop_at_eos=False).stats
+    xplane = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+    kernels, modules, line_names = kernel_events(xplane)
+    if kernels:
+        print(f"  (a kernel event's stats: {sorted(kernels[0][2])})")
+    op_names = op_names_by_module(_DUMP)
+    mods = [m for m in modules if re.search(module_re, m)]
+    runs = sum(modules[m] for m in mods) or (pstats.spec_steps if pstats.speculative_k else pstats.new_tokens - 1)
+    per = collections.defaultdict(lambda: [0, 0.0])  # (group, kernel) -> [count, us]
+    for name, us, st in kernels:
+        module = str(st.get("hlo_module", ""))
+        if not re.search(module_re, module):
+            continue
+        op = str(st.get("hlo_op", ""))
+        op_name = op_names.get(module.split("(")[0], {}).get(op, "") or str(st.get("tf_op", ""))
+        g = group_of(name, op_name)
+        per[(g, name)][0] += 1
+        per[(g, name)][1] += us
+    groups = collections.defaultdict(lambda: [0, 0.0])
+    for (g, _), (c, us) in per.items():
+        groups[g][0] += c
+        groups[g][1] += us
+    total_k = sum(c for c, _ in groups.values()) / runs
+    total_us = sum(us for _, us in groups.values()) / runs
+    print(f"  modules traced: {', '.join(f'{m} x{modules[m]}' for m in mods) or '(no XLA Modules line)'}; "
+          f"GPU lines: {', '.join(line_names[:6])}")
+    print(f"  wall {1e3 * wall:.3f} ms/step (untraced) | kernels {total_k:.0f}/step = {total_k / n_layers:.1f}/layer | "
+          f"kernel time {total_us / 1e3:.3f} ms/step | gaps {1e3 * wall - total_us / 1e3:.3f} ms "
+          f"({100 * (1 - total_us / 1e6 / wall):.0f}% of the step) | floor {1e3 * floor_s:.3f} ms -> "
+          f"{100 * floor_s / wall:.1f}% of the floor")
+    print("  | group | kernels/step | us/step | % of kernel time |")
+    print("  |---|---|---|---|")
+    for g, (c, us) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+        print(f"  | {g} | {c / runs:.0f} | {us / runs:.1f} | {100 * us / runs / max(total_us, 1e-9):.0f}% |")
+    print("  top kernels: | group | kernel | count/step | us/step | us each |")
+    for (g, name), (c, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:18]:
+        print(f"  | {g} | {name[:60]} | {c / runs:.1f} | {us / runs:.1f} | {us / c:.2f} |")
+    return {"wall_ms": 1e3 * wall, "kernels_per_step": total_k, "kernels_per_layer": total_k / n_layers,
+            "kernel_ms": total_us / 1e3, "floor_ms": 1e3 * floor_s, "pct_floor": 100 * floor_s / wall,
+            "groups": {g: {"kernels": c / runs, "us": us / runs} for g, (c, us) in groups.items()},
+            "top": [{"group": g, "kernel": n, "count": c / runs, "us": us / runs}
+                    for (g, n), (c, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:40]]}
+
+
+def build(args, cfg, mesh):
+    dtype = jnp.dtype(args.dtype)
+    if mesh is not None:  # random int4 experts generated on their devices (bench_sharded)
+        import bench_sharded
+
+        bench_sharded.GROUP = args.quant_group
+        return bench_sharded.random_params(cfg, mesh, args.attention), 0.5 + 2 / args.quant_group
+    params = model.init_params(cfg, jax.random.PRNGKey(0), dtype)
+    if args.quant_experts == "none":
+        return params, None
+    from mimo_jax.quantize_model import quantize_experts
+
+    group = 32 if args.quant_experts == "mxfp4" else args.quant_group
+    scale = {"int4_sym": 2, "int4_asym": 4, "mxfp4": 1}[args.quant_experts]
+    return quantize_experts(params, args.quant_experts, args.quant_group), 0.5 + scale / group
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/smollm2_135m.json")
+    ap.add_argument("--layers", type=int, default=0, help="use the first N layers (0 = all)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quant_experts", default="none")
+    ap.add_argument("--quant_group", type=int, default=128)
+    ap.add_argument("--devices", type=int, default=1)
+    ap.add_argument("--attention", default="tp")
+    ap.add_argument("--k", type=int, default=0, help="also profile the speculative step with k drafts (MTP)")
+    ap.add_argument("--prompt_len", type=int, default=64)
+    ap.add_argument("--new_tokens", type=int, default=64)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--keep_hlo", action="store_true", help="copy the decode step's optimized HLO to --out")
+    args = ap.parse_args()
+    cfg = load_config(args.config)
+    if args.layers:
+        n = args.layers
+        cfg = cfg.replace(num_layers=n, layer_types=cfg.layer_types[:n], mlp_types=cfg.mlp_types[:n])
+    if not args.k:
+        cfg = cfg.replace(num_mtp_layers=0)
+    mesh = sharding.make_mesh(args.devices) if args.devices > 1 else None
+    ceiling = read_ceiling()  # per device
+    params, expert_itemsize = build(args, cfg, mesh)
+    itemsize = jnp.dtype(args.dtype).itemsize
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
+    tag = args.tag or Path(args.config).stem
+    print(f"== {tag}: {jax.devices()[0].device_kind} x{args.devices}, jax {jax.__version__}, {cfg.num_layers} "
+          f"layers, {args.dtype}, experts {args.quant_experts if mesh is None else 'int4_sym (random)'}; "
+          f"read ceiling {ceiling / 1e9:.0f} GB/s per device (measured now)")
+    summary = {"tag": tag, "device": jax.devices()[0].device_kind, "devices": args.devices, "jax": jax.__version__,
+               "ceiling_GBps": ceiling / 1e9}
+    for k in ([0, args.k] if args.k else [0]):
+        engine = Engine(cfg, params, max_seq_len=4096, prefill_chunk=64, mesh=mesh, attention=args.attention,
+                        speculative_k=k)
+        cap = engine.capacity(len(ids), args.new_tokens)
+        if k == 0:
+            nbytes = step_bytes(cfg, itemsize, cap, expert_itemsize=expert_itemsize)
+        else:
+            e_uniform = (cfg.num_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** (k + 1))
+                         if MOE in cfg.mlp_types else None)
+            nbytes = step_bytes(cfg, itemsize, cap, k + 1, e_uniform, ring=k + 1, expert_itemsize=expert_itemsize)
+        floor = nbytes / (ceiling * args.devices)
+        print(f"-- {'plain decode' if k == 0 else f'speculative step k={k}'} (cache bucket {cap}, "
+              f"{nbytes / 1e6:.1f} MB per step over {args.devices} device(s))")
+        summary["plain" if k == 0 else f"spec_k{k}"] = profile(
+            engine, ids, args.new_tokens, r"decode" if k == 0 else r"step", cfg.num_layers, floor,
+            tempfile.mkdtemp(prefix="trace_"))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with open(Path(args.out) / f"profile_{tag}.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    if args.keep_hlo:  # the optimized HLO of the plain decode step, for reading offline
+        import shutil
+
+        for path in glob.glob(os.path.join(_DUMP, "*jit__decode*after_optimizations.txt"))[:1]:
+            shutil.copy(path, Path(args.out) / f"hlo_{tag}_decode.txt")
+
+
+if __name__ == "__main__":
+    main()
