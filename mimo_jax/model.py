@@ -93,13 +93,20 @@ def init_params(cfg: ModelConfig, key, dtype=jnp.bfloat16) -> dict:
     return jax.tree_util.tree_unflatten(treedef, [make(p, s, k) for (p, s), k in zip(leaves, keys)])
 
 
+def ring_length(window: int, ring_slack: int = 0) -> int:
+    """Slots of a sliding layer's ring: more than the window (a decode step writes its position before it
+    attends, so the slot it overwrites must be out of the window), plus the slack, rounded up to 16 (the
+    fused attention kernel reads keys in blocks of 16 or more)."""
+    return -(-(window + 1 + ring_slack) // 16) * 16
+
+
 def cache_shapes(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16, ring_slack: int = 0) -> dict:
-    """Full layers hold `capacity` positions; sliding layers a ring of window + ring_slack slots. Speculative
+    """Full layers hold `capacity` positions; sliding layers a ring of ring_length(window, ring_slack) slots. Speculative
     decoding sets ring_slack = k + 1, so the k+1 positions a verify pass writes never overwrite an entry that a
     later query still sees in its window: rejected drafts need no rollback (layers.attention)."""
     def make(kind, lead):
         s = cfg.attention(kind[0])
-        length = capacity if kind[0] == FULL else s.window + ring_slack
+        length = capacity if kind[0] == FULL else ring_length(s.window, ring_slack)
         return {"k": jax.ShapeDtypeStruct(lead + (batch, length, s.num_kv_heads, s.head_dim), dtype),
                 "v": jax.ShapeDtypeStruct(lead + (batch, length, s.num_kv_heads, s.v_head_dim), dtype)}
     return {"layers": stacked(plan_of(cfg), make)}
@@ -182,8 +189,17 @@ def embed(params, tokens):
     return jnp.take(params["embed"], tokens, axis=0)
 
 
-def forward_hidden(params, tokens, positions, cache, cfg: ModelConfig):
-    """tokens [B,T] -> (last layer's hidden states [B,T,H], before the final norm; updated cache)."""
+def forward_hidden(params, tokens, positions, cache, cfg: ModelConfig, kernels: str = "xla"):
+    """tokens [B,T] -> (last layer's hidden states [B,T,H], before the final norm; updated cache).
+
+    kernels (static): "xla" runs the reference path (any shape, any device); "pallas" / "interpret" run a
+    one-token batch-1 decode through the fused Pallas layer kernels (fused_decode.py) where they support the
+    model (else this path)."""
+    if kernels != "xla" and tokens.shape == (1, 1):
+        from mimo_jax import fused_decode
+
+        if fused_decode.unsupported(cfg, params, cache) is None:
+            return fused_decode.forward_hidden(params, tokens, positions, cache, cfg, kernels == "interpret")
     x, layers = run_layers(params["layers"], cache["layers"], embed(params, tokens), positions, cfg)
     return x, {**cache, "layers": layers}
 
