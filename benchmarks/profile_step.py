@@ -74,6 +74,15 @@ def op_names_by_module(dump_dir: str) -> dict[str, dict[str, str]]:
     return out
 
 
+def op_name_of(op_names: dict, module: str, hlo_op: str, tf_op: str = "") -> str:
+    """The JAX op_name of a kernel's HLO op (its named scopes), from the dump of its module."""
+    mod = module.split("(")[0]
+    table = op_names.get(mod)
+    if table is None:
+        table = next((t for name, t in op_names.items() if name in module or mod in name), {})
+    return table.get(hlo_op, "") or tf_op
+
+
 def kernel_events(xplane: str):
     """(kernel name, duration us, stats dict) of every GPU kernel in the trace, and the per-module executions."""
     pd = jax.profiler.ProfileData.from_file(xplane)
@@ -105,7 +114,9 @@ def profile(engine: Engine, ids, n_new: int, module_re: str, n_layers: int, floo
     xplane = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
     kernels, modules, line_names = kernel_events(xplane)
     if kernels:
-        print(f"  (a kernel event's stats: {sorted(kernels[0][2])})")
+        st = kernels[len(kernels) // 2][2]
+        print(f"  (a kernel event: module {st.get('hlo_module')!r}, op {st.get('hlo_op')!r}, tf_op "
+              f"{str(st.get('tf_op'))[:80]!r}; dumped modules: {sorted(op_names_by_module(_DUMP))[:6]})")
     op_names = op_names_by_module(_DUMP)
     mods = [m for m in modules if re.search(module_re, m)]
     runs = sum(modules[m] for m in mods) or (pstats.spec_steps if pstats.speculative_k else pstats.new_tokens - 1)
@@ -114,8 +125,7 @@ def profile(engine: Engine, ids, n_new: int, module_re: str, n_layers: int, floo
         module = str(st.get("hlo_module", ""))
         if not re.search(module_re, module):
             continue
-        op = str(st.get("hlo_op", ""))
-        op_name = op_names.get(module.split("(")[0], {}).get(op, "") or str(st.get("tf_op", ""))
+        op_name = op_name_of(op_names, module, str(st.get("hlo_op", "")), str(st.get("tf_op", "")))
         g = group_of(name, op_name)
         per[(g, name)][0] += 1
         per[(g, name)][1] += us

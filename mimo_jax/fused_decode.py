@@ -25,6 +25,7 @@ from pallas_kernels import decode_layer as dl
 
 F32 = jnp.float32
 ATTN_KEYS = ("wq", "wk", "wv", "wo")
+PARTS_BYTES = 256 << 10  # MLP partials up to this size are summed by the kernels that read x, above by XLA
 
 
 def _block(n: int, cap: int) -> int:
@@ -39,7 +40,7 @@ def geometry(cfg: ModelConfig, attn_kind: str) -> dl.Geometry:
     s = cfg.attention(attn_kind)
     inter = cfg.intermediate_size if DENSE in cfg.mlp_types else 0
     return dl.Geometry(bk=_block(cfg.hidden_size, 64), bn=_block(cfg.hidden_size, 64),
-                       bi=_block(inter, 32) if inter else 32,hidden=cfg.hidden_size, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
+                       bi=_block(inter, max(32, min(256, inter // 128))) if inter else 32,hidden=cfg.hidden_size, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
                        head_dim=s.head_dim, v_head_dim=s.v_head_dim, rope_dim=s.rope_dim, rope_theta=s.rope_theta,
                        window=s.window, sink=s.sink, value_scale=s.value_scale, eps=cfg.rms_norm_eps,
                        intermediate=inter)
@@ -133,6 +134,8 @@ def forward_hidden(params, tokens, positions, cache, cfg: ModelConfig, interpret
                         with jax.named_scope("mlp"):
                             parts = dl.mlp(lid, base, p["mlp_norm"], p["mlp"]["w_gate"], p["mlp"]["w_up"],
                                            p["mlp"]["w_down"], g=g, interpret=interpret)
+                            if parts.size * 4 > PARTS_BYTES:  # every later program would re-read them: sum once
+                                parts = jnp.sum(parts, axis=0, keepdims=True)
                         continue
                     with jax.named_scope("norm"):
                         h = rms_norm(base.astype(dtype), p["mlp_norm"][flat_i], cfg.rms_norm_eps)[None, None]
