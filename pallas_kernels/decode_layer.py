@@ -260,6 +260,13 @@ def _attn_out_kernel(layer_ref, pos_ref, base_ref, parts_ref, q_ref, k_ref, v_re
     out_ref[pl.ds(n0, g.bn)] = _load_x(base_ref, parts_ref, n0, g.bn) + y.astype(BF16).astype(F32)
 
 
+def _swiglu_act(gate, up):
+    """SiLU(gate) * up of f32 GEMV outputs, each rounded to bf16 as the model's matmuls round them; the
+    elementwise math in f32 (the Triton lowering has no bf16 division), the product rounded to bf16."""
+    gate, up = gate.astype(BF16).astype(F32), up.astype(BF16).astype(F32)
+    return (gate * jax.nn.sigmoid(gate) * up).astype(BF16)
+
+
 def _mlp_kernel(layer_ref, x_ref, nw_ref, wg_ref, wu_ref, wd_ref, out_ref, *, g: Geometry):
     i = pl.program_id(0)
     layer = layer_ref[0]
@@ -271,8 +278,7 @@ def _mlp_kernel(layer_ref, x_ref, nw_ref, wg_ref, wu_ref, wd_ref, out_ref, *, g:
         rstd = jax.lax.rsqrt(_sumsq(x_ref, None, g.hidden, g.bk) / g.hidden + g.eps)
         gate, up = _normed_gemv(x_ref, None, nw_ref, layer, rstd, [(wg_ref, c0, g.bi), (wu_ref, c0, g.bi)],
                                 g.hidden, g.bk)
-        gate, up = gate.astype(BF16), up.astype(BF16)
-        h = (jax.nn.silu(gate) * up).astype(F32)[:, None]  # bf16 math, as the model's swiglu
+        h = _swiglu_act(gate, up).astype(F32)[:, None]
 
         def body(b, _):
             n0 = pl.multiple_of(b * g.bn, g.bn)
@@ -391,7 +397,7 @@ def reference_attn_out(layer, pos, base, parts, q_buf, cache_k, cache_v, sink, w
 def reference_mlp(layer, x, norm_w, w_gate, w_up, w_down, *, g: Geometry):
     l = layer[0]
     xn = _rms(x, norm_w[l], g.eps).astype(BF16)
-    gate = jnp.dot(xn, w_gate[l].astype(BF16), preferred_element_type=F32).astype(BF16)
-    up = jnp.dot(xn, w_up[l].astype(BF16), preferred_element_type=F32).astype(BF16)
-    h = jax.nn.silu(gate) * up
+    gate = jnp.dot(xn, w_gate[l].astype(BF16), preferred_element_type=F32)
+    up = jnp.dot(xn, w_up[l].astype(BF16), preferred_element_type=F32)
+    h = _swiglu_act(gate, up)
     return jnp.dot(h, w_down[l].astype(BF16), preferred_element_type=F32)[None]
