@@ -213,10 +213,10 @@ class Tokenizer:
         beside it when present."""
         path = pathlib.Path(path)
         if path.is_dir():
-            found = [p for p in (path / "tokenizer.json", path / "tokenizer.model") if p.is_file()]
-            if not found:
+            found = find_tokenizer_file(path)
+            if found is None:
                 raise TokenizerError(f"{path} holds neither tokenizer.json nor tokenizer.model")
-            path = found[0]
+            path = found
         if not path.is_file():
             raise TokenizerError(f"No tokenizer file at {path}")
         config = _read_json(path.parent / "tokenizer_config.json")
@@ -315,6 +315,18 @@ class StreamDecoder:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+
+def find_tokenizer_file(directory: str | pathlib.Path) -> pathlib.Path | None:
+    """The tokenizer a checkpoint directory holds (tokenizer.json, else a sentencepiece tokenizer.model)."""
+    found = [p for p in (pathlib.Path(directory) / n for n in ("tokenizer.json", "tokenizer.model")) if p.is_file()]
+    return found[0] if found else None
+
+
+def chat_template_in(directory: str | pathlib.Path) -> str | None:
+    """The chat template of a checkpoint directory's tokenizer (as from_file finds it), without building it."""
+    directory = pathlib.Path(directory)
+    return _chat_template(_read_json(directory / "tokenizer_config.json"), directory)
 
 
 def _read_json(path: pathlib.Path) -> dict:

@@ -66,7 +66,7 @@ def test_error_mid_batch_leaves_no_output(tmp_path):
     out = tmp_path / "o.jsonl"
     out.write_text("previous results\n")
     r = launch("--config", "configs/tiny_llama.json", "--random_init", "--prompts_file", str(prompts),
-               "--output", str(out), "--max_seq_len", "8")
+               "--output", str(out), "--max_seq_len", "8", "--max_new_tokens", "2")
     assert_one_line_error(r, "10 tokens")
     assert out.read_text() == "previous results\n"
     assert not list(tmp_path.glob(".o.jsonl.*"))
