@@ -72,6 +72,34 @@ class Generation:
     stats: GenerationStats
 
 
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How many new tokens a request may emit and why it stops there: the one place (plain and speculative
+    decoding alike) that decides which tokens of a step are emitted and the finish reason."""
+
+    limit: int  # new tokens at most
+    reason: str  # why the limit stops it: "length" (max_new_tokens) or "context" (the context is full first)
+    eos: frozenset = frozenset()
+
+    @classmethod
+    def of(cls, max_new_tokens: int, prompt_len: int, max_seq_len: int, eos=()) -> "Budget":
+        limit = min(max_new_tokens, max_seq_len - prompt_len)
+        return cls(limit, "length" if limit == max_new_tokens else "context", frozenset(eos))
+
+    def take(self, emitted: int, tokens: Sequence[int]) -> tuple[list[int], str]:
+        """The tokens of one step (plain: one; speculative: accepted drafts + bonus) emitted after `emitted`
+        earlier ones, and the finish reason ("" while the request goes on): an eos token ends it (and is
+        emitted), and so does reaching the limit."""
+        out = []
+        for t in tokens:
+            out.append(t)
+            if t in self.eos:
+                return out, "eos"
+            if emitted + len(out) >= self.limit:
+                return out, self.reason
+        return out, ""
+
+
 @functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
 def _prefill(params, tokens, positions, cache, cfg: ModelConfig):
     hidden, cache = model.forward_hidden(params, tokens, positions, cache, cfg)
@@ -111,9 +139,10 @@ def _bucket(n: int, largest: int, smallest: int = 16) -> int:
 
 class Engine:
     def __init__(self, cfg: ModelConfig, params, tokenizer=None, max_seq_len: int | None = None,
-                 prefill_chunk: int = 512, cache_dtype=None, speculative_k: int = 0, drafter: str = "mtp",
-                 mesh=None, attention: str = "tp"):
-        """mesh: a sharding.make_mesh(n) mesh to spread the model over (experts split, attention per
+                 prefill_chunk: int = 512, cache_dtype=None, speculative_k: int = 0,
+                 drafter: str | speculative.Drafter = "mtp", mesh=None, attention: str = "tp"):
+        """drafter: a name in speculative.DRAFTERS or a speculative.Drafter.
+        mesh: a sharding.make_mesh(n) mesh to spread the model over (experts split, attention per
         `attention`: "tp" = heads split where they divide, "replicated"); None = one device."""
         self.cfg, self.tokenizer, self.mesh, self.attention = cfg, tokenizer, mesh, attention
         self.params = self._place(params)
@@ -122,11 +151,13 @@ class Engine:
         self.cache_dtype = cache_dtype or params["embed"].dtype
         if speculative_k < 0:
             raise InputError(f"speculative_k must be >= 0, got {speculative_k}")
-        if drafter not in speculative.DRAFTERS:
-            raise InputError(f"unknown drafter {drafter!r} (choose from {', '.join(speculative.DRAFTERS)})")
-        if speculative_k and speculative.DRAFTERS[drafter].uses_mtp and "mtp" not in params:
+        if not isinstance(drafter, speculative.Drafter):
+            if drafter not in speculative.DRAFTERS:
+                raise InputError(f"unknown drafter {drafter!r} (choose from {', '.join(speculative.DRAFTERS)})")
+            drafter = speculative.DRAFTERS[drafter]
+        if speculative_k and drafter.uses_mtp and "mtp" not in params:
             raise InputError("speculative decoding with the MTP drafter needs MTP layers; this model has none")
-        self.speculative_k, self.drafter = speculative_k, speculative.DRAFTERS[drafter]
+        self.speculative_k, self.drafter = speculative_k, drafter
 
     # ---- construction ----
     def _place(self, tree):
@@ -291,23 +322,31 @@ class Stream:
         token.block_until_ready()
         self.stats.prefill_ms = 1e3 * (time.perf_counter() - t0)
         t1 = time.perf_counter()
-        budget = min(self.max_new_tokens, e.max_seq_len - len(self.ids))
-        eos = e.eos_ids if self.stop_at_eos else set()
-        for i in range(budget):
+        budget = self._budget()
+        for i in range(budget.limit):
             nxt = None
-            if i + 1 < budget:  # dispatch step i+1 before reading token i on the host
+            if i + 1 < budget.limit:  # dispatch step i+1 before reading token i on the host
                 nxt, cache = _decode(e.params, token, jnp.int32(position), cache, self.key, *self.sampling,
                                      cfg=cfg, is_greedy=self.is_greedy)
                 position += 1
-            t = int(to_host(token)[0])
-            self.stats.new_tokens += 1
-            self.stats.decode_s = time.perf_counter() - t1
-            yield t
-            if t in eos:
-                self.stats.finish_reason = "eos"
+            kept, reason = budget.take(i, [int(to_host(token)[0])])
+            yield from self._emit(kept, reason, t1)
+            if reason:
                 return
             token = nxt
-        self.stats.finish_reason = "length" if budget == self.max_new_tokens else "context"
+
+    def _budget(self) -> Budget:
+        e = self.engine
+        return Budget.of(self.max_new_tokens, len(self.ids), e.max_seq_len, e.eos_ids if self.stop_at_eos else ())
+
+    def _emit(self, tokens: list[int], reason: str, t1: float) -> Iterator[int]:
+        """Yield one step's kept tokens, the stats complete when the last one is yielded."""
+        for i, t in enumerate(tokens):
+            self.stats.new_tokens += 1
+            self.stats.decode_s = time.perf_counter() - t1
+            if i == len(tokens) - 1 and reason:
+                self.stats.finish_reason = reason
+            yield t
 
     def _speculative(self) -> Iterator[int]:
         """Prefill (target, then MTP layer 0 over the same positions), then one jitted step per k+1 positions;
@@ -342,31 +381,25 @@ class Stream:
             state.update(mtp_cache=mtp_cache, draft=draft, draft_logits=dl, draft_hidden=dh)
         self.stats.prefill_ms = 1e3 * (time.perf_counter() - t0)
         t1 = time.perf_counter()
-        budget = min(self.max_new_tokens, e.max_seq_len - len(self.ids))
-        eos = e.eos_ids if self.stop_at_eos else set()
+        budget = self._budget()
         run = functools.partial(speculative.step, e.params, key=self.key, temperature=self.sampling[0],
                                 top_k=self.sampling[1], top_p=self.sampling[2], cfg=cfg, k=k, drafter=drafter,
                                 is_greedy=self.is_greedy)
-        self.stats.new_tokens = 1
-        yield first_id
-        if first_id in eos:
-            self.stats.finish_reason = "eos"
+        kept, reason = budget.take(0, [first_id])
+        yield from self._emit(kept, reason, t1)
+        if reason:
             return
         pending = run(state=state)
         while True:
             emitted, n, state = pending
-            if self.stats.new_tokens + 1 < budget:  # not surely the last step: dispatch the next one first
+            if budget.limit - self.stats.new_tokens > 1:  # this step may not finish it: dispatch the next first
                 pending = run(state=state)
-            emitted, n = to_host(emitted), to_host(n)
-            self.stats.accepted_hist[int(n)] += 1
-            for t in emitted[0, : int(n) + 1].tolist():
-                self.stats.new_tokens += 1
-                self.stats.decode_s = time.perf_counter() - t1
-                yield t
-                if t in eos or self.stats.new_tokens >= budget:
-                    self.stats.finish_reason = "eos" if t in eos else (
-                        "length" if budget == self.max_new_tokens else "context")
-                    return
+            emitted, n = to_host(emitted), int(to_host(n))
+            self.stats.accepted_hist[n] += 1
+            kept, reason = budget.take(self.stats.new_tokens, emitted[0, : n + 1].tolist())
+            yield from self._emit(kept, reason, t1)
+            if reason:
+                return
 
 
 def _find_tokenizer(path: Path):

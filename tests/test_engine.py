@@ -1,4 +1,5 @@
-"""Engine: plain sampling draws each token with its own key (the joint of tokens 1 and 2 is the model's)."""
+"""Engine: plain sampling draws each token with its own key (the joint of tokens 1 and 2 is the model's);
+budgets and finish reasons, plain and speculative."""
 from pathlib import Path
 
 import jax
@@ -6,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimo_jax import model
+from drafters import ORACLE
+from mimo_jax import engine as engine_module
+from mimo_jax import model, speculative
 from mimo_jax.config import load_config
-from mimo_jax.engine import Engine
+from mimo_jax.engine import Budget, Engine
 from sampling_stats import chi2_check, exact_dists
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -37,3 +40,102 @@ def test_plain_sampling_joint_of_first_two_tokens(small_vocab, settings):
                             seed=seed, stop_at_eos=False).token_ids
         counts[t1, t2] += 1
     chi2_check(counts, p1[:, None] * p2, n)
+
+
+# ---- budgets and finish reasons: one rule (engine.Budget) for plain and speculative decoding ----
+
+K = 3
+
+
+def test_budget_take():
+    step = [10, 11, 12, 13]  # a speculative step's k + 1 = 4 tokens
+    length = Budget.of(max_new_tokens=5, prompt_len=10, max_seq_len=100, eos={12})
+    assert length.limit == 5 and length.reason == "length"
+    assert length.take(0, [10]) == ([10], "")
+    assert length.take(1, [10, 11]) == ([10, 11], "")
+    assert length.take(1, step) == ([10, 11, 12], "eos")  # eos first, and emitted
+    assert length.take(3, [10, 11, 13]) == ([10, 11], "length")
+    assert Budget.of(1, 10, 100).take(0, [7]) == ([7], "length")
+    context = Budget.of(max_new_tokens=50, prompt_len=10, max_seq_len=13)
+    assert context.limit == 3 and context.take(1, step) == ([10, 11], "context")
+    assert Budget.of(3, 10, 13).reason == "length"  # both limits at once: max_new_tokens is the one asked for
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_config(CONFIGS / "tiny_mimo.json")
+    params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 21).tolist()
+    reference = Engine(cfg, params, max_seq_len=128, prefill_chunk=16).generate(prompt, max_new_tokens=12)
+    assert len(set(reference.token_ids)) > 6  # a model that does not repeat one token
+    return cfg, params, prompt, reference.token_ids
+
+
+def counting(monkeypatch, module, name):
+    """Count the calls of module.name (the jitted step / decode the Stream dispatches)."""
+    calls, fn = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(1) or fn(*a, **kw))
+    return calls
+
+
+def run(cfg, params, prompt, speculative_k, max_seq_len=128, tokenizer=None, **kw):
+    e = Engine(cfg, params, tokenizer=tokenizer, max_seq_len=max_seq_len, prefill_chunk=16,
+               speculative_k=speculative_k, drafter=ORACLE)  # every step accepts all k: exact step counts
+    return e.generate(prompt, **kw)
+
+
+@pytest.mark.parametrize("budget", [1, 2, K, K + 1, K + 2])
+def test_budget_plain(tiny, monkeypatch, budget):
+    cfg, params, prompt, reference = tiny
+    decodes = counting(monkeypatch, engine_module, "_decode")
+    out = run(cfg, params, prompt, 0, max_new_tokens=budget)
+    assert out.token_ids == reference[:budget] and out.stats.new_tokens == budget
+    assert out.stats.finish_reason == "length"
+    assert len(decodes) == budget - 1  # the first token comes from the prefill
+
+
+@pytest.mark.parametrize("budget", [1, 2, K, K + 1, K + 2, 2 * K + 3])
+def test_budget_speculative(tiny, monkeypatch, budget):
+    cfg, params, prompt, reference = tiny
+    steps = counting(monkeypatch, speculative, "step")
+    out = run(cfg, params, prompt, K, max_new_tokens=budget)
+    assert out.token_ids == reference[:budget] and out.stats.new_tokens == budget
+    assert out.stats.finish_reason == "length"
+    needed = -(-(budget - 1) // (K + 1))  # each step emits k + 1 tokens after the prefill's first
+    assert out.stats.spec_steps == needed
+    # the next step is dispatched before the host reads how many drafts this one accepted, unless this one
+    # surely ends the request (one token left); so at most one step past the last, and none at budgets 1, 2
+    last_needs = budget - 1 - (needed - 1) * (K + 1)
+    assert len(steps) == needed + (needed > 0 and last_needs > 1)
+
+
+@pytest.mark.parametrize("speculative_k", [0, K])
+def test_eos_stops_and_is_emitted(tiny, speculative_k):
+    cfg, params, prompt, reference = tiny
+    for at in (0, 2, K + 1):
+        eos = reference[at]
+        first = reference.index(eos)
+        # eos ids come from the config or the tokenizer; a tokenizer stand-in keeps the compiled functions
+        out = run(cfg, params, prompt, speculative_k, tokenizer=_EosOnly({eos}), max_new_tokens=10)
+        assert out.token_ids == reference[:first + 1] and out.stats.finish_reason == "eos"
+        if speculative_k:
+            assert out.stats.spec_steps == -(-first // (K + 1))
+    out = run(cfg, params, prompt, speculative_k, tokenizer=_EosOnly({eos}), max_new_tokens=10, stop_at_eos=False)
+    assert out.token_ids == reference[:10] and out.stats.finish_reason == "length"
+
+
+class _EosOnly:
+    def __init__(self, eos_ids):
+        self.eos_ids = eos_ids
+
+    def decode(self, ids):
+        return ""
+
+
+@pytest.mark.parametrize("speculative_k", [0, K])
+@pytest.mark.parametrize("room", [1, K + 2])
+def test_context_limit(tiny, speculative_k, room):
+    """The context (max_seq_len) fills before max_new_tokens: exactly `room` tokens, finish reason "context"."""
+    cfg, params, prompt, reference = tiny
+    out = run(cfg, params, prompt, speculative_k, max_new_tokens=10, max_seq_len=len(prompt) + room)
+    assert out.token_ids == reference[:room] and out.stats.finish_reason == "context"
