@@ -25,6 +25,7 @@ from pallas_kernels import decode_layer as dl
 
 F32 = jnp.float32
 ATTN_KEYS = ("wq", "wk", "wv", "wo")
+MAX_KEYS = 512  # longest cache (full-attention capacity or ring) the fused attention takes
 PARTS_BYTES = 256 << 10  # MLP partials up to this size are summed by the kernels that read x, above by XLA
 
 
@@ -40,7 +41,7 @@ def geometry(cfg: ModelConfig, attn_kind: str) -> dl.Geometry:
     s = cfg.attention(attn_kind)
     inter = cfg.intermediate_size if DENSE in cfg.mlp_types else 0
     return dl.Geometry(bk=_block(cfg.hidden_size, 64), bn=_block(cfg.hidden_size, 64),
-                       bi=_block(inter, max(32, min(256, inter // 128))) if inter else 32,hidden=cfg.hidden_size, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
+                       bi=_block(inter, max(64, min(256, inter // 128))) if inter else 32,hidden=cfg.hidden_size, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
                        head_dim=s.head_dim, v_head_dim=s.v_head_dim, rope_dim=s.rope_dim, rope_theta=s.rope_theta,
                        window=s.window, sink=s.sink, value_scale=s.value_scale, eps=cfg.rms_norm_eps,
                        intermediate=inter)
@@ -65,6 +66,9 @@ def unsupported(cfg: ModelConfig, params, cache) -> str | None:
                 return "the fused kernels take a bfloat16 cache"
             if not dl.key_block(cr["k"].shape[-3], geometry(cfg, run.kind[0]).bs):
                 return f"cache length {cr['k'].shape[-3]} is not a multiple of 16"
+            if cr["k"].shape[-3] > MAX_KEYS:
+                return (f"cache length {cr['k'].shape[-3]} > {MAX_KEYS}: attn_out recomputes attention in each "
+                        f"column block, which pays only for short caches")
     return None
 
 

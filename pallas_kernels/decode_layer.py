@@ -131,24 +131,56 @@ def _load_x(base_ref, parts_ref, k0, size):
     return x + jnp.sum(parts_ref[:, pl.ds(k0, size)], axis=0)
 
 
-def _sumsq(base_ref, parts_ref, hidden, bk):
-    def body(i, acc):
-        x = _load_x(base_ref, parts_ref, pl.multiple_of(i * bk, bk), bk)
-        return acc + jnp.sum(x * x)
-    return jax.lax.fori_loop(0, hidden // bk, body, jnp.zeros((), F32))
+UNROLL = 16  # loops of up to this many K blocks are unrolled: their loads are independent and issue together
 
 
-def _normed_gemv(base_ref, parts_ref, nw_ref, layer, rstd, cols, hidden, bk):
-    """sum_k rmsnorm(x)[k] * w[layer, k, c0 + c] for each (w_ref, c0, width) in cols -> one f32 vector each.
+def _aligned(v, m: int):
+    """An offset known to be a multiple of m (a Python int when the loop is unrolled)."""
+    return v if isinstance(v, int) else pl.multiple_of(v, m)
+
+
+def _loop(n: int, body, init):
+    """fori_loop(0, n, body, init), unrolled in Python when short (a latency-bound loop of dependent loads
+    costs ~1 us per iteration on one SM; unrolled, the loads of all iterations are in flight at once)."""
+    if n <= UNROLL:
+        carry = init
+        for i in range(n):
+            carry = body(i, carry)
+        return carry
+    return jax.lax.fori_loop(0, n, body, init)
+
+
+def _normed_input(base_ref, parts_ref, nw_ref, layer, hidden, bk, eps):
+    """k-block i -> rmsnorm(x)[block i] as f32 [bk, 1] (bf16-rounded as the model rounds it)."""
+    n = hidden // bk
+    if n <= UNROLL:  # x read once, kept in registers
+        xs = [_load_x(base_ref, parts_ref, i * bk, bk) for i in range(n)]
+        rstd = jax.lax.rsqrt(sum(jnp.sum(x * x) for x in xs) / hidden + eps)
+        get = lambda i: xs[i]
+    else:
+        def sq(i, acc):
+            x = _load_x(base_ref, parts_ref, pl.multiple_of(i * bk, bk), bk)
+            return acc + jnp.sum(x * x)
+        rstd = jax.lax.rsqrt(jax.lax.fori_loop(0, n, sq, jnp.zeros((), F32)) / hidden + eps)
+        get = lambda i: _load_x(base_ref, parts_ref, pl.multiple_of(i * bk, bk), bk)
+
+    def block(i):
+        k0 = _aligned(i * bk, bk)
+        xn = (get(i) * rstd).astype(BF16)
+        return (nw_ref[layer, pl.ds(k0, bk)] * xn).astype(F32)[:, None]
+    return block
+
+
+def _normed_gemv(block, layer, cols, hidden, bk):
+    """sum_k xn[k] * w[layer, k, c0 + c] for each (w_ref, c0, width) in cols -> one f32 vector each.
     FMAs into a [bk, width] accumulator in the weight tile's own layout, one reduction over K at the end."""
     def body(i, accs):
-        k0 = pl.multiple_of(i * bk, bk)
-        xn = (_load_x(base_ref, parts_ref, k0, bk) * rstd).astype(BF16)
-        xn = (nw_ref[layer, pl.ds(k0, bk)] * xn).astype(F32)[:, None]
+        k0 = _aligned(i * bk, bk)
+        xn = block(i)
         return tuple(a + xn * w_ref[layer, pl.ds(k0, bk), pl.ds(c0, width)].astype(F32)
                      for a, (w_ref, c0, width) in zip(accs, cols))
     init = tuple(jnp.zeros((bk, width), F32) for _, _, width in cols)
-    return [jnp.sum(a, axis=0) for a in jax.lax.fori_loop(0, hidden // bk, body, init)]
+    return [jnp.sum(a, axis=0) for a in _loop(hidden // bk, body, init)]
 
 
 def _attn_in_kernel(layer_ref, pos_ref, base_ref, parts_ref, nw_ref, wq_ref, wk_ref, wv_ref, q_in, k_in, v_in,
@@ -156,7 +188,7 @@ def _attn_in_kernel(layer_ref, pos_ref, base_ref, parts_ref, nw_ref, wq_ref, wk_
     del q_in, k_in, v_in  # aliased to q_ref / k_ref / v_ref
     j = pl.program_id(0)
     layer, pos = layer_ref[0], pos_ref[0]
-    rstd = jax.lax.rsqrt(_sumsq(base_ref, parts_ref, g.hidden, g.bk) / g.hidden + g.eps)
+    block = _normed_input(base_ref, parts_ref, nw_ref, layer, g.hidden, g.bk, g.eps)
     half, d, dv = g.rope_dim // 2, g.head_dim, g.v_head_dim
     slot = _slot(pos, g, k_ref.shape[2])
 
@@ -164,7 +196,7 @@ def _attn_in_kernel(layer_ref, pos_ref, base_ref, parts_ref, nw_ref, wq_ref, wk_
         c0 = head * d
         cols = [(w_ref, c0, half), (w_ref, c0 + half, half)] + (
             [(w_ref, c0 + g.rope_dim, d - g.rope_dim)] if d > g.rope_dim else [])
-        ys = _normed_gemv(base_ref, parts_ref, nw_ref, layer, rstd, cols, g.hidden, g.bk)
+        ys = _normed_gemv(block, layer, cols, g.hidden, g.bk)
         # the model rounds the projection to bf16 before RoPE
         ys = [y.astype(BF16).astype(F32) for y in ys]
         o1, o2 = _rope(ys[0], ys[1], pos, g)
@@ -188,7 +220,7 @@ def _attn_in_kernel(layer_ref, pos_ref, base_ref, parts_ref, nw_ref, wq_ref, wk_
     @pl.when(j >= g.num_heads + g.num_kv_heads)
     def _v():
         h = j - g.num_heads - g.num_kv_heads
-        (y,) = _normed_gemv(base_ref, parts_ref, nw_ref, layer, rstd, [(wv_ref, h * dv, dv)], g.hidden, g.bk)
+        (y,) = _normed_gemv(block, layer, [(wv_ref, h * dv, dv)], g.hidden, g.bk)
         y = y.astype(BF16)
         if g.value_scale != 1.0:
             y = y * jnp.asarray(g.value_scale, BF16)
@@ -250,12 +282,12 @@ def _attn_out_kernel(layer_ref, pos_ref, base_ref, parts_ref, q_ref, k_ref, v_re
         o = _attend_head(q_ref, k_ref, v_ref, sink_ref, layer, pos, h, g)  # [GP, Dv]
 
         def member(i, y):
-            r0 = pl.multiple_of((h * g.group + i) * dv, dv)
+            r0 = _aligned((h * g.group + i) * dv, dv)
             z = jnp.dot(o, wo_ref[layer, pl.ds(r0, dv), pl.ds(n0, g.bn)], preferred_element_type=F32)
             return y + jnp.sum(jnp.where((rows == i)[:, None], z, 0.0), axis=0)
-        return jax.lax.fori_loop(0, g.group, member, y)
+        return _loop(g.group, member, y)
 
-    y = jax.lax.fori_loop(0, g.num_kv_heads, head, jnp.zeros((g.bn,), F32))
+    y = _loop(g.num_kv_heads, head, jnp.zeros((g.bn,), F32))
     # the model rounds the attention output to bf16 before the residual add
     out_ref[pl.ds(n0, g.bn)] = _load_x(base_ref, parts_ref, n0, g.bn) + y.astype(BF16).astype(F32)
 
@@ -275,17 +307,16 @@ def _mlp_kernel(layer_ref, x_ref, nw_ref, wg_ref, wu_ref, wd_ref, out_ref, *, g:
     @pl.when(i < n_real)
     def _compute():
         c0 = pl.multiple_of(i * g.bi, g.bi)
-        rstd = jax.lax.rsqrt(_sumsq(x_ref, None, g.hidden, g.bk) / g.hidden + g.eps)
-        gate, up = _normed_gemv(x_ref, None, nw_ref, layer, rstd, [(wg_ref, c0, g.bi), (wu_ref, c0, g.bi)],
-                                g.hidden, g.bk)
+        block = _normed_input(x_ref, None, nw_ref, layer, g.hidden, g.bk, g.eps)
+        gate, up = _normed_gemv(block, layer, [(wg_ref, c0, g.bi), (wu_ref, c0, g.bi)], g.hidden, g.bk)
         h = _swiglu_act(gate, up).astype(F32)[:, None]
 
-        def body(b, _):
-            n0 = pl.multiple_of(b * g.bn, g.bn)
+        def body(b, carry):
+            n0 = _aligned(b * g.bn, g.bn)
             w = wd_ref[layer, pl.ds(c0, g.bi), pl.ds(n0, g.bn)].astype(F32)
             out_ref[i, pl.ds(n0, g.bn)] = jnp.sum(h * w, axis=0)
-            return 0
-        jax.lax.fori_loop(0, g.hidden // g.bn, body, 0)
+            return carry
+        _loop(g.hidden // g.bn, body, 0)
 
     @pl.when(i >= n_real)
     def _pad():
