@@ -54,6 +54,7 @@ class ModelConfig:
     swa_rope_theta: float
     sliding_window: int  # previous tokens visible (hub `sliding_window_size`; transformers stores this + 1)
     partial_rotary_factor: float = 1.0
+    swa_partial_rotary_factor: float | None = None  # sliding layers' own factor; None = partial_rotary_factor
     attention_value_scale: float = 1.0
     sink_full: bool = False
     sink_swa: bool = False
@@ -90,8 +91,11 @@ class ModelConfig:
         need(self.num_heads % self.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads")
         need(self.swa_num_heads % self.swa_num_kv_heads == 0, "swa_num_heads must be a multiple of swa_num_kv_heads")
         need(0.0 < self.partial_rotary_factor <= 1.0, "partial_rotary_factor must be in (0, 1]")
+        need(self.swa_partial_rotary_factor is None or 0.0 < self.swa_partial_rotary_factor <= 1.0,
+             "swa_partial_rotary_factor must be in (0, 1] (or null: the same as partial_rotary_factor)")
         for kind in set(self.layer_types):
-            need(self.attention(kind).rope_dim % 2 == 0, "rotary dims (head_dim * partial_rotary_factor) must be even")
+            need(self.attention(kind).rope_dim % 2 == 0,
+                 f"rotary dims of the {kind} layers (head_dim * partial_rotary_factor) must be even")
         if SLIDING in self.layer_types:
             need(self.sliding_window > 0, "sliding_window must be positive")
         if DENSE in self.mlp_types or self.num_mtp_layers:
@@ -106,11 +110,14 @@ class ModelConfig:
         if kind == FULL:
             heads, kv, hd, vd, theta, window, sink = (self.num_heads, self.num_kv_heads, self.head_dim,
                                                       self.v_head_dim, self.rope_theta, None, self.sink_full)
+            factor = self.partial_rotary_factor
         else:
             heads, kv, hd, vd, theta, window, sink = (self.swa_num_heads, self.swa_num_kv_heads, self.swa_head_dim,
                                                       self.swa_v_head_dim, self.swa_rope_theta,
                                                       self.sliding_window, self.sink_swa)
-        return AttentionSpec(heads, kv, hd, vd, float(theta), int(hd * self.partial_rotary_factor), window, sink,
+            factor = self.partial_rotary_factor if self.swa_partial_rotary_factor is None \
+                else self.swa_partial_rotary_factor
+        return AttentionSpec(heads, kv, hd, vd, float(theta), int(hd * factor), window, sink,
                              float(self.attention_value_scale))
 
     @property
@@ -214,13 +221,14 @@ def _from_mimo(d: dict) -> ModelConfig:
         heads, kv = d["num_attention_heads"], d["num_key_value_heads"]
         hd, vd = d.get("head_dim", 192), d.get("v_head_dim", 128)
         rope = d.get("rope_parameters") or {}
+        # per layer type, as transformers reads them (a missing factor is 0.334 there too)
         full_rope = rope.get("full_attention", {"rope_theta": 5_000_000.0, "partial_rotary_factor": 0.334})
         swa_rope = rope.get("sliding_attention", {"rope_theta": 10_000.0, "partial_rotary_factor": 0.334})
-        if full_rope.get("partial_rotary_factor", 0.334) != swa_rope.get("partial_rotary_factor", 0.334):
-            raise ConfigError("different partial_rotary_factor per layer type is not supported")
         swa = dict(swa_num_heads=heads, swa_num_kv_heads=2 * kv, swa_head_dim=hd, swa_v_head_dim=vd,
                    swa_rope_theta=swa_rope["rope_theta"])
         theta, prf = full_rope["rope_theta"], full_rope.get("partial_rotary_factor", 0.334)
+        swa_prf = swa_rope.get("partial_rotary_factor", 0.334)
+        swa["swa_partial_rotary_factor"] = None if swa_prf == prf else swa_prf
         window = d.get("sliding_window", 129) - 1
         sink_full, sink_swa = False, True
         eps = d.get("rms_norm_eps", 1e-5)

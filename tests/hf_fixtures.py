@@ -23,7 +23,9 @@ FP8_BLOCK = 8
 FP8_NAMES = re.compile(r".*(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj|eh_proj)\.weight$")
 
 
-def random_hf_config(seed: int, num_layers: int = 5, window: int = 6, **overrides) -> MiMoV2FlashConfig:
+def random_hf_config(seed: int, num_layers: int = 5, window: int = 6, rotary: tuple[float, float] | None = None,
+                     **overrides) -> MiMoV2FlashConfig:
+    """rotary: (full, sliding) partial_rotary_factor; default one random factor for both."""
     rng = np.random.default_rng(seed)
     kv = int(rng.choice([1, 2]))
     heads = kv * 2 * int(rng.choice([1, 2]))  # SWA layers have 2*kv heads; heads must divide by both
@@ -33,6 +35,7 @@ def random_hf_config(seed: int, num_layers: int = 5, window: int = 6, **override
     prf = float(rng.choice([0.5, 0.334, 1.0]))
     while int(head_dim * prf) % 2:
         prf = 0.5
+    full_prf, swa_prf = rotary or (prf, prf)
     kw = dict(vocab_size=int(rng.integers(60, 120)), hidden_size=int(rng.choice([32, 48])),
               intermediate_size=int(rng.choice([40, 64])), num_hidden_layers=num_layers,
               num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
@@ -43,8 +46,8 @@ def random_hf_config(seed: int, num_layers: int = 5, window: int = 6, **override
               attention_value_scale=0.707, rms_norm_eps=1e-5, max_position_embeddings=512,
               rope_parameters={
                   "full_attention": {"rope_type": "default", "rope_theta": float(rng.choice([1e4, 5e6])),
-                                     "partial_rotary_factor": prf},
-                  "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": prf}},
+                                     "partial_rotary_factor": full_prf},
+                  "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": swa_prf}},
               tie_word_embeddings=False)
     kw.update(overrides)
     return MiMoV2FlashConfig(**kw)

@@ -46,3 +46,16 @@ def test_greedy_continuation(pair):
     ref = hf_greedy(hf, ids, 30)
     ours = engine.generate(ids, max_new_tokens=30, temperature=0.0).token_ids
     assert ours == ref
+
+
+@pytest.mark.parametrize("rotary", [(0.5, 1.0), (1.0, 0.5)])
+def test_partial_rotary_factor_per_layer_type(tmp_path, rotary):
+    """transformers' rope_parameters give the full and the sliding layers their own partial_rotary_factor."""
+    hf = random_hf_model(4, num_layers=4, window=WINDOW, rotary=rotary)
+    engine = Engine.from_pretrained(save_transformers_layout(hf, tmp_path), dtype=jnp.float32, max_seq_len=128,
+                                    prefill_chunk=32)
+    hd = hf.config.head_dim
+    assert engine.cfg.attention("full").rope_dim == int(hd * rotary[0])
+    assert engine.cfg.attention("sliding").rope_dim == int(hd * rotary[1])
+    ids = np.random.default_rng(3).integers(0, hf.config.vocab_size, size=3 * WINDOW + 4).tolist()
+    assert rel_err(engine.score(ids), hf_logits(hf, ids)) < 1e-4
