@@ -171,12 +171,58 @@ def config_from_hf(d: dict) -> ModelConfig:
     model_type = d.get("model_type")
     try:
         if model_type == "llama":
-            return _from_llama(d)
+            return _from_llama(_refuse_unsupported(d))
         if model_type in ("mimo_v2_flash", "mimo_v2"):
-            return _from_mimo(d)
+            return _from_mimo(_refuse_unsupported(d))
     except KeyError as e:
         raise ConfigError(f"config.json of model_type {model_type!r} lacks key {e.args[0]!r}") from None
     raise ConfigError(f"unknown model type {model_type!r} (supported: mimo_v2_flash, llama)")
+
+
+def _rope_types(d: dict) -> dict[str, str]:
+    """Every RoPE type a config asks for: `rope_scaling` (older files), `rope_parameters` (transformers 5: one
+    dict, or one per layer type for MiMo) -> {field name: rope type}."""
+    found = {}
+    scaling = d.get("rope_scaling")
+    if scaling:
+        found["rope_scaling"] = scaling.get("rope_type", scaling.get("type", "default"))
+    params = d.get("rope_parameters") or {}
+    groups = {k: v for k, v in params.items() if isinstance(v, dict)} or {"": params}
+    for kind, p in groups.items():
+        if "rope_type" in p or "type" in p:
+            found["rope_parameters" + (f".{kind}" if kind else "")] = p.get("rope_type", p.get("type"))
+    return found
+
+
+def _refuse_unsupported(d: dict) -> dict:
+    """An HF config whose fields change the math in a way this engine does not implement is refused with the
+    field named (rather than loaded and run as something else). Returns d."""
+    def refuse(field, why):
+        raise ConfigError(f"config field {field}={d.get(field)!r} is not supported: {why}")
+
+    for field in ("attention_bias", "mlp_bias"):
+        if d.get(field):
+            refuse(field, "the projections here have no bias terms")
+    if d.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "the MLPs are SwiGLU (silu)")
+    for field, kind in _rope_types(d).items():
+        if kind != "default":
+            raise ConfigError(f"config field {field} has rope_type {kind!r}, which is not supported "
+                              f"(only the default RoPE, no scaling)")
+    if d.get("model_type") == "llama":
+        prf = d.get("partial_rotary_factor", (d.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+        if prf not in (None, 1.0):
+            refuse("partial_rotary_factor", "Llama models rotate whole heads here")
+    else:
+        if d.get("scoring_func", "sigmoid") != "sigmoid":
+            refuse("scoring_func", "the router is sigmoid")
+        if (d.get("topk_group") or 1) < (d.get("n_group") or 1):
+            refuse("topk_group", f"group-limited routing (n_group={d.get('n_group')}) is not implemented")
+    quant = d.get("quantization_config") or {}
+    if quant and quant.get("quant_method") != "fp8":
+        raise ConfigError(f"config field quantization_config.quant_method={quant.get('quant_method')!r} is not "
+                          f"supported (only fp8 block-scaled checkpoints)")
+    return d
 
 
 def _from_llama(d: dict) -> ModelConfig:

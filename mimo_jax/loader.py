@@ -8,13 +8,13 @@ Two layouts of MiMo-V2-Flash are read by the same table:
 Llama checkpoints use the subset of names they share. `model.mtp.layers.{j}.*` land in params["mtp"].
 
 Tensors are streamed one at a time from the *.safetensors files into preallocated host buffers, then moved to
-the device. Every leaf must be filled exactly; a missing or misshapen tensor is a CheckpointError naming it.
+the device. Every leaf must be filled exactly; a missing, misshapen or unknown tensor (one no rule maps, e.g. a
+bias) is a CheckpointError naming it, and so is a truncated file.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -32,8 +32,6 @@ from mimo_jax.plan import layer_slots, leaf_kind, path_keys, stack_axes
 # safetensors' numpy reader looks float8 up on the numpy module; ml_dtypes provides the type numpy lacks.
 if not hasattr(np, "float8_e4m3fn"):
     np.float8_e4m3fn = ml_dtypes.float8_e4m3fn
-
-log = logging.getLogger(__name__)
 
 
 # ---- transforms: source tensor (torch layout [out, in]) -> {target leaf name: array in our [in, out] layout} ----
@@ -134,6 +132,7 @@ class Checkpoint:
         self._open = {}
         self.file_of: dict[str, Path] = {}
         for f in files:
+            _check_complete(f)
             try:
                 handle = safe_open(str(f), framework="numpy")
             except Exception as e:  # safetensors raises its own error types
@@ -169,6 +168,23 @@ class Checkpoint:
         return a.astype(np.float32) * full
 
 
+def _check_complete(f: Path) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensor bytes it indexes: a file
+    shorter than that was cut (an interrupted download or copy), which is said as such."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = fh.read(n) if 0 < n <= 100_000_000 else None  # safetensors' own header limit
+    try:
+        ends = [v["data_offsets"][1] for k, v in json.loads(header).items() if k != "__metadata__"]
+    except Exception:  # noqa: BLE001 - a cut header fails to parse; anything else is not safetensors
+        if size < 8 or header is not None and len(header) < n:
+            raise CheckpointError(f"{f.name} is truncated ({size} bytes: its header is incomplete)") from None
+        raise CheckpointError(f"{f.name} is not a safetensors file (no valid header)") from None
+    if size < 8 + n + max(ends, default=0):
+        raise CheckpointError(f"{f.name} is truncated ({size} bytes; its tensors need {8 + n + max(ends)})")
+
+
 def _np_dtype(dtype):
     return np.dtype(jnp.dtype(dtype).name) if jnp.dtype(dtype) != jnp.bfloat16 else np.dtype(ml_dtypes.bfloat16)
 
@@ -184,7 +200,6 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype=
     plan = plan_of(cfg)
     slots = layer_slots(plan)
     filled = {k: np.zeros(s.shape[: stack_axes(k) + _is_expert_leaf(k, plan)], bool) for k, s in flat.items()}
-    unknown = []
 
     def place(key, leaf, index, value, expert=None):
         if leaf not in buffers:
@@ -209,8 +224,9 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype=
         m = _LAYER_KEY.fullmatch(key)
         rule, rm = _match_layer_rule(m.group(3)) if m else (None, None)
         if rule is None:
-            if not IGNORED.fullmatch(key):
-                unknown.append(key)
+            if not IGNORED.fullmatch(key):  # e.g. a bias this model has no place for: loading without it would
+                raise CheckpointError(f"checkpoint tensor {key} is not supported (no parameter of this model "
+                                      f"takes it)")  # run another model
             continue
         j = int(m.group(2))
         if m.group(1) == "layers":
@@ -228,8 +244,6 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype=
         expert = int(rm.group("e")) if rule.per_expert else None
         for target, value in zip(rule.targets, values):
             place(key, prefix + target, index, value, expert)
-    if unknown:
-        log.warning("ignored %d checkpoint tensors not in the model, e.g. %s", len(unknown), unknown[0])
     for leaf, done in filled.items():
         if not done.all():
             raise CheckpointError(f"checkpoint is missing tensor {_missing_name(cfg, leaf, done, slots)}")

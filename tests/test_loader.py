@@ -136,3 +136,41 @@ def test_no_safetensors(both_layouts, tmp_path):
     (d / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no \\*.safetensors"):
         load_checkpoint(d)
+
+
+def test_unknown_tensor_refused_by_name(both_layouts, tmp_path):
+    """A tensor no parameter takes (here a q_proj bias) would be dropped and another model run: refused."""
+    d = _copy(both_layouts[1], tmp_path / "c")
+    f = d / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors["model.layers.1.self_attn.q_proj.bias"] = torch.zeros(tensors["model.layers.1.self_attn.q_proj.weight"]
+                                                                  .shape[0])
+    save_file(tensors, str(f))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.q_proj\.bias is not supported"):
+        load_checkpoint(d)
+
+
+def test_config_field_we_cannot_honour_refused(both_layouts, tmp_path):
+    d = _copy(both_layouts[1], tmp_path / "c")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["attention_bias"] = True
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="attention_bias"):
+        load_checkpoint(d)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 100])  # cut in the tensor bytes, near the end, in the header
+def test_truncated_safetensors_says_truncated(both_layouts, tmp_path, keep):
+    d = _copy(both_layouts[1], tmp_path / "c")
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: keep if keep > 1 else int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is truncated"):
+        load_checkpoint(d)
+
+
+def test_not_a_safetensors_file(both_layouts, tmp_path):
+    d = _copy(both_layouts[1], tmp_path / "c")
+    (d / "model.safetensors").write_bytes(b"<html>not found</html>" * 10)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a safetensors file"):
+        load_checkpoint(d)
