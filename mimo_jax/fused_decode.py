@@ -5,8 +5,8 @@ The same math as model.forward_hidden for T = 1, organised for few kernels per l
     whole stacked weights / caches of its run with the layer index as an operand: no weight slice is ever
     copied, every layer of a kind runs the same compiled kernels, caches are updated in place;
   * per layer: attn_in (norm + q/k/v + RoPE + cache write), attn_out (attention + W_o + residual) and, for
-    a dense MLP, mlp (norm + gate/up + SiLU + down, as partials); MoE layers run moe.moe (XLA + the int4
-    kernels) on the normed output;
+    a dense MLP, mlp (norm + gate/up + SiLU + down, added atomically into the residual); MoE layers run
+    moe.moe (XLA + the int4 kernels) on the normed output;
   * the residual stream is float32 between kernels (the XLA path rounds it to the model dtype per layer),
     so logits agree with the XLA path to bf16 rounding, not bit for bit.
 `unsupported(cfg, params)` says why a model keeps the XLA path (model.forward_hidden falls back to it).
@@ -26,7 +26,6 @@ from pallas_kernels import decode_layer as dl
 F32 = jnp.float32
 ATTN_KEYS = ("wq", "wk", "wv", "wo")
 MAX_KEYS = 512  # longest cache (full-attention capacity or ring) the fused attention takes
-PARTS_BYTES = 256 << 10  # MLP partials up to this size are summed by the kernels that read x, above by XLA
 
 
 def _block(n: int, cap: int) -> int:
@@ -100,7 +99,6 @@ def forward_hidden(params, tokens, positions, cache, cfg: ModelConfig, interpret
 
     dtype = params["embed"].dtype
     x = embed(params, tokens)[0, 0].astype(F32)
-    base, parts = x, jnp.zeros((1, cfg.hidden_size), F32)
     pos = positions.astype(jnp.int32)
     geoms = {kind: geometry(cfg, kind) for kind in {a for a, _ in cfg.layer_kinds}}
     q_bufs = {kind: jnp.zeros((g.num_kv_heads, g.group_pad, g.head_dim), jnp.bfloat16) for kind, g in geoms.items()}
@@ -128,21 +126,19 @@ def forward_hidden(params, tokens, positions, cache, cfg: ModelConfig, interpret
                     kind = run.kind[0]
                     ck, cv = st["cache"]["k"], st["cache"]["v"]
                     with jax.named_scope("attention"):
-                        q_bufs[kind], ck, cv = dl.attn_in(lid, pos, base, parts, p["attn_norm"], p["attn"]["wq"],
+                        q_bufs[kind], ck, cv = dl.attn_in(lid, pos, x, p["attn_norm"], p["attn"]["wq"],
                                                           p["attn"]["wk"], p["attn"]["wv"], q_bufs[kind], ck, cv,
                                                           g=g, interpret=interpret)
-                        base = dl.attn_out(lid, pos, base, parts, q_bufs[kind], ck, cv, st["sinks"],
-                                           p["attn"]["wo"], g=g, interpret=interpret)
+                        x_mid, acc = dl.attn_out(lid, pos, x, q_bufs[kind], ck, cv, st["sinks"],
+                                                 p["attn"]["wo"], g=g, interpret=interpret)
                     st["cache"] = {"k": ck, "v": cv}
                     if run.kind[1] == DENSE and g.intermediate:
                         with jax.named_scope("mlp"):
-                            parts = dl.mlp(lid, base, p["mlp_norm"], p["mlp"]["w_gate"], p["mlp"]["w_up"],
-                                           p["mlp"]["w_down"], g=g, interpret=interpret)
-                            if parts.size * 4 > PARTS_BYTES:  # every later program would re-read them: sum once
-                                parts = jnp.sum(parts, axis=0, keepdims=True)
+                            x = dl.mlp(lid, x_mid, acc, p["mlp_norm"], p["mlp"]["w_gate"], p["mlp"]["w_up"],
+                                       p["mlp"]["w_down"], g=g, interpret=interpret)
                         continue
                     with jax.named_scope("norm"):
-                        h = rms_norm(base.astype(dtype), p["mlp_norm"][flat_i], cfg.rms_norm_eps)[None, None]
+                        h = rms_norm(x_mid.astype(dtype), p["mlp_norm"][flat_i], cfg.rms_norm_eps)[None, None]
                     mlp_p = jax.tree_util.tree_map(lambda a: a[flat_i], p["mlp"])
                     if run.kind[1] == DENSE:
                         with jax.named_scope("mlp"):
@@ -151,9 +147,8 @@ def forward_hidden(params, tokens, positions, cache, cfg: ModelConfig, interpret
                         index = (i,) if n_lead == 1 else (rep, i)
                         y = moe(mlp_p, st["experts"], index, h, cfg.num_experts_per_tok, cfg.norm_topk_prob,
                                 cfg.routed_scaling_factor)
-                    parts = y[0].astype(F32)
+                    with jax.named_scope("residual"):
+                        x = x_mid + y[0, 0].astype(F32)
         caches = [_unflat(st["cache"], st["like"]) for st in state]
         new_caches.append(caches[0] if isinstance(item, Run) else caches)
-    with jax.named_scope("residual"):
-        x = (base + jnp.sum(parts, axis=0)).astype(dtype)
-    return x[None, None], {**cache, "layers": new_caches}
+    return x.astype(dtype)[None, None], {**cache, "layers": new_caches}

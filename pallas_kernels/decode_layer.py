@@ -10,10 +10,13 @@ SmolLM2-135M shapes ran 28 kernels per layer of ~2 us each for ~2 us worth of we
              softmax over key blocks, sink logit in the denominator, window mask from the slot positions),
              then those heads' rows of W_o for this block of columns, plus the residual.
   mlp        one program per block of the intermediate dim: RMSNorm(x) -> gate/up -> SiLU(gate) * up ->
-             that block's rows of W_down: a partial of the MLP output over all hidden columns. The partials
-             are not summed here: the next kernel that reads x sums them (deterministic; no atomics).
+             that block's rows of W_down, added atomically into the residual accumulator that attn_out
+             filled with x (float atomics: the summation order, and so the last bits, vary run to run).
 
-The residual stream between kernels is float32 and held as (base [H], parts [P, H]): x = base + sum(parts).
+The residual stream between kernels is one float32 vector [H].
+Why this shape: the first version (a residual of summed partials, per-chunk reductions, tensor-core dots
+for W_o) ran ~25 us per kernel on an H200: a program's time went to serialised block-wide reductions and
+dependent loads, not bytes. Reductions are now once per output (accumulate elementwise, reduce at the end).
 Weights and caches are the model's whole stacks ([L, ...], flattened over the plan's leading axes) and the
 layer index is an operand, so no per-layer slice is ever copied and every layer runs the same kernels.
 The caches are updated in place (input_output_aliases).
@@ -64,10 +67,6 @@ class Geometry:
     @property
     def group_pad(self) -> int:  # q rows per kv head, padded for the tensor-core dot (>= 16)
         return max(16, 1 << (self.group - 1).bit_length())
-
-    @property
-    def mlp_programs(self) -> int:  # a power of two (partials are loaded as one block)
-        return 1 << (-(-self.intermediate // self.bi) - 1).bit_length() if self.intermediate else 0
 
 
 def _pow2(n: int) -> bool:
@@ -123,12 +122,8 @@ def _key_positions(slots, pos, g: Geometry, size: int):
 
 # --------------------------------------------------------------------------- kernel bodies
 
-def _load_x(base_ref, parts_ref, k0, size):
-    """x[k0:k0+size] = base + sum(parts), float32 (parts_ref None: x = base)."""
-    x = base_ref[pl.ds(k0, size)]
-    if parts_ref is None:
-        return x
-    return x + jnp.sum(parts_ref[:, pl.ds(k0, size)], axis=0)
+def _load_x(x_ref, k0, size):
+    return x_ref[pl.ds(k0, size)]
 
 
 UNROLL = 16  # loops of up to this many K blocks are unrolled: their loads are independent and issue together
@@ -150,19 +145,20 @@ def _loop(n: int, body, init):
     return jax.lax.fori_loop(0, n, body, init)
 
 
-def _normed_input(base_ref, parts_ref, nw_ref, layer, hidden, bk, eps):
-    """k-block i -> rmsnorm(x)[block i] as f32 [bk, 1] (bf16-rounded as the model rounds it)."""
+def _normed_input(x_ref, nw_ref, layer, hidden, bk, eps):
+    """k-block i -> rmsnorm(x)[block i] as f32 [bk, 1] (bf16-rounded as the model rounds it). The sum of
+    squares accumulates elementwise and reduces once (each reduction is a block-wide barrier)."""
     n = hidden // bk
     if n <= UNROLL:  # x read once, kept in registers
-        xs = [_load_x(base_ref, parts_ref, i * bk, bk) for i in range(n)]
-        rstd = jax.lax.rsqrt(sum(jnp.sum(x * x) for x in xs) / hidden + eps)
+        xs = [_load_x(x_ref, i * bk, bk) for i in range(n)]
+        sq = xs[0] * xs[0]
+        for x in xs[1:]:
+            sq = sq + x * x
         get = lambda i: xs[i]
     else:
-        def sq(i, acc):
-            x = _load_x(base_ref, parts_ref, pl.multiple_of(i * bk, bk), bk)
-            return acc + jnp.sum(x * x)
-        rstd = jax.lax.rsqrt(jax.lax.fori_loop(0, n, sq, jnp.zeros((), F32)) / hidden + eps)
-        get = lambda i: _load_x(base_ref, parts_ref, pl.multiple_of(i * bk, bk), bk)
+        get = lambda i: _load_x(x_ref, pl.multiple_of(i * bk, bk), bk)
+        sq = jax.lax.fori_loop(0, n, lambda i, acc: acc + get(i) * get(i), jnp.zeros((bk,), F32))
+    rstd = jax.lax.rsqrt(jnp.sum(sq) / hidden + eps)
 
     def block(i):
         k0 = _aligned(i * bk, bk)
@@ -183,12 +179,12 @@ def _normed_gemv(block, layer, cols, hidden, bk):
     return [jnp.sum(a, axis=0) for a in _loop(hidden // bk, body, init)]
 
 
-def _attn_in_kernel(layer_ref, pos_ref, base_ref, parts_ref, nw_ref, wq_ref, wk_ref, wv_ref, q_in, k_in, v_in,
+def _attn_in_kernel(layer_ref, pos_ref, x_ref, nw_ref, wq_ref, wk_ref, wv_ref, q_in, k_in, v_in,
                     q_ref, k_ref, v_ref, *, g: Geometry):
     del q_in, k_in, v_in  # aliased to q_ref / k_ref / v_ref
     j = pl.program_id(0)
     layer, pos = layer_ref[0], pos_ref[0]
-    block = _normed_input(base_ref, parts_ref, nw_ref, layer, g.hidden, g.bk, g.eps)
+    block = _normed_input(x_ref, nw_ref, layer, g.hidden, g.bk, g.eps)
     half, d, dv = g.rope_dim // 2, g.head_dim, g.v_head_dim
     slot = _slot(pos, g, k_ref.shape[2])
 
@@ -271,25 +267,31 @@ def _attend_head(q_ref, k_ref, v_ref, sink_ref, layer, pos, h, g: Geometry):
     return (acc / jnp.maximum(l, jnp.finfo(F32).tiny)[:, None]).astype(BF16)
 
 
-def _attn_out_kernel(layer_ref, pos_ref, base_ref, parts_ref, q_ref, k_ref, v_ref, sink_ref, wo_ref, out_ref, *,
-                     g: Geometry):
-    n0 = pl.multiple_of(pl.program_id(0) * g.bn, g.bn)
+def _attn_out_kernel(layer_ref, pos_ref, x_ref, q_ref, k_ref, v_ref, sink_ref, wo_ref, out_ref, acc_ref, o_ref,
+                     *, g: Geometry, interpret: bool):
+    """Attention of every head (tensor-core dots per kv head) into a per-program scratch, one barrier, then
+    this block of W_o columns as FMAs into a [Dv, bn] accumulator reduced once; + the residual."""
+    pid = pl.program_id(0)
+    n0 = pl.multiple_of(pid * g.bn, g.bn)
     layer, pos = layer_ref[0], pos_ref[0]
     dv = g.v_head_dim
-    rows = jnp.arange(g.group_pad)
 
-    def head(h, y):
-        o = _attend_head(q_ref, k_ref, v_ref, sink_ref, layer, pos, h, g)  # [GP, Dv]
+    def head(h, carry):
+        o_ref[pid, h, :, :] = _attend_head(q_ref, k_ref, v_ref, sink_ref, layer, pos, h, g)
+        return carry
+    _loop(g.num_kv_heads, head, 0)
+    if not interpret:
+        plgpu.debug_barrier()  # the rows written above, read below by other threads of this program
 
-        def member(i, y):
-            r0 = _aligned((h * g.group + i) * dv, dv)
-            z = jnp.dot(o, wo_ref[layer, pl.ds(r0, dv), pl.ds(n0, g.bn)], preferred_element_type=F32)
-            return y + jnp.sum(jnp.where((rows == i)[:, None], z, 0.0), axis=0)
-        return _loop(g.group, member, y)
-
-    y = _loop(g.num_kv_heads, head, jnp.zeros((g.bn,), F32))
+    def member(j, acc):
+        h, i = (j // g.group, j % g.group) if isinstance(j, int) else (jax.lax.div(j, g.group), jax.lax.rem(j, g.group))
+        o = o_ref[pid, h, i, :].astype(F32)[:, None]                          # [Dv, 1]
+        return acc + o * wo_ref[layer, pl.ds(_aligned(j * dv, dv), dv), pl.ds(n0, g.bn)].astype(F32)
+    y = jnp.sum(_loop(g.num_heads, member, jnp.zeros((dv, g.bn), F32)), axis=0)
     # the model rounds the attention output to bf16 before the residual add
-    out_ref[pl.ds(n0, g.bn)] = _load_x(base_ref, parts_ref, n0, g.bn) + y.astype(BF16).astype(F32)
+    x = _load_x(x_ref, n0, g.bn) + y.astype(BF16).astype(F32)
+    out_ref[pl.ds(n0, g.bn)] = x
+    acc_ref[pl.ds(n0, g.bn)] = x
 
 
 def _swiglu_act(gate, up):
@@ -299,31 +301,21 @@ def _swiglu_act(gate, up):
     return (gate * jax.nn.sigmoid(gate) * up).astype(BF16)
 
 
-def _mlp_kernel(layer_ref, x_ref, nw_ref, wg_ref, wu_ref, wd_ref, out_ref, *, g: Geometry):
+def _mlp_kernel(layer_ref, x_ref, acc_in, nw_ref, wg_ref, wu_ref, wd_ref, acc_ref, *, g: Geometry):
+    del acc_in  # aliased to acc_ref
     i = pl.program_id(0)
     layer = layer_ref[0]
-    n_real = g.intermediate // g.bi
+    c0 = pl.multiple_of(i * g.bi, g.bi)
+    block = _normed_input(x_ref, nw_ref, layer, g.hidden, g.bk, g.eps)
+    gate, up = _normed_gemv(block, layer, [(wg_ref, c0, g.bi), (wu_ref, c0, g.bi)], g.hidden, g.bk)
+    h = _swiglu_act(gate, up).astype(F32)[:, None]
 
-    @pl.when(i < n_real)
-    def _compute():
-        c0 = pl.multiple_of(i * g.bi, g.bi)
-        block = _normed_input(x_ref, None, nw_ref, layer, g.hidden, g.bk, g.eps)
-        gate, up = _normed_gemv(block, layer, [(wg_ref, c0, g.bi), (wu_ref, c0, g.bi)], g.hidden, g.bk)
-        h = _swiglu_act(gate, up).astype(F32)[:, None]
-
-        def body(b, carry):
-            n0 = _aligned(b * g.bn, g.bn)
-            w = wd_ref[layer, pl.ds(c0, g.bi), pl.ds(n0, g.bn)].astype(F32)
-            out_ref[i, pl.ds(n0, g.bn)] = jnp.sum(h * w, axis=0)
-            return carry
-        _loop(g.hidden // g.bn, body, 0)
-
-    @pl.when(i >= n_real)
-    def _pad():
-        def body(b, _):
-            out_ref[i, pl.ds(pl.multiple_of(b * g.bn, g.bn), g.bn)] = jnp.zeros((g.bn,), F32)
-            return 0
-        jax.lax.fori_loop(0, g.hidden // g.bn, body, 0)
+    def body(b, carry):
+        n0 = _aligned(b * g.bn, g.bn)
+        w = wd_ref[layer, pl.ds(c0, g.bi), pl.ds(n0, g.bn)].astype(F32)
+        plgpu.atomic_add(acc_ref, (pl.ds(n0, g.bn),), jnp.sum(h * w, axis=0))
+        return carry
+    _loop(g.hidden // g.bn, body, 0)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -335,37 +327,37 @@ def _call(kernel, grid, out_shape, interpret, aliases=None, num_warps=4):
 
 
 @functools.partial(jax.jit, static_argnames=("g", "interpret"))
-def attn_in(layer, pos, base, parts, norm_w, wq, wk, wv, q_buf, cache_k, cache_v, *, g: Geometry,
-            interpret: bool = False):
+def attn_in(layer, pos, x, norm_w, wq, wk, wv, q_buf, cache_k, cache_v, *, g: Geometry, interpret: bool = False):
     """-> (q_buf [Hkv, GP, D] with this layer's q, cache_k, cache_v with position `pos` written at `layer`).
 
-    layer, pos: int32 [1]; base [H] f32; parts [P, H] f32; norm_w [L, H]; wq [L, H, Hq*D]; wk [L, H, Hkv*D];
-    wv [L, H, Hkv*Dv]; cache_k [L, 1, S, Hkv, D]; cache_v [L, 1, S, Hkv, Dv]."""
+    layer, pos: int32 [1]; x [H] f32; norm_w [L, H]; wq [L, H, Hq*D]; wk [L, H, Hkv*D]; wv [L, H, Hkv*Dv];
+    cache_k [L, 1, S, Hkv, D]; cache_v [L, 1, S, Hkv, Dv]."""
     out_shape = (jax.ShapeDtypeStruct(q_buf.shape, q_buf.dtype), jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
                  jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype))
     return _call(functools.partial(_attn_in_kernel, g=g), (g.num_heads + 2 * g.num_kv_heads,), out_shape,
-                 interpret, {8: 0, 9: 1, 10: 2})(layer, pos, base, parts, norm_w, wq, wk, wv, q_buf, cache_k,
-                                                 cache_v)
+                 interpret, {7: 0, 8: 1, 9: 2})(layer, pos, x, norm_w, wq, wk, wv, q_buf, cache_k, cache_v)
 
 
 @functools.partial(jax.jit, static_argnames=("g", "interpret"))
-def attn_out(layer, pos, base, parts, q_buf, cache_k, cache_v, sink, wo, *, g: Geometry, interpret: bool = False):
-    """x + attention(...) @ W_o -> [H] f32. sink [L, Hkv, GP] f32 (`sink_table`; ignored unless g.sink);
-    wo [L, Hq*Dv, H]."""
-    kernel = functools.partial(_attn_out_kernel, g=g)
-    return _call(kernel, (g.hidden // g.bn,), jax.ShapeDtypeStruct((g.hidden,), F32), interpret)(
-        layer, pos, base, parts, q_buf, cache_k, cache_v, sink, wo)
+def attn_out(layer, pos, x, q_buf, cache_k, cache_v, sink, wo, *, g: Geometry, interpret: bool = False):
+    """x + attention(...) @ W_o -> (x_mid [H] f32, the same again as the MLP's accumulator).
+    sink [L, Hkv, GP] f32 (`sink_table`; ignored unless g.sink); wo [L, Hq*Dv, H]."""
+    programs = g.hidden // g.bn
+    kernel = functools.partial(_attn_out_kernel, g=g, interpret=interpret)
+    out_shape = (jax.ShapeDtypeStruct((g.hidden,), F32), jax.ShapeDtypeStruct((g.hidden,), F32),
+                 jax.ShapeDtypeStruct((programs, g.num_kv_heads, g.group_pad, g.v_head_dim), BF16))  # scratch
+    x_mid, acc, _ = _call(kernel, (programs,), out_shape, interpret)(layer, pos, x, q_buf, cache_k, cache_v, sink, wo)
+    return x_mid, acc
 
 
 @functools.partial(jax.jit, static_argnames=("g", "interpret"))
-def mlp(layer, x, norm_w, w_gate, w_up, w_down, *, g: Geometry, interpret: bool = False):
-    """SwiGLU(RMSNorm(x)) as partials [P, H] f32 (their sum is the MLP output). x [H] f32."""
+def mlp(layer, x, acc, norm_w, w_gate, w_up, w_down, *, g: Geometry, interpret: bool = False):
+    """acc + SwiGLU(RMSNorm(x)) [H] f32: each program adds its block's share of the down projection into acc
+    atomically (acc arrives holding x: the residual). x, acc [H] f32."""
     kernel = functools.partial(_mlp_kernel, g=g)
-    return _call(kernel, (g.mlp_programs,), jax.ShapeDtypeStruct((g.mlp_programs, g.hidden), F32), interpret)(
-        layer, x, norm_w, w_gate, w_up, w_down)
+    return _call(kernel, (g.intermediate // g.bi,), jax.ShapeDtypeStruct((g.hidden,), F32), interpret, {2: 0})(
+        layer, x, acc, norm_w, w_gate, w_up, w_down)
 
-
-# --------------------------------------------------------------------------- jnp references
 
 def sink_table(sink, g: Geometry):
     """Sinks [L, Hq] -> [L, Hkv, GP] f32 (padded rows 0), the layout attn_out reads; zeros when g.sink is off."""
@@ -380,9 +372,8 @@ def _rms(x, w, eps):
     return w * xf.astype(BF16)
 
 
-def reference_attn_in(layer, pos, base, parts, norm_w, wq, wk, wv, q_buf, cache_k, cache_v, *, g: Geometry):
+def reference_attn_in(layer, pos, x, norm_w, wq, wk, wv, q_buf, cache_k, cache_v, *, g: Geometry):
     l, p = layer[0], pos[0]
-    x = base + jnp.sum(parts, axis=0)
     xn = _rms(x, norm_w[l], g.eps).astype(BF16)
 
     def proj(w, heads, d):
@@ -405,7 +396,7 @@ def reference_attn_in(layer, pos, base, parts, norm_w, wq, wk, wv, q_buf, cache_
             cache_v.at[l, 0, slot].set(v.astype(cache_v.dtype)))
 
 
-def reference_attn_out(layer, pos, base, parts, q_buf, cache_k, cache_v, sink, wo, *, g: Geometry):
+def reference_attn_out(layer, pos, x, q_buf, cache_k, cache_v, sink, wo, *, g: Geometry):
     l, p = layer[0], pos[0]
     size = cache_k.shape[2]
     q = q_buf[:, :g.group].astype(BF16)                     # [Hkv, G, D]
@@ -422,13 +413,13 @@ def reference_attn_out(layer, pos, base, parts, q_buf, cache_k, cache_v, sink, w
     o = jnp.einsum("hgs,shd->hgd", (e / denom[..., None]).astype(BF16), v, preferred_element_type=F32)
     o = o.astype(BF16).reshape(-1)
     y = jnp.dot(o, wo[l].astype(BF16), preferred_element_type=F32).astype(BF16).astype(F32)
-    return base + jnp.sum(parts, axis=0) + y
+    return x + y
 
 
-def reference_mlp(layer, x, norm_w, w_gate, w_up, w_down, *, g: Geometry):
+def reference_mlp(layer, x, acc, norm_w, w_gate, w_up, w_down, *, g: Geometry):
     l = layer[0]
     xn = _rms(x, norm_w[l], g.eps).astype(BF16)
     gate = jnp.dot(xn, w_gate[l].astype(BF16), preferred_element_type=F32)
     up = jnp.dot(xn, w_up[l].astype(BF16), preferred_element_type=F32)
     h = _swiglu_act(gate, up)
-    return jnp.dot(h, w_down[l].astype(BF16), preferred_element_type=F32)[None]
+    return acc + jnp.dot(h, w_down[l].astype(BF16), preferred_element_type=F32)

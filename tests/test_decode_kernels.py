@@ -31,7 +31,7 @@ def _setup(g, size, layers=3, seed=0):
          "sink": n(ks[5], (layers, g.num_heads)),
          "ck": n(ks[6], (layers, 1, size, g.num_kv_heads, g.head_dim)).astype(BF16),
          "cv": n(ks[7], (layers, 1, size, g.num_kv_heads, g.v_head_dim)).astype(BF16),
-         "base": n(ks[8], (h,)), "parts": n(ks[9], (4, h), 0.3)}
+         "x": n(ks[8], (h,))}
     if g.intermediate:
         w.update(wg=n(ks[10], (layers, h, g.intermediate), h ** -0.5).astype(BF16),
                  wu=n(ks[11], (layers, h, g.intermediate), h ** -0.5).astype(BF16),
@@ -52,7 +52,7 @@ def test_attention_kernels_match_reference(g, size, pos):
     w = _setup(g, size)
     layer, p = jnp.array([1], jnp.int32), jnp.array([pos], jnp.int32)
     q0 = jnp.zeros((g.num_kv_heads, g.group_pad, g.head_dim), BF16)
-    args = (layer, p, w["base"], w["parts"], w["norm"], w["wq"], w["wk"], w["wv"])
+    args = (layer, p, w["x"], w["norm"], w["wq"], w["wk"], w["wv"])
     got = dl.attn_in(*args, q0, w["ck"], w["cv"], g=g, interpret=True)
     want = dl.reference_attn_in(*args, q0, w["ck"], w["cv"], g=g)
     for a, b in zip(got, want):
@@ -62,9 +62,10 @@ def test_attention_kernels_match_reference(g, size, pos):
     assert not np.allclose(np.asarray(got[1][1, 0, slot]), np.asarray(w["ck"][1, 0, slot]))
     sink = dl.sink_table(w["sink"], g)
     q, ck, cv = want
-    out = dl.attn_out(layer, p, w["base"], w["parts"], q, ck, cv, sink, w["wo"], g=g, interpret=True)
-    ref = dl.reference_attn_out(layer, p, w["base"], w["parts"], q, ck, cv, sink, w["wo"], g=g)
+    out, acc = dl.attn_out(layer, p, w["x"], q, ck, cv, sink, w["wo"], g=g, interpret=True)
+    ref = dl.reference_attn_out(layer, p, w["x"], q, ck, cv, sink, w["wo"], g=g)
     _close(out, ref, 1e-2)
+    np.testing.assert_array_equal(np.asarray(acc), np.asarray(out))
 
 
 def test_attention_sees_exactly_the_window():
@@ -74,8 +75,7 @@ def test_attention_sees_exactly_the_window():
     layer, p = jnp.array([0], jnp.int32), jnp.array([pos], jnp.int32)
     q = jax.random.normal(jax.random.PRNGKey(3), (g.num_kv_heads, g.group_pad, g.head_dim)).astype(BF16)
     sink = dl.sink_table(w["sink"], g)
-    run = lambda ck: dl.attn_out(layer, p, w["base"], w["parts"], q, ck, w["cv"], sink, w["wo"], g=g,
-                                 interpret=True)
+    run = lambda ck: dl.attn_out(layer, p, w["x"], q, ck, w["cv"], sink, w["wo"], g=g, interpret=True)[0]
     base = run(w["ck"])
     outside, inside = (pos - g.window - 1) % size, (pos - g.window) % size
     np.testing.assert_array_equal(np.asarray(run(w["ck"].at[0, 0, outside].add(5.0))), np.asarray(base))
@@ -85,8 +85,8 @@ def test_attention_sees_exactly_the_window():
 def test_mlp_kernel_matches_reference():
     g = SMOL
     w = _setup(g, 64)
-    layer, x = jnp.array([2], jnp.int32), w["base"]
-    got = dl.mlp(layer, x, w["norm"], w["wg"], w["wu"], w["wd"], g=g, interpret=True)
-    assert got.shape == (g.mlp_programs, g.hidden) and g.mlp_programs == 4  # 3 real programs, one padding
-    np.testing.assert_array_equal(np.asarray(got[3]), 0)
-    _close(jnp.sum(got, 0), dl.reference_mlp(layer, x, w["norm"], w["wg"], w["wu"], w["wd"], g=g)[0], 1e-2)
+    layer, x = jnp.array([2], jnp.int32), w["x"]
+    acc = x + 1.0  # the residual the MLP output is added to
+    got = dl.mlp(layer, x, acc, w["norm"], w["wg"], w["wu"], w["wd"], g=g, interpret=True)
+    want = dl.reference_mlp(layer, x, acc, w["norm"], w["wg"], w["wu"], w["wd"], g=g)
+    _close(got - acc, want - acc, 1e-2)
