@@ -236,10 +236,9 @@ def from_gguf_q4_1(raw_blocks, shape, dtype: str = "bfloat16") -> QuantizedWeigh
 IMPLS = ("auto", "pallas", "interpret", "xla")
 
 
-def _impl(impl: str | None) -> str:
-    """auto -> "pallas" on a CUDA GPU, else "xla". MIMO_QUANT_IMPL overrides the default at trace time."""
-    import os
-    impl = impl or os.environ.get("MIMO_QUANT_IMPL", "auto")
+def _impl(impl: str) -> str:
+    """auto -> "pallas" on a CUDA GPU, else "xla". An argument (static under jit), never read from the
+    environment: a choice read while tracing would stick to whatever jit had cached."""
     if impl not in IMPLS:
         raise ValueError(f"unknown quantized matmul impl {impl!r}; expected one of {IMPLS}")
     if impl == "auto":
@@ -251,7 +250,7 @@ def _weight_arrays(w: QuantizedWeight):
     return (w.packed, w.scales, w.mins if w.fmt == "int4_asym" else None)
 
 
-def qmatmul(x, w, *, impl: str | None = None, cfg=None):
+def qmatmul(x, w, *, impl: str = "auto", cfg=None):
     """x[..., K] @ w[K, N] -> [..., N] in x's dtype. w: a plain array (jnp.dot) or a QuantizedWeight
     (Pallas kernel on GPU, XLA dequantize + dot elsewhere; impl="interpret" runs the kernel in Pallas
     interpret mode, impl="xla" forces the fallback)."""
@@ -283,7 +282,7 @@ def _check_ragged(x, w, group_sizes, name):
         raise ValueError(f"{name}: group_sizes {group_sizes.shape} does not match E={E}")
 
 
-def ragged_qmatmul(x, w, group_sizes, *, impl: str | None = None, cfg=None):
+def ragged_qmatmul(x, w, group_sizes, *, impl: str = "auto", cfg=None):
     """jax.lax.ragged_dot semantics: rows of x[M, K] sorted by expert, group_sizes[E] (int32) rows per
     expert, w[E, K, N] plain or quantized -> [M, N] (rows past sum(group_sizes) are zero). The Pallas
     kernel reads only experts that have rows, each once per N tile."""
@@ -299,7 +298,7 @@ def ragged_qmatmul(x, w, group_sizes, *, impl: str | None = None, cfg=None):
                                cfg=cfg, interpret=impl == "interpret")
 
 
-def ragged_qmatmul_gate_up(x, w_gate, w_up, group_sizes, row_scale=None, *, impl: str | None = None,
+def ragged_qmatmul_gate_up(x, w_gate, w_up, group_sizes, row_scale=None, *, impl: str = "auto",
                            cfg=None):
     """SiLU(x @ w_gate) * (x @ w_up) per expert (ragged_dot semantics), optionally times row_scale[M]
     (e.g. the router weight of each row, which commutes with the down projection). One kernel reads x

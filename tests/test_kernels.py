@@ -122,3 +122,24 @@ def test_kernels_lower_to_triton(fmt):
     for row_scale in (None, jnp.ones((9,))):
         jax.jit(lambda x, w, g: Q.ragged_qmatmul_gate_up(x, w, w, g, row_scale, impl="pallas")) \
             .trace(x, we, gsz).lower(lowering_platforms=("cuda",))
+
+
+def test_impl_is_a_static_argument_not_the_environment(monkeypatch):
+    """The kernel choice is qmatmul's `impl` argument: under one jit, each value traces its own path (no stale
+    cache), and an environment variable changes nothing (auto is the XLA path on CPU)."""
+    qw = _weights(0, (128, 32), "int4_sym", 32)
+    x = _x(1, 3, 128)
+
+    def uses_kernel(**kw):
+        return "pallas_call" in str(jax.make_jaxpr(lambda x, w: Q.qmatmul(x, w, **kw))(x, qw))
+
+    assert uses_kernel(impl="interpret") and uses_kernel(impl="pallas")
+    assert not uses_kernel(impl="xla") and not uses_kernel()
+    f = jax.jit(Q.qmatmul, static_argnames=("impl", "cfg"))
+    for impl in ("xla", "interpret", "xla"):
+        np.testing.assert_allclose(np.asarray(f(x, qw, impl=impl), np.float32),
+                                   np.asarray(Q.qmatmul(x, qw, impl=impl), np.float32), rtol=1e-6, atol=1e-6)
+    monkeypatch.setenv("MIMO_QUANT_IMPL", "interpret")
+    assert not uses_kernel()
+    with pytest.raises(ValueError, match="unknown quantized matmul impl 'triton'"):
+        Q.qmatmul(x, qw, impl="triton")

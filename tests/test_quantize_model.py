@@ -41,16 +41,47 @@ def test_quantized_equals_dequantized(setup, fmt):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 
 
-def test_pallas_kernels_in_the_model(setup, monkeypatch):
-    """Decode (T=1) and a verify-sized chunk (T=9) through the Pallas kernels, interpret mode."""
-    cfg, params, ids = setup
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_pallas_kernels_on_the_models_experts(setup, tokens):
+    """The model's own quantized expert stacks (indexed per layer, as the scan does) through the Pallas kernels
+    in interpret mode == the XLA path, with the routing of decode (T=1) and of a verify chunk (T=9). The model
+    itself takes impl "auto" (kernels on GPU, XLA on CPU); tests choose the path by calling quant directly."""
+    cfg, params, _ = setup
     qp = quantize_experts(params, "int4_asym", group_size=32)
-    ref = logits(cfg, dequantize_experts(qp), ids[:, :9])
-    monkeypatch.setenv("MIMO_QUANT_IMPL", "interpret")
-    jax.clear_caches()
-    got = logits(cfg, qp, ids[:, :9])
-    jax.clear_caches()
+    w = _expert_stacks(qp)[-1]
+    layer = (0,) * (w["w_gate"].ndim - 3)  # the leading (stacked layer) dims
+    w_gate, w_up, w_down = (w[k][layer] for k in ("w_gate", "w_up", "w_down"))
+    rng = np.random.default_rng(tokens)
+    expert = np.sort(np.concatenate([rng.choice(cfg.num_experts, cfg.num_experts_per_tok, replace=False)
+                                     for _ in range(tokens)]))
+    group_sizes = jnp.asarray(np.bincount(expert, minlength=cfg.num_experts), jnp.int32)
+    x = jnp.asarray(rng.normal(size=(len(expert), cfg.hidden_size)), jnp.bfloat16)
+    scale = jnp.asarray(rng.uniform(size=len(expert)), jnp.float32)
+
+    def experts(impl):
+        h = quant.ragged_qmatmul_gate_up(x, w_gate, w_up, group_sizes, scale, impl=impl)
+        return np.asarray(quant.ragged_qmatmul(h, w_down, group_sizes, impl=impl), np.float32)
+
+    got, ref = experts("interpret"), experts("xla")
     np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())  # bf16 activations in-kernel
+
+
+def _expert_stacks(params):
+    """Every MoE `mlp` dict whose experts are quantized."""
+    found = []
+
+    def visit(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("w_gate"), quant.QuantizedWeight):
+                found.append(node)
+            for v in node.values():
+                visit(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                visit(v)
+
+    visit(params)
+    return found
 
 
 def test_quantization_cost_reported(setup, capsys):
