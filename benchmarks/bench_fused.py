@@ -129,7 +129,7 @@ def print_table(trace, n_layers, runs):
         module = str(st.get("hlo_module", ""))
         if "step" not in module:
             continue
-        op = profile_step.op_name_of(op_names, module, str(st.get("hlo_op", "")), str(st.get("tf_op", "")))
+        op = profile_step.op_name_of(op_names, module, str(st.get("hlo_op", "")), str(st.get("tf_op", "")), name)
         g = profile_step.group_of(name, op)
         for d in (groups[g], per[(g, name)]):
             d[0] += 1

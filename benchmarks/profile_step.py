@@ -74,13 +74,22 @@ def op_names_by_module(dump_dir: str) -> dict[str, dict[str, str]]:
     return out
 
 
-def op_name_of(op_names: dict, module: str, hlo_op: str, tf_op: str = "") -> str:
-    """The JAX op_name of a kernel's HLO op (its named scopes), from the dump of its module."""
+KERNEL_GROUPS = (("_attn", "attention"), ("_mlp_kernel", "mlp"), ("int4_grouped", "experts"), ("int4_", "experts"))
+
+
+def op_name_of(op_names: dict, module: str, hlo_op: str, tf_op: str = "", kernel: str = "") -> str:
+    """The JAX op_name of a kernel's HLO op (its named scopes), from the dump of its module. Inside a command
+    buffer (CUDA graph) the event names the command buffer, not the fusion: then the kernel's own name is the
+    fusion's with '.N' spelled '_N'; Pallas kernels are named by their Python function."""
     mod = module.split("(")[0]
     table = op_names.get(mod)
     if table is None:
         table = next((t for name, t in op_names.items() if name in module or mod in name), {})
-    return table.get(hlo_op, "") or tf_op
+    name = table.get(hlo_op, "")
+    if not name and kernel:
+        name = table.get(kernel, "") or table.get(re.sub(r"_(\d+)$", r".\1", kernel), "")
+        name = name or next((f"/{g}/" for key, g in KERNEL_GROUPS if key in kernel), "")
+    return name or tf_op
 
 
 def kernel_events(xplane: str):
@@ -125,7 +134,7 @@ def profile(engine: Engine, ids, n_new: int, module_re: str, n_layers: int, floo
         module = str(st.get("hlo_module", ""))
         if not re.search(module_re, module):
             continue
-        op_name = op_name_of(op_names, module, str(st.get("hlo_op", "")), str(st.get("tf_op", "")))
+        op_name = op_name_of(op_names, module, str(st.get("hlo_op", "")), str(st.get("tf_op", "")), name)
         g = group_of(name, op_name)
         per[(g, name)][0] += 1
         per[(g, name)][1] += us
