@@ -259,6 +259,17 @@ def check_model_flags(source: Source, prompts) -> None:
     if FLAGS.quant_experts != "none" and not cfg.num_experts:
         raise InputError(f"--quant_experts {FLAGS.quant_experts} quantizes routed experts; this model "
                          f"({cfg.model_type}, {cfg.num_layers} dense layers) has none")
+    if FLAGS.quant_experts != "none":
+        from mimo_jax.quant import PACK
+
+        group = 32 if FLAGS.quant_experts == "mxfp4" else FLAGS.quant_group
+        if group % PACK:
+            raise InputError(f"--quant_group {group} must be a multiple of {PACK}")
+        bad = [f"{name} {k}" for name, k in (("hidden_size", cfg.hidden_size),
+                                              ("moe_intermediate_size", cfg.moe_intermediate_size)) if k % group]
+        if bad:
+            raise InputError(f"--quant_experts {FLAGS.quant_experts} groups the experts' input dims by "
+                             f"{group} (--quant_group), which must divide {' and '.join(bad)}")
     if FLAGS.speculative_k and not cfg.num_mtp_layers:
         raise InputError(f"--speculative_k {FLAGS.speculative_k} drafts with the model's MTP layers; this model "
                          f"({cfg.model_type}) has none")
@@ -344,19 +355,14 @@ def _generate() -> None:
 
 
 def load(source: Source):
-    import jax
     import jax.numpy as jnp
 
-    from mimo_jax import sharding
-    from mimo_jax.engine import Engine
+    from mimo_jax import Engine, sharding
 
-    dtype = FLAGS.dtype
-    if dtype == "auto":
-        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    dtype = None if FLAGS.dtype == "auto" else jnp.dtype(FLAGS.dtype)  # None: the engine's auto_dtype()
     kwargs = dict(max_seq_len=context_length(source.cfg), speculative_k=FLAGS.speculative_k,
                   mesh=sharding.make_mesh(FLAGS.num_devices) if FLAGS.num_devices > 1 else None,
                   attention=FLAGS.attention)
-    dtype = jnp.dtype(dtype)
     if source.kind == "random":
         engine = Engine.from_config(source.cfg, seed=FLAGS.seed, dtype=dtype, **kwargs)
     elif source.kind == "gguf":

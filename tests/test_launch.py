@@ -154,6 +154,8 @@ TINY = ("--config", "configs/tiny_llama.json", "--random_init", "--prompt_ids", 
     (["--speculative_k", "4"], ("--speculative_k 4", "MTP layers", "has none")),
     (["--num_devices", "10000"], ("--num_devices 10000: only", "XLA_FLAGS=--xla_force_host_platform_device_count=10000")),
     (["--num_devices", "0"], ("--num_devices must be >= 1",)),
+    (["--config", "configs/tiny_mimo.json", "--quant_experts", "int4_asym"],
+     ("--quant_experts int4_asym", "by 128 (--quant_group), which must divide hidden_size 64 and moe_intermediate_size 32")),
     (["--chat"], ("--chat", "token-id prompts")),
 ])
 def test_flag_errors_before_loading(no_loading, capsys, args, fragments):
@@ -263,7 +265,14 @@ def _interrupt(args, tmp_path, when):
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
     with open(out, "w") as o, open(err, "w") as e:
-        p = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], stdout=o, stderr=e, env=env, cwd=ROOT)
+        # The child must start with SIGINT not ignored (Python raises KeyboardInterrupt only then), also when these
+        # tests run as a background job, which ignores it: a handler here becomes the default action after exec.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            p = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], stdout=o, stderr=e, env=env,
+                                 cwd=ROOT)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         deadline = time.monotonic() + 120
         while not when(out.read_text(), err.read_text()):
             assert p.poll() is None, f"exited before the interrupt:\n{err.read_text()}"
@@ -302,3 +311,40 @@ def test_ctrl_c_mid_batch_writes_nothing(tmp_path):
     rc, _, err = _interrupt(args, tmp_path, lambda o, e: "prompts:" in e and "/200" in e and " 0/200" not in e[-80:])
     _assert_interrupted(rc, err)
     assert not out.exists() and not list(tmp_path.glob(".o.jsonl.*"))  # no output, no temporary file
+
+
+# ---- README: its commands use real flags, its flag table is complete, its Python example runs ----
+
+def _readme_blocks(lang):
+    import re
+
+    return re.findall(rf"```{lang}\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def test_readme_commands_and_flag_table():
+    import shlex
+
+    from mimo_jax import cli
+
+    commands = [line for block in _readme_blocks("bash") for line in block.splitlines()
+                if line.startswith(("mimo-jax ", "python launch.py "))]
+    assert len(commands) >= 6
+    for line in commands:
+        args = shlex.split(line, comments=True)
+        args = args[2:] if args[0] == "python" else args[1:]
+        cli.FLAGS.unparse_flags()
+        cli.FLAGS(cli._normalize(["mimo-jax", *args]))  # raises on a flag that does not exist
+    readme = (ROOT / "README.md").read_text()
+    for name in cli.FLAGS:
+        if cli.FLAGS[name].help and name not in ("flagfile", "undefok"):
+            assert f"`--{name}`" in readme, f"--{name} is missing from README's flag table"
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_readme_python_example_runs(tmp_path):
+    (block,) = _readme_blocks("python")
+    r = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
