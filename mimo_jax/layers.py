@@ -1,8 +1,9 @@
 """Layer math as pure functions: RMSNorm, partial RoPE, attention with sinks and windows, SwiGLU.
 
 Shapes: B batch, T new tokens, S cached keys, H hidden, Hq/Hkv heads (G = Hq // Hkv), D qk head dim, Dv v head dim.
-Positions are shared by the batch: `positions` [T] int32, consecutive from the cache length, with -1 marking
-padding at the tail (padded tokens are never written to a cache and attend to nothing).
+Positions are int32, consecutive from the cache length, with -1 marking padding at the tail (padded tokens are
+never written to a cache and attend to nothing): `positions` [T] is shared by the batch; [B, T] gives each row its
+own (batched decoding: every slot at its own position; a row of -1 leaves that row's caches untouched).
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ def rms_norm(x, weight, eps):
 
 
 def rope(x, positions, theta: float, rope_dim: int):
-    """Rotate-half RoPE on the first rope_dim dims of each head; x [B, T, heads, D], positions [T]."""
+    """Rotate-half RoPE on the first rope_dim dims of each head; x [B, T, heads, D], positions [T] or [B, T]."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, rope_dim, 2, dtype=jnp.float32) / rope_dim))
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[None, :, None, :]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    emb = emb[None, :, None, :] if positions.ndim == 1 else emb[:, :, None, :]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
     rot, rest = x[..., :rope_dim], x[..., rope_dim:]
     half = rope_dim // 2
@@ -38,12 +40,13 @@ def swiglu(p, x):
 def attend(q, k, v, mask, sink, scale):
     """Softmax attention with an optional per-head sink logit in the denominator.
 
-    q [B,T,Hkv,G,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv], mask [T,S] bool, sink [Hkv,G] f32 or None.
+    q [B,T,Hkv,G,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv], mask [T,S] or [B,T,S] bool, sink [Hkv,G] f32 or None.
     p_ts = exp(a_ts - m) / (exp(sink - m) + sum_s' exp(a_ts' - m)),  m = max(max_s a_ts, sink).
     A row with nothing visible (padding) returns zeros.
     """
     s = jnp.einsum("bthgd,bshd->bhgts", q, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(mask[None, None, None], s, -jnp.inf)
+    mask = mask[None] if mask.ndim == 2 else mask
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
     m = jnp.max(s, axis=-1)
     if sink is not None:
         m = jnp.maximum(m, sink[None, :, :, None])
@@ -83,28 +86,29 @@ def attention(p, x, positions, cache, index, spec: AttentionSpec):
     q = rope(q, positions, spec.rope_theta, spec.rope_dim)
     k = rope(k, positions, spec.rope_theta, spec.rope_dim)
     k, v = k.astype(cache["k"].dtype), v.astype(cache["v"].dtype)
-    start = positions[0]
-    n_valid = jnp.sum(positions >= 0)
-    qpos = positions[:, None]
+    rows_pos = positions if positions.ndim == 2 else positions[None]  # [B or 1, T]
+    start = rows_pos[:, 0]  # -1: a row with nothing to write (an inactive slot)
+    n_valid = jnp.sum(rows_pos >= 0, axis=1)
+    qpos = rows_pos[:, :, None]
     if spec.window is None:
         capacity = cache["k"].shape[len(index) + 1]
-        slots = jnp.where(positions >= 0, positions, capacity)  # padding -> out of range -> dropped
+        slots = jnp.where(rows_pos >= 0, rows_pos, capacity)  # padding -> out of range -> dropped
         rows = jnp.arange(b)[:, None]
-        cache = {name: cache[name].at[(*index, rows, slots[None, :])].set(new, mode="drop")
+        cache = {name: cache[name].at[(*index, rows, slots)].set(new, mode="drop")
                  for name, new in (("k", k), ("v", v))}
         keys, values = cache["k"][index], cache["v"][index]
-        mask = jnp.arange(capacity)[None, :] <= qpos
+        mask = jnp.arange(capacity)[None, None, :] <= qpos
     else:
         size = cache["k"].shape[len(index) + 1]
         old_k, old_v = cache["k"][index], cache["v"][index]
-        kpos = jnp.concatenate([ring_positions(start, size), positions])
+        kpos = jnp.concatenate([ring_positions(start[:, None], size), rows_pos], axis=1)[:, None, :]
         keys, values = jnp.concatenate([old_k, k], axis=1), jnp.concatenate([old_v, v], axis=1)
-        mask = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos) & (kpos[None, :] >= qpos - spec.window)
-        new_pos = ring_positions(start + n_valid, size)
-        from_chunk = (new_pos >= start)[None, :, None, None]
-        take = jnp.clip(new_pos - start, 0, t - 1)
-        cache = {"k": cache["k"].at[index].set(jnp.where(from_chunk, k[:, take], old_k)),
-                 "v": cache["v"].at[index].set(jnp.where(from_chunk, v[:, take], old_v))}
+        mask = (kpos >= 0) & (kpos <= qpos) & (kpos >= qpos - spec.window)
+        new_pos = ring_positions((start + n_valid)[:, None], size)
+        from_chunk = ((new_pos >= start[:, None]) & (new_pos >= 0))[:, :, None, None]
+        take = jnp.clip(new_pos - start[:, None], 0, t - 1)[:, :, None, None]
+        cache = {"k": cache["k"].at[index].set(jnp.where(from_chunk, jnp.take_along_axis(k, take, axis=1), old_k)),
+                 "v": cache["v"].at[index].set(jnp.where(from_chunk, jnp.take_along_axis(v, take, axis=1), old_v))}
     sink = p["sink"].astype(jnp.float32).reshape(hkv, g) if spec.sink else None
     out = attend(q.reshape(b, t, hkv, g, spec.head_dim), keys, values, mask, sink, spec.head_dim ** -0.5)
     return matmul(out.reshape(b, t, spec.num_heads * spec.v_head_dim), p["wo"]), cache

@@ -1,0 +1,358 @@
+"""Batched decoding over a fixed number of slots with continuous batching (JetStream's prefill / insert / generate).
+
+The decode state is data (a pytree; B slots and capacity C fixed, so `generate` compiles once per (B, C) bucket):
+    cache          the model cache of batch B: row b is slot b (full layers C positions, sliding layers rings)
+    tokens [B]     each slot's last token, at positions[b], not yet in the cache
+    positions [B]  -1 = a free slot: a step neither reads nor writes its cache rows (layers.attention)
+    keys [B, 2]    each slot's PRNG key (its request's seed); token at position p draws with token_key(key, p)
+    temperature [B] (0 = greedy), top_k [B], top_p [B]: each slot's sampling settings
+
+The loop is functions over it (jitted, the state donated):
+    prefill  a request's prompt, chunk by chunk, into a batch-1 cache of capacity C (Engine's own compiled
+             prefill, so a slot starts exactly where Engine.generate would) -> its first token;
+    insert   that cache into slot s's rows, with the slot's token, position, key and settings;
+    generate one token for every active slot (one forward of [B, 1] tokens at per-slot positions);
+    free     slot s (its position -1).
+
+`Batcher` is the host side: a waiting queue, the slot table, budgets (engine.Budget: eos, max_new_tokens, the
+context), and tick() = one prefill chunk (admitting a waiting request into a free slot) + one step. Step t+1 is
+dispatched before step t's tokens are read, so the device does not wait on the host; the requests a step ran
+for are recorded when it is dispatched, and a token is delivered only to the request that still holds its slot.
+submit() and cancel() may be called from any thread; one thread drives tick() (Batcher.start() or a caller's
+loop, as in generate_all).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import threading
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mimo_jax import engine as engine_module
+from mimo_jax import model, sampling
+from mimo_jax.config import ModelConfig
+from mimo_jax.engine import Budget, Engine, Generation, GenerationStats, to_host
+from mimo_jax.errors import InputError
+
+
+# ---- the decode state and the functions over it ----
+
+def init_state(cfg: ModelConfig, batch: int, capacity: int, dtype) -> dict:
+    return {"cache": model.init_cache(cfg, batch, capacity, dtype),
+            "tokens": jnp.zeros((batch,), jnp.int32), "positions": jnp.full((batch,), -1, jnp.int32),
+            "keys": jnp.zeros((batch, 2), jnp.uint32), "temperature": jnp.zeros((batch,), jnp.float32),
+            "top_k": jnp.zeros((batch,), jnp.int32), "top_p": jnp.ones((batch,), jnp.float32)}
+
+
+@functools.partial(jax.jit, donate_argnames="state")
+def insert(state, prefix_cache, slot, token, position, key, temperature, top_k, top_p):
+    """A prefilled batch-1 cache (same capacity) into slot `slot`; token [1] (the first new token) at `position`."""
+    def put(rows, row):  # cache leaves are [*stack, B, S, heads, dim]
+        return jax.lax.dynamic_update_slice_in_dim(rows, row.astype(rows.dtype), slot, rows.ndim - 4)
+
+    cache = jax.tree_util.tree_map(put, state["cache"], prefix_cache)
+    return {"cache": cache, "tokens": state["tokens"].at[slot].set(token[0]),
+            "positions": state["positions"].at[slot].set(position), "keys": state["keys"].at[slot].set(key),
+            "temperature": state["temperature"].at[slot].set(temperature),
+            "top_k": state["top_k"].at[slot].set(top_k), "top_p": state["top_p"].at[slot].set(top_p)}
+
+
+@functools.partial(jax.jit, donate_argnames="state")
+def free(state, slot):
+    return {**state, "positions": state["positions"].at[slot].set(-1)}
+
+
+def next_tokens(state, logits, all_greedy: bool):
+    """logits [B, V] -> one token per slot: argmax where temperature is 0, else a draw from the slot's filtered
+    distribution with its own key for the position the token takes (as Engine's decode draws it, row by row)."""
+    greedy = sampling.greedy(logits)
+    if all_greedy:
+        return greedy
+    keys = jax.vmap(sampling.token_key)(state["keys"], state["positions"] + 1)
+    filtered = sampling.filtered_logits(logits, state["temperature"][:, None], state["top_k"][:, None],
+                                        state["top_p"][:, None])
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(keys, filtered)
+    return jnp.where(state["temperature"] > 0, drawn.astype(jnp.int32), greedy)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "all_greedy"), donate_argnames="state")
+def generate(params, state, *, cfg: ModelConfig, all_greedy: bool):
+    """One token for every active slot -> (state, tokens [B] (0 in free slots)). all_greedy (static): no slot
+    samples, so the step compiles without the sort (two variants at most per bucket)."""
+    positions = state["positions"]
+    hidden, cache = model.forward_hidden(params, state["tokens"][:, None], positions[:, None], state["cache"], cfg)
+    logits = model.lm_logits(params, hidden[:, 0], cfg)
+    active = positions >= 0
+    tokens = jnp.where(active, next_tokens(state, logits, all_greedy), 0)
+    return {**state, "cache": cache, "tokens": tokens, "positions": jnp.where(active, positions + 1, -1)}, tokens
+
+
+# ---- the host side ----
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation. on_tokens(request, new token ids, finish reason or "") is called from the driving thread
+    as tokens arrive; finish reasons: "eos", "length", "context" (engine.Budget) or "cancelled"."""
+    ids: list[int]
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_at_eos: bool = True
+    on_tokens: Callable[["Request", list[int], str], None] | None = None
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str = ""
+    stats: GenerationStats = dataclasses.field(default_factory=GenerationStats)
+    cancelled: bool = False
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    slot: int | None = None
+    budget: Budget | None = None
+    submitted_at: float = 0.0
+    first_token_at: float = 0.0
+
+
+@dataclasses.dataclass
+class _Prefill:
+    request: Request
+    slot: int
+    chunks: list
+    cache: object
+    started: float
+    done_chunks: int = 0
+    logits: object = None
+
+
+class Batcher:
+    def __init__(self, engine: Engine, batch_size: int = 8, capacity: int | None = None):
+        """capacity: positions per slot (prompt + new tokens), default the engine's max_seq_len."""
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        if engine.speculative_k:
+            raise InputError("batched decoding is plain decoding; speculative batched steps are not built yet")
+        self.engine, self.batch_size = engine, batch_size
+        self.capacity = int(capacity or engine.max_seq_len)
+        self.state = engine._place(init_state(engine.cfg, batch_size, self.capacity, engine.cache_dtype))
+        self.slots: list[Request | None] = [None] * batch_size
+        self._decoding = [False] * batch_size  # the slot's request is inserted (the step advances it)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._prefill: _Prefill | None = None
+        self._pending = None  # (tokens on device, the requests the step ran for)
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        # metrics
+        self.requests_total = self.requests_finished = self.requests_cancelled = 0
+        self.prompt_tokens_total = self.generated_tokens_total = self.steps_total = 0
+        self._recent = collections.deque()  # (time, tokens) for tokens_per_second
+
+    # ---- requests (any thread) ----
+    def submit(self, request: Request) -> Request:
+        """Queue a request (checked here: InputError for what cannot run)."""
+        e = self.engine
+        request.ids = e.encode(request.ids)
+        if len(request.ids) >= self.capacity:
+            raise InputError(f"the prompt has {len(request.ids)} tokens; a slot holds {self.capacity} "
+                             f"(prompt + at least one new token)")
+        if request.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        if request.temperature < 0 or not 0 < request.top_p <= 1 or request.top_k < 0:
+            raise InputError(f"invalid sampling settings: temperature={request.temperature} (>= 0), top_k="
+                             f"{request.top_k} (>= 0), top_p={request.top_p} (in (0, 1])")
+        request.budget = Budget.of(request.max_new_tokens, len(request.ids), self.capacity,
+                                   e.eos_ids if request.stop_at_eos else ())
+        request.stats = GenerationStats(prompt_tokens=len(request.ids))
+        request.submitted_at = time.perf_counter()
+        with self._wake:
+            self._waiting.append(request)
+            self.requests_total += 1
+            self._wake.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request: its slot is freed at the driving thread's next tick (at once if it is idle)."""
+        if request.done.is_set():
+            return
+        request.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    @property
+    def slots_in_use(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.perf_counter()
+        recent = [(t, n) for t, n in list(self._recent) if now - t <= window]
+        if not recent:
+            return 0.0
+        return sum(n for _, n in recent) / max(now - recent[0][0], 1e-3) if len(recent) > 1 else 0.0
+
+    # ---- the driving thread ----
+    def start(self) -> None:
+        """Drive tick() from a background thread until stop()."""
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="mimo-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._running = False
+        with self._wake:
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while self._running:
+            if not self.tick():
+                with self._wake:
+                    if self._running and not self._has_work():
+                        self._wake.wait(timeout=0.1)
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting) or self._prefill is not None or self._pending is not None or any(self._decoding)
+
+    def tick(self) -> bool:
+        """Cancellations, one prefill chunk, one step (dispatched before the previous step is read). False when
+        there was nothing to do."""
+        with self.engine._on_mesh():
+            self._reap_cancelled()
+            worked = self._admit()
+            pending, self._pending = self._pending, None
+            if any(self._decoding):
+                self._pending = self._dispatch()
+                worked = True
+            if pending is not None:
+                self._deliver(*pending)
+                worked = True
+        return worked
+
+    def _reap_cancelled(self) -> None:
+        for slot, r in enumerate(self.slots):
+            if r is not None and r.cancelled and not r.done.is_set():
+                if self._prefill is not None and self._prefill.request is r:
+                    self._prefill = None
+                self._finish(r, [], "cancelled")
+        if any(r.cancelled for r in self._waiting):
+            with self._wake:
+                gone = [r for r in self._waiting if r.cancelled]
+                self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+            for r in gone:
+                self._finish(r, [], "cancelled")
+
+    def _admit(self) -> bool:
+        if self._prefill is None:
+            if not self._waiting or None not in self.slots:
+                return False
+            with self._wake:
+                r = self._waiting.popleft()
+            slot = self.slots.index(None)
+            self.slots[slot], r.slot = r, slot
+            e = self.engine
+            self._prefill = _Prefill(r, slot, list(e._chunks(r.ids)), e.new_cache(self.capacity), time.perf_counter())
+        p, e = self._prefill, self.engine
+        tokens, positions, _ = p.chunks[p.done_chunks]
+        p.logits, p.cache = engine_module._prefill(e.params, tokens, positions, p.cache, e.cfg)
+        p.done_chunks += 1
+        if p.done_chunks == len(p.chunks):
+            self._prefill = None
+            self._insert(p)
+        return True
+
+    def _insert(self, p: _Prefill) -> None:
+        r, position = p.request, len(p.request.ids)
+        key = jax.random.PRNGKey(r.seed)
+        settings = (jnp.float32(r.temperature), jnp.int32(r.top_k), jnp.float32(r.top_p))
+        first = engine_module._first_token(p.logits, sampling.token_key(key, position), *settings,
+                                           is_greedy=r.temperature == 0.0)
+        first_id = int(to_host(first)[0])
+        r.first_token_at = time.perf_counter()
+        r.stats.prefill_ms = 1e3 * (r.first_token_at - p.started)
+        self.prompt_tokens_total += len(r.ids)
+        kept, reason = r.budget.take(0, [first_id])
+        if not reason:  # max_new_tokens 1 or an eos first: the request never takes a step
+            self.state = insert(self.state, p.cache, p.slot, first, position, key, *settings)
+            self._decoding[p.slot] = True
+        self._emit(r, kept, reason)
+
+    def _dispatch(self):
+        ran = [r if dec else None for r, dec in zip(self.slots, self._decoding)]
+        all_greedy = all(r.temperature == 0.0 for r in ran if r is not None)
+        self.state, tokens = generate(self.engine.params, self.state, cfg=self.engine.cfg, all_greedy=all_greedy)
+        self.steps_total += 1
+        return tokens, ran
+
+    def _deliver(self, tokens, ran) -> None:
+        tokens = to_host(tokens)
+        for slot, r in enumerate(ran):
+            if r is None or r.done.is_set() or self.slots[slot] is not r:
+                continue  # the slot was free, or its request ended after this step was dispatched
+            kept, reason = r.budget.take(len(r.token_ids), [int(tokens[slot])])
+            self._emit(r, kept, reason)
+
+    def _emit(self, r: Request, tokens: list[int], reason: str) -> None:
+        r.token_ids += tokens
+        r.stats.new_tokens = len(r.token_ids)
+        r.stats.decode_s = time.perf_counter() - r.first_token_at
+        self.generated_tokens_total += len(tokens)
+        self._recent.append((time.perf_counter(), len(tokens)))
+        while len(self._recent) > 4096:
+            self._recent.popleft()
+        if reason:
+            self._finish(r, tokens, reason)
+        elif r.on_tokens is not None and tokens:
+            r.on_tokens(r, tokens, "")
+
+    def _finish(self, r: Request, tokens: list[int], reason: str) -> None:
+        """End a request: free its slot at once (a step already dispatched for it is discarded on delivery)."""
+        r.finish_reason = r.stats.finish_reason = reason
+        slot = r.slot
+        if slot is not None and self.slots[slot] is r:
+            if self._decoding[slot]:
+                self.state = free(self.state, slot)
+            self.slots[slot], self._decoding[slot] = None, False
+        self.requests_finished += 1
+        self.requests_cancelled += reason == "cancelled"
+        r.done.set()
+        if r.on_tokens is not None:
+            r.on_tokens(r, tokens, reason)
+
+
+def generate_all(engine: Engine, prompts: Sequence[Sequence[int]], batch_size: int = 8, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 stop_at_eos: bool = True, capacity: int | None = None,
+                 on_done: Callable[[int, Generation], None] | None = None) -> list[Generation]:
+    """Every prompt (token ids) through `batch_size` slots, the calling thread driving the batch; results in
+    input order (each sampled with `seed`, as one-at-a-time generation would). on_done(index, generation) is
+    called as each finishes (in completion order: a progress bar)."""
+    if capacity is None:
+        longest = max((len(p) for p in prompts), default=1)
+        capacity = engine.capacity(longest, max_new_tokens)
+    batcher = Batcher(engine, batch_size, capacity)
+    results: list[Generation | None] = [None] * len(prompts)
+
+    def finished(index):
+        def callback(r: Request, tokens, reason):
+            if reason:
+                ids = r.token_ids
+                results[index] = Generation(ids, engine.tokenizer.decode(ids) if engine.tokenizer else None, r.stats)
+                if on_done is not None:
+                    on_done(index, results[index])
+        return callback
+
+    for i, ids in enumerate(prompts):
+        batcher.submit(Request(list(ids), max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos,
+                               on_tokens=finished(i)))
+    while batcher.tick():
+        pass
+    return results

@@ -1,0 +1,185 @@
+"""Batched decoding: every slot's output equals its batch-1 Engine.generate (greedy and sampled, requests of
+different lengths inserted at different times, cancelled ones freeing their slots), one compiled step."""
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mimo_jax import batching, model
+from mimo_jax.batching import Batcher, Request
+from mimo_jax.config import load_config
+from mimo_jax.engine import Engine
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CAPACITY = 128  # the reference Engine's max_seq_len too: both attend over the same cache length
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """tiny_mimo: full and sliding (window 8) layers, sinks, MoE; an Engine with the batcher's capacity."""
+    cfg = load_config(CONFIGS / "tiny_mimo.json").replace(num_mtp_layers=0)
+    params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
+    return Engine(cfg, params, max_seq_len=CAPACITY, prefill_chunk=16)
+
+
+def prompt(n, seed):
+    return np.random.default_rng(seed).integers(0, 256, n).tolist()
+
+
+def drive(batcher, schedule):
+    """Tick until every request is done; schedule: {tick number: [requests to submit then]}."""
+    tick, requests = 0, []
+    while True:
+        for r in schedule.pop(tick, []):
+            requests.append(batcher.submit(r))
+        worked = batcher.tick()
+        tick += 1
+        if not worked and not schedule:
+            return requests
+
+
+# (prompt length, max_new_tokens, submitted at tick): prompts of 1 to 3 prefill chunks (16 tokens each), more
+# requests than slots, some arriving while others decode, one that ends at its first token
+REQUESTS = [(5, 20, 0), (21, 7, 0), (37, 30, 0), (9, 12, 0), (50, 25, 3), (3, 1, 4), (16, 18, 9), (2, 40, 30)]
+
+
+@pytest.mark.slow
+def test_greedy_slots_equal_batch_one(tiny):
+    before = batching.generate._cache_size()
+    schedule = {}
+    for i, (n, new, at) in enumerate(REQUESTS):
+        schedule.setdefault(at, []).append(Request(prompt(n, i), max_new_tokens=new, stop_at_eos=False))
+    done = drive(Batcher(tiny, batch_size=3, capacity=CAPACITY), schedule)
+    assert len(done) == len(REQUESTS)
+    for r in done:
+        reference = tiny.generate(r.ids, max_new_tokens=r.max_new_tokens, stop_at_eos=False)
+        assert r.token_ids == reference.token_ids
+        assert r.finish_reason == "length" and r.stats.new_tokens == r.max_new_tokens
+    assert len(set(done[2].token_ids)) > 6  # a model that does not repeat one token
+    assert batching.generate._cache_size() - before == 1  # one compiled step for all of them
+
+
+@pytest.mark.slow
+def test_sampling_per_slot_equals_batch_one(tiny):
+    """Greedy and sampled slots side by side, each its own settings and seed: the same tokens as
+    Engine.generate with those settings (each token keyed by its request's seed and position)."""
+    settings = [dict(temperature=0.0), dict(temperature=1.0, seed=3), dict(temperature=0.7, top_k=5, seed=4),
+                dict(temperature=1.3, top_p=0.8, seed=5), dict(temperature=1.0, seed=3)]
+    requests = [Request(prompt(7 + 5 * i, 10 + i), max_new_tokens=15, stop_at_eos=False, **s)
+                for i, s in enumerate(settings)]
+    done = drive(Batcher(tiny, batch_size=4, capacity=CAPACITY), {0: requests[:3], 5: requests[3:]})
+    for r, s in zip(done, settings):
+        assert r.token_ids == tiny.generate(r.ids, max_new_tokens=15, stop_at_eos=False, **s).token_ids
+
+
+@pytest.mark.slow
+def test_cancel_frees_the_slot_at_once(tiny):
+    batcher = Batcher(tiny, batch_size=2, capacity=CAPACITY)
+    a = batcher.submit(Request(prompt(10, 1), max_new_tokens=50))
+    b = batcher.submit(Request(prompt(12, 2), max_new_tokens=50))
+    waiting = batcher.submit(Request(prompt(6, 3), max_new_tokens=5))
+    queued_then_cancelled = batcher.submit(Request(prompt(6, 4), max_new_tokens=5))
+    for _ in range(6):
+        batcher.tick()
+    assert batcher.slots_in_use == 2 and len(a.token_ids) >= 3
+    batcher.cancel(queued_then_cancelled)
+    batcher.cancel(a)
+    batcher.tick()
+    assert a.finish_reason == "cancelled" and a.done.is_set()
+    assert queued_then_cancelled.finish_reason == "cancelled" and not queued_then_cancelled.token_ids
+    assert batcher.slots[0] is waiting  # the freed slot is taken by the next waiting request
+    batcher.cancel(b)
+    while batcher.tick():
+        pass
+    assert batcher.slots_in_use == 0 and batcher.requests_cancelled == 3
+    assert waiting.token_ids == tiny.generate(waiting.ids, max_new_tokens=5).token_ids
+
+
+def test_eos_and_first_token_finish(tiny):
+    reference = tiny.generate(prompt(11, 7), max_new_tokens=12, stop_at_eos=False).token_ids
+    eos = reference[4]
+    engine = Engine(tiny.cfg, tiny.params, tokenizer=_EosOnly({eos}), max_seq_len=CAPACITY, prefill_chunk=16)
+    batcher = Batcher(engine, batch_size=2, capacity=CAPACITY)
+    r = batcher.submit(Request(prompt(11, 7), max_new_tokens=12))
+    one = batcher.submit(Request(prompt(11, 7), max_new_tokens=1))
+    while batcher.tick():
+        pass
+    assert r.token_ids == reference[:reference.index(eos) + 1] and r.finish_reason == "eos"
+    assert one.token_ids == reference[:1] and one.finish_reason == "length"
+    assert batcher.slots_in_use == 0
+
+
+def test_context_limit(tiny):
+    """A slot's capacity ends a request first: finish reason "context", as Engine with that max_seq_len."""
+    ids = prompt(20, 8)
+    batcher = Batcher(tiny, batch_size=2, capacity=CAPACITY)
+    r = batcher.submit(Request(ids, max_new_tokens=500, stop_at_eos=False))
+    while batcher.tick():
+        pass
+    assert r.finish_reason == "context" and len(r.token_ids) == CAPACITY - len(ids)
+    assert r.token_ids == tiny.generate(ids, max_new_tokens=CAPACITY - len(ids), stop_at_eos=False).token_ids
+
+
+def test_generate_all_in_input_order(tiny):
+    prompts = [prompt(n, 20 + n) for n in (4, 30, 9, 17, 2)]
+    seen = []
+    out = batching.generate_all(tiny, prompts, batch_size=2, max_new_tokens=6, stop_at_eos=False,
+                                on_done=lambda i, g: seen.append(i))
+    assert sorted(seen) == list(range(len(prompts)))
+    for p, g in zip(prompts, out):
+        assert g.token_ids == tiny.generate(p, max_new_tokens=6, stop_at_eos=False).token_ids
+        assert g.stats.new_tokens == 6 and g.stats.finish_reason == "length"
+
+
+def test_bad_requests_refused(tiny):
+    from mimo_jax.errors import InputError
+
+    batcher = Batcher(tiny, batch_size=1, capacity=CAPACITY)
+    for bad in (Request([]), Request([1] * CAPACITY), Request([1], max_new_tokens=0), Request([999]),
+                Request([1], temperature=-1.0), Request([1], top_p=0.0)):
+        with pytest.raises(InputError):
+            batcher.submit(bad)
+    assert batcher.waiting == 0
+
+
+@pytest.mark.slow
+def test_per_row_positions_equal_shared_positions(tiny):
+    """model.forward with positions [B, T] (each row its own offset; rows of -1 padding) == each row alone with
+    positions [T]. Prefixes are padded to one chunk of 16 so that few shapes compile."""
+    cfg, params = tiny.cfg, tiny.params
+    rows, starts = [prompt(20, 40 + i) for i in range(3)], [3, 11, 16]  # 11, 16 > window 8: the rings wrap
+
+    def chunk(ids, start, n, size):
+        positions = np.where(np.arange(size) < n, start + np.arange(size), -1).astype(np.int32)
+        tokens = np.zeros(size, np.int32)
+        tokens[:n] = ids[start:start + n]
+        return tokens, positions
+
+    singles = []
+    for ids, start in zip(rows, starts):
+        c = model.init_cache(cfg, 1, 64, jnp.float32)
+        tokens, positions = chunk(ids, 0, start, 16)
+        _, c = model.forward(params, jnp.asarray(tokens[None]), jnp.asarray(positions), c, cfg)
+        tokens, positions = chunk(ids, start, 4, 4)
+        logits, _ = model.forward(params, jnp.asarray(tokens[None]), jnp.asarray(positions), c, cfg)
+        singles.append(logits[0])
+    cache = model.init_cache(cfg, 3, 64, jnp.float32)
+    for b in range(3):  # row b's prefix, the other rows all padding (their caches must stay untouched)
+        tokens, positions = np.zeros((3, 16), np.int32), np.full((3, 16), -1, np.int32)
+        tokens[b], positions[b] = chunk(rows[b], 0, starts[b], 16)
+        _, cache = model.forward(params, jnp.asarray(tokens), jnp.asarray(positions), cache, cfg)
+    both = [chunk(ids, s, 4, 4) for ids, s in zip(rows, starts)]
+    tokens, positions = np.stack([t for t, _ in both]), np.stack([p for _, p in both])
+    logits, _ = model.forward(params, jnp.asarray(tokens), jnp.asarray(positions), cache, cfg)
+    for b in range(3):
+        np.testing.assert_allclose(logits[b], singles[b], atol=1e-5, rtol=1e-5)
+
+
+class _EosOnly:
+    def __init__(self, eos_ids):
+        self.eos_ids = eos_ids
+
+    def decode(self, ids):
+        return ""
