@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,13 +79,60 @@ _define()
 
 def main(argv: list[str] | None = None) -> None:
     """The `mimo-jax` console script and `python launch.py`: run and exit with its status."""
+    _handle_interrupts()
     status = run(sys.argv if argv is None else argv)
     if status == 130:
         exit_now(status)
     sys.exit(status)
 
 
-def exit_now(status: int) -> None:
+_INTERRUPTED = threading.Event()  # Ctrl-C arrived
+_UNWIND = threading.Event()  # set while Ctrl-C must unwind the stack: an --output file or a streamed line is open
+
+
+def _handle_interrupts() -> None:
+    """Ctrl-C exits at once ('interrupted', status 130) -- except while an --output file is being written or a
+    line streamed, where it raises KeyboardInterrupt so that the file is removed and the line ended on the way
+    out. Exiting at once is what makes it safe during imports and XLA calls: a KeyboardInterrupt inside jaxlib's
+    initialisation surfaces as ImportError, one inside a gc callback is swallowed, and the interpreter's
+    shutdown after either can crash. A KeyboardInterrupt swallowed while unwinding is raised again."""
+    import _thread
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background: leave it ignored
+        return
+
+    def on_sigint(signum, frame):
+        _INTERRUPTED.set()
+        if _UNWIND.is_set():
+            raise KeyboardInterrupt
+        exit_now(130, "interrupted\n")
+
+    def redeliver():
+        time.sleep(0.05)  # the main thread has left the callback by then
+        _thread.interrupt_main()
+
+    def on_unraisable(info, previous=sys.unraisablehook):
+        if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
+            _thread.start_new_thread(redeliver, ())  # threading.Thread.start would wait, interruptibly, in here
+        else:
+            previous(info)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    sys.unraisablehook = on_unraisable
+
+
+class _Unwinding:
+    """`with _Unwinding():` Ctrl-C raises KeyboardInterrupt inside the block (see _handle_interrupts)."""
+
+    def __enter__(self):
+        _UNWIND.set()
+
+    def __exit__(self, *exc):
+        _UNWIND.clear()
+
+
+def exit_now(status: int, message: str = "") -> None:
     """Exit without the interpreter's shutdown, which can crash (SIGSEGV) after Ctrl-C lands inside an import
     of jaxlib or an XLA call; what must not be half-written was cleaned up as the interrupt unwound."""
     import os
@@ -92,8 +140,9 @@ def exit_now(status: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError, RuntimeError):  # RuntimeError: a reentrant flush from a signal handler
             pass
+    os.write(2, message.encode())
     os._exit(status)
 
 
@@ -123,9 +172,11 @@ def run(argv: list[str]) -> int:
     except MimoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # any file being written was removed on the way out (AtomicJsonlWriter)
-        print("interrupted", file=sys.stderr)
-        return 130
+    except BaseException as e:  # an --output file being written was removed on the way out (AtomicJsonlWriter)
+        if isinstance(e, KeyboardInterrupt) or _INTERRUPTED.is_set():
+            print("interrupted", file=sys.stderr)
+            return 130
+        raise
 
 
 def version() -> str:
@@ -422,17 +473,18 @@ def stream_one(engine, prompt, ids, chat: bool, source: Source) -> None:
     stream = engine.stream(ids, max_new_tokens=FLAGS.max_new_tokens, **sampling_kwargs())
     decoder = engine.tokenizer.stream_decoder() if engine.tokenizer else None
     pieces = []
-    try:
-        for token in stream:
-            pieces.append(decoder.push(token) if decoder else f"{token} ")
-            sys.stdout.write(pieces[-1])
+    with _Unwinding():
+        try:
+            for token in stream:
+                pieces.append(decoder.push(token) if decoder else f"{token} ")
+                sys.stdout.write(pieces[-1])
+                sys.stdout.flush()
+            if decoder:
+                pieces.append(decoder.flush())
+                sys.stdout.write(pieces[-1])
+        finally:  # Ctrl-C included: end the line
+            sys.stdout.write("\n")
             sys.stdout.flush()
-        if decoder:
-            pieces.append(decoder.flush())
-            sys.stdout.write(pieces[-1])
-    finally:  # Ctrl-C included: end the line
-        sys.stdout.write("\n")
-        sys.stdout.flush()
     print(stream.stats.line(), file=sys.stderr)
     note = empty_answer_note(prompt, "".join(pieces) if decoder else None, stream.stats, chat, source)
     if note:
@@ -461,7 +513,7 @@ def run_batch(engine, prompts, inputs, chat: bool, source: Source) -> None:
     from mimo_jax.prompts import AtomicJsonlWriter, record
 
     new_tokens, empty = 0, []
-    with (AtomicJsonlWriter(FLAGS.output) if FLAGS.output else _Stdout()) as out, \
+    with _Unwinding(), (AtomicJsonlWriter(FLAGS.output) if FLAGS.output else _Stdout()) as out, \
             tqdm(total=len(prompts), desc="prompts", unit="prompt", file=sys.stderr) as bar:
         for prompt, ids in zip(prompts, inputs):
             generation = engine.generate(ids, max_new_tokens=FLAGS.max_new_tokens, **sampling_kwargs())
