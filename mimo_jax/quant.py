@@ -189,6 +189,41 @@ def quantization_error(w, qw: QuantizedWeight) -> dict[str, float]:
             "snr_db": float(20 * np.log10(max(rms_w, 1e-30) / max(rms_e, 1e-30)))}
 
 
+# One weight [K, N] at a time, compiled once per shape: what the streaming loader and quantize_experts both call,
+# so a model quantized while loading and one quantized after loading hold the same bits.
+quantize_jit = jax.jit(quantize, static_argnames=("fmt", "group_size"))
+
+
+# --------------------------------------------------------------------------- MXFP4 as checkpoints store it
+
+def from_mxfp4_blocks(blocks, scales, dtype: str = "bfloat16") -> QuantizedWeight:
+    """An MXFP4 weight as serving checkpoints store it (torch layout [..., out, in]): `blocks` uint8
+    [..., out, in/2], element 2j of a row in the low nibble of byte j and 2j + 1 in the high nibble (int8 or
+    uint8 bytes); `scales` [..., out, in/32] e8m0 bytes (uint8 or float8_e8m0fnu), value = e2m1 * 2^(s - 127).
+    -> QuantizedWeight [..., in, out] in this module's layout, host numpy, bit-exact: only the nibbles and the
+    axes are permuted (no float round trip)."""
+    blocks = np.asarray(blocks).view(np.uint8)
+    scales = np.asarray(scales).view(np.uint8)
+    *lead, n_out, half = blocks.shape
+    n_in = 2 * half
+    if n_in % 32 or tuple(scales.shape) != (*lead, n_out, n_in // 32):
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} need scales {(*lead, n_out, n_in // 32)}, "
+                         f"got {tuple(scales.shape)}")
+    codes = np.stack([blocks & 15, blocks >> 4], axis=-1).reshape(*lead, n_out, n_in)
+    packed = pack_codes(np.swapaxes(codes, -1, -2), 32)
+    return QuantizedWeight(np.ascontiguousarray(packed), np.ascontiguousarray(np.swapaxes(scales, -1, -2)), None,
+                           "mxfp4", 32, (n_in, n_out), dtype)
+
+
+def to_mxfp4_blocks(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of from_mxfp4_blocks: (blocks uint8 [..., out, in/2], scales uint8 [..., out, in/32])."""
+    if qw.fmt != "mxfp4":
+        raise ValueError(f"to_mxfp4_blocks needs an mxfp4 weight, got {qw.fmt}")
+    codes = np.swapaxes(np.asarray(unpack_codes(np.asarray(qw.packed), 32)), -1, -2)  # [..., out, in]
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(blocks), np.ascontiguousarray(np.swapaxes(np.asarray(qw.scales), -1, -2))
+
+
 # --------------------------------------------------------------------------- GGUF Q4_0 / Q4_1 (exact)
 
 def _gguf_blocks(raw_blocks, shape, block_bytes: int):

@@ -3,11 +3,18 @@
 Attention, the dense MLP, embeddings, lm_head, router and the MTP drafter keep their dtype (quantized MTP heads
 lose acceptance; UltraSpeed keeps attention in higher precision too). The format and group size travel in the
 pytree (quant.QuantizedWeight), not in names.
+
+Every expert is quantized on its own by quant.quantize_jit (one [K, N] matrix, never an f32 copy of a stack): the
+streaming loader (loader.py) calls the same compiled function expert by expert as it reads them, so a model
+quantized while loading and one quantized after loading are bit-identical.
 """
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mimo_jax import quant
 from mimo_jax.errors import ConfigError
@@ -17,27 +24,75 @@ EXPERT_LEAVES = ("w_gate", "w_up", "w_down")
 CHOICES = ("none", "int4_sym", "int4_asym", "mxfp4")
 
 
-def _is_expert(path, leaf) -> bool:
+def is_expert_leaf(keys: tuple, ndim: int) -> bool:
     """A routed-expert weight: [*stack, E, K, N] under a layer's mlp (a dense MLP's weights have rank 2)."""
-    keys = path_keys(path)
-    return keys[0] == "layers" and keys[-1] in EXPERT_LEAVES and leaf.ndim - stack_axes(keys) == 3
+    return keys[0] == "layers" and keys[-1] in EXPERT_LEAVES and ndim - stack_axes(keys) == 3
+
+
+def _is_expert(path, leaf) -> bool:
+    return is_expert_leaf(path_keys(path), leaf.ndim)
+
+
+def check_format(fmt: str | None, group_size: int) -> tuple[str, int]:
+    """(format, group size) of a quant_experts choice; None / "none" -> ("none", 0); mxfp4 groups are 32."""
+    fmt = fmt or "none"
+    if fmt not in CHOICES:
+        raise ConfigError(f"unknown expert quantization {fmt!r}; choose from {', '.join(CHOICES)}")
+    if fmt == "none":
+        return fmt, 0
+    group_size = 32 if fmt == "mxfp4" else int(group_size)
+    if group_size <= 0 or group_size % quant.PACK:
+        raise ConfigError(f"quant_group {group_size} must be a positive multiple of {quant.PACK}")
+    return fmt, group_size
+
+
+def quantized_struct(struct, fmt: str, group_size: int, where: str = "") -> quant.QuantizedWeight:
+    """The QuantizedWeight (of jax.ShapeDtypeStruct arrays) that quantizing a weight struct [..., K, N] gives."""
+    *lead, K, N = struct.shape
+    try:
+        quant._check(fmt, group_size, K, N)
+    except ValueError as e:
+        raise ConfigError(f"cannot quantize {where} to {fmt} g{group_size}: {e}") from None
+    lead = tuple(lead)
+    scale_dtype = jnp.uint8 if fmt == "mxfp4" else jnp.float16
+    g = jax.ShapeDtypeStruct(lead + (K // group_size, N), scale_dtype)
+    mins = jax.ShapeDtypeStruct(g.shape, jnp.float16) if fmt == "int4_asym" else None
+    return quant.QuantizedWeight(jax.ShapeDtypeStruct(lead + (K // 2, N), jnp.uint8), g, mins, fmt, group_size,
+                                 (K, N), jnp.dtype(struct.dtype).name)
+
+
+def quantize_structs(structs, fmt: str, group_size: int):
+    """param_shapes(...) with every routed-expert leaf replaced by its quantized_struct."""
+    if fmt == "none":
+        return structs
+
+    def q(path, s):
+        return quantized_struct(s, fmt, group_size, jax.tree_util.keystr(path)) if _is_expert(path, s) else s
+
+    return jax.tree_util.tree_map_with_path(q, structs)
 
 
 def quantize_experts(params, fmt: str = "int4_sym", group_size: int = 128):
-    """params with every routed-expert weight [..., E, K, N] replaced by a QuantizedWeight."""
+    """params with every routed-expert weight [..., E, K, N] replaced by a QuantizedWeight (each expert quantized
+    by quant.quantize_jit; a stack's quantized arrays are gathered on the host, then put back where it was)."""
+    fmt, group_size = check_format(fmt, group_size)
     if fmt == "none":
         return params
-    if fmt not in CHOICES:
-        raise ConfigError(f"unknown expert quantization {fmt!r}; choose from {', '.join(CHOICES)}")
-    group_size = 32 if fmt == "mxfp4" else group_size
 
     def q(path, leaf):
         if not _is_expert(path, leaf):
             return leaf
-        try:
-            return quant.quantize(leaf, fmt, group_size)
-        except ValueError as e:
-            raise ConfigError(f"cannot quantize {jax.tree_util.keystr(path)} to {fmt} g{group_size}: {e}") from None
+        target = quantized_struct(leaf, fmt, group_size, jax.tree_util.keystr(path))
+        arrays = {name: np.zeros(s.shape, s.dtype) for name, s in
+                  (("packed", target.packed), ("scales", target.scales), ("mins", target.mins)) if s is not None}
+        for idx in itertools.product(*(range(n) for n in leaf.shape[:-2])):
+            qw = quant.quantize_jit(leaf[idx], fmt=fmt, group_size=group_size)
+            for name, buf in arrays.items():
+                buf[idx] = np.asarray(getattr(qw, name))
+        place = (lambda a: jax.device_put(a, leaf.sharding)) if isinstance(leaf, jax.Array) else jnp.asarray
+        return quant.QuantizedWeight(place(arrays["packed"]), place(arrays["scales"]),
+                                     place(arrays["mins"]) if "mins" in arrays else None, fmt, group_size,
+                                     target.kn, target.dtype)
 
     return jax.tree_util.tree_map_with_path(q, params)
 

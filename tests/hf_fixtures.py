@@ -152,8 +152,10 @@ def hub_config(cfg: MiMoV2FlashConfig) -> dict:
     }
 
 
-def save_hub_layout(model, directory: Path, extra: dict[str, torch.Tensor] | None = None, shards: int = 2) -> Path:
-    """Hub layout with FP8 weights, split over `shards` files. Call fp8_round_trip(model) first for equality."""
+def save_hub_layout(model, directory: Path, extra: dict[str, torch.Tensor] | None = None, shards: int = 2,
+                    index: bool = False) -> Path:
+    """Hub layout with FP8 weights, split over `shards` files (index: with the hub's
+    model.safetensors.index.json). Call fp8_round_trip(model) first for equality."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(hub_config(model.config), indent=1))
@@ -165,9 +167,14 @@ def save_hub_layout(model, directory: Path, extra: dict[str, torch.Tensor] | Non
         else:
             tensors[name] = t.contiguous().clone()
     names = sorted(tensors)
+    weight_map = {}
     for i in range(shards):
         part = {k: tensors[k] for k in names[i::shards]}  # a weight and its scale may sit in different files
-        save_file(part, str(directory / f"model-{i + 1:05d}-of-{shards:05d}.safetensors"))
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(part, str(directory / name))
+        weight_map.update(dict.fromkeys(part, name))
+    if index:
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return directory
 
 
