@@ -91,6 +91,7 @@ _COMPARED = [
 
 
 @needs_smollm2
+@pytest.mark.slow  # transformers' GGUF conversion: ~10 s
 def test_config_matches_transformers(smollm2, transformers_gguf):
     ref = transformers_gguf["config"]
     for key, value in ref.items():
@@ -101,6 +102,7 @@ def test_config_matches_transformers(smollm2, transformers_gguf):
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_tensors_match_transformers(smollm2, transformers_gguf):
     """Dequantized, renamed and Q/K-un-permuted exactly as transformers' GGUF conversion."""
     ref = transformers_gguf["tensors"]

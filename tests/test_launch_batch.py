@@ -37,6 +37,7 @@ def test_text_batch_with_default_model(tmp_path):
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_jsonl_chat_batch_to_stdout(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Say hi.", "id": 7}) + "\n\n" + json.dumps({"prompt": "Name a color."}))

