@@ -98,7 +98,7 @@ def generate(params, state, *, cfg: ModelConfig, all_greedy: bool):
 @dataclasses.dataclass(eq=False)
 class Request:
     """One generation. on_tokens(request, new token ids, finish reason or "") is called from the driving thread
-    as tokens arrive; finish reasons: "eos", "length", "context" (engine.Budget) or "cancelled"."""
+    as tokens arrive; finish reasons: "eos", "length", "context" (engine.Budget), "cancelled" or "error" (a step failed)."""
     ids: list[int]
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -188,6 +188,11 @@ class Batcher:
         return sum(r is not None for r in self.slots)
 
     @property
+    def running(self) -> bool:
+        """The background thread (start()) is driving the batch."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def waiting(self) -> int:
         return len(self._waiting)
 
@@ -214,10 +219,31 @@ class Batcher:
 
     def _loop(self) -> None:
         while self._running:
-            if not self.tick():
+            try:
+                worked = self.tick()
+            except Exception:  # a failed step must not hang every client: end what is in flight, start afresh
+                import traceback
+
+                traceback.print_exc()
+                self._fail_all()
+                continue
+            if not worked:
                 with self._wake:
                     if self._running and not self._has_work():
                         self._wake.wait(timeout=0.1)
+
+    def _fail_all(self) -> None:
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        live = [r for r in self.slots if r is not None] + waiting
+        self.slots, self._decoding = [None] * self.batch_size, [False] * self.batch_size
+        self._prefill = self._pending = None
+        e = self.engine
+        self.state = e._place(init_state(e.cfg, self.batch_size, self.capacity, e.cache_dtype))
+        for r in live:
+            if not r.done.is_set():
+                r.slot = None
+                self._finish(r, [], "error")
 
     def _has_work(self) -> bool:
         return bool(self._waiting) or self._prefill is not None or self._pending is not None or any(self._decoding)
