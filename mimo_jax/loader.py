@@ -197,6 +197,9 @@ class Checkpoint:
         want = (-(-a.shape[0] // bo), -(-a.shape[1] // bi)) if a.ndim == 2 else None
         if a.ndim != 2 or scale.shape != want:
             raise CheckpointError(f"{scale_key} has shape {scale.shape}, expected {want} for {key} {a.shape}")
+        if a.shape[0] % bo == 0 and a.shape[1] % bi == 0:  # whole blocks: broadcast the scales, no full-size copy
+            blocks = a.reshape(want[0], bo, want[1], bi).astype(np.float32)
+            return (blocks * scale[:, None, :, None]).reshape(a.shape)
         full = np.repeat(np.repeat(scale, bo, axis=0), bi, axis=1)[: a.shape[0], : a.shape[1]]
         return a.astype(np.float32) * full
 

@@ -108,6 +108,9 @@ def test_orbax_round_trip_exact(dirs, converted):
     ids = list(range(1, 20))
     ref = Engine(cfg, want, max_seq_len=64).score(ids)
     np.testing.assert_array_equal(e.score(ids), ref)
+    _, bf16 = checkpoint.restore(converted, dtype=jnp.bfloat16)  # another dtype: unquantized leaves cast on read
+    np.testing.assert_array_equal(bf16["embed"], np.asarray(want["embed"]).astype(ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(bf16["layers"][1]["mlp"]["w_gate"].packed, want["layers"][1]["mlp"]["w_gate"].packed)
     with pytest.raises(ConfigError, match="converted with experts int4_sym g32"):
         Engine.from_pretrained(converted, quant_experts="int4_asym", quant_group=32)
 
