@@ -1,15 +1,20 @@
 """Checkpoint loading: one mapping table from checkpoint keys to pytree paths and transforms.
 
-Two layouts of MiMo-V2-Flash are read by the same table:
+The layouts of MiMo checkpoints read by the same table:
   * transformers' in-memory layout: fused experts `mlp.experts.gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I],
     sinks in `self_attn.sinks`;
   * the XiaomiMiMo hub layout: per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight`, sinks in
-    `self_attn.attention_sink_bias`, FP8 e4m3 weights with `<name>_scale_inv` 128x128 block scales.
+    `self_attn.attention_sink_bias`, FP8 e4m3 weights with `<name>_scale_inv` 128x128 block scales;
+  * Xiaomi's FP4 releases: routed experts in MXFP4 (`...experts.{e}.*_proj.weight` uint8 e2m1 pairs and
+    `...weight_scale` e8m0 bytes; see convert.py), imported as stored into quant.py's mxfp4 format.
 Llama checkpoints use the subset of names they share. `model.mtp.layers.{j}.*` land in params["mtp"].
 
-Tensors are streamed one at a time from the *.safetensors files into preallocated host buffers, then moved to
-the device. Every leaf must be filled exactly; a missing, misshapen or unknown tensor (one no rule maps, e.g. a
-bias) is a CheckpointError naming it, and so is a truncated file.
+load_checkpoint streams: one tensor at a time is read (plain reads, safetensors_io), FP8-dequantized, quantized
+when it is a routed expert and quant_experts asks (one expert matrix at a time), and written into its device
+shards (placement.DeviceSink) before the next is read; host memory stays at a few times the largest tensor, each
+device at its final share plus one piece. Every leaf must be filled exactly; a missing, misshapen or unknown
+tensor (one no rule maps, e.g. a bias) is a CheckpointError naming it, and so is a truncated file, a shard the
+index lists but the directory lacks, and a block-scale tensor of the wrong shape.
 """
 from __future__ import annotations
 
