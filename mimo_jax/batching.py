@@ -1,6 +1,7 @@
 """Batched decoding over a fixed number of slots with continuous batching (JetStream's prefill / insert / generate).
 
-The decode state is data (a pytree; B slots and capacity C fixed, so `generate` compiles once per (B, C) bucket):
+The decode state is data (a pytree; B slots and capacity C fixed: `generate` compiles once per (B, C) and per
+power-of-two count of leading slots it runs on):
     cache          the model cache of batch B: row b is slot b (full layers C positions, sliding layers rings)
     tokens [B]     each slot's last token, at positions[b], not yet in the cache
     positions [B]  -1 = a free slot: a step neither reads nor writes its cache rows (layers.attention)
@@ -11,11 +12,13 @@ The loop is functions over it (jitted, the state donated):
     prefill  a request's prompt, chunk by chunk, into a batch-1 cache of capacity C (Engine's own compiled
              prefill, so a slot starts exactly where Engine.generate would) -> its first token;
     insert   that cache into slot s's rows, with the slot's token, position, key and settings;
-    generate one token for every active slot (one forward of [B, 1] tokens at per-slot positions);
+    generate one token for every active slot (one forward of [rows, 1] tokens at per-slot positions, rows the
+             power of two covering the busy slots: requests take the lowest free slot);
     free     slot s (its position -1).
 
 `Batcher` is the host side: a waiting queue, the slot table, budgets (engine.Budget: eos, max_new_tokens, the
-context), and tick() = one prefill chunk (admitting a waiting request into a free slot) + one step. Step t+1 is
+context), and tick() = prefill chunks up to prefill_chunk tokens (admitting waiting requests into free slots) +
+one step. Step t+1 is
 dispatched before step t's tokens are read, so the device does not wait on the host; the requests a step ran
 for are recorded when it is dispatched, and a token is delivered only to the request that still holds its slot.
 submit() and cancel() may be called from any thread; one thread drives tick() (Batcher.start() or a caller's
@@ -81,16 +84,41 @@ def next_tokens(state, logits, all_greedy: bool):
     return jnp.where(state["temperature"] > 0, drawn.astype(jnp.int32), greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "all_greedy"), donate_argnames="state")
-def generate(params, state, *, cfg: ModelConfig, all_greedy: bool):
-    """One token for every active slot -> (state, tokens [B] (0 in free slots)). all_greedy (static): no slot
-    samples, so the step compiles without the sort (two variants at most per bucket)."""
+def _slots_axis(path, leaf) -> int:
+    return leaf.ndim - 4 if path[0].key == "cache" else 0  # cache leaves are [*stack, B, S, heads, dim]
+
+
+def _first_slots(state, rows: int):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: jax.lax.slice_in_dim(a, 0, rows, axis=_slots_axis(path, a)), state)
+
+
+def _put_first_slots(state, part):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a, b: jax.lax.dynamic_update_slice_in_dim(a, b, 0, _slots_axis(path, a)), state, part)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "all_greedy", "rows"), donate_argnames="state")
+def generate(params, state, *, cfg: ModelConfig, all_greedy: bool, rows: int | None = None):
+    """One token for every active slot -> (state, tokens [B] (0 in free slots)).
+
+    Static: all_greedy (no slot samples: the step compiles without the sort); rows (the step runs on slots
+    [0, rows) only, every active slot being among them: a few busy slots do not pay for the whole batch).
+    One compilation per (rows bucket, all_greedy)."""
+    batch = state["positions"].shape[0]
+    whole, rows = state, min(rows or batch, batch)
+    if rows < batch:
+        state = _first_slots(state, rows)
     positions = state["positions"]
     hidden, cache = model.forward_hidden(params, state["tokens"][:, None], positions[:, None], state["cache"], cfg)
     logits = model.lm_logits(params, hidden[:, 0], cfg)
     active = positions >= 0
     tokens = jnp.where(active, next_tokens(state, logits, all_greedy), 0)
-    return {**state, "cache": cache, "tokens": tokens, "positions": jnp.where(active, positions + 1, -1)}, tokens
+    state = {**state, "cache": cache, "tokens": tokens, "positions": jnp.where(active, positions + 1, -1)}
+    if rows < batch:
+        state = _put_first_slots(whole, state)
+        tokens = jnp.pad(tokens, (0, batch - rows))
+    return state, tokens
 
 
 # ---- the host side ----
@@ -249,11 +277,16 @@ class Batcher:
         return bool(self._waiting) or self._prefill is not None or self._pending is not None or any(self._decoding)
 
     def tick(self) -> bool:
-        """Cancellations, one prefill chunk, one step (dispatched before the previous step is read). False when
-        there was nothing to do."""
+        """Cancellations, prefill chunks (up to engine.prefill_chunk tokens), one step (dispatched before the
+        previous step is read). False when there was nothing to do."""
         with self.engine._on_mesh():
             self._reap_cancelled()
-            worked = self._admit()
+            worked, spent = False, 0
+            while spent < self.engine.prefill_chunk:  # prefill up to one chunk's worth of tokens per step
+                n = self._admit()
+                if not n:
+                    break
+                worked, spent = True, spent + n
             pending, self._pending = self._pending, None
             if any(self._decoding):
                 self._pending = self._dispatch()
@@ -276,10 +309,11 @@ class Batcher:
             for r in gone:
                 self._finish(r, [], "cancelled")
 
-    def _admit(self) -> bool:
+    def _admit(self) -> int:
+        """One prefill chunk (starting the next waiting request if none is under way) -> its padded length."""
         if self._prefill is None:
             if not self._waiting or None not in self.slots:
-                return False
+                return 0
             with self._wake:
                 r = self._waiting.popleft()
             slot = self.slots.index(None)
@@ -293,7 +327,7 @@ class Batcher:
         if p.done_chunks == len(p.chunks):
             self._prefill = None
             self._insert(p)
-        return True
+        return int(tokens.shape[1])
 
     def _insert(self, p: _Prefill) -> None:
         r, position = p.request, len(p.request.ids)
@@ -314,7 +348,10 @@ class Batcher:
     def _dispatch(self):
         ran = [r if dec else None for r, dec in zip(self.slots, self._decoding)]
         all_greedy = all(r.temperature == 0.0 for r in ran if r is not None)
-        self.state, tokens = generate(self.engine.params, self.state, cfg=self.engine.cfg, all_greedy=all_greedy)
+        busy = max(i for i, r in enumerate(ran) if r is not None) + 1  # requests take the lowest free slot
+        rows = min(1 << (busy - 1).bit_length(), self.batch_size)  # a power of two: log2(B) + 1 compilations
+        self.state, tokens = generate(self.engine.params, self.state, cfg=self.engine.cfg, all_greedy=all_greedy,
+                                      rows=rows)
         self.steps_total += 1
         return tokens, ran
 

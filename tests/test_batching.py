@@ -58,7 +58,8 @@ def test_greedy_slots_equal_batch_one(tiny):
         assert r.token_ids == reference.token_ids
         assert r.finish_reason == "length" and r.stats.new_tokens == r.max_new_tokens
     assert len(set(done[2].token_ids)) > 6  # a model that does not repeat one token
-    assert batching.generate._cache_size() - before == 1  # one compiled step for all of them
+    # one compiled step per power-of-two count of busy slots (1, 2, and all 3) for all 8 requests
+    assert batching.generate._cache_size() - before <= 3
 
 
 @pytest.mark.slow
@@ -131,6 +132,10 @@ def test_generate_all_in_input_order(tiny):
     for p, g in zip(prompts, out):
         assert g.token_ids == tiny.generate(p, max_new_tokens=6, stop_at_eos=False).token_ids
         assert g.stats.new_tokens == 6 and g.stats.finish_reason == "length"
+    compiled = batching.generate._cache_size()
+    again = batching.generate_all(tiny, [prompt(n, 60 + n) for n in (7, 3, 25, 11, 5, 8)], batch_size=2,
+                                  max_new_tokens=6, stop_at_eos=False)
+    assert len(again) == 6 and batching.generate._cache_size() == compiled  # new requests, no new compilation
 
 
 def test_bad_requests_refused(tiny):
