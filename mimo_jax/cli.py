@@ -206,7 +206,7 @@ def _normalize(argv: list[str]) -> list[str] | None:
             return None
         name, eq, value = arg.lstrip("-").partition("=")
         name = name.replace("-", "_")
-        negated = name.startswith("no") and name[2:].lstrip("_")
+        negated = name[2:].lstrip("_") if name.startswith("no") else ""
         if name not in FLAGS and negated in FLAGS and FLAGS[negated].boolean:
             name = "no" + negated  # --no-chat, --no_chat -> --nochat
         flag = FLAGS[name] if name in FLAGS else None
@@ -414,13 +414,15 @@ def load(source: Source):
     kwargs = dict(max_seq_len=context_length(source.cfg), speculative_k=FLAGS.speculative_k,
                   mesh=sharding.make_mesh(FLAGS.num_devices) if FLAGS.num_devices > 1 else None,
                   attention=FLAGS.attention)
+    quant = None if FLAGS.quant_experts == "none" else FLAGS.quant_experts
+    if source.kind == "checkpoint":  # experts quantized while streaming onto their devices (loader.py)
+        return Engine.from_pretrained(source.path, dtype=dtype, quant_experts=quant, quant_group=FLAGS.quant_group,
+                                      **kwargs)
     if source.kind == "random":
         engine = Engine.from_config(source.cfg, seed=FLAGS.seed, dtype=dtype, **kwargs)
-    elif source.kind == "gguf":
-        engine = Engine.from_gguf(source.path, dtype, **kwargs)
     else:
-        engine = Engine.from_pretrained(source.path, dtype=dtype, **kwargs)
-    if FLAGS.quant_experts != "none":
+        engine = Engine.from_gguf(source.path, dtype, **kwargs)
+    if quant:
         from mimo_jax.quantize_model import quantize_experts
 
         engine.params = engine._place(quantize_experts(engine.params, FLAGS.quant_experts, FLAGS.quant_group))

@@ -348,3 +348,18 @@ def test_readme_python_example_runs(tmp_path):
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+def test_checkpoint_quant_experts_quantizes_while_loading(tmp_path, monkeypatch):
+    """--quant_experts on a checkpoint directory goes through the streaming loader (each expert quantized as it
+    is read), never a full bf16 load followed by quantize_experts."""
+    from mimo_jax import quantize_model
+
+    def fail(*args, **kwargs):
+        raise AssertionError("quantized after a full load")
+
+    monkeypatch.setattr(quantize_model, "quantize_experts", fail)
+    path = save_transformers_layout(random_hf_model(0, num_layers=2, hidden_size=64, moe_intermediate_size=32),
+                                    tmp_path)
+    assert run_cli("--checkpoint", str(path), "--prompt_ids", "5,6,7", "--max_new_tokens", "3",
+                   "--quant_experts", "int4_sym", "--quant_group", "32") == 0
