@@ -166,7 +166,7 @@ class Batcher:
             raise InputError("batched decoding is plain decoding; speculative batched steps are not built yet")
         self.engine, self.batch_size = engine, batch_size
         self.capacity = int(capacity or engine.max_seq_len)
-        self.state = engine._place(init_state(engine.cfg, batch_size, self.capacity, engine.cache_dtype))
+        self.state = self._new_state()
         self.slots: list[Request | None] = [None] * batch_size
         self._decoding = [False] * batch_size  # the slot's request is inserted (the step advances it)
         self._waiting: collections.deque[Request] = collections.deque()
@@ -179,6 +179,11 @@ class Batcher:
         self.requests_total = self.requests_finished = self.requests_cancelled = 0
         self.prompt_tokens_total = self.generated_tokens_total = self.steps_total = 0
         self._recent = collections.deque()  # (time, tokens) for tokens_per_second
+
+    def _new_state(self) -> dict:
+        e = self.engine
+        state = init_state(e.cfg, self.batch_size, self.capacity, e.cache_dtype)
+        return {**state, "cache": e._place(state["cache"])}  # on a mesh, split as the batch-1 caches are
 
     # ---- requests (any thread) ----
     def submit(self, request: Request) -> Request:
@@ -231,6 +236,29 @@ class Batcher:
             return 0.0
         return sum(n for _, n in recent) / max(now - recent[0][0], 1e-3) if len(recent) > 1 else 0.0
 
+    def warm_up(self) -> None:
+        """Compile, before any client waits on it, what serving can run: every prefill chunk bucket and the step
+        for every slot bucket, greedy and sampling (steps over free slots change nothing). Call it before start()."""
+        e, size = self.engine, 16
+        while True:
+            n = min(size, e.prefill_chunk, self.capacity - 1)
+            self.submit(Request([0] * n, max_new_tokens=1, stop_at_eos=False))
+            if n < size or size >= e.prefill_chunk:
+                break
+            size *= 2
+        while self.tick():
+            pass
+        rows = 1
+        with e._on_mesh():
+            while True:
+                for all_greedy in (True, False):
+                    self.state, _ = generate(e.params, self.state, cfg=e.cfg, all_greedy=all_greedy, rows=rows)
+                if rows >= self.batch_size:
+                    break
+                rows = min(2 * rows, self.batch_size)
+        jax.block_until_ready(self.state)
+        self.requests_total = self.requests_finished = self.prompt_tokens_total = self.generated_tokens_total = 0
+
     # ---- the driving thread ----
     def start(self) -> None:
         """Drive tick() from a background thread until stop()."""
@@ -267,7 +295,7 @@ class Batcher:
         self.slots, self._decoding = [None] * self.batch_size, [False] * self.batch_size
         self._prefill = self._pending = None
         e = self.engine
-        self.state = e._place(init_state(e.cfg, self.batch_size, self.capacity, e.cache_dtype))
+        self.state = self._new_state()
         for r in live:
             if not r.done.is_set():
                 r.slot = None

@@ -9,8 +9,9 @@
     cache  = {"layers": stacked per plan, each layer {"k": [B,S,Hkv,D], "v": [B,S,Hkv,Dv]}}
              S = capacity on full layers, S = window on sliding layers (a ring buffer).
 
-forward_hidden(params, tokens [B,T], positions [T], cache, cfg) -> (hidden [B,T,H], cache): positions are
-consecutive from the cache length with -1 marking tail padding (see layers.py). `cfg` is static.
+forward_hidden(params, tokens [B,T], positions [T] or [B,T], cache, cfg) -> (hidden [B,T,H], cache): positions
+are consecutive from the cache length with -1 marking tail padding, shared by the batch ([T]) or per row ([B,T]:
+batched decoding, see layers.py). `cfg` is static.
 """
 from __future__ import annotations
 

@@ -413,14 +413,6 @@ def load_engine(args):
     return engine
 
 
-def warm_up(batcher: Batcher) -> None:
-    """Compile the step (greedy and sampling) and a one-chunk prefill before the first client waits on them."""
-    for temperature in (0.0, 1.0):
-        batcher.submit(Request([0], max_new_tokens=3, temperature=temperature, stop_at_eos=False))
-    while batcher.tick():
-        pass
-
-
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
@@ -434,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     name = args.served_model_name or (args.config if args.random_init else args.checkpoint) or "SmolLM2-135M-Instruct"
     name = name.rstrip("/").rsplit("/", 1)[-1]
     t0 = time.perf_counter()
-    warm_up(batcher)
+    batcher.warm_up()
     print(f"[{name}: {args.batch_size} slots x {batcher.capacity} positions, compiled in "
           f"{time.perf_counter() - t0:.1f} s; http://{args.host}:{args.port}/v1]", file=sys.stderr)
     uvicorn.run(create_app(batcher, name), host=args.host, port=args.port, log_level="warning")

@@ -138,6 +138,22 @@ def test_generate_all_in_input_order(tiny):
     assert len(again) == 6 and batching.generate._cache_size() == compiled  # new requests, no new compilation
 
 
+@pytest.mark.slow
+def test_warm_up_compiles_what_serving_runs(tiny):
+    """After Batcher.warm_up, requests of any prompt length, sampled or greedy, at any occupancy compile nothing."""
+    from mimo_jax import engine as engine_module
+
+    batcher = Batcher(tiny, batch_size=4, capacity=CAPACITY)
+    batcher.warm_up()
+    assert batcher.requests_total == 0 and batcher.slots_in_use == 0
+    compiled = batching.generate._cache_size(), engine_module._prefill._cache_size()
+    schedule = {0: [Request(prompt(n, n), max_new_tokens=5, temperature=t, seed=1)
+                    for n, t in ((3, 0.0), (40, 1.0), (17, 0.0))],
+                2: [Request(prompt(9, 1), max_new_tokens=9), Request(prompt(33, 2), max_new_tokens=3)]}
+    drive(batcher, schedule)
+    assert (batching.generate._cache_size(), engine_module._prefill._cache_size()) == compiled
+
+
 def test_bad_requests_refused(tiny):
     from mimo_jax.errors import InputError
 
