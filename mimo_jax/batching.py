@@ -421,15 +421,19 @@ class Batcher:
 
 def generate_all(engine: Engine, prompts: Sequence[Sequence[int]], batch_size: int = 8, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop_at_eos: bool = True, capacity: int | None = None,
+                 stop_at_eos: bool = True, capacity: int | None = None, warm_up: bool = False,
                  on_done: Callable[[int, Generation], None] | None = None) -> list[Generation]:
     """Every prompt (token ids) through `batch_size` slots, the calling thread driving the batch; results in
-    input order (each sampled with `seed`, as one-at-a-time generation would). on_done(index, generation) is
+    input order (each sampled with `seed`, as one-at-a-time generation would). capacity: positions per slot
+    (default: the longest prompt + max_new_tokens, bucketed as Engine.capacity). warm_up: compile everything
+    first (Batcher.warm_up), so that no request's stats include compilation. on_done(index, generation) is
     called as each finishes (in completion order: a progress bar)."""
     if capacity is None:
         longest = max((len(p) for p in prompts), default=1)
         capacity = engine.capacity(longest, max_new_tokens)
     batcher = Batcher(engine, batch_size, capacity)
+    if warm_up:
+        batcher.warm_up()
     results: list[Generation | None] = [None] * len(prompts)
 
     def finished(index):
