@@ -363,3 +363,17 @@ def test_checkpoint_quant_experts_quantizes_while_loading(tmp_path, monkeypatch)
                                     tmp_path)
     assert run_cli("--checkpoint", str(path), "--prompt_ids", "5,6,7", "--max_new_tokens", "3",
                    "--quant_experts", "int4_sym", "--quant_group", "32") == 0
+
+
+def test_empty_answer_note():
+    from mimo_jax import cli
+    from mimo_jax.engine import GenerationStats
+
+    chat_model = cli.Source("gguf", None, None, has_tokenizer=True, has_chat_template=True)
+    base_model = cli.Source("gguf", None, None, has_tokenizer=True, has_chat_template=False)
+    eos, length = GenerationStats(finish_reason="eos"), GenerationStats(finish_reason="length")
+    assert "--nochat" in cli.empty_answer_note("Why?", " \n", eos, chat=False, source=chat_model)
+    assert "--nochat" not in cli.empty_answer_note("Why?", "", eos, chat=True, source=chat_model)
+    assert "end-of-sequence" in cli.empty_answer_note("Why?", "", eos, chat=False, source=base_model)
+    for args in (("Why?", "Paris.", eos), ("Why?", "", length), ([1, 2], None, eos)):
+        assert cli.empty_answer_note(*args, chat=False, source=chat_model) is None
