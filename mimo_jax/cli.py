@@ -67,6 +67,8 @@ def _define():
                         "every host runs the same command with its own --process_id.", **F)
     flags.DEFINE_integer("num_processes", 1, "Several hosts: how many processes in all.", **F)
     flags.DEFINE_integer("process_id", 0, "Several hosts: this process's index.", **F)
+    flags.DEFINE_integer("batch_size", 1, "With --prompts_file: decode this many prompts together (continuous "
+                         "batching, mimo_jax/batching.py); 1 = one after another. Plain decoding only.", **F)
     flags.DEFINE_integer("speculative_k", 0, "Draft k tokens per step with the model's MTP layers and verify them "
                          "in one pass (0 = off); models with MTP layers only.", **F)
     flags.DEFINE_bool("version", False, "Print the version and exit.", **F)
@@ -288,6 +290,10 @@ def check_flags() -> None:
     need(FLAGS.quant_group >= 1, f"--quant_group must be >= 1, got {FLAGS.quant_group}")
     need(FLAGS.speculative_k >= 0, f"--speculative_k must be >= 0 (0 = off), got {FLAGS.speculative_k}")
     need(FLAGS.num_devices >= 1, f"--num_devices must be >= 1, got {FLAGS.num_devices}")
+    need(FLAGS.batch_size >= 1, f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+    need(FLAGS.batch_size == 1 or FLAGS.prompts_file is not None, "--batch_size needs --prompts_file")
+    need(FLAGS.batch_size == 1 or FLAGS.speculative_k == 0, "--batch_size > 1 decodes without speculation "
+         "(batched speculative steps are not built yet): drop --speculative_k")
     need(FLAGS.output is None or FLAGS.prompts_file is not None,
          "--output needs --prompts_file (a single --prompt streams to stdout)")
 
@@ -395,7 +401,8 @@ def _generate() -> None:
     inputs = [model_input(engine, p, chat) for p in prompts]
     check_budgets(engine, inputs)
     t1 = time.perf_counter()
-    warm_up(engine, inputs)
+    if FLAGS.prompts_file is None or FLAGS.batch_size == 1:  # the batched path warms its own buckets up
+        warm_up(engine, inputs)
     note = "; chat template applied (--nochat: raw text)" if chat and FLAGS.chat is None and any(
         isinstance(p, str) for p in prompts) else ""
     print(f"[loaded in {t1 - t0:.1f} s, compiled in {time.perf_counter() - t1:.1f} s{note}]", file=sys.stderr)
@@ -493,6 +500,32 @@ def stream_one(engine, prompt, ids, chat: bool, source: Source) -> None:
         print(note, file=sys.stderr)
 
 
+def run_batched(engine, prompts, inputs, chat: bool, source: Source) -> None:
+    """All prompts through --batch_size slots (continuous batching); output in input order, the file written
+    when all are done."""
+    from tqdm import tqdm
+
+    from mimo_jax.batching import generate_all
+    from mimo_jax.prompts import AtomicJsonlWriter, record
+
+    t0, tokens = time.perf_counter(), [0]
+    with tqdm(total=len(prompts), desc="prompts", unit="prompt", file=sys.stderr) as bar:
+        def on_done(i, g):
+            tokens[0] += g.stats.new_tokens
+            bar.update()
+            bar.set_postfix(tok_s=f"{tokens[0] / (time.perf_counter() - t0):.1f}")
+        gens = generate_all(engine, inputs, batch_size=FLAGS.batch_size, max_new_tokens=FLAGS.max_new_tokens,
+                            warm_up=True, on_done=on_done, **sampling_kwargs())
+    empty = [n for n in (empty_answer_note(p, g.text, g.stats, chat, source) for p, g in zip(prompts, gens)) if n]
+    with _Unwinding(), (AtomicJsonlWriter(FLAGS.output) if FLAGS.output else _Stdout()) as out:
+        for prompt, g in zip(prompts, gens):
+            out.write(record(prompt, g))
+    where = f" to {FLAGS.output}" if FLAGS.output else ""
+    print(f"[{len(prompts)} prompts, {tokens[0]} new tokens{where}, batch {FLAGS.batch_size}]", file=sys.stderr)
+    if empty:
+        print(f"[{len(empty)} of {len(prompts)} answers empty] {empty[0]}", file=sys.stderr)
+
+
 class _Stdout:
     """AtomicJsonlWriter's interface over stdout (no --output)."""
 
@@ -510,6 +543,8 @@ class _Stdout:
 
 def run_batch(engine, prompts, inputs, chat: bool, source: Source) -> None:
     """One generation per prompt, in order, a progress bar on stderr; the output file appears at the end."""
+    if FLAGS.batch_size > 1:
+        return run_batched(engine, prompts, inputs, chat, source)
     from tqdm import tqdm
 
     from mimo_jax.prompts import AtomicJsonlWriter, record

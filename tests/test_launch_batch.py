@@ -148,3 +148,23 @@ def test_bad_json_prompts_file_is_refused_before_load(tmp_path):
     path = tmp_path / "p.json"
     path.write_text('[{"prompt": "unterminated"')
     assert_one_line_error(launch("--prompts_file", str(path)), "p.json", "not valid JSON")
+
+
+def test_batch_size_output_equals_one_at_a_time(tmp_path):
+    """--batch_size 3 (continuous batching) writes, in input order, what one-at-a-time decoding writes (greedy)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": ids}) for ids in
+                                 ([1, 2, 3], [4, 5], [6, 7, 8, 9, 10], [11], [12, 13])) + "\n")
+    outs = {}
+    for b in (1, 3):
+        out = tmp_path / f"out{b}.jsonl"
+        r = launch("--config", "configs/tiny_llama.json", "--random_init", "--prompts_file", str(prompts),
+                   "--output", str(out), "--max_new_tokens", "6", "--batch_size", str(b))
+        assert r.returncode == 0, r.stderr
+        outs[b] = [rec["token_ids"] for rec in read_jsonl(out)]
+    assert outs[3] == outs[1] and len(outs[1]) == 5
+
+
+def test_batch_size_needs_a_prompts_file():
+    r = launch("--config", "configs/tiny_llama.json", "--random_init", "--prompt_ids", "1,2", "--batch_size", "4")
+    assert_one_line_error(r, "--batch_size needs --prompts_file")
