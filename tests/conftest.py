@@ -16,3 +16,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not on_gpu:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+    """Drop the compiled programs of a test file once it is done: the whole suite runs in one process, and
+    hundreds of CPU executables kept alive is memory the later files' compilations no longer have."""
+    yield
+    jax.clear_caches()
