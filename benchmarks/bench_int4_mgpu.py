@@ -29,6 +29,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from pallas_kernels import int4_mgpu as MG  # noqa: E402
 
+from bench_int4 import timeit  # noqa: E402  (the same wall-clock timer as the Triton kernel's table)
+
 SHAPES = ((4096, 16384), (16384, 4096), (4096, 2048), (2048, 4096), (6144, 2048))
 ROTATE_BYTES = 256 << 20   # > 4x the H200's L2
 GS = 128
@@ -45,19 +47,6 @@ def log(*a):
     LOG.append(s)
 
 
-def timeit(f, *args, min_total=0.03, reps=5):
-    jax.block_until_ready(f(*args))
-    t = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    one = time.perf_counter() - t
-    n = max(2, min(50, int(min_total / max(one, 1e-6))))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        outs = [f(*args) for _ in range(n)]
-        jax.block_until_ready(outs)
-        ts.append((time.perf_counter() - t) / n)
-    return float(np.median(ts))
 
 
 def repeated(op, T):
