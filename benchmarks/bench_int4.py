@@ -365,6 +365,7 @@ def main():
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--grouped", action="store_true")
     ap.add_argument("--grouped-sweep", action="store_true")
+    ap.add_argument("--grouped-split", action="store_true", help="grouped kernel: split-K / block sweep")
     ap.add_argument("--formats", action="store_true", help="M in {1,16} rows for every format")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--gemv-sweep", action="store_true")
@@ -388,6 +389,10 @@ def main():
                          for bn, u, nw, ns, m in ((128, 2, 4, 3, "magic_sub"), (128, 1, 4, 3, "asm"),
                                                   (64, 2, 4, 3, "asm"), (128, 2, 4, 4, "asm"))]
         res["grouped_sweep"] = grouped(ceiling, cfgs=cfgs, fused=False)
+    if a.grouped_split:
+        cfgs = [None] + [K4.KernelConfig(bn=bn, split_k=sk, unroll=u)
+                         for bn, sk, u in ((128, 1, 1), (128, 2, 1), (128, 4, 1), (128, 8, 1), (64, 2, 1), (64, 4, 1))]
+        res["grouped_split"] = grouped(ceiling, cfgs=cfgs, fused=True)
     if a.table:
         res["table"] = table(ceiling, ms=(1, 16) if a.quick else MS)
     if a.formats:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from mimo_jax import quant as Q
-from pallas_kernels.int4_matmul import KernelConfig, int4_grouped_matmul, int4_matmul, tile_schedule
+from pallas_kernels.int4_matmul import (KernelConfig, default_grouped_config, int4_grouped_matmul, int4_matmul,
+                                       tile_schedule)
 
 # bf16 activations and output against an f32 reference: ~2e-3 typical, 1e-2 bound
 TOL = 1e-2
@@ -60,15 +61,16 @@ def test_qmatmul_leading_dims_and_default_config():
     assert out.shape == (2, 3, 32) and _rel(out, ref) < TOL
 
 
+@pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("fmt,gs", [("int4_sym", 32), ("int4_asym", 64), ("mxfp4", 32)])
-def test_grouped_kernel_matches_ragged_dot(fmt, gs):
+def test_grouped_kernel_matches_ragged_dot(fmt, gs, split):
     E, K, N = 6, 128, 32
     gsz = jnp.array([1, 0, 19, 3, 0, 1], jnp.int32)  # odd loads, empty experts, one > bm rows
     M = 26                                            # 2 trailing rows past sum(group_sizes): zeros
     we = _weights(3, (E, K, N), fmt, gs)
     x = _x(4, M, K)
     ref = jax.lax.ragged_dot(x.astype(jnp.float32), Q.dequantize(we, jnp.float32), gsz)
-    cfg = KernelConfig(bm=16, bn=16, unroll=2)
+    cfg = KernelConfig(bm=16, bn=16, unroll=2 // split, split_k=split)  # split-K: partials summed outside
     out = Q.ragged_qmatmul(x, we, gsz, impl="interpret", cfg=cfg)
     assert out.shape == (M, N) and _rel(out, ref) < TOL
     np.testing.assert_array_equal(np.asarray(out[24:], np.float32), 0.0)
@@ -87,6 +89,7 @@ def test_grouped_single_token_top_k():
     gsz = jnp.array([0, 1, 0, 1, 1, 0, 0, 1], jnp.int32)
     x = _x(8, 4, K)
     ref = jax.lax.ragged_dot(x.astype(jnp.float32), Q.dequantize(we, jnp.float32), gsz)
+    assert default_grouped_config(4, K, N, 32, E).split_k == 2  # few busy tiles: K is split
     assert _rel(Q.ragged_qmatmul(x, we, gsz, impl="interpret"), ref) < TOL
 
 
