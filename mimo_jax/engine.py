@@ -146,8 +146,10 @@ def _bucket(n: int, largest: int, smallest: int = 16) -> int:
 class Engine:
     def __init__(self, cfg: ModelConfig, params, tokenizer=None, max_seq_len: int | None = None,
                  prefill_chunk: int = 512, cache_dtype=None, speculative_k: int = 0,
-                 drafter: str | speculative.Drafter = "mtp", mesh=None, attention: str = "tp"):
-        """drafter: a name in speculative.DRAFTERS or a speculative.Drafter.
+                 drafter: str | speculative.Drafter = "auto", mesh=None, attention: str = "tp"):
+        """drafter (used when speculative_k > 0): "auto" (the MTP layers if the model has them, else the shipped
+        block drafter if it was trained for this model), "mtp", "block" (the shipped one), a block drafter file
+        (train_drafter.py writes them), a name in speculative.DRAFTERS, or a speculative.Drafter.
         mesh: a sharding.make_mesh(n) mesh to spread the model over (experts split, attention per
         `attention`: "tp" = heads split where they divide, "replicated"); None = one device."""
         self.cfg, self.tokenizer, self.mesh, self.attention = cfg, tokenizer, mesh, attention
@@ -157,13 +159,17 @@ class Engine:
         self.cache_dtype = cache_dtype or params["embed"].dtype
         if speculative_k < 0:
             raise InputError(f"speculative_k must be >= 0, got {speculative_k}")
-        if not isinstance(drafter, speculative.Drafter):
-            if drafter not in speculative.DRAFTERS:
-                raise InputError(f"unknown drafter {drafter!r} (choose from {', '.join(speculative.DRAFTERS)})")
-            drafter = speculative.DRAFTERS[drafter]
-        if speculative_k and drafter.uses_mtp and "mtp" not in params:
-            raise InputError("speculative decoding with the MTP drafter needs MTP layers; this model has none")
+        self.drafter_weights = None  # a block drafter's {"w", "vocab"}, passed to the step as params["drafter"]
+        if speculative_k:
+            drafter, self.drafter_weights = speculative.resolve_drafter(drafter, cfg, params, self.cache_dtype)
+        elif not isinstance(drafter, speculative.Drafter):
+            drafter = speculative.DRAFTERS.get(drafter, speculative.MTP)
         self.speculative_k, self.drafter = speculative_k, drafter
+
+    @property
+    def step_params(self):
+        """The params the speculative step takes: the target's, plus a block drafter's weights under "drafter"."""
+        return self.params if self.drafter_weights is None else {**self.params, "drafter": self.drafter_weights}
 
     # ---- construction ----
     def _place(self, tree):
@@ -393,21 +399,28 @@ class Stream:
         state = {"cache": cache, "token": first, "position": jnp.int32(position), "mtp_cache": {},
                  "draft": jnp.zeros_like(first), "draft_logits": jnp.zeros((1, cfg.vocab_size), jnp.float32),
                  "draft_hidden": jnp.zeros((1, cfg.hidden_size), e.cache_dtype)}
-        if drafter.uses_mtp:
-            mtp_cache = e._place(mtp.init_cache(cfg, 1, e.cache_dtype, k + 1))
-            following = np.asarray(self.ids[1:] + [first_id], np.int32)
+        params = e.step_params
+        if drafter.init is not None:
+            dstate = e._place(drafter.init(params, cfg, k, e.cache_dtype))
+            following = np.asarray(self.ids[1:] + [first_id], np.int32)  # the token after each prompt position
             for (tokens, positions, n), h in zip(chunks, normed):
                 nxt = np.zeros(tokens.shape, np.int32)
                 start = int(positions[0])
                 nxt[0, :n] = following[start:start + n]
-                draft, dl, dh, mtp_cache = speculative.mtp_chunk(e.params, h, jnp.asarray(nxt), positions, mtp_cache,
-                                                                 draft_key, *self.sampling, cfg=cfg,
-                                                                 is_greedy=self.is_greedy)
-            state.update(mtp_cache=mtp_cache, draft=draft, draft_logits=dl, draft_hidden=dh)
+                if drafter.uses_mtp:
+                    draft, dl, dh, dstate = speculative.mtp_chunk(params, h, jnp.asarray(nxt), positions, dstate,
+                                                                  draft_key, *self.sampling, cfg=cfg,
+                                                                  is_greedy=self.is_greedy)
+                    state.update(draft=draft, draft_logits=dl, draft_hidden=dh)
+                else:
+                    dstate = speculative.drafter_chunk(params, h, jnp.asarray(nxt), positions, dstate, draft_key,
+                                                       *self.sampling, cfg=cfg, drafter=drafter,
+                                                       is_greedy=self.is_greedy)
+            state["mtp_cache"] = dstate
         self.stats.prefill_ms = 1e3 * (time.perf_counter() - t0)
         t1 = time.perf_counter()
         budget = self._budget()
-        run = functools.partial(speculative.step, e.params, key=self.key, temperature=self.sampling[0],
+        run = functools.partial(speculative.step, params, key=self.key, temperature=self.sampling[0],
                                 top_k=self.sampling[1], top_p=self.sampling[2], cfg=cfg, k=k, drafter=drafter,
                                 is_greedy=self.is_greedy)
         kept, reason = budget.take(0, [first_id])

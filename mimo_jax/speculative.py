@@ -2,7 +2,8 @@
 
 State (a pytree; batch 1 because positions are shared by the batch):
     cache        target KV cache, holding positions < P           (SWA rings sized window + k + 1)
-    mtp_cache    the drafter's ring caches
+    mtp_cache    the drafter's own state: MTP {"kv": ring caches, "carry": [n_mtp,1,H]}; block drafter: the
+                 ring of context hidden states (block_drafter.py)
     token [1]    the last emitted token, at position P, not yet in the target cache
     position     P (int32 scalar)
     draft [1], draft_logits [1,V], draft_hidden [1,H]
@@ -11,7 +12,8 @@ State (a pytree; batch 1 because positions are shared by the batch):
 
 One step, with p_i the target's distribution for position P+i and q_i the drafter's (both after temperature,
 top-k, top-p):
-    1. draft    d_1 from the state, d_2..d_k by chaining MTP layers (depth i uses layer i mod n_mtp);
+    1. draft    MTP: d_1 from the state, d_2..d_k by chaining MTP layers (depth i uses layer i mod n_mtp);
+                block: d_1..d_k from one forward of the block drafter;
     2. verify   target([token, d_1, ..., d_k]) at positions P..P+k  -> p_1..p_{k+1}   (one forward);
     3. accept   greedy: d_i is accepted while d_i == argmax p_i.
                 sampled: d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)) (u_i q_i(d_i) < p_i(d_i));
@@ -23,8 +25,11 @@ top-k, top-p):
     5. commit   the verify pass already wrote positions P..P+k; full-attention entries past P+n are stale but
                 masked (a query never sees slots beyond its position), and the SWA rings have k+1 spare slots,
                 so the rejected positions overwrote nothing still in any later window: nothing to roll back.
-    6. refresh  MTP layer 0 re-reads positions P..P+n with the target's hidden states and the emitted tokens
-                (filling its cache with true inputs) and its output at P+n gives the next step's d_1.
+    6. refresh  MTP: layer 0 re-reads positions P..P+n with the target's hidden states and the emitted tokens
+                (filling its cache with true inputs) and its output at P+n gives the next step's d_1; each deeper
+                layer j re-reads them too, fed layer j-1's true outputs one position back (the inputs it sees at
+                its depth of the chain), so no cache keeps the inputs of rejected drafts.
+                block: the hidden states of P..P+n join its context ring.
 """
 from __future__ import annotations
 
@@ -48,22 +53,47 @@ def _draw(key, logits, settings, is_greedy):
 
 def _mtp_propose(params, state, key, settings, cfg, k, is_greedy):
     drafts, qs = [state["draft"]], [state["draft_logits"]]
-    hidden, cache = state["draft_hidden"][:, None], state["mtp_cache"]
+    hidden, cache = state["draft_hidden"][:, None], state["mtp_cache"]["kv"]
     for i in range(1, k):
         position = state["position"] - 1 + i
         hidden, logits, cache = mtp.mtp_layer(params, i % cfg.num_mtp_layers, hidden, drafts[-1][:, None],
                                               position[None], cache, cfg)
         qs.append(logits[:, 0])
         drafts.append(_draw(jax.random.fold_in(key, i), logits[:, 0], settings, is_greedy))
-    return jnp.stack(drafts, axis=1), jnp.stack(qs, axis=1), cache
+    return jnp.stack(drafts, axis=1), jnp.stack(qs, axis=1), {**state["mtp_cache"], "kv": cache}
+
+
+def mtp_chain(params, normed, tokens, positions, mtp_state, cfg):
+    """Every MTP layer over the same positions t with true inputs: layer 0 reads the target's h_t, layer j > 0
+    reads layer j-1's output at t-1 (what it reads at depth j of a chain), with carry[j-1] (layer j-1's output
+    just before this chunk) for the first position; tokens are the ones at t+1. -> (layer 0's outputs
+    [B,T,H], its logits, the state with every cache written and carry[j] = layer j's output at the last real
+    position)."""
+    last = jnp.sum(positions >= 0) - 1
+    kv, carry, outs = mtp_state["kv"], mtp_state["carry"], []
+    hidden = normed
+    for j in range(cfg.num_mtp_layers):
+        if j:
+            hidden = jnp.concatenate([carry[j - 1][:, None].astype(outs[-1].dtype), outs[-1][:, :-1]], axis=1)
+        h, logits, kv = mtp.mtp_layer(params, j, hidden, tokens, positions, kv, cfg)
+        outs.append(h)
+        if j == 0:
+            logits0 = logits
+    carry = jnp.stack([o[:, last] for o in outs]).astype(carry.dtype)
+    return outs[0], logits0, {"kv": kv, "carry": carry}
 
 
 def _mtp_refresh(params, state, normed, emitted, n_acc, key, settings, cfg, is_greedy):
     k1 = emitted.shape[1]
     positions = jnp.where(jnp.arange(k1) <= n_acc, state["position"] + jnp.arange(k1), -1).astype(jnp.int32)
-    hidden, logits, cache = mtp.mtp_layer(params, 0, normed, emitted, positions, state["mtp_cache"], cfg)
+    hidden, logits, mtp_state = mtp_chain(params, normed, emitted, positions, state["mtp_cache"], cfg)
     logits = logits[:, n_acc]
-    return _draw(key, logits, settings, is_greedy), logits, hidden[:, n_acc], cache
+    return _draw(key, logits, settings, is_greedy), logits, hidden[:, n_acc], mtp_state
+
+
+def mtp_init(params, cfg, k, dtype):
+    return {"kv": mtp.init_cache(cfg, 1, dtype, k + 1), "carry": jnp.zeros((cfg.num_mtp_layers, 1, cfg.hidden_size),
+                                                                            dtype)}
 
 
 def _oracle_propose(params, state, key, settings, cfg, k, is_greedy):
@@ -90,16 +120,54 @@ def _keep_refresh(params, state, normed, emitted, n_acc, key, settings, cfg, is_
 @dataclasses.dataclass(frozen=True)
 class Drafter:
     """A static argument of the step (hashed by its functions): Engine(drafter=...) takes one of DRAFTERS by
-    name or any Drafter (tests build theirs in tests/drafters.py)."""
+    name, "block" / a block drafter file (block_drafter.py), or any Drafter (tests build theirs in
+    tests/drafters.py).
+
+    init(params, cfg, k, dtype) -> the drafter's state (state["mtp_cache"]) before the prompt; prefill(params,
+    dstate, normed [1,T,H], next_tokens [1,T], positions [T], key, settings, cfg, is_greedy) -> dstate after a
+    prompt chunk. None: no state (the MTP drafter's own prefill is mtp_chunk: it also makes d_1)."""
     name: str
     propose: Callable
     refresh: Callable
     uses_mtp: bool
+    init: Callable | None = None
+    prefill: Callable | None = None
 
 
-MTP = Drafter("mtp", _mtp_propose, _mtp_refresh, True)
+MTP = Drafter("mtp", _mtp_propose, _mtp_refresh, True, init=mtp_init)
 ORACLE = Drafter("oracle", _oracle_propose, _keep_refresh, False)
 DRAFTERS = {d.name: d for d in (MTP, ORACLE)}
+
+
+def resolve_drafter(drafter, cfg: ModelConfig, params, dtype):
+    """Engine(drafter=...) -> (Drafter, block drafter weights or None); InputError for a bad choice."""
+    from pathlib import Path
+
+    from mimo_jax import block_drafter
+    from mimo_jax.errors import InputError
+
+    if isinstance(drafter, Drafter):
+        return drafter, None
+    drafter = str(drafter)
+    if drafter == "auto":
+        if "mtp" in params:
+            return MTP, None
+        if not block_drafter.SHIPPED.is_file() or not block_drafter.fits(block_drafter.SHIPPED, cfg):
+            raise InputError("speculative decoding needs a drafter: this model has no MTP layers and the shipped "
+                             "block drafter was trained for another model (train one: python -m "
+                             "mimo_jax.train_drafter, then drafter=PATH / --drafter PATH)")
+        drafter = "block"
+    if drafter == "mtp" or (drafter in DRAFTERS and drafter != "block"):
+        if DRAFTERS[drafter].uses_mtp and "mtp" not in params:
+            raise InputError("speculative decoding with the MTP drafter needs MTP layers; this model has none "
+                             "(use a block drafter: --drafter block or a file from mimo_jax.train_drafter)")
+        return DRAFTERS[drafter], None
+    path = block_drafter.SHIPPED if drafter == "block" else Path(drafter)
+    if drafter != "block" and path.suffix != ".safetensors" and not path.exists():
+        raise InputError(f"unknown drafter {drafter!r} (choose mtp, block, or a block drafter .safetensors file; "
+                         f"also: {', '.join(DRAFTERS)})")
+    d, weights, _ = block_drafter.load(path, dtype, target=cfg)
+    return block_drafter.drafter_for(d), weights
 
 
 # ---- the step ----
@@ -144,7 +212,7 @@ def step(params, state, key, temperature, top_k, top_p, *, cfg: ModelConfig, k: 
     state = {**state, "cache": cache, "mtp_cache": mtp_cache}
     draft, draft_logits, draft_hidden, mtp_cache = drafter.refresh(params, state, normed, emitted, n, key_r,
                                                                    settings, cfg, is_greedy)
-    new_state = {"cache": cache, "mtp_cache": mtp_cache, "token": bonus, "position": position + n + 1,
+    new_state = {**state, "cache": cache, "mtp_cache": mtp_cache, "token": bonus, "position": position + n + 1,
                  "draft": draft, "draft_logits": draft_logits, "draft_hidden": draft_hidden}
     return emitted, n, new_state
 
@@ -163,9 +231,17 @@ def target_chunk(params, tokens, positions, cache, cfg: ModelConfig):
 @functools.partial(jax.jit, static_argnames=("cfg", "is_greedy"), donate_argnames="mtp_cache")
 def mtp_chunk(params, normed, next_tokens, positions, mtp_cache, key, temperature, top_k, top_p, *,
               cfg: ModelConfig, is_greedy: bool):
-    """MTP layer 0 over a prompt chunk (hidden at t, token at t+1) -> (d_1, its logits, its hidden, mtp_cache).
-    key: d_1's own (only the last chunk's draw is kept)."""
-    hidden, logits, mtp_cache = mtp.mtp_layer(params, 0, normed, next_tokens, positions, mtp_cache, cfg)
+    """The MTP layers over a prompt chunk (hidden at t, token at t+1; mtp_chain) -> (d_1, its logits, its
+    hidden, the MTP state). key: d_1's own (only the last chunk's draw is kept)."""
+    hidden, logits, mtp_cache = mtp_chain(params, normed, next_tokens, positions, mtp_cache, cfg)
     last = jnp.sum(positions >= 0) - 1
     draft = _draw(key, logits[:, last], (temperature, top_k, top_p), is_greedy)
     return draft, logits[:, last], hidden[:, last], mtp_cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "drafter", "is_greedy"), donate_argnames="dstate")
+def drafter_chunk(params, normed, next_tokens, positions, dstate, key, temperature, top_k, top_p, *,
+                  cfg: ModelConfig, drafter: Drafter, is_greedy: bool):
+    """A drafter's own prefill hook over a prompt chunk -> its state."""
+    return drafter.prefill(params, dstate, normed, next_tokens, positions, key, (temperature, top_k, top_p), cfg,
+                           is_greedy)

@@ -1,0 +1,273 @@
+"""A block drafter (DFlash-style): all k draft tokens from ONE small forward pass.
+
+At a speculative step the target has verified every position < P and the token at P is known (not yet in the
+target cache). The drafter reads a block of B >= k slots at positions P .. P+B-1:
+
+    slot 0      = embed(token_P)            (the target's own embedding table, frozen)
+    slots 1..   = a learned [MASK] vector
+    context     = c_t = norm(fc(h_t)) for the last `window` positions t < P, h_t the target's normed last-layer
+                  hidden state (the verify pass computes it anyway)
+
+and runs `num_layers` pre-norm blocks whose attention keys/values are [context ; block] (the context features
+enter every layer's K/V, as DFlash injects them), bidirectional within the block, RoPE at absolute positions.
+Slot j's output, through the target's lm_head restricted to a draft vocabulary of the most frequent target
+tokens (EAGLE-3's reduced draft vocab: the head is most of a small drafter's cost), predicts the token at
+P+j+1: d_1 .. d_k in one pass. q (for lossless sampling) is that distribution over the full vocabulary with
+-inf outside the draft vocabulary.
+
+Why the last layer only: it is the one hidden state `model.forward_hidden` returns and the verify pass already
+has, so conditioning on it costs nothing and does not reach into the target's layer loop; EAGLE-3 / DFlash
+fuse a few intermediate layers as well, which needs a hook in that loop (a gain of a few tenths of a token on
+large targets, per the EAGLE-3 ablation) -- left for when the layer loop exposes them.
+
+State (the speculative state's "mtp_cache" slot, the drafter's own): a ring of the last `window` target hidden
+states and their positions (-1 = empty). The weights travel in the target params under "drafter"
+(params = {**target_params, "drafter": {"w": ..., "vocab": ...}}), so the jitted step takes them as data.
+
+Files: safetensors, the tensors flattened by path ("w.layers.wq", "vocab"), the BlockConfig and the target's
+shape (hidden size, vocab, layers) in its metadata; `load` checks them against the model it is used with.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mimo_jax import model, sampling
+from mimo_jax.config import ModelConfig
+from mimo_jax.errors import InputError
+from mimo_jax.layers import attend, rms_norm, rope, swiglu
+
+SHIPPED = Path(__file__).resolve().parent / "drafters" / "smollm2_135m_block.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    hidden_size: int  # the target's (the drafter reuses its embedding and lm_head)
+    target_vocab: int
+    num_layers: int = 1
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    intermediate_size: int = 1536
+    block_size: int = 8  # slots trained; a step with k > block_size runs k slots
+    window: int = 128  # context positions attended
+    draft_vocab: int = 8192
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2 or min(self.num_layers, self.block_size, self.window, self.draft_vocab) < 1:
+            raise ValueError(f"bad block drafter config {self}")
+        if self.draft_vocab > self.target_vocab:
+            raise ValueError(f"draft_vocab {self.draft_vocab} > the target's vocab {self.target_vocab}")
+
+    @classmethod
+    def for_target(cls, cfg: ModelConfig, **kw) -> "BlockConfig":
+        kw.setdefault("draft_vocab", min(8192, cfg.vocab_size))
+        return cls(hidden_size=cfg.hidden_size, target_vocab=cfg.vocab_size, **kw)
+
+
+def param_shapes(d: BlockConfig) -> dict:
+    h, nh, nkv, hd, i = d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, d.intermediate_size
+    layer = {"attn_norm": (h,), "wq": (h, nh * hd), "wk": (h, nkv * hd), "wv": (h, nkv * hd), "wo": (nh * hd, h),
+             "mlp_norm": (h,), "w_gate": (h, i), "w_up": (h, i), "w_down": (i, h)}
+    return {"fc": (h, h), "ctx_norm": (h,), "mask": (h,), "final_norm": (h,),
+            "layers": {k: (d.num_layers,) + s for k, s in layer.items()}}
+
+
+def init_weights(d: BlockConfig, key, dtype=jnp.float32) -> dict:
+    """Trainable weights: norms 1, [MASK] ~ N(0, 0.02^2), matrices ~ N(0, 1/fan_in), output projections small."""
+    shapes = param_shapes(d)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+
+    def make(path, shape, k):
+        name = path[-1].key
+        if name.endswith("norm"):
+            return jnp.ones(shape, dtype)
+        if name == "mask":
+            return (0.02 * jax.random.normal(k, shape)).astype(dtype)
+        scale = shape[-2] ** -0.5 * (0.1 if name in ("wo", "w_down") else 1.0)
+        return (scale * jax.random.normal(k, shape)).astype(dtype)
+
+    return jax.tree_util.tree_unflatten(treedef, [make(p, s, k) for (p, s), k in zip(leaves, keys)])
+
+
+def head_rows(tparams, cfg: ModelConfig, vocab):
+    """The target lm_head's rows for the draft vocabulary: [Vd, H]."""
+    if cfg.tie_word_embeddings:
+        return jnp.take(tparams["embed"], vocab, axis=0)
+    return jnp.take(tparams["lm_head"], vocab, axis=1).T
+
+
+def block_logits(w, vocab, tparams, cfg: ModelConfig, d: BlockConfig, ctx, ctx_pos, token, position, block: int):
+    """The drafter's forward for A blocks sharing one context (training packs many blocks of a sequence; a
+    decode step has A = 1). ctx [B,C,H] target normed hidden states at positions ctx_pos [B,C] (-1: none),
+    token [B,A] at position [B,A] -> logits [B,A,block,Vd] f32 over the draft vocabulary; slot j predicts the
+    token at position+j+1. Block a sees the context positions in [position_a - window, position_a)."""
+    (b, a), h, eps = token.shape, d.hidden_size, d.rms_norm_eps
+    nh, nkv, hd, dtype = d.num_heads, d.num_kv_heads, d.head_dim, w["fc"].dtype
+    c = rms_norm(jnp.dot(ctx.astype(dtype), w["fc"]), w["ctx_norm"], eps)  # [B,C,H]
+    x = jnp.broadcast_to(w["mask"], (b, a, block, h))
+    x = x.at[:, :, 0].set(model.embed(tparams, token).astype(dtype)).reshape(b * a, block, h)
+    qpos = (position[..., None] + jnp.arange(block, dtype=jnp.int32)).reshape(b * a, block)
+    anchor = position[..., None]  # [B,A,1]
+    seen = (ctx_pos[:, None] >= 0) & (ctx_pos[:, None] < anchor) & (ctx_pos[:, None] >= anchor - d.window)
+    mask = jnp.concatenate([jnp.broadcast_to(seen[:, :, None], (b, a, block, ctx.shape[1])),
+                            jnp.ones((b, a, block, block), bool)], axis=-1).reshape(b * a, block, -1)
+    cpos = jnp.maximum(ctx_pos, 0)
+
+    def per_block(t):  # [B, C, ...] -> [B*A, C, ...]: the context's keys/values, shared by the blocks
+        return jnp.broadcast_to(t[:, None], (b, a) + t.shape[1:]).reshape((b * a,) + t.shape[1:])
+
+    def layer(x, p):
+        y = rms_norm(x, p["attn_norm"], eps)
+        # the context features join every layer's keys and values (computed once per sequence)
+        k = jnp.concatenate([per_block(rope((c @ p["wk"]).reshape(b, -1, nkv, hd), cpos, d.rope_theta, hd)),
+                             rope((y @ p["wk"]).reshape(b * a, block, nkv, hd), qpos, d.rope_theta, hd)], axis=1)
+        v = jnp.concatenate([per_block((c @ p["wv"]).reshape(b, -1, nkv, hd)),
+                             (y @ p["wv"]).reshape(b * a, block, nkv, hd)], axis=1)
+        q = rope((y @ p["wq"]).reshape(b * a, block, nh, hd), qpos, d.rope_theta, hd)
+        out = attend(q.reshape(b * a, block, nkv, nh // nkv, hd), k, v, mask, None, hd ** -0.5)
+        x = x + out.reshape(b * a, block, nh * hd) @ p["wo"]
+        return x + swiglu(p, rms_norm(x, p["mlp_norm"], eps)), None
+
+    x, _ = jax.lax.scan(layer, x, w["layers"])
+    out = rms_norm(x, w["final_norm"], eps).reshape(b, a, block, h)
+    rows = head_rows(tparams, cfg, vocab).astype(dtype)
+    return jnp.einsum("bath,vh->batv", out, rows, preferred_element_type=jnp.float32)
+
+
+# ---- the Drafter (speculative.py's protocol) ----
+
+def init_state(d: BlockConfig, batch: int, dtype) -> dict:
+    return {"ctx": jnp.zeros((batch, d.window, d.hidden_size), dtype), "pos": jnp.full((batch, d.window), -1, jnp.int32)}
+
+
+def write(state: dict, hidden, positions) -> dict:
+    """Put hidden [1,T,H] at positions [T] (-1 = skip) into the ring (slot = position % window); of a chunk longer
+    than the ring only the last `window` positions are kept."""
+    size = state["ctx"].shape[1]
+    keep = (positions >= 0) & (positions > jnp.max(positions) - size)
+    slots = jnp.where(keep, positions % size, size)  # size: out of range, dropped
+    return {"ctx": state["ctx"].at[0, slots].set(hidden[0].astype(state["ctx"].dtype), mode="drop"),
+            "pos": state["pos"].at[0, slots].set(positions.astype(jnp.int32), mode="drop")}
+
+
+def _propose(params, state, key, settings, cfg, k, is_greedy, d: BlockConfig):
+    ring, dw = state["mtp_cache"], params["drafter"]
+    sub = block_logits(dw["w"], dw["vocab"], params, cfg, d, ring["ctx"], ring["pos"], state["token"][:, None],
+                       state["position"][None, None], max(k, d.block_size))[:, 0, :k]  # [1, k, Vd]
+    q = jnp.full(sub.shape[:2] + (cfg.vocab_size,), -jnp.inf, jnp.float32).at[:, :, dw["vocab"]].set(sub)
+    if is_greedy:
+        drafts = dw["vocab"][jnp.argmax(sub, axis=-1)].astype(jnp.int32)
+    else:  # one key, k independent rows
+        drafts = sampling.sample(key, q[0], *settings)[None]
+    return drafts, q, ring
+
+
+def _refresh(params, state, normed, emitted, n_acc, key, settings, cfg, is_greedy, d: BlockConfig):
+    """The verify pass's hidden states of the accepted positions P..P+n join the context ring."""
+    k1 = normed.shape[1]
+    positions = jnp.where(jnp.arange(k1) <= n_acc, state["position"] + jnp.arange(k1), -1)
+    return state["draft"], state["draft_logits"], state["draft_hidden"], write(state["mtp_cache"], normed, positions)
+
+
+def _init(params, cfg, k, dtype, d: BlockConfig):
+    return init_state(d, 1, dtype)
+
+
+def _prefill(params, dstate, normed, next_tokens, positions, key, settings, cfg, is_greedy, d: BlockConfig):
+    return write(dstate, normed, positions)
+
+
+@functools.lru_cache(maxsize=None)
+def drafter_for(d: BlockConfig):
+    """The speculative.Drafter of a block config (one per config, so the step compiles once for it)."""
+    from mimo_jax import speculative
+
+    part = lambda f: functools.partial(f, d=d)  # noqa: E731
+    return speculative.Drafter("block", part(_propose), part(_refresh), False, init=part(_init),
+                               prefill=part(_prefill))
+
+
+# ---- files ----
+
+def save(path, d: BlockConfig, weights: dict, vocab, target: ModelConfig | None = None, extra: dict | None = None):
+    """Write a drafter (weights as stored, float16 by default for the shipped file) atomically."""
+    from safetensors.numpy import save_file
+
+    flat = {"w." + ".".join(str(p.key) for p in path_): np.asarray(v)
+            for path_, v in jax.tree_util.tree_flatten_with_path(weights)[0]}
+    flat["vocab"] = np.asarray(vocab, np.int32)
+    meta = {"block_config": json.dumps(dataclasses.asdict(d)), "kind": "block"}
+    if target is not None:
+        meta["target"] = json.dumps({"hidden_size": target.hidden_size, "vocab_size": target.vocab_size,
+                                     "num_layers": target.num_layers, "model_type": target.model_type})
+    meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(flat, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load(path, dtype=None, target: ModelConfig | None = None):
+    """-> (BlockConfig, {"w": weights, "vocab": ids}, metadata). Raises InputError for a file that is not a block
+    drafter or was trained for a target of another shape."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"drafter file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), "numpy") as f:
+            meta = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise InputError(f"drafter file {str(path)!r} is not a safetensors file ({type(e).__name__}: {e})") from None
+    if meta.get("kind") != "block" or "block_config" not in meta:
+        raise InputError(f"{str(path)!r} is not a block drafter (no block_config in its metadata)")
+    d = BlockConfig(**json.loads(meta["block_config"]))
+    if target is not None:
+        check_target(d, meta, target, path)
+    weights: dict = {}
+    for name, arr in flat.items():
+        if not name.startswith("w."):
+            continue
+        node, parts = weights, name[2:].split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = jnp.asarray(arr, dtype or arr.dtype)
+    return d, {"w": weights, "vocab": jnp.asarray(flat["vocab"], jnp.int32)}, meta
+
+
+def fits(path, cfg: ModelConfig) -> bool:
+    """Whether the drafter file was trained for a model of this shape (reads only the header)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "numpy") as f:
+            meta = f.metadata() or {}
+        check_target(BlockConfig(**json.loads(meta["block_config"])), meta, cfg, path)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def check_target(d: BlockConfig, meta: dict, target: ModelConfig, path) -> None:
+    want = json.loads(meta.get("target", "{}"))
+    got = {"hidden_size": target.hidden_size, "vocab_size": target.vocab_size, "num_layers": target.num_layers}
+    bad = [f"{k} {want[k]} vs {v}" for k, v in got.items() if k in want and want[k] != v]
+    if d.hidden_size != target.hidden_size or d.target_vocab != target.vocab_size:
+        bad.append(f"hidden/vocab {d.hidden_size}/{d.target_vocab} vs {target.hidden_size}/{target.vocab_size}")
+    if bad:
+        raise InputError(f"drafter {str(path)!r} was trained for another model ({'; '.join(bad)})")

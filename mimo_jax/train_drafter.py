@@ -1,0 +1,442 @@
+"""Train a block drafter (block_drafter.py) for a target model by self-distillation, in JAX with optax.
+
+    python -m mimo_jax.train_drafter --out /tmp/drafter --steps 2000            # the bundled SmolLM2
+    python -m mimo_jax.train_drafter --model PATH.gguf --out DIR --resume       # go on from DIR/last.safetensors
+
+No labelled data: the target writes its own training set.
+  prompts  code: windows of the Python standard library's source files (present wherever Python is), minus a
+           fixed held-out set of files (EVAL_FILES); chat: instructions built from templates x topics, minus
+           held-out topics (EVAL_TOPICS), in the model's chat template.
+  targets  the target's own greedy continuation of each prompt (batched, one jitted prefill + lax.scan decode),
+           the normed last-layer hidden state at every position (what the drafter conditions on, the same
+           array the verify pass gives it at decode time) and, from those hidden states through the target's
+           head, its next-token distribution at every position. Cached under --cache_dir (one .npz per
+           data set and model), so a second run or a resume generates nothing.
+  loss     a block at anchor P (any position of the continuation) predicts tokens P+1..P+B; slot j's loss is
+           cross-entropy to the target's greedy token plus --soft_weight x cross-entropy to its distribution
+           (both over the draft vocabulary), weighted exp(-j / --decay) (a draft counts only if the ones
+           before it were accepted, DFlash's weighting). Many anchors of a sequence share one context pass.
+  progress tqdm: tokens/s (label tokens), loss, running acceptance (mean accepted-prefix length of the
+           blocks, the figure greedy decoding gets if the context were the training one).
+  files    OUT/last.safetensors (weights + optimizer state + step: --resume), OUT/drafter.safetensors (the
+           weights only, float16: what Engine(drafter=PATH) / --drafter PATH loads), OUT/eval.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mimo_jax import block_drafter as bd
+from mimo_jax import model
+from mimo_jax.config import ModelConfig
+
+EVAL_FILES = ("argparse.py", "textwrap.py", "fractions.py", "heapq.py", "statistics.py", "shlex.py", "calendar.py",
+              "bisect.py", "graphlib.py", "colorsys.py")
+TEMPLATES = ("Explain {} in simple terms.", "Write a short poem about {}.", "Give me three tips about {}.",
+             "What are the pros and cons of {}?", "Write a Python function related to {}.",
+             "Summarize the history of {} in a paragraph.", "How would you teach {} to a child?",
+             "List five facts about {}.", "Write a short story involving {}.", "Compare {} with something similar.")
+TOPICS = ("the water cycle", "photosynthesis", "black holes", "the French revolution", "machine learning",
+          "sorting algorithms", "climate change", "the stock market", "volcanoes", "healthy sleep", "gardening",
+          "the moon landing", "prime numbers", "the internet", "honey bees", "electric cars", "chess",
+          "the Roman empire", "recursion", "coffee", "public speaking", "time management", "rainbows", "vaccines",
+          "the ocean", "jazz music", "linked lists", "budgeting", "the human heart", "earthquakes",
+          "renewable energy", "databases", "friendship", "mountains", "the printing press", "video games")
+EVAL_TOPICS = ("dinosaurs", "hash tables", "the solar system", "bread baking", "the Olympic games", "rivers",
+               "password security", "origami")
+
+
+# ---- data ----
+
+def stdlib_files(held_out: bool) -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    names = sorted(p.name for p in root.glob("*.py"))
+    return [root / n for n in names if (n in EVAL_FILES) == held_out]
+
+
+def code_prompts(tokenizer, n: int, length: int, held_out: bool, seed: int) -> list[list[int]]:
+    """n windows of `length` tokens of standard-library source, each starting at a line start."""
+    rng, out = np.random.default_rng(seed), []
+    files = stdlib_files(held_out)
+    while len(out) < n:
+        text = files[rng.integers(len(files))].read_text(encoding="utf-8", errors="replace")
+        lines = text.splitlines(keepends=True)
+        start = int(rng.integers(max(1, len(lines) - 40)))
+        ids = tokenizer.encode("".join(lines[start:start + 200]), add_special_tokens=False)
+        if len(ids) >= length:
+            out.append(ids[:length])
+    return out
+
+
+def chat_instructions(held_out: bool) -> list[str]:
+    topics = EVAL_TOPICS if held_out else TOPICS
+    return [t.format(topic) for topic in topics for t in TEMPLATES]
+
+
+def chat_prompts(tokenizer, n: int, held_out: bool, seed: int) -> list[list[int]]:
+    from mimo_jax.prompts import chat_ids
+
+    texts = chat_instructions(held_out)
+    order = np.random.default_rng(seed).permutation(len(texts))
+    return [chat_ids(tokenizer, texts[i % len(texts)]) for i in order[:n]] if n <= len(texts) else \
+        [chat_ids(tokenizer, texts[i % len(texts)]) for i in range(n)]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "gen_len"))
+def _continue(params, tokens, lens, cfg: ModelConfig, gen_len: int):
+    """Greedy continuations of a batch of prompts (tail-padded, lengths lens) -> (prompt normed hidden [B,Tp,H],
+    generated tokens [B,gen_len], their normed hidden [B,gen_len,H]). Each row at its own positions."""
+    b, tp = tokens.shape
+    cache = model.init_cache(cfg, b, tp + gen_len, params["embed"].dtype)
+    pos = jnp.where(jnp.arange(tp)[None] < lens[:, None], jnp.arange(tp)[None], -1).astype(jnp.int32)
+    hidden, cache = model.forward_hidden(params, tokens, pos, cache, cfg)
+    normed = model.final_norm(params, hidden, cfg)
+    first = jnp.argmax(model.head(params, normed[jnp.arange(b), lens - 1], cfg), axis=-1).astype(jnp.int32)
+
+    def body(carry, _):
+        tok, p, cache = carry
+        h, cache = model.forward_hidden(params, tok[:, None], p[:, None], cache, cfg)
+        n = model.final_norm(params, h, cfg)[:, 0]
+        return (jnp.argmax(model.head(params, n, cfg), axis=-1).astype(jnp.int32), p + 1, cache), (tok, n)
+
+    _, (toks, hs) = jax.lax.scan(body, (first, lens.astype(jnp.int32), cache), None, length=gen_len)
+    return normed, toks.T, hs.transpose(1, 0, 2)
+
+
+@dataclasses.dataclass
+class Data:
+    """Sequences (prompt + the target's greedy continuation), padded to one length T:
+    tokens [N,T] int32 (-1 past the end), hidden [N,T,H] float16 (normed last layer), gen_start [N]."""
+    tokens: np.ndarray
+    hidden: np.ndarray
+    gen_start: np.ndarray
+
+    @property
+    def generated(self) -> int:
+        return int(((self.tokens >= 0).sum(1) - self.gen_start).sum())
+
+
+def make_data(params, cfg, prompts: list[list[int]], gen_len: int, batch: int, eos=(), desc="data") -> Data:
+    from tqdm import tqdm
+
+    tp = max(len(p) for p in prompts)
+    t = tp + gen_len
+    tokens = np.full((len(prompts), t), -1, np.int32)
+    hidden = np.zeros((len(prompts), t, cfg.hidden_size), np.float16)
+    starts = np.zeros(len(prompts), np.int32)
+    bar = tqdm(total=len(prompts) * gen_len, desc=desc, unit="tok", unit_scale=True, file=sys.stderr)
+    for i in range(0, len(prompts), batch):
+        rows = prompts[i:i + batch]
+        rows = rows + [rows[0]] * (batch - len(rows))  # a fixed batch shape: one compilation
+        x = np.zeros((batch, tp), np.int32)
+        lens = np.array([len(r) for r in rows], np.int32)
+        for j, r in enumerate(rows):
+            x[j, :len(r)] = r
+        normed, gen, hs = jax.device_get(_continue(params, jnp.asarray(x), jnp.asarray(lens), cfg, gen_len))
+        for j in range(min(batch, len(prompts) - i)):
+            n, g = lens[j], gen[j]
+            stop = next((s + 1 for s, tok in enumerate(g) if int(tok) in eos), gen_len)
+            tokens[i + j, :n], tokens[i + j, n:n + stop] = rows[j], g[:stop]
+            hidden[i + j, :n], hidden[i + j, n:n + stop] = normed[j, :n], hs[j, :stop]
+            starts[i + j] = n
+        bar.update(len(rows[:len(prompts) - i]) * gen_len)
+    bar.close()
+    return Data(tokens, hidden, starts)
+
+
+def cached(path: Path, build) -> Data:
+    if path.is_file():
+        z = np.load(path)
+        return Data(z["tokens"], z["hidden"], z["gen_start"])
+    data = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, tokens=data.tokens, hidden=data.hidden, gen_start=data.gen_start)
+    tmp.replace(path)
+    return data
+
+
+def datasets(engine, a, model_tag: str) -> dict[str, Data]:
+    """{"train": code + chat continuations}: built once, then read from the cache."""
+    tok, cfg, eos = engine.tokenizer, engine.cfg, tuple(engine.eos_ids)
+    key = hashlib.sha1(json.dumps([model_tag, a.code_prompts, a.chat_prompts, a.prompt_len, a.gen_len,
+                                   EVAL_FILES, EVAL_TOPICS, 1]).encode()).hexdigest()[:12]
+    base = Path(a.cache_dir)
+
+    def build(prompts, desc):
+        return make_data(engine.params, cfg, prompts, a.gen_len, a.gen_batch, eos, desc)
+
+    code = cached(base / f"code_{key}.npz", lambda: build(code_prompts(tok, a.code_prompts, a.prompt_len, False, 0),
+                                                           "code data"))
+    chat = cached(base / f"chat_{key}.npz", lambda: build(chat_prompts(tok, a.chat_prompts, False, 1), "chat data"))
+    t = max(code.tokens.shape[1], chat.tokens.shape[1])
+
+    def pad(d):
+        w = t - d.tokens.shape[1]
+        return Data(np.pad(d.tokens, ((0, 0), (0, w)), constant_values=-1), np.pad(d.hidden, ((0, 0), (0, w), (0, 0))),
+                    d.gen_start)
+
+    code, chat = pad(code), pad(chat)
+    return {"train": Data(np.concatenate([code.tokens, chat.tokens]), np.concatenate([code.hidden, chat.hidden]),
+                          np.concatenate([code.gen_start, chat.gen_start]))}
+
+
+def draft_vocab(data: Data, size: int, vocab_size: int) -> np.ndarray:
+    """The `size` tokens the target writes most often in its continuations (sorted ids)."""
+    counts = np.zeros(vocab_size, np.int64)
+    for row, s in zip(data.tokens, data.gen_start):
+        np.add.at(counts, row[s:][row[s:] >= 0], 1)
+    return np.sort(np.argsort(-counts, kind="stable")[:size]).astype(np.int32)
+
+
+# ---- training ----
+
+def loss_fn(w, batch, tparams, vocab, cfg, d: bd.BlockConfig, soft_weight: float, decay: float):
+    """Cross-entropy of each block slot to the target's greedy token (+ soft_weight x to its distribution)."""
+    logits = bd.block_logits(w, vocab, tparams, cfg, d, batch["ctx"], batch["ctx_pos"], batch["token"],
+                             batch["position"], d.block_size)  # [B,A,blk,Vd]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    valid = batch["label_sub"] >= 0
+    hard = -jnp.take_along_axis(logp, jnp.maximum(batch["label_sub"], 0)[..., None], axis=-1)[..., 0]
+    rows = bd.head_rows(tparams, cfg, vocab).astype(batch["label_hidden"].dtype)
+    target = jax.nn.softmax(jnp.einsum("bajh,vh->bajv", batch["label_hidden"], rows,
+                                       preferred_element_type=jnp.float32), axis=-1)
+    soft = -jnp.sum(target * logp, axis=-1)
+    weight = jnp.exp(-jnp.arange(d.block_size) / decay) * batch["label_ok"]
+    loss = jnp.sum(weight * (jnp.where(valid, hard, 0.0) + soft_weight * soft)) / jnp.maximum(jnp.sum(weight), 1)
+    hit = (jnp.argmax(logits, axis=-1) == batch["label_sub"]) & (batch["label_ok"] > 0)
+    accepted = jnp.sum(jnp.cumprod(hit.astype(jnp.int32), axis=-1), axis=-1)  # [B,A]
+    full = batch["label_ok"][..., -1] > 0
+    return loss, (jnp.sum(accepted * full), jnp.sum(full), jnp.sum(batch["label_ok"]))
+
+
+
+def make_batch(data: Data, rows, rng, anchors: int, d: bd.BlockConfig, sub_index: np.ndarray) -> dict:
+    """Rows of the data set with `anchors` random anchors each in the continuation; the context is the whole
+    row (each block masks it to its own window)."""
+    tokens, hidden = data.tokens[rows], data.hidden[rows]
+    b, t = tokens.shape
+    length = (tokens >= 0).sum(1)
+    lo = np.maximum(data.gen_start[rows] - 1, 1)  # slot 0 = the last prompt token or a generated one
+    hi = np.maximum(length - 2, lo)
+    pos = (lo[:, None] + (rng.random((b, anchors)) * (hi - lo + 1)[:, None]).astype(np.int32)).astype(np.int32)
+    lab_pos = pos[..., None] + 1 + np.arange(d.block_size)  # [B,A,blk]
+    ok = lab_pos < length[:, None, None]
+    lab_pos = np.minimum(lab_pos, t - 1)
+    ridx = np.arange(b)[:, None, None]
+    labels = tokens[ridx, lab_pos]
+    return {"ctx": hidden, "ctx_pos": np.where(tokens >= 0, np.arange(t)[None], -1).astype(np.int32),
+            "token": tokens[np.arange(b)[:, None], pos], "position": pos,
+            "label_sub": np.where(ok, sub_index[np.maximum(labels, 0)], -1).astype(np.int32),
+            "label_ok": ok.astype(np.float32), "label_hidden": hidden[ridx, lab_pos - 1].astype(np.float32)}
+
+
+def save_state(path: Path, d, w, vocab, opt_state, step: int, target: ModelConfig, extra=None):
+    from safetensors.numpy import save_file
+
+    leaves = jax.tree_util.tree_leaves(opt_state)
+    bd.save(path, d, w, vocab, target, {**(extra or {}), "step": step})
+    flat = {f"opt.{i}": np.asarray(x) for i, x in enumerate(leaves)}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "numpy") as f:
+        meta = f.metadata()
+        flat.update({k: f.get_tensor(k) for k in f.keys()})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(flat, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_opt_state(path: Path, opt_state):
+    from safetensors import safe_open
+
+    leaves, treedef = jax.tree_util.tree_flatten(opt_state)
+    with safe_open(str(path), "numpy") as f:
+        new = [jnp.asarray(f.get_tensor(f"opt.{i}")) for i in range(len(leaves))]
+        step = int(json.loads(f.metadata()["step"]))
+    return jax.tree_util.tree_unflatten(treedef, new), step
+
+
+def train(engine, data: Data, d: bd.BlockConfig, vocab: np.ndarray, out: Path, steps: int, batch: int, anchors: int,
+          lr: float, soft_weight: float = 0.5, decay: float = 4.0, seed: int = 0, resume: bool = False,
+          save_every: int = 100, log=True, max_minutes: float = 0.0):
+    """-> (weights, history of (step, loss, acceptance)). Writes out/last.safetensors every save_every steps and
+    at the end; max_minutes > 0 stops early (at a saved step: --resume goes on along the same schedule)."""
+    import optax
+    from tqdm import tqdm
+
+    cfg = engine.cfg
+    tparams = {"embed": engine.params["embed"]}
+    if not cfg.tie_word_embeddings:
+        tparams["lm_head"] = engine.params["lm_head"]
+    tparams = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tparams)
+    sub_index = np.full(cfg.vocab_size, -1, np.int32)
+    sub_index[vocab] = np.arange(len(vocab))
+    jvocab = jnp.asarray(vocab)
+    opt = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1),
+                                                                     max(steps, 2), lr * 0.1), weight_decay=0.01))
+    w = bd.init_weights(d, jax.random.PRNGKey(seed))
+    opt_state, start = opt.init(w), 0
+    last = out / "last.safetensors"
+    if resume and last.is_file():
+        _, loaded, _ = bd.load(last, jnp.float32)
+        w = loaded["w"]
+        opt_state, start = load_opt_state(last, opt.init(w))
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step_fn(w, opt_state, batch):
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(w, batch, tparams, jvocab, cfg, d,
+                                                                         soft_weight, decay)
+        updates, opt_state = opt.update(grads, opt_state, w)
+        return optax.apply_updates(w, updates), opt_state, loss, stats
+
+    rng = np.random.default_rng(seed + start)
+    n, hist = len(data.tokens), []
+    acc_sum = acc_n = 0.0
+    bar = tqdm(total=steps, initial=start, desc="train", file=sys.stderr, disable=not log)
+    t0 = time.perf_counter()
+    for s in range(start, steps):
+        rows = rng.choice(n, batch, replace=n < batch)
+        b = make_batch(data, rows, rng, anchors, d, sub_index)
+        w, opt_state, loss, (acc, full, labels) = step_fn(w, opt_state, jax.tree_util.tree_map(jnp.asarray, b))
+        if s % 10 == 0 or s == steps - 1:
+            loss, acc, full, labels = float(loss), float(acc), float(full), float(labels)
+            acc_sum, acc_n = 0.9 * acc_sum + acc, 0.9 * acc_n + full
+            hist.append((s, loss, acc_sum / max(acc_n, 1)))
+            bar.set_postfix(loss=f"{loss:.3f}", accept=f"{acc_sum / max(acc_n, 1):.2f}",
+                            tok_s=f"{(s + 1 - start) * labels / (time.perf_counter() - t0):.0f}")
+        bar.update(1)
+        out_of_time = max_minutes > 0 and time.perf_counter() - t0 > 60 * max_minutes
+        if (s + 1) % save_every == 0 or s == steps - 1 or out_of_time:
+            save_state(last, d, w, vocab, opt_state, s + 1, cfg)
+        if out_of_time:
+            break
+    bar.close()
+    return w, hist
+
+
+# ---- evaluation ----
+
+def evaluate(engine_plain, drafter_path, prompts: dict[str, list[list[int]]], k: int, max_new: int) -> dict:
+    """Greedy speculative decoding with the drafter vs plain decoding on held-out prompts: accepted drafts per
+    step by position, the accepted-length histogram, tok/s of both (and the outputs must match)."""
+    from mimo_jax.engine import Engine
+
+    spec = Engine(engine_plain.cfg, engine_plain.params, tokenizer=engine_plain.tokenizer,
+                  max_seq_len=engine_plain.max_seq_len, speculative_k=k, drafter=str(drafter_path))
+    out = {}
+    for name, ps in prompts.items():
+        hist, plain_s, spec_s, plain_n, spec_n, same = np.zeros(k + 1, int), 0.0, 0.0, 0, 0, True
+        engine_plain.warm_up(ps[0], max_new)
+        spec.warm_up(ps[0], max_new)
+        for p in ps:
+            a = engine_plain.generate(p, max_new, stop_at_eos=False)
+            b = spec.generate(p, max_new, stop_at_eos=False)
+            same &= a.token_ids == b.token_ids
+            hist += np.asarray(b.stats.accepted_hist)
+            plain_s, plain_n = plain_s + a.stats.decode_s, plain_n + a.stats.new_tokens - 1
+            spec_s, spec_n = spec_s + b.stats.decode_s, spec_n + b.stats.new_tokens - 1
+        steps = max(hist.sum(), 1)
+        out[name] = {"prompts": len(ps), "new_tokens": max_new, "k": k, "spec_steps": int(hist.sum()),
+                     "mean_accepted": float((hist * np.arange(k + 1)).sum() / steps),
+                     "acceptance_by_position": [float(hist[i:].sum() / steps) for i in range(1, k + 1)],
+                     "accepted_hist": hist.tolist(), "plain_tok_s": plain_n / max(plain_s, 1e-9),
+                     "spec_tok_s": spec_n / max(spec_s, 1e-9), "greedy_identical": bool(same)}
+        out[name]["speedup"] = out[name]["spec_tok_s"] / max(out[name]["plain_tok_s"], 1e-9)
+    return out
+
+
+def eval_prompts(tokenizer, n: int, prompt_len: int) -> dict[str, list[list[int]]]:
+    return {"code": code_prompts(tokenizer, n, prompt_len, True, 123), "chat": chat_prompts(tokenizer, n, True, 456)}
+
+
+# ---- command line ----
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mimo_jax.train_drafter", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="target: a .gguf or checkpoint dir (default: bundled SmolLM2)")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--cache_dir", default="/tmp/mimo_drafter_data", help="where generated training data is cached")
+    ap.add_argument("--code_prompts", type=int, default=384)
+    ap.add_argument("--chat_prompts", type=int, default=256)
+    ap.add_argument("--prompt_len", type=int, default=96, help="tokens of source per code prompt")
+    ap.add_argument("--gen_len", type=int, default=160, help="tokens the target writes per prompt")
+    ap.add_argument("--gen_batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step")
+    ap.add_argument("--anchors", type=int, default=16, help="blocks per sequence per step")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--soft_weight", type=float, default=0.5)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--intermediate", type=int, default=1536)
+    ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--block", type=int, default=8)
+    ap.add_argument("--draft_vocab", type=int, default=8192)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    ap.add_argument("--max_minutes", type=float, default=0.0, help="stop training after this long (0: no limit)")
+    ap.add_argument("--eval_prompts", type=int, default=8, help="held-out prompts per set (0: no evaluation)")
+    ap.add_argument("--eval_tokens", type=int, default=128)
+    ap.add_argument("--k", type=int, default=8)
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    if a.model is not None and not Path(a.model).exists():
+        ap.error(f"--model {a.model}: no such file or directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+    from mimo_jax.engine import Engine
+
+    t_start = time.perf_counter()
+    engine = Engine.from_pretrained(a.model, max_seq_len=1024)
+    cfg = engine.cfg
+    tag = str(Path(a.model).resolve()) if a.model else "bundled-smollm2"
+    t0 = time.perf_counter()
+    data = datasets(engine, a, tag)["train"]
+    data_s = time.perf_counter() - t0
+    d = bd.BlockConfig.for_target(cfg, num_layers=a.layers, intermediate_size=a.intermediate, window=a.window,
+                                  block_size=a.block, draft_vocab=min(a.draft_vocab, cfg.vocab_size),
+                                  num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+    vocab = draft_vocab(data, d.draft_vocab, cfg.vocab_size)
+    gen = data.tokens[np.arange(data.tokens.shape[1])[None] >= data.gen_start[:, None]]
+    coverage = float(np.isin(gen[gen >= 0], vocab).mean())
+    print(f"[data: {len(data.tokens)} sequences, {data.generated} generated tokens in {data_s:.0f} s; draft vocab "
+          f"{len(vocab)} covers {coverage:.3f} of them]", file=sys.stderr)
+    t0 = time.perf_counter()
+    w, hist = train(engine, data, d, vocab, out, a.steps, a.batch, a.anchors, a.lr, a.soft_weight, seed=a.seed,
+                    resume=a.resume, max_minutes=a.max_minutes)
+    train_s = time.perf_counter() - t0
+    info = {"train_steps": a.steps, "label_tokens_per_step": a.batch * a.anchors * a.block,
+            "train_s": round(train_s, 1), "data_s": round(data_s, 1), "generated_tokens": data.generated,
+            "device": jax.devices()[0].device_kind, "final_loss": hist[-1][1] if hist else None,
+            "train_acceptance": hist[-1][2] if hist else None}
+    final = out / "drafter.safetensors"
+    bd.save(final, d, jax.tree_util.tree_map(lambda x: np.asarray(x, np.float16), w), vocab, cfg, {"training": info})
+    print(f"[wrote {final} ({final.stat().st_size / 1e6:.1f} MB); {info}]", file=sys.stderr)
+    result = {"training": info, "block_config": dataclasses.asdict(d), "draft_vocab_coverage": coverage}
+    if a.eval_prompts:
+        result["eval"] = evaluate(engine, final, eval_prompts(engine.tokenizer, a.eval_prompts, a.prompt_len), a.k,
+                                  a.eval_tokens)
+        for name, r in result["eval"].items():
+            print(f"[{name}: {r['mean_accepted']:.2f} accepted of {a.k} per step, by position "
+                  f"{' '.join(f'{x:.2f}' for x in r['acceptance_by_position'])}; {r['spec_tok_s']:.1f} tok/s vs plain "
+                  f"{r['plain_tok_s']:.1f} ({r['speedup']:.2f}x); greedy identical: {r['greedy_identical']}]",
+                  file=sys.stderr)
+    result["total_s"] = round(time.perf_counter() - t_start, 1)
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
