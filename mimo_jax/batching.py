@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mimo_jax import engine as engine_module
-from mimo_jax import model, sampling
+from mimo_jax import batched_speculative, model, sampling  # (batched_speculative imports this module back)
 from mimo_jax.config import ModelConfig
 from mimo_jax.engine import Budget, Engine, Generation, GenerationStats, to_host
 from mimo_jax.errors import InputError
@@ -46,24 +46,27 @@ from mimo_jax.errors import InputError
 
 # ---- the decode state and the functions over it ----
 
-def init_state(cfg: ModelConfig, batch: int, capacity: int, dtype) -> dict:
-    return {"cache": model.init_cache(cfg, batch, capacity, dtype),
+def init_state(cfg: ModelConfig, batch: int, capacity: int, dtype, ring_slack: int = 0) -> dict:
+    return {"cache": model.init_cache(cfg, batch, capacity, dtype, ring_slack),
             "tokens": jnp.zeros((batch,), jnp.int32), "positions": jnp.full((batch,), -1, jnp.int32),
             "keys": jnp.zeros((batch, 2), jnp.uint32), "temperature": jnp.zeros((batch,), jnp.float32),
             "top_k": jnp.zeros((batch,), jnp.int32), "top_p": jnp.ones((batch,), jnp.float32)}
 
 
 @functools.partial(jax.jit, donate_argnames="state")
-def insert(state, prefix_cache, slot, token, position, key, temperature, top_k, top_p):
-    """A prefilled batch-1 cache (same capacity) into slot `slot`; token [1] (the first new token) at `position`."""
-    def put(rows, row):  # cache leaves are [*stack, B, S, heads, dim]
-        return jax.lax.dynamic_update_slice_in_dim(rows, row.astype(rows.dtype), slot, rows.ndim - 4)
+def insert(state, prefix_cache, slot, token, position, key, temperature, top_k, top_p, extra=None):
+    """A prefilled batch-1 cache (same capacity) into slot `slot`; token [1] (the first new token) at `position`.
+    extra: the slot's other leaves, batch-1 shaped (speculative decoding: mtp_cache, draft, draft_logits,
+    draft_hidden; batched_speculative.py), for a state that has them."""
+    def one(x, dtype):
+        return jnp.reshape(jnp.asarray(x, dtype), (1,))
 
-    cache = jax.tree_util.tree_map(put, state["cache"], prefix_cache)
-    return {"cache": cache, "tokens": state["tokens"].at[slot].set(token[0]),
-            "positions": state["positions"].at[slot].set(position), "keys": state["keys"].at[slot].set(key),
-            "temperature": state["temperature"].at[slot].set(temperature),
-            "top_k": state["top_k"].at[slot].set(top_k), "top_p": state["top_p"].at[slot].set(top_p)}
+    row = {"cache": prefix_cache, "tokens": token, "positions": one(position, jnp.int32), "keys": key[None],
+           "temperature": one(temperature, jnp.float32), "top_k": one(top_k, jnp.int32),
+           "top_p": one(top_p, jnp.float32), **(extra or {})}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, rows, r: jax.lax.dynamic_update_slice_in_dim(rows, r.astype(rows.dtype), slot,
+                                                                  _slots_axis(path, rows)), state, row)
 
 
 @functools.partial(jax.jit, donate_argnames="state")
@@ -85,7 +88,9 @@ def next_tokens(state, logits, all_greedy: bool):
 
 
 def _slots_axis(path, leaf) -> int:
-    return leaf.ndim - 4 if path[0].key == "cache" else 0  # cache leaves are [*stack, B, S, heads, dim]
+    """Where a state leaf keeps its slots: the cache's leaves are [*stack, B, S, heads, dim]; every other leaf
+    (the speculative drafter's state included: [B, *its batch-1 shape]) has them first."""
+    return leaf.ndim - 4 if path[0].key == "cache" else 0
 
 
 def _first_slots(state, rows: int):
@@ -155,15 +160,26 @@ class _Prefill:
     started: float
     done_chunks: int = 0
     logits: object = None
+    normed: list = dataclasses.field(default_factory=list)  # speculative: the target's normed hidden per chunk
 
 
 class Batcher:
-    def __init__(self, engine: Engine, batch_size: int = 8, capacity: int | None = None):
-        """capacity: positions per slot (prompt + new tokens), default the engine's max_seq_len."""
+    def __init__(self, engine: Engine, batch_size: int = 8, capacity: int | None = None,
+                 speculative_k: int | None = None, drafter=None):
+        """capacity: positions per slot (prompt + new tokens), default the engine's max_seq_len.
+        speculative_k, drafter: each step drafts k tokens per slot and verifies them (batched_speculative.py);
+        default the engine's (Engine(speculative_k=..., drafter=...)); 0 = plain decoding."""
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
-        if engine.speculative_k:
-            raise InputError("batched decoding is plain decoding; speculative batched steps are not built yet")
+        k = engine.speculative_k if speculative_k is None else speculative_k
+        drafter = drafter or engine.drafter
+        if k < 0:
+            raise InputError(f"speculative_k must be >= 0, got {k}")
+        if k and drafter.uses_mtp and "mtp" not in engine.params:
+            raise InputError("speculative decoding with the MTP drafter needs MTP layers; this model has none")
+        self.speculative_k, self.drafter = k, drafter
+        # the params a step takes (a block drafter's weights under "drafter": Engine.step_params)
+        self._params = getattr(engine, "step_params", engine.params) if k else engine.params
         self.engine, self.batch_size = engine, batch_size
         self.capacity = int(capacity or engine.max_seq_len)
         self.state = self._new_state()
@@ -178,11 +194,16 @@ class Batcher:
         # metrics
         self.requests_total = self.requests_finished = self.requests_cancelled = 0
         self.prompt_tokens_total = self.generated_tokens_total = self.steps_total = 0
+        self.slot_steps_total = self.accepted_total = 0  # speculative: slots stepped, drafts they accepted
         self._recent = collections.deque()  # (time, tokens) for tokens_per_second
 
     def _new_state(self) -> dict:
-        e = self.engine
-        state = init_state(e.cfg, self.batch_size, self.capacity, e.cache_dtype)
+        e, k = self.engine, self.speculative_k
+        if k:
+            state = batched_speculative.init_state(self._params, e.cfg, self.batch_size, self.capacity,
+                                                   e.cache_dtype, k, self.drafter)
+        else:
+            state = init_state(e.cfg, self.batch_size, self.capacity, e.cache_dtype)
         return {**state, "cache": e._place(state["cache"])}  # on a mesh, split as the batch-1 caches are
 
     # ---- requests (any thread) ----
@@ -200,7 +221,8 @@ class Batcher:
                              f"{request.top_k} (>= 0), top_p={request.top_p} (in (0, 1])")
         request.budget = Budget.of(request.max_new_tokens, len(request.ids), self.capacity,
                                    e.eos_ids if request.stop_at_eos else ())
-        request.stats = GenerationStats(prompt_tokens=len(request.ids))
+        request.stats = GenerationStats(prompt_tokens=len(request.ids), speculative_k=self.speculative_k,
+                                        accepted_hist=[0] * (self.speculative_k + 1) if self.speculative_k else [])
         request.submitted_at = time.perf_counter()
         with self._wake:
             self._waiting.append(request)
@@ -236,13 +258,18 @@ class Batcher:
             return 0.0
         return sum(n for _, n in recent) / max(now - recent[0][0], 1e-3) if len(recent) > 1 else 0.0
 
-    def warm_up(self) -> None:
+    def warm_up(self, sampling: bool = True) -> None:
         """Compile, before any client waits on it, what serving can run: every prefill chunk bucket and the step
-        for every slot bucket, greedy and sampling (steps over free slots change nothing). Call it before start()."""
+        for every slot bucket, greedy and (sampling) sampled (steps over free slots change nothing). Call it before
+        start()."""
         e, size = self.engine, 16
+        # speculative: the drafter's prompt pass runs once the first token is known (2 tokens), greedy and sampled
+        runs = [dict(max_new_tokens=2), dict(max_new_tokens=2, temperature=1.0)][:1 + sampling] \
+            if self.speculative_k else [{}]
         while True:
             n = min(size, e.prefill_chunk, self.capacity - 1)
-            self.submit(Request([0] * n, max_new_tokens=1, stop_at_eos=False))
+            for kw in runs:
+                self.submit(Request([0] * n, **{"max_new_tokens": 1, **kw}, stop_at_eos=False))
             if n < size or size >= e.prefill_chunk:
                 break
             size *= 2
@@ -251,13 +278,14 @@ class Batcher:
         rows = 1
         with e._on_mesh():
             while True:
-                for all_greedy in (True, False):
-                    self.state, _ = generate(e.params, self.state, cfg=e.cfg, all_greedy=all_greedy, rows=rows)
+                for all_greedy in (True, False)[:1 + sampling]:
+                    self.state, *_ = self._step(all_greedy, rows)
                 if rows >= self.batch_size:
                     break
                 rows = min(2 * rows, self.batch_size)
         jax.block_until_ready(self.state)
         self.requests_total = self.requests_finished = self.prompt_tokens_total = self.generated_tokens_total = 0
+        self.steps_total = self.slot_steps_total = self.accepted_total = 0
 
     # ---- the driving thread ----
     def start(self) -> None:
@@ -347,10 +375,14 @@ class Batcher:
             slot = self.slots.index(None)
             self.slots[slot], r.slot = r, slot
             e = self.engine
-            self._prefill = _Prefill(r, slot, list(e._chunks(r.ids)), e.new_cache(self.capacity), time.perf_counter())
+            cache = e.new_cache(self.capacity, ring_slack=self.speculative_k + 1 if self.speculative_k else 0)
+            self._prefill = _Prefill(r, slot, list(e._chunks(r.ids)), cache, time.perf_counter())
         p, e = self._prefill, self.engine
         tokens, positions, _ = p.chunks[p.done_chunks]
-        p.logits, p.cache = engine_module._prefill(e.params, tokens, positions, p.cache, e.cfg)
+        if self.speculative_k:
+            batched_speculative.prefill_chunk(e, p)
+        else:
+            p.logits, p.cache = engine_module._prefill(e.params, tokens, positions, p.cache, e.cfg)
         p.done_chunks += 1
         if p.done_chunks == len(p.chunks):
             self._prefill = None
@@ -358,18 +390,22 @@ class Batcher:
         return int(tokens.shape[1])
 
     def _insert(self, p: _Prefill) -> None:
-        r, position = p.request, len(p.request.ids)
+        r, position, k = p.request, len(p.request.ids), self.speculative_k
         key = jax.random.PRNGKey(r.seed)
         settings = (jnp.float32(r.temperature), jnp.int32(r.top_k), jnp.float32(r.top_p))
-        first = engine_module._first_token(p.logits, sampling.token_key(key, position), *settings,
-                                           is_greedy=r.temperature == 0.0)
+        first_key = sampling.token_key(key, position)
+        if k:  # as Engine's speculative stream: the first token and the prompt's draft d_1 split its key
+            first_key, draft_key = jax.random.split(first_key)
+        first = engine_module._first_token(p.logits, first_key, *settings, is_greedy=r.temperature == 0.0)
         first_id = int(to_host(first)[0])
         r.first_token_at = time.perf_counter()
         r.stats.prefill_ms = 1e3 * (r.first_token_at - p.started)
         self.prompt_tokens_total += len(r.ids)
         kept, reason = r.budget.take(0, [first_id])
         if not reason:  # max_new_tokens 1 or an eos first: the request never takes a step
-            self.state = insert(self.state, p.cache, p.slot, first, position, key, *settings)
+            extra = batched_speculative.drafter_rows(self.engine, p, self._params, first_id, draft_key, settings,
+                                                     r.temperature == 0.0, k, self.drafter) if k else None
+            self.state = insert(self.state, p.cache, p.slot, first, position, key, *settings, extra)
             self._decoding[p.slot] = True
         self._emit(r, kept, reason)
 
@@ -378,17 +414,33 @@ class Batcher:
         all_greedy = all(r.temperature == 0.0 for r in ran if r is not None)
         busy = max(i for i, r in enumerate(ran) if r is not None) + 1  # requests take the lowest free slot
         rows = min(1 << (busy - 1).bit_length(), self.batch_size)  # a power of two: log2(B) + 1 compilations
-        self.state, tokens = generate(self.engine.params, self.state, cfg=self.engine.cfg, all_greedy=all_greedy,
-                                      rows=rows)
+        self.state, *out = self._step(all_greedy, rows)
         self.steps_total += 1
-        return tokens, ran
+        return out, ran
 
-    def _deliver(self, tokens, ran) -> None:
-        tokens = to_host(tokens)
+    def _step(self, all_greedy: bool, rows: int):
+        """-> (state, tokens [B]) plain, (state, emitted [B, k+1], accepted [B]) speculative."""
+        e = self.engine
+        if self.speculative_k:
+            return batched_speculative.generate(self._params, self.state, cfg=e.cfg, k=self.speculative_k,
+                                                drafter=self.drafter, all_greedy=all_greedy, rows=rows)
+        return generate(e.params, self.state, cfg=e.cfg, all_greedy=all_greedy, rows=rows)
+
+    def _deliver(self, out, ran) -> None:
+        tokens = to_host(out[0])
+        accepted = to_host(out[1]) if len(out) > 1 else None
         for slot, r in enumerate(ran):
             if r is None or r.done.is_set() or self.slots[slot] is not r:
                 continue  # the slot was free, or its request ended after this step was dispatched
-            kept, reason = r.budget.take(len(r.token_ids), [int(tokens[slot])])
+            if accepted is None:
+                step = [int(tokens[slot])]
+            else:  # d_1..d_n and the bonus
+                n = int(accepted[slot])
+                step = tokens[slot, :n + 1].tolist()
+                r.stats.accepted_hist[n] += 1
+                self.slot_steps_total += 1
+                self.accepted_total += n
+            kept, reason = r.budget.take(len(r.token_ids), step)
             self._emit(r, kept, reason)
 
     def _emit(self, r: Request, tokens: list[int], reason: str) -> None:

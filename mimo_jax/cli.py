@@ -68,7 +68,8 @@ def _define():
     flags.DEFINE_integer("num_processes", 1, "Several hosts: how many processes in all.", **F)
     flags.DEFINE_integer("process_id", 0, "Several hosts: this process's index.", **F)
     flags.DEFINE_integer("batch_size", 1, "With --prompts_file: decode this many prompts together (continuous "
-                         "batching, mimo_jax/batching.py); 1 = one after another. Plain decoding only.", **F)
+                         "batching, mimo_jax/batching.py; with --speculative_k, batched speculative steps); 1 = one after "
+                         "another.", **F)
     flags.DEFINE_integer("speculative_k", 0, "Draft k tokens per step with the model's MTP layers and verify them "
                          "in one pass (0 = off); models with MTP layers only.", **F)
     flags.DEFINE_bool("version", False, "Print the version and exit.", **F)
@@ -292,8 +293,6 @@ def check_flags() -> None:
     need(FLAGS.num_devices >= 1, f"--num_devices must be >= 1, got {FLAGS.num_devices}")
     need(FLAGS.batch_size >= 1, f"--batch_size must be >= 1, got {FLAGS.batch_size}")
     need(FLAGS.batch_size == 1 or FLAGS.prompts_file is not None, "--batch_size needs --prompts_file")
-    need(FLAGS.batch_size == 1 or FLAGS.speculative_k == 0, "--batch_size > 1 decodes without speculation "
-         "(batched speculative steps are not built yet): drop --speculative_k")
     need(FLAGS.output is None or FLAGS.prompts_file is not None,
          "--output needs --prompts_file (a single --prompt streams to stdout)")
 

@@ -1,5 +1,6 @@
 """Batched decoding: every slot's output equals its batch-1 Engine.generate (greedy and sampled, requests of
-different lengths inserted at different times, cancelled ones freeing their slots), one compiled step."""
+different lengths inserted at different times, cancelled ones freeing their slots), one compiled step; batched
+speculative steps (batched_speculative.py) likewise, slot by slot."""
 from pathlib import Path
 
 import jax
@@ -7,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimo_jax import batching, model
+from drafters import FLAKY
+from mimo_jax import batched_speculative, batching, model
 from mimo_jax.batching import Batcher, Request
 from mimo_jax.config import load_config
 from mimo_jax.engine import Engine
@@ -18,8 +20,9 @@ CAPACITY = 128  # the reference Engine's max_seq_len too: both attend over the s
 
 @pytest.fixture(scope="module")
 def tiny():
-    """tiny_mimo: full and sliding (window 8) layers, sinks, MoE; an Engine with the batcher's capacity."""
-    cfg = load_config(CONFIGS / "tiny_mimo.json").replace(num_mtp_layers=0)
+    """tiny_mimo: full and sliding (window 8) layers, sinks, MoE, one MTP layer; an Engine with the batcher's
+    capacity."""
+    cfg = load_config(CONFIGS / "tiny_mimo.json").replace(num_mtp_layers=1)
     params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
     return Engine(cfg, params, max_seq_len=CAPACITY, prefill_chunk=16)
 
@@ -196,6 +199,47 @@ def test_per_row_positions_equal_shared_positions(tiny):
     logits, _ = model.forward(params, jnp.asarray(tokens), jnp.asarray(positions), cache, cfg)
     for b in range(3):
         np.testing.assert_allclose(logits[b], singles[b], atol=1e-5, rtol=1e-5)
+
+
+# speculative: (prompt length, max_new_tokens, submitted at tick), 2 slots, requests waiting for a slot
+SPEC_REQUESTS = [(5, 21, 0), (37, 9, 0), (21, 26, 0), (9, 1, 2), (3, 14, 5), (16, 17, 9)]
+
+
+@pytest.mark.slow
+def test_speculative_greedy_slots_equal_batch_one(tiny):
+    """Batched speculative steps with a drafter whose drafts are each wrong with probability 0.15: slots accept
+    different counts in the same step (0 < n < k included), and every slot's output is its batch-1 greedy output;
+    one compiled step per slot bucket."""
+    before = batched_speculative.generate._cache_size()
+    schedule = {}
+    for i, (n, new, at) in enumerate(SPEC_REQUESTS):
+        schedule.setdefault(at, []).append(Request(prompt(n, 30 + i), max_new_tokens=new, stop_at_eos=False))
+    done = drive(Batcher(tiny, batch_size=2, capacity=CAPACITY, speculative_k=3, drafter=FLAKY), schedule)
+    hist = np.sum([r.stats.accepted_hist for r in done if r.max_new_tokens > 1], axis=0)
+    for r in done:
+        assert r.token_ids == tiny.generate(r.ids, max_new_tokens=r.max_new_tokens, stop_at_eos=False).token_ids
+        assert r.finish_reason == "length" and r.stats.new_tokens == r.max_new_tokens
+    assert hist[0] > 0 and hist[3] > 0 and sum(hist[1:3]) > 0, hist
+    assert batched_speculative.generate._cache_size() - before <= 2  # slot buckets 1 and 2, greedy
+
+
+@pytest.mark.slow
+def test_speculative_mtp_sampling_per_slot_equals_batch_one(tiny):
+    """The MTP drafter, greedy and sampled slots in the same steps: a greedy slot gives plain greedy output, a
+    sampled one exactly the tokens of the batch-1 speculative Engine with its seed (whose sampling is lossless:
+    test_speculative.py), each keyed by its own seed and positions."""
+    spec = Engine(tiny.cfg, tiny.params, max_seq_len=CAPACITY, prefill_chunk=16, speculative_k=2, drafter="mtp")
+    settings = [dict(temperature=0.0), dict(temperature=1.0, seed=3), dict(temperature=0.8, top_k=6, seed=4)]
+    requests = [Request(prompt(6 + 13 * i, 50 + i), max_new_tokens=12 + 3 * i, stop_at_eos=False, **s)
+                for i, s in enumerate(settings)]
+    batcher = Batcher(spec, batch_size=2, capacity=CAPACITY)
+    assert batcher.speculative_k == 2  # the engine's
+    done = drive(batcher, {0: requests[:2], 3: requests[2:]})
+    assert done[0].token_ids == tiny.generate(done[0].ids, max_new_tokens=12, stop_at_eos=False).token_ids
+    for r, s in zip(done, settings):
+        want = spec.generate(r.ids, max_new_tokens=r.max_new_tokens, stop_at_eos=False, **s)
+        assert r.token_ids == want.token_ids, s
+    assert batcher.slot_steps_total == sum(sum(r.stats.accepted_hist) for r in done)
 
 
 class _EosOnly:
