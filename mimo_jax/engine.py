@@ -143,17 +143,30 @@ def _bucket(n: int, largest: int, smallest: int = 16) -> int:
     return min(size, largest)
 
 
+LAYOUTS = ("auto", "scan", "unrolled")
+
+
 class Engine:
     def __init__(self, cfg: ModelConfig, params, tokenizer=None, max_seq_len: int | None = None,
                  prefill_chunk: int = 512, cache_dtype=None, speculative_k: int = 0,
-                 drafter: str | speculative.Drafter = "auto", mesh=None, attention: str = "tp"):
+                 drafter: str | speculative.Drafter = "auto", mesh=None, attention: str = "tp",
+                 layout: str = "auto"):
         """drafter (used when speculative_k > 0): "auto" (the MTP layers if the model has them, else the shipped
         block drafter if it was trained for this model), "mtp", "block" (the shipped one), a block drafter file
         (train_drafter.py writes them), a name in speculative.DRAFTERS, or a speculative.Drafter.
         mesh: a sharding.make_mesh(n) mesh to spread the model over (experts split, attention per
-        `attention`: "tp" = heads split where they divide, "replicated"); None = one device."""
-        self.cfg, self.tokenizer, self.mesh, self.attention = cfg, tokenizer, mesh, attention
+        `attention`: "tp" = heads split where they divide, "replicated"); None = one device.
+        layout: "scan" (layers stacked and scanned: one traced body per run), "unrolled" (model.unroll_layers:
+        one buffer per layer weight, straight-line layers, q/k/v and gate/up fused where unsharded) or "auto"
+        (model.preferred_layout: unrolled for layers with GEMM-sized weights, e.g. MiMo; scan for small ones)."""
+        if layout not in LAYOUTS:
+            raise InputError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
+        self.cfg, self.tokenizer, self.mesh, self.attention, self.layout = cfg, tokenizer, mesh, attention, layout
         self.params = self._place(params)
+        if layout == "auto":
+            layout = self.layout = model.preferred_layout(cfg)
+        if layout == "unrolled":
+            self.params = model.unroll_layers(self.params, cfg)
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 4096))
         self.prefill_chunk = prefill_chunk
         self.cache_dtype = cache_dtype or params["embed"].dtype

@@ -34,7 +34,11 @@ def rope(x, positions, theta: float, rope_dim: int):
 
 
 def swiglu(p, x):
-    return matmul(jax.nn.silu(matmul(x, p["w_gate"])) * matmul(x, p["w_up"]), p["w_down"])
+    if "w_gate_up" in p:  # model.unroll_layers' fused layout: one GEMM for both
+        gate, up = jnp.split(matmul(x, p["w_gate_up"]), 2, axis=-1)
+    else:
+        gate, up = matmul(x, p["w_gate"]), matmul(x, p["w_up"])
+    return matmul(jax.nn.silu(gate) * up, p["w_down"])
 
 
 def attend(q, k, v, mask, sink, scale):
@@ -78,9 +82,14 @@ def attention(p, x, positions, cache, index, spec: AttentionSpec):
     """
     b, t, _ = x.shape
     hkv, g = spec.num_kv_heads, spec.num_heads // spec.num_kv_heads
-    q = matmul(x, p["wq"]).reshape(b, t, spec.num_heads, spec.head_dim)
-    k = matmul(x, p["wk"]).reshape(b, t, hkv, spec.head_dim)
-    v = matmul(x, p["wv"]).reshape(b, t, hkv, spec.v_head_dim)
+    if "wqkv" in p:  # model.unroll_layers' fused layout: one GEMM for q, k and v
+        nq, nk = spec.num_heads * spec.head_dim, hkv * spec.head_dim
+        q, k, v = jnp.split(matmul(x, p["wqkv"]), [nq, nq + nk], axis=-1)
+    else:
+        q, k, v = matmul(x, p["wq"]), matmul(x, p["wk"]), matmul(x, p["wv"])
+    q = q.reshape(b, t, spec.num_heads, spec.head_dim)
+    k = k.reshape(b, t, hkv, spec.head_dim)
+    v = v.reshape(b, t, hkv, spec.v_head_dim)
     if spec.value_scale != 1.0:
         v = v * jnp.asarray(spec.value_scale, v.dtype)
     q = rope(q, positions, spec.rope_theta, spec.rope_dim)

@@ -19,11 +19,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mimo_jax.config import DENSE, FULL, SLIDING, ModelConfig
 from mimo_jax.layers import attention, rms_norm, swiglu
 from mimo_jax.moe import EXPERT_KEYS, moe
-from mimo_jax.plan import Loop, Run, make_plan, stacked
+from mimo_jax.plan import Loop, Run, layer_slots, make_plan, stacked
 
 F32_LEAVES = ("router", "router_bias", "sink")  # kept in float32 whatever the model dtype
 
@@ -186,6 +187,88 @@ def run_layers(layer_params, layer_caches, x, positions, cfg: ModelConfig):
     return x, new_caches
 
 
+def _run_of(plan, slot):
+    item = plan[slot.item]
+    return item if isinstance(item, Run) else item.runs[slot.run]
+
+
+def _at(tree_list, slot):
+    """The plan-shaped list's entry for a layer slot: a Run's stack, or the run's stack inside a Loop."""
+    entry = tree_list[slot.item]
+    return entry if slot.run is None else entry[slot.run]
+
+
+def _with(tree_list, slot, value):
+    out = list(tree_list)
+    if slot.run is None:
+        out[slot.item] = value
+    else:
+        inner = list(out[slot.item])
+        inner[slot.run] = value
+        out[slot.item] = inner
+    return out
+
+
+def _fusable(*weights) -> bool:
+    """Plain arrays, each on one device (a head- or column-split weight is not concatenated)."""
+    return all(isinstance(w, jax.Array) and len(w.sharding.device_set) == 1 for w in weights)
+
+
+def _fuse_projections(layer: dict) -> dict:
+    """q/k/v into one [H, Nq+Nk+Nv] matrix, gate/up into one [H, 2I]: one GEMM each instead of three / two."""
+    attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
+    if _fusable(attn["wq"], attn["wk"], attn["wv"]):
+        attn["wqkv"] = jnp.concatenate([attn.pop("wq"), attn.pop("wk"), attn.pop("wv")], axis=-1)
+    if "w_gate" in mlp and mlp["w_gate"].ndim == 2 and _fusable(mlp["w_gate"], mlp["w_up"]):
+        mlp["w_gate_up"] = jnp.concatenate([mlp.pop("w_gate"), mlp.pop("w_up")], axis=-1)
+    return {**layer, "attn": attn, "mlp": mlp}
+
+
+def unroll_layers(params: dict, cfg: ModelConfig, fuse: bool = True) -> dict:
+    """The decode layout: params["unrolled"] = one dict per layer (its own buffers, in layer order), and
+    params["layers"] keeps only the routed-expert stacks (which moe.experts reads in place). forward_hidden then
+    runs the layers as straight-line code: no scan, so no loop overhead per layer and no dynamic slice of a
+    stacked weight (XLA materialised those before the GEMM: 17% of mid_mimo's step, BENCHMARKS.md). fuse:
+    concatenate q/k/v and gate/up (unsharded plain weights only). The result holds new buffers for every
+    non-expert layer weight: the stacked ones are freed once the caller drops `params` (Engine does)."""
+    plan, stacks = plan_of(cfg), list(params["layers"])
+    per_layer = [None] * cfg.num_layers
+    for i, slot in enumerate(layer_slots(plan)):
+        kind = _run_of(plan, slot).kind
+        rest, _ = _split_experts(_at(stacks, slot), kind)
+        per_layer[i] = jax.tree_util.tree_map(lambda a: a[slot.index], rest)
+    experts_only = []
+    for item, p in zip(plan, stacks):
+        if isinstance(item, Run):
+            experts_only.append(_split_experts(p, item.kind)[1] or {})
+        else:
+            experts_only.append([_split_experts(pr, run.kind)[1] or {} for pr, run in zip(p, item.runs)])
+    if fuse:
+        per_layer = [_fuse_projections(p) for p in per_layer]
+    return {**{k: v for k, v in params.items() if k != "layers"}, "layers": experts_only,
+            "unrolled": tuple(per_layer)}
+
+
+def preferred_layout(cfg: ModelConfig) -> str:
+    """"unrolled" when a layer holds a matrix XLA runs as a GEMM (>= 2^23 elements; smaller ones it runs as
+    reductions, which read a scanned stack in place): the scan copies such a slice before the GEMM. Measured on
+    an H200 (BENCHMARKS.md): mid_mimo 2.885 -> 2.012 ms/token unrolled; SmolLM2 shapes 1.395 (scan) vs
+    1.99 ms (unrolled: 33% of the step is CUDA-graph overhead between its 670 small kernels)."""
+    shapes = [s for kind in set(cfg.layer_kinds) for s in jax.tree_util.tree_leaves(
+        _split_experts(_layer_shapes(cfg, kind), kind)[0], is_leaf=lambda x: isinstance(x, tuple))]
+    return "unrolled" if max(int(np.prod(s)) for s in shapes) >= 1 << 23 else "scan"
+
+
+def _run_unrolled(per_layer, expert_stacks, layer_caches, x, positions, cfg: ModelConfig):
+    plan, caches = plan_of(cfg), list(layer_caches)
+    for p, slot in zip(per_layer, layer_slots(plan)):
+        kind = _run_of(plan, slot).kind
+        experts = _at(expert_stacks, slot) if kind[1] != DENSE else None
+        x, c = decoder_layer(p, x, positions, _at(caches, slot), slot.index, kind, cfg, experts)
+        caches = _with(caches, slot, c)
+    return x, caches
+
+
 def embed(params, tokens):
     return jnp.take(params["embed"], tokens, axis=0)
 
@@ -196,11 +279,15 @@ def forward_hidden(params, tokens, positions, cache, cfg: ModelConfig, kernels: 
     kernels (static): "xla" runs the reference path (any shape, any device); "pallas" / "interpret" run a
     one-token batch-1 decode through the fused Pallas layer kernels (fused_decode.py) where they support the
     model (else this path)."""
-    if kernels != "xla" and tokens.shape == (1, 1):
+    if kernels != "xla" and tokens.shape == (1, 1) and "unrolled" not in params:
         from mimo_jax import fused_decode
 
         if fused_decode.unsupported(cfg, params, cache) is None:
             return fused_decode.forward_hidden(params, tokens, positions, cache, cfg, kernels == "interpret")
+    if "unrolled" in params:
+        x, layers = _run_unrolled(params["unrolled"], params["layers"], cache["layers"], embed(params, tokens),
+                                  positions, cfg)
+        return x, {**cache, "layers": layers}
     x, layers = run_layers(params["layers"], cache["layers"], embed(params, tokens), positions, cfg)
     return x, {**cache, "layers": layers}
 

@@ -39,6 +39,11 @@ def main():
                 key = f"{name}/{n}/{attention}"
                 out["logits"][key] = float(np.max(np.abs(got - ref_logits)) / np.max(np.abs(ref_logits)))
                 out["greedy"][key] = e.generate(prompt, 24).token_ids == ref_greedy
+                if n in (2, 8):  # the unrolled layout keeps each weight's sharding (and fuses nothing split)
+                    u = Engine(cfg, params, max_seq_len=128, prefill_chunk=16, mesh=sharding.make_mesh(n),
+                               attention=attention, layout="unrolled")
+                    out["logits"][key + "/unrolled"] = float(np.max(np.abs(u.score(ids) - ref_logits))
+                                                             / np.max(np.abs(ref_logits)))
             if n in (2, 8):
                 spec = Engine(cfg, params, max_seq_len=128, prefill_chunk=16, mesh=sharding.make_mesh(n),
                               speculative_k=4)

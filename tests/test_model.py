@@ -1,4 +1,5 @@
-"""Cached decoding == one full forward, for MiMo-shaped and Llama-shaped configs; the layer plan."""
+"""Cached decoding == one full forward, for MiMo-shaped and Llama-shaped configs; the unrolled layout == the
+scanned one; the layer plan."""
 from pathlib import Path
 
 import jax
@@ -48,6 +49,30 @@ def test_cached_decode_equals_full_forward(name, chunk, pad_to):
     ref = full_forward(cfg, params, ids, capacity)
     got = chunked_forward(cfg, params, ids, capacity, chunk, pad_to)
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", ["tiny_mimo", "tiny_llama"])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_unrolled_layout_equals_scan(name, fuse):
+    """model.unroll_layers (one buffer per layer, straight-line layers, q/k/v and gate/up fused) computes what
+    the stacked scan computes: chunked prefill with padding, then decode, logits and caches."""
+    cfg, params, capacity = setup(name, seed=5)
+    unrolled = model.unroll_layers(params, cfg, fuse=fuse)
+    assert len(unrolled["unrolled"]) == cfg.num_layers
+    assert ("wqkv" in unrolled["unrolled"][0]["attn"]) == fuse and ("wq" in unrolled["unrolled"][0]["attn"]) != fuse
+    ids = np.random.default_rng(6).integers(0, cfg.vocab_size, size=2 * 8 + 5).tolist()
+    ref = chunked_forward(cfg, params, ids, capacity, 5, 8)
+    got = chunked_forward(cfg, unrolled, ids, capacity, 5, 8)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+
+
+def test_unrolled_engine_greedy_and_speculative_equal_scan():
+    cfg, params, capacity = setup("tiny_mimo", seed=7)
+    prompt = np.random.default_rng(8).integers(0, cfg.vocab_size, size=19).tolist()
+    ref = Engine(cfg, params, max_seq_len=capacity, prefill_chunk=16).generate(prompt, max_new_tokens=20).token_ids
+    for k in (0, 3):
+        e = Engine(cfg, params, max_seq_len=capacity, prefill_chunk=16, speculative_k=k, layout="unrolled")
+        assert e.generate(prompt, max_new_tokens=20).token_ids == ref, k
 
 
 def test_engine_greedy_equals_argmax_of_full_forward():
