@@ -250,6 +250,18 @@ def load(path, dtype=None, target: ModelConfig | None = None):
     return d, {"w": weights, "vocab": jnp.asarray(flat["vocab"], jnp.int32)}, meta
 
 
+def is_drafter_file(path) -> bool:
+    """Whether `path` is a block drafter file (reads only the safetensors header)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "numpy") as f:
+            meta = f.metadata() or {}
+        return meta.get("kind") == "block" and "block_config" in meta
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def fits(path, cfg: ModelConfig) -> bool:
     """Whether the drafter file was trained for a model of this shape (reads only the header)."""
     try:

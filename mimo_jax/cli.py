@@ -70,8 +70,11 @@ def _define():
     flags.DEFINE_integer("batch_size", 1, "With --prompts_file: decode this many prompts together (continuous "
                          "batching, mimo_jax/batching.py; with --speculative_k, batched speculative steps); 1 = one after "
                          "another.", **F)
-    flags.DEFINE_integer("speculative_k", 0, "Draft k tokens per step with the model's MTP layers and verify them "
-                         "in one pass (0 = off); models with MTP layers only.", **F)
+    flags.DEFINE_integer("speculative_k", 0, "Draft k tokens per step and verify them in one pass (0 = off); the "
+                         "drafter is --drafter's.", **F)
+    flags.DEFINE_string("drafter", "auto", "With --speculative_k: mtp (the model's MTP layers), block (the shipped "
+                        "block drafter, trained for the bundled SmolLM2), or PATH (a block drafter file written by "
+                        "python -m mimo_jax.train_drafter). auto: mtp if the model has MTP layers, else block.", **F)
     flags.DEFINE_bool("version", False, "Print the version and exit.", **F)
 
 
@@ -290,6 +293,13 @@ def check_flags() -> None:
          f"--max_seq_len must be >= 2 (a prompt token and a new one), got {FLAGS.max_seq_len}")
     need(FLAGS.quant_group >= 1, f"--quant_group must be >= 1, got {FLAGS.quant_group}")
     need(FLAGS.speculative_k >= 0, f"--speculative_k must be >= 0 (0 = off), got {FLAGS.speculative_k}")
+    if FLAGS.drafter not in ("auto", "mtp", "block"):
+        from mimo_jax import block_drafter
+
+        need(Path(FLAGS.drafter).is_file(), f"--drafter {FLAGS.drafter}: no such file (give mtp, block, or the path "
+             f"of a block drafter .safetensors file)")
+        need(block_drafter.is_drafter_file(FLAGS.drafter), f"--drafter {FLAGS.drafter}: not a block drafter file "
+             f"(python -m mimo_jax.train_drafter writes them)")
     need(FLAGS.num_devices >= 1, f"--num_devices must be >= 1, got {FLAGS.num_devices}")
     need(FLAGS.batch_size >= 1, f"--batch_size must be >= 1, got {FLAGS.batch_size}")
     need(FLAGS.batch_size == 1 or FLAGS.prompts_file is not None, "--batch_size needs --prompts_file")
@@ -326,9 +336,8 @@ def check_model_flags(source: Source, prompts) -> None:
         if bad:
             raise InputError(f"--quant_experts {FLAGS.quant_experts} groups the experts' input dims by "
                              f"{group} (--quant_group), which must divide {' and '.join(bad)}")
-    if FLAGS.speculative_k and not cfg.num_mtp_layers:
-        raise InputError(f"--speculative_k {FLAGS.speculative_k} drafts with the model's MTP layers; this model "
-                         f"({cfg.model_type}) has none")
+    if FLAGS.speculative_k:
+        check_drafter(cfg)
     texts = [p for p in prompts if isinstance(p, str)]
     if texts and not source.has_tokenizer:
         raise InputError("a text prompt needs a tokenizer; this model has none (give token ids: --prompt_ids 1,2,3)")
@@ -337,6 +346,25 @@ def check_model_flags(source: Source, prompts) -> None:
     if FLAGS.chat and len(texts) < len(prompts):
         raise InputError("--chat applies the chat template to text prompts; token-id prompts cannot take it")
     check_devices(cfg)
+
+
+def check_drafter(cfg) -> None:
+    """--drafter against the model: MTP layers present, or a block drafter trained for a model of its shape."""
+    from mimo_jax import block_drafter
+    from mimo_jax.errors import InputError
+
+    k, choice = FLAGS.speculative_k, FLAGS.drafter
+    if choice == "mtp" or (choice == "auto" and cfg.num_mtp_layers):
+        if not cfg.num_mtp_layers:
+            raise InputError(f"--speculative_k {k} --drafter mtp drafts with the model's MTP layers; this model "
+                             f"({cfg.model_type}) has none (--drafter block or PATH: a block drafter)")
+        return
+    path = block_drafter.SHIPPED if choice in ("auto", "block") else Path(choice)
+    if not block_drafter.fits(path, cfg):
+        which = "the shipped block drafter" if path == block_drafter.SHIPPED else f"--drafter {choice}"
+        raise InputError(f"--speculative_k {k} drafts with the model's MTP layers or a block drafter: this model "
+                         f"({cfg.model_type}) has none, and {which} was trained for another model (train one: python "
+                         f"-m mimo_jax.train_drafter --model ... --out DIR; then --drafter DIR/drafter.safetensors)")
 
 
 def check_devices(cfg) -> None:
@@ -417,7 +445,7 @@ def load(source: Source):
     from mimo_jax import Engine, sharding
 
     dtype = None if FLAGS.dtype == "auto" else jnp.dtype(FLAGS.dtype)  # None: the engine's auto_dtype()
-    kwargs = dict(max_seq_len=context_length(source.cfg), speculative_k=FLAGS.speculative_k,
+    kwargs = dict(max_seq_len=context_length(source.cfg), speculative_k=FLAGS.speculative_k, drafter=FLAGS.drafter,
                   mesh=sharding.make_mesh(FLAGS.num_devices) if FLAGS.num_devices > 1 else None,
                   attention=FLAGS.attention)
     quant = None if FLAGS.quant_experts == "none" else FLAGS.quant_experts

@@ -52,6 +52,7 @@ TOPICS = ("the water cycle", "photosynthesis", "black holes", "the French revolu
           "the Roman empire", "recursion", "coffee", "public speaking", "time management", "rainbows", "vaccines",
           "the ocean", "jazz music", "linked lists", "budgeting", "the human heart", "earthquakes",
           "renewable energy", "databases", "friendship", "mountains", "the printing press", "video games")
+STYLES = ("", " Be brief.", " Answer in detail.", " Use a numbered list.")
 EVAL_TOPICS = ("dinosaurs", "hash tables", "the solar system", "bread baking", "the Olympic games", "rivers",
                "password security", "origami")
 
@@ -80,7 +81,7 @@ def code_prompts(tokenizer, n: int, length: int, held_out: bool, seed: int) -> l
 
 def chat_instructions(held_out: bool) -> list[str]:
     topics = EVAL_TOPICS if held_out else TOPICS
-    return [t.format(topic) for topic in topics for t in TEMPLATES]
+    return [t.format(topic) + style for style in STYLES for topic in topics for t in TEMPLATES]
 
 
 def chat_prompts(tokenizer, n: int, held_out: bool, seed: int) -> list[list[int]]:
@@ -88,8 +89,7 @@ def chat_prompts(tokenizer, n: int, held_out: bool, seed: int) -> list[list[int]
 
     texts = chat_instructions(held_out)
     order = np.random.default_rng(seed).permutation(len(texts))
-    return [chat_ids(tokenizer, texts[i % len(texts)]) for i in order[:n]] if n <= len(texts) else \
-        [chat_ids(tokenizer, texts[i % len(texts)]) for i in range(n)]
+    return [chat_ids(tokenizer, texts[i]) for i in order[:n]]  # at most len(texts): greedy repeats teach nothing
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen_len"))
@@ -370,10 +370,10 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="target: a .gguf or checkpoint dir (default: bundled SmolLM2)")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--cache_dir", default="/tmp/mimo_drafter_data", help="where generated training data is cached")
-    ap.add_argument("--code_prompts", type=int, default=384)
-    ap.add_argument("--chat_prompts", type=int, default=256)
-    ap.add_argument("--prompt_len", type=int, default=96, help="tokens of source per code prompt")
-    ap.add_argument("--gen_len", type=int, default=160, help="tokens the target writes per prompt")
+    ap.add_argument("--code_prompts", type=int, default=128)
+    ap.add_argument("--chat_prompts", type=int, default=64)
+    ap.add_argument("--prompt_len", type=int, default=64, help="tokens of source per code prompt")
+    ap.add_argument("--gen_len", type=int, default=128, help="tokens the target writes per prompt")
     ap.add_argument("--gen_batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")
@@ -418,7 +418,7 @@ def main(argv=None) -> None:
     w, hist = train(engine, data, d, vocab, out, a.steps, a.batch, a.anchors, a.lr, a.soft_weight, seed=a.seed,
                     resume=a.resume, max_minutes=a.max_minutes)
     train_s = time.perf_counter() - t0
-    info = {"train_steps": a.steps, "label_tokens_per_step": a.batch * a.anchors * a.block,
+    info = {"train_steps": hist[-1][0] + 1 if hist else 0, "label_tokens_per_step": a.batch * a.anchors * a.block,
             "train_s": round(train_s, 1), "data_s": round(data_s, 1), "generated_tokens": data.generated,
             "device": jax.devices()[0].device_kind, "final_loss": hist[-1][1] if hist else None,
             "train_acceptance": hist[-1][2] if hist else None}

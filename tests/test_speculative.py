@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimo_jax import model, speculative
+from mimo_jax import block_drafter, model, mtp, speculative
 from mimo_jax.config import load_config
 from mimo_jax.engine import Engine
 from drafters import FLAKY, ORACLE, WRONG
@@ -25,14 +25,30 @@ def engine(cfg, params, **kw):
     return Engine(cfg, params, max_seq_len=256, prefill_chunk=16, **kw)
 
 
-@pytest.mark.parametrize("drafter,k", [("mtp", 4), ("mtp", 8), (ORACLE, 8), (WRONG, 3), (FLAKY, 3), (FLAKY, 10)],
-                         ids=lambda v: getattr(v, "name", None))
-def test_greedy_speculative_equals_plain_greedy(tiny, drafter, k):
+BLOCK = "block"  # a random-weight block drafter for the test's config (block_file)
+
+
+def block_file(cfg, directory, draft_vocab):
+    """A random block drafter for cfg (draft vocabulary: every other token, so q is -inf on the rest), scaled so
+    that its drafts are sometimes right on a random target."""
+    d = block_drafter.BlockConfig.for_target(cfg, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
+                                             window=16, block_size=4, draft_vocab=draft_vocab)
+    path = directory / f"block_{cfg.vocab_size}.safetensors"
+    vocab = np.arange(cfg.vocab_size)[::cfg.vocab_size // draft_vocab][:draft_vocab]
+    block_drafter.save(path, d, block_drafter.init_weights(d, jax.random.PRNGKey(5)), vocab, cfg)
+    return str(path)
+
+
+@pytest.mark.parametrize("drafter,k", [("mtp", 4), ("mtp", 8), (ORACLE, 8), (WRONG, 3), (FLAKY, 3), (FLAKY, 10),
+                                       (BLOCK, 3), (BLOCK, 8)], ids=lambda v: getattr(v, "name", None))
+def test_greedy_speculative_equals_plain_greedy(tiny, drafter, k, tmp_path):
     """Output identical to plain greedy whatever the drafts; FLAKY makes steps that accept only part of the
     drafts: the rejected positions were written to the caches, and the SWA rings' k + 1 spare slots must keep
     them from overwriting anything a later query sees (with k = 10 and no slack, the ring of 16 slots for window
     8 loses entries and the output differs)."""
     cfg, params = tiny
+    if drafter == BLOCK:  # k = 8 runs 8 slots, more than the 4 it was made with
+        drafter = block_file(cfg, tmp_path, 128)
     partial = 0  # steps that accepted some drafts but not all
     for seed in (0, 1):
         prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, 37).tolist()  # > 4 windows
@@ -63,8 +79,9 @@ def test_speculative_step_compiles_once(tiny):
 
 
 @pytest.mark.parametrize("drafter,settings", [("mtp", (1.0, 0, 1.0)), ("mtp", (0.8, 5, 0.9)),
-                                              (ORACLE, (1.0, 0, 1.0))], ids=lambda v: getattr(v, "name", None))
-def test_sampling_is_lossless(drafter, settings):
+                                              (ORACLE, (1.0, 0, 1.0)), (BLOCK, (0.8, 5, 0.9))],
+                         ids=lambda v: getattr(v, "name", None))
+def test_sampling_is_lossless(drafter, settings, tmp_path):
     """Chi-square goodness of fit, over N = 1500 fixed seeds with k = 2, of the joint of tokens 1 and 2 (the
     first token, then the first speculative step) against p(t1) p(t2 | t1), and of the marginal of token 3
     (a later step) against the target's exact one; reject at p < 1e-3. A drafter that biases the output (e.g.
@@ -72,6 +89,8 @@ def test_sampling_is_lossless(drafter, settings):
     cfg = load_config(CONFIGS / "tiny_mimo.json").replace(vocab_size=16)
     params = model.init_params(cfg, jax.random.PRNGKey(1), jnp.float32)
     params = {**params, "embed": params["embed"] * 0.5}
+    if drafter == BLOCK:  # a draft vocabulary of 8 of the 16 tokens: q = 0 on the others
+        drafter = block_file(cfg, tmp_path, 8)
     temperature, top_k, top_p = settings
     prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
     p1, p2, p3 = exact_dists(cfg, params, prompt, (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p)), 3)
@@ -89,3 +108,28 @@ def test_sampling_is_lossless(drafter, settings):
     assert 0.05 * n < accepted  # rejections and acceptances both happen
     chi2_check(counts12, joint12, n)
     chi2_check(counts3, m3, n)
+
+
+def test_mtp_refresh_feeds_every_layer_true_inputs(tiny):
+    """speculative.mtp_chain over a sequence in the pieces a decode makes (a prompt chunk, then steps of
+    n + 1 accepted positions with the rest padding) leaves every MTP layer's cache and carry as one pass over
+    the whole sequence does: the deeper layers hold true inputs, not the drafts' (before, only layer 0 did)."""
+    cfg, params = tiny
+    t = 30
+    rng = np.random.default_rng(0)
+    normed = jnp.asarray(rng.normal(size=(1, t, cfg.hidden_size)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, t)), jnp.int32)
+    fresh = lambda: speculative.mtp_init(params, cfg, 4, jnp.float32)  # noqa: E731
+    _, _, whole = speculative.mtp_chain(params, normed, tokens, jnp.arange(t, dtype=jnp.int32), fresh(), cfg)
+    state, start = fresh(), 0
+    for n in (11, 3, 1, 5, 2, 4, 4):  # positions per call; calls after the first hold k + 1 = 5 slots
+        width = n if start == 0 else 5
+        idx = np.minimum(start + np.arange(width), t - 1)
+        pos = jnp.asarray(np.where(np.arange(width) < n, start + np.arange(width), -1), jnp.int32)
+        _, _, state = speculative.mtp_chain(params, normed[:, idx], tokens[:, idx], pos, state, cfg)
+        start += n
+    assert start == t
+    np.testing.assert_allclose(np.asarray(state["carry"]), np.asarray(whole["carry"]), atol=1e-5)
+    for j in range(cfg.num_mtp_layers):
+        for name in ("k", "v"):
+            np.testing.assert_allclose(np.asarray(state["kv"][name][j]), np.asarray(whole["kv"][name][j]), atol=1e-5)
