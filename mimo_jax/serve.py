@@ -6,7 +6,12 @@
          stream true (server-sent events ending "data: [DONE]") or false; max_tokens (chat: also
          max_completion_tokens), temperature, top_p, top_k (extension), seed, stop, stream_options.include_usage,
          ignore_eos (extension, as vLLM's); usage counts.
-    GET  /health (200 while the batch thread runs), /metrics (Prometheus text: requests, slots in use, tok/s).
+    GET  /health (200 while the batch thread runs), /metrics (Prometheus text: requests, slots in use, tok/s,
+         speculative acceptance).
+
+--speculative_k K: every step drafts K tokens per slot and verifies them in one pass (batched_speculative.py;
+greedy output unchanged, sampling lossless); the drafter is the engine's (--drafter, default: the model's MTP
+layers).
 
 One background thread drives the batch (Batcher.start); each HTTP request submits a batching.Request whose
 callback feeds an asyncio queue on the server's loop. A client that disconnects (mid-stream or while waiting for
@@ -252,7 +257,12 @@ def create_app(batcher: Batcher, model_name: str):
                 ("generation_tokens_total", "counter", "tokens generated", batcher.generated_tokens_total),
                 ("decode_steps_total", "counter", "batched decode steps", batcher.steps_total),
                 ("tokens_per_second", "gauge", "tokens generated per second, last 10 s",
-                 round(batcher.tokens_per_second(), 3))]
+                 round(batcher.tokens_per_second(), 3)),
+                ("speculative_k", "gauge", "drafts per slot and step (0 = plain decoding)", batcher.speculative_k),
+                ("speculative_accepted_total", "counter", "drafts accepted", batcher.accepted_total),
+                ("speculative_slot_steps_total", "counter", "speculative steps taken, per slot", batcher.slot_steps_total),
+                ("speculative_accepted_per_step", "gauge", "drafts accepted per slot step (each also emits one)",
+                 round(batcher.accepted_total / max(batcher.slot_steps_total, 1), 4))]
         text = "".join(f"# HELP mimo_{n} {h}\n# TYPE mimo_{n} {t}\nmimo_{n} {v}\n" for n, t, h, v in rows)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
@@ -384,7 +394,14 @@ def _args(argv):
     p.add_argument("--batch_size", type=int, default=8, help="slots: requests decoded together")
     p.add_argument("--max_seq_len", type=int, default=2048, help="positions per slot (prompt + new tokens)")
     p.add_argument("--prefill_chunk", type=int, default=512)
+    p.add_argument("--speculative_k", type=int, default=0, help="draft k tokens per slot and step, verified in one "
+                   "pass (0 = off)")
+    p.add_argument("--drafter", help="with --speculative_k: the engine's drafter choice (default: the engine's; MTP "
+                   "layers)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
+    p.add_argument("--quant_experts", default="none", choices=("none", "int4_sym", "int4_asym", "mxfp4"),
+                   help="routed experts in 4 bits (as mimo-jax --quant_experts)")
+    p.add_argument("--quant_group", type=int, default=128)
     p.add_argument("--served_model_name", help="the model id clients send (default: the checkpoint's name)")
     p.add_argument("--seed", type=int, default=0, help="random-init seed")
     def underscores(a):  # --max-seq-len=4 -> --max_seq_len=4
@@ -399,7 +416,10 @@ def load_engine(args):
     from mimo_jax.engine import Engine, auto_dtype
 
     dtype = auto_dtype() if args.dtype == "auto" else jnp.dtype(args.dtype)
-    kwargs = dict(prefill_chunk=args.prefill_chunk)
+    kwargs = dict(prefill_chunk=args.prefill_chunk, speculative_k=args.speculative_k)
+    quant = None if args.quant_experts == "none" else args.quant_experts
+    if args.drafter:
+        kwargs["drafter"] = args.drafter
     if args.random_init:
         if not args.config:
             raise InputError("--random_init needs --config")
@@ -407,8 +427,13 @@ def load_engine(args):
 
         cfg = load_config(args.config)
         engine = Engine.from_config(cfg, seed=args.seed, dtype=dtype, **kwargs)
+        if quant:
+            from mimo_jax.quantize_model import quantize_experts
+
+            engine.params = engine._place(quantize_experts(engine.params, quant, args.quant_group))
     else:
-        engine = Engine.from_pretrained(args.checkpoint, dtype=dtype, **kwargs)
+        engine = Engine.from_pretrained(args.checkpoint, dtype=dtype, quant_experts=quant,
+                                        quant_group=args.quant_group, **kwargs)
     engine.max_seq_len = min(args.max_seq_len, engine.cfg.max_position_embeddings)
     return engine
 
@@ -427,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
     name = name.rstrip("/").rsplit("/", 1)[-1]
     t0 = time.perf_counter()
     batcher.warm_up()
-    print(f"[{name}: {args.batch_size} slots x {batcher.capacity} positions, compiled in "
+    spec = f", speculative k={batcher.speculative_k}" if batcher.speculative_k else ""
+    print(f"[{name}: {args.batch_size} slots x {batcher.capacity} positions{spec}, compiled in "
           f"{time.perf_counter() - t0:.1f} s; http://{args.host}:{args.port}/v1]", file=sys.stderr)
     uvicorn.run(create_app(batcher, name), host=args.host, port=args.port, log_level="warning")
 

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, through the official `openai` client against a server this file starts on a free
-port: a tiny random Llama with SmolLM2's tokenizer and chat template (the bundled GGUF), 8 slots of 256 positions."""
+port: a tiny random Llama with SmolLM2's tokenizer and chat template (the bundled GGUF), 8 slots of 256 positions;
+and one started as `python -m mimo_jax.serve --speculative_k 2` would be (a random tiny MiMo, its MTP layer drafting)."""
 import asyncio
 import json
 import socket
@@ -21,6 +22,7 @@ from mimo_jax.batching import Batcher  # noqa: E402
 from mimo_jax.config import config_from_hf, load_config  # noqa: E402
 from mimo_jax.engine import Engine  # noqa: E402
 from mimo_jax.prompts import chat_ids  # noqa: E402
+from mimo_jax import serve  # noqa: E402
 from mimo_jax.serve import TextOut, create_app  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -41,9 +43,13 @@ def server():
     engine = Engine(cfg, model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32), tokenizer=tokenizer,
                     max_seq_len=CAPACITY, prefill_chunk=64)
     batcher = Batcher(engine, SLOTS, CAPACITY)
+    yield from _serving(engine, batcher)
+
+
+def _serving(engine, batcher, name=NAME):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(create_app(batcher, NAME), log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(create_app(batcher, name), log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not srv.started:
@@ -237,3 +243,42 @@ def test_bad_requests_are_400(server):
     r = httpx.get(url + "/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()
     assert metrics(url)["mimo_slots_in_use"] == 0
+
+
+@pytest.fixture(scope="module")
+def spec_server():
+    """The engine and batcher `python -m mimo_jax.serve --config tiny_mimo.json --random_init --speculative_k 2
+    ...` builds (no tokenizer: prompts are token ids, the text is the ids)."""
+    args = serve._args(["--config", str(CONFIGS / "tiny_mimo.json"), "--random_init", "--speculative-k=2",
+                        "--batch_size", "2", "--max_seq_len", "128", "--prefill_chunk", "16"])
+    engine = serve.load_engine(args)
+    assert engine.speculative_k == 2
+    yield from _serving(engine, Batcher(engine, args.batch_size, engine.max_seq_len), "tiny_mimo")
+
+
+def test_speculative_server_streams(spec_server):
+    """--speculative_k 2: 3 concurrent streams over 2 slots (up to 3 tokens a step each), each the plain batch-1
+    greedy output with the right count; /metrics reports the acceptance."""
+    engine, batcher, url = spec_server
+    plain = Engine(engine.cfg, engine.params, max_seq_len=engine.max_seq_len, prefill_chunk=16)
+    prompts = [[3 + i, 40 + 7 * i, 9, 200 - i] * (1 + i) for i in range(3)]
+    c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+
+    async def one(ids, n):
+        stream = await c.completions.create(model="tiny_mimo", prompt=ids, max_tokens=n, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        text, usage = "", None
+        async for ch in stream:
+            text += ch.choices[0].text if ch.choices else ""
+            usage = ch.usage or usage
+        return text, usage
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(ids, 9 + 2 * i) for i, ids in enumerate(prompts)))
+
+    for i, (text, usage) in enumerate(asyncio.run(all_of_them())):
+        want = plain.generate(prompts[i], max_new_tokens=9 + 2 * i, stop_at_eos=False).token_ids
+        assert text.split() == [str(t) for t in want] and usage.completion_tokens == len(want)
+    m = metrics(url)
+    assert m["mimo_speculative_k"] == 2 and m["mimo_speculative_slot_steps_total"] > 0
+    assert "mimo_speculative_accepted_per_step" in m and m["mimo_slots_in_use"] == 0
