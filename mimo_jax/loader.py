@@ -18,7 +18,9 @@ index lists but the directory lacks, and a block-scale tensor of the wrong shape
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
@@ -43,8 +45,8 @@ def _same(a):
     return a
 
 
-def _t(a):
-    return np.swapaxes(a, -1, -2)
+def _t(a):  # numpy (a view) or a jax array (transposed on its device)
+    return a.swapaxes(-1, -2)
 
 
 def _split_gate_up(a):  # [E, 2I, H] -> gate, up as [E, H, I]
@@ -120,10 +122,15 @@ _PACKED = ("U8", "I8")  # an expert weight stored in bytes is MXFP4 (e2m1 pairs)
 
 class Checkpoint:
     """config.json + *.safetensors (+ the index): tensors read one at a time with plain reads, FP8 blocks
-    dequantized to float32, MXFP4 experts imported as stored (quant.from_mxfp4_blocks)."""
+    dequantized to float32, MXFP4 experts imported as stored (quant.from_mxfp4_blocks).
 
-    def __init__(self, path: str | Path):
+    device None: every conversion in numpy on the host. A device: read() puts the stored bytes there and
+    dequantizes there (_dequant_fp8_on_device), so the host only reads; callers transform and cast on the device
+    (loader rules, placement). read() = convert(read_raw()): read_raw does the file I/O only (reader threads)."""
+
+    def __init__(self, path: str | Path, device=None):
         self.path = Path(path)
+        self.device = device
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint directory not found: {self.path}")
         cfg_file = self.path / "config.json"
@@ -174,26 +181,25 @@ class Checkpoint:
         return self.entries[key].dtype in _PACKED and bool(_EXPERT_WEIGHT.fullmatch(key))
 
     def read(self, key: str):
-        """The tensor as float numpy (torch layout), or, for an MXFP4 expert, a quant.QuantizedWeight [in, out]."""
+        """The tensor as float numpy (torch layout; a jax array on self.device when there is one), or, for an
+        MXFP4 expert, a quant.QuantizedWeight [in, out]."""
+        return self.convert(key, self.read_raw(key))
+
+    def read_raw(self, key: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """(stored tensor, its scales or None) as read from the file, shapes checked; file I/O only."""
         a = safetensors_io.read_tensor(self.entries[key])
         if self.stores_mxfp4(key):
-            return self._import_mxfp4(key, a)
-        if a.dtype == ml_dtypes.float8_e4m3fn:
-            a = self._dequant_fp8(key, a)
-        return a
-
-    def _import_mxfp4(self, key: str, blocks: np.ndarray):
-        scale_key = key + "_scale"
-        if scale_key not in self.entries:
-            raise CheckpointError(f"MXFP4 expert tensor {key} ({self.entries[key].dtype}) has no {scale_key}")
-        scales = safetensors_io.read_tensor(self.entries[scale_key])
-        want = (*blocks.shape[:-1], 2 * blocks.shape[-1] // 32)
-        if scales.shape != want or scales.dtype.itemsize != 1:
-            raise CheckpointError(f"{scale_key} has shape {scales.shape} {scales.dtype}, expected {want} e8m0 bytes "
-                                  f"for MXFP4 {key} {blocks.shape}")
-        return quant.from_mxfp4_blocks(blocks, scales)
-
-    def _dequant_fp8(self, key: str, a: np.ndarray) -> np.ndarray:
+            scale_key = key + "_scale"
+            if scale_key not in self.entries:
+                raise CheckpointError(f"MXFP4 expert tensor {key} ({self.entries[key].dtype}) has no {scale_key}")
+            scales = safetensors_io.read_tensor(self.entries[scale_key])
+            want = (*a.shape[:-1], 2 * a.shape[-1] // 32)
+            if scales.shape != want or scales.dtype.itemsize != 1:
+                raise CheckpointError(f"{scale_key} has shape {scales.shape} {scales.dtype}, expected {want} e8m0 "
+                                      f"bytes for MXFP4 {key} {a.shape}")
+            return a, scales
+        if a.dtype != ml_dtypes.float8_e4m3fn:
+            return a, None
         scale_key = key + "_scale_inv"
         if scale_key not in self.entries:
             raise CheckpointError(f"FP8 tensor {key} has no {scale_key}")
@@ -202,11 +208,34 @@ class Checkpoint:
         want = (-(-a.shape[0] // bo), -(-a.shape[1] // bi)) if a.ndim == 2 else None
         if a.ndim != 2 or scale.shape != want:
             raise CheckpointError(f"{scale_key} has shape {scale.shape}, expected {want} for {key} {a.shape}")
+        return a, scale
+
+    def convert(self, key: str, raw: tuple[np.ndarray, np.ndarray | None]):
+        """read()'s value from read_raw()'s bytes: FP8 dequantized, MXFP4 imported, on self.device if any."""
+        a, scale = raw
+        if self.stores_mxfp4(key):
+            return quant.from_mxfp4_blocks(a, scale)
+        if self.device is not None:
+            a = jax.device_put(a, self.device)
+            return a if scale is None else _dequant_fp8_on_device(a, jax.device_put(scale, self.device), self.block)
+        if scale is None:
+            return a
+        bo, bi = self.block
         if a.shape[0] % bo == 0 and a.shape[1] % bi == 0:  # whole blocks: broadcast the scales, no full-size copy
-            blocks = a.reshape(want[0], bo, want[1], bi).astype(np.float32)
+            blocks = a.reshape(scale.shape[0], bo, scale.shape[1], bi).astype(np.float32)
             return (blocks * scale[:, None, :, None]).reshape(a.shape)
         full = np.repeat(np.repeat(scale, bo, axis=0), bi, axis=1)[: a.shape[0], : a.shape[1]]
         return a.astype(np.float32) * full
+
+
+@functools.partial(jax.jit, static_argnames="block")
+def _dequant_fp8_on_device(a, scale, block):
+    """FP8 e4m3 [out, in] x float32 block scales -> float32, on the device holding a (the numpy path's numbers:
+    an exact widening, then one float32 product per element)."""
+    bo, bi = block
+    so, si = scale.shape
+    full = jnp.broadcast_to(scale[:, None, :, None], (so, bo, si, bi)).reshape(so * bo, si * bi)
+    return a.astype(jnp.float32) * full[: a.shape[0], : a.shape[1]]
 
 
 def _np_dtype(dtype):
@@ -248,13 +277,15 @@ def fill(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], sink):
     slots = layer_slots(plan)
     filled = {k: np.zeros(s[: stack_axes(k) + _is_expert_leaf(k, plan)], bool) for k, s in shapes.items()}
 
+    stored = ()  # the shape of the tensor being placed, as stored
+
     def place(key, leaf, index, value, expert=None):
         if leaf not in shapes:
             raise CheckpointError(f"tensor {key} does not fit the config (no parameter {'.'.join(map(str, leaf))})")
         idx = index + ((expert,) if expert is not None else ())
         want = shapes[leaf][len(idx):]
         if tuple(value.shape) != tuple(want):
-            raise CheckpointError(f"tensor {key} has shape {tuple(array.shape)}, which does not match the config "
+            raise CheckpointError(f"tensor {key} has shape {stored}, which does not match the config "
                                   f"(expected {tuple(want)} after the layout transform, got {tuple(value.shape)})")
         if np.any(filled[leaf][idx]):
             raise CheckpointError(f"tensor {key} is given twice")
@@ -262,11 +293,13 @@ def fill(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], sink):
         filled[leaf][idx] = True
 
     for key, array in tensors:
+        stored = tuple(array.shape)
         if key in TOP_RULES:
             rule = TOP_RULES[key]
             if rule.targets[0] not in shapes:  # e.g. lm_head of a tied model
                 continue
-            place(key, rule.targets[0], (), rule.fn(array))
+            value, array = _apply(rule.fn, array), None  # the untransformed copy freed before placing
+            place(key, rule.targets[0], (), value)
             continue
         m = _LAYER_KEY.fullmatch(key)
         rule, rm = _match_layer_rule(m.group(3)) if m else (None, None)
@@ -288,7 +321,8 @@ def fill(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], sink):
             prefix, index = ("mtp",), (j,)
         if isinstance(array, quant.QuantizedWeight) and not rule.per_expert:
             raise CheckpointError(f"tensor {key} is stored as MXFP4; only routed experts may be")
-        values = array if isinstance(array, quant.QuantizedWeight) else rule.fn(array)  # imported as [in, out]
+        values = array if isinstance(array, quant.QuantizedWeight) else _apply(rule.fn, array)  # as [in, out]
+        array = None
         values = values if isinstance(values, tuple) else (values,)
         expert = int(rm.group("e")) if rule.per_expert else None
         for target, value in zip(rule.targets, values):
@@ -297,6 +331,18 @@ def fill(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], sink):
         if not done.all():
             raise CheckpointError(f"checkpoint is missing tensor {_missing_name(cfg, leaf, done, slots)}")
     return sink.result()
+
+
+def _apply(fn, array):
+    """A rule's transform: numpy views on the host, one compiled program on a jax array's device."""
+    if fn is _same:
+        return array
+    return fn(array) if isinstance(array, np.ndarray) else _jitted(fn)(array)
+
+
+@functools.cache
+def _jitted(fn):
+    return jax.jit(fn)
 
 
 def _is_expert_leaf(leaf: tuple, plan) -> int:
@@ -361,36 +407,68 @@ def expert_format(ckpt: Checkpoint, cfg: ModelConfig, quant_experts: str | None,
     return fmt, group
 
 
+PREFETCH_BYTES = 1 << 30  # at most this much read ahead of the tensor being placed, and at most twice the largest
+READERS = 2  # tensor (host memory: a small multiple of the largest tensor; one tensor is always read ahead)
+
+
 def load_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None, attention: str = "tp",
-                    quant_experts: str | None = None, quant_group: int = 128) -> tuple[ModelConfig, dict]:
-    """(config, params on the devices) from a directory of config.json + *.safetensors, streamed: each tensor is
-    read, FP8-dequantized, quantized when it is a routed expert and `quant_experts` names a format, and written
-    into its device shards (placement.DeviceSink) before the next is read. mesh None: the default device."""
+                    quant_experts: str | None = None, quant_group: int = 128,
+                    prefetch_bytes: int = PREFETCH_BYTES, on_device: bool | None = None) -> tuple[ModelConfig, dict]:
+    """(config, params on the devices) from a directory of config.json + *.safetensors, streamed: reader threads
+    read tensors ahead (at most prefetch_bytes, and twice the largest tensor, beyond the one being placed); each
+    tensor is FP8-dequantized, transposed and cast, quantized when it is a routed expert and `quant_experts` names
+    a format, and written into its device shards (placement.DeviceSink). mesh None: the default device. Under
+    jax.distributed each process fills its own devices' shards.
+
+    on_device (None: when the devices are accelerators): the stored bytes go to a device of this process and the
+    dequant / transpose / cast run there, so the host only reads (numpy's FP8 dequant + transpose + cast ran at
+    ~0.1 GB/s on one core: BENCHMARKS.md). On a CPU backend the device is the host: numpy does it, one copy of
+    the tensor fewer."""
     from mimo_jax import placement
 
-    ckpt = Checkpoint(path)
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
+    stage = next(d for d in devices if d.process_index == jax.process_index())
+    if on_device is None:
+        on_device = stage.platform != "cpu"
+    ckpt = Checkpoint(path, device=stage if on_device else None)
     cfg = config_from_hf(ckpt.hf_config).replace(num_mtp_layers=_mtp_count(ckpt.keys()))
     fmt, group = expert_format(ckpt, cfg, quant_experts, quant_group)
     targets = quantize_structs(param_shapes(cfg, dtype), fmt, group)
     shardings = placement.shardings(targets, cfg, mesh, attention)
-    return cfg, fill(cfg, iter_tensors(ckpt, progress=True), placement.DeviceSink(targets, shardings))
+    largest = max(ckpt.nbytes(k) for k in ckpt.keys())
+    tensors = iter_tensors(ckpt, progress=True, prefetch_bytes=min(prefetch_bytes, 2 * largest))
+    return cfg, fill(cfg, tensors, placement.DeviceSink(targets, shardings))
 
 
-def iter_tensors(ckpt: Checkpoint, progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
-    """Stream (key, array) one tensor at a time; block scales are consumed by their weights. progress: a bar of
-    bytes (and tensors) read on stderr when it is a terminal."""
-    keys = [k for k in ckpt.keys() if not IGNORED.fullmatch(k)]
-    if not progress:
-        for k in keys:
-            yield k, ckpt.read(k)
-        return
+def iter_tensors(ckpt: Checkpoint, progress: bool = False, prefetch_bytes: int = 0) -> Iterator[tuple[str, object]]:
+    """Stream (key, ckpt.read(key)) in file order; block scales are consumed by their weights. prefetch_bytes > 0:
+    READERS threads read the following tensors' bytes (read_raw) while this one is converted and placed, at most
+    prefetch_bytes of them held at a time. progress: a bar of bytes (and tensors) read on stderr when it is a
+    terminal."""
     import sys
+    from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
-    with tqdm(total=sum(ckpt.nbytes(k) for k in keys), unit="B", unit_scale=True, unit_divisor=1024,
-              desc=f"loading {ckpt.path.name}", file=sys.stderr, leave=False, disable=None) as bar:
+    keys = [k for k in ckpt.keys() if not IGNORED.fullmatch(k)]
+    bar = tqdm(total=sum(ckpt.nbytes(k) for k in keys), unit="B", unit_scale=True, unit_divisor=1024,
+               desc=f"loading {ckpt.path.name}", file=sys.stderr, leave=False, disable=None if progress else True)
+    pool = ThreadPoolExecutor(READERS, thread_name_prefix="mimo-read") if prefetch_bytes > 0 else None
+    pending, ahead, nxt = collections.deque(), 0, 0
+    try:
         for i, k in enumerate(keys):
-            yield k, ckpt.read(k)
+            if pool is None:
+                yield k, ckpt.convert(k, ckpt.read_raw(k))  # no local holds the bytes once converted
+            else:
+                while nxt < len(keys) and (nxt == i or ahead + ckpt.nbytes(keys[nxt]) <= prefetch_bytes):
+                    pending.append(pool.submit(ckpt.read_raw, keys[nxt]))
+                    ahead += ckpt.nbytes(keys[nxt])
+                    nxt += 1
+                ahead -= ckpt.nbytes(k)
+                yield k, ckpt.convert(k, pending.popleft().result())
             bar.update(ckpt.nbytes(k))
             bar.set_postfix_str(f"{i + 1}/{len(keys)} tensors", refresh=False)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -5,8 +5,12 @@
 it: the piece's part for each shard is sliced on the host, copied to that device and written in place by a
 donated dynamic_update_slice (`_write`). Routed experts whose target is a quant.QuantizedWeight are quantized
 one [K, N] matrix at a time by quant.quantize_jit on the device that holds the expert, then written into the
-packed / scales / mins shards the same way. So the host holds one tensor at a time and each device its final
-share plus one piece; `result()` wraps the shards as global arrays (jax.make_array_from_single_device_arrays).
+packed / scales / mins shards the same way. Pieces that arrive as jax arrays (the loader dequantizes and
+transposes on a staging device) are cast and sliced there, not on the host. So the host holds one tensor at a
+time and each device its final share plus a bounded number of pieces in flight (DeviceSink's fence); `result()`
+wraps the shards as global arrays (jax.make_array_from_single_device_arrays). Under jax.distributed each process
+allocates and fills only its own devices' shards (pieces owned elsewhere are skipped), and the global arrays
+span every process.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from mimo_jax.plan import path_keys
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _write(buf, piece, index):
+    """buf with piece (cast to buf's dtype, leading unit dims added) written at index, in place."""
+    piece = piece.astype(buf.dtype).reshape((1,) * (buf.ndim - piece.ndim) + piece.shape)
     return jax.lax.dynamic_update_slice(buf, piece, index)
 
 
@@ -34,8 +40,8 @@ class _Array:
 
     def __init__(self, struct, sharding):
         self.shape, self.dtype, self.sharding = tuple(struct.shape), jnp.dtype(struct.dtype), sharding
-        self.shards = []  # [device, ((lo, hi) per dim), buffer]
-        for device, idx in sharding.devices_indices_map(self.shape).items():
+        self.shards = []  # [device, ((lo, hi) per dim), buffer] of this process's devices (jax.distributed)
+        for device, idx in sharding.addressable_devices_indices_map(self.shape).items():
             bounds = tuple(s.indices(n)[:2] for s, n in zip(idx, self.shape))
             zeros = jnp.zeros(tuple(hi - lo for lo, hi in bounds), self.dtype, device=device)
             self.shards.append([device, bounds, zeros])
@@ -44,14 +50,15 @@ class _Array:
         return [s for s in self.shards if all(lo <= i < hi for i, (lo, hi) in zip(index, s[1]))]
 
     def put(self, index: tuple, value) -> None:
-        """Write `value` (covering shape[len(index):], numpy or a jax array) at the leading `index`."""
+        """Write `value` (covering shape[len(index):]; numpy, cast on the host, or a jax array, cast on the
+        device by _write) at the leading `index`."""
         if isinstance(value, np.ndarray):
             value = value.astype(_np_dtype(self.dtype), copy=False)
         for shard in self.owners(index):
             device, bounds, buf = shard
             trail = bounds[len(index):]
-            piece = value[tuple(slice(lo, hi) for lo, hi in trail)]
-            piece = jax.device_put(piece.reshape((1,) * len(index) + piece.shape), device)
+            whole = all((lo, hi) == (0, n) for (lo, hi), n in zip(trail, value.shape))
+            piece = jax.device_put(value if whole else value[tuple(slice(lo, hi) for lo, hi in trail)], device)
             start = tuple(np.int32(i - lo) for i, (lo, _) in zip(index, bounds)) + (np.int32(0),) * len(trail)
             shard[2] = _write(buf, piece, start)
 
@@ -79,9 +86,11 @@ class _Quantized:
             for e in range(value.shape[0]):
                 self.put(index + (e,), value[e])
             return
-        w = np.asarray(value).astype(_np_dtype(t.dtype), copy=False)
-        device = self.parts["packed"].owners(index)[0][0]
-        qw = quant.quantize_jit(jax.device_put(w, device), fmt=t.fmt, group_size=t.group_size)
+        owners = self.parts["packed"].owners(index)
+        if not owners:  # the expert lives on another process's device
+            return
+        w = value.astype(_np_dtype(t.dtype), copy=False) if isinstance(value, np.ndarray) else value.astype(t.dtype)
+        qw = quant.quantize_jit(jax.device_put(w, owners[0][0]), fmt=t.fmt, group_size=t.group_size)
         for name, part in self.parts.items():
             part.put(index, getattr(qw, name))
 
@@ -98,17 +107,24 @@ def _is_q(x) -> bool:
 
 class DeviceSink:
     """targets: the parameter pytree of jax.ShapeDtypeStruct (routed experts possibly QuantizedWeight of
-    structs); shardings: the same tree with a jax.sharding.Sharding per array."""
+    structs); shardings: the same tree with a jax.sharding.Sharding per array. Every fence_bytes of input the
+    host waits for the last write, so the staging pieces dispatched but not yet written stay bounded."""
 
-    def __init__(self, targets, shardings):
-        self.targets = targets
+    def __init__(self, targets, shardings, fence_bytes: int = 256 << 20):
+        self.targets, self.fence_bytes, self._since = targets, fence_bytes, 0
         flat_t = jax.tree_util.tree_flatten_with_path(targets, is_leaf=_is_q)[0]
         flat_s = jax.tree_util.tree_leaves(shardings, is_leaf=_is_q)
         self.leaves = {path_keys(p): (_Quantized(t, s) if _is_q(t) else _Array(t, s))
                        for (p, t), s in zip(flat_t, flat_s)}
 
     def put(self, leaf: tuple, index: tuple, value) -> None:
-        self.leaves[leaf].put(tuple(index), value)
+        sink = self.leaves[leaf]
+        sink.put(tuple(index), value)
+        self._since += sum(x.nbytes for x in jax.tree_util.tree_leaves(value))
+        if self._since >= self.fence_bytes:
+            parts = sink.parts.values() if isinstance(sink, _Quantized) else (sink,)
+            jax.block_until_ready([s[2] for part in parts for s in part.shards])
+            self._since = 0
 
     def result(self):
         paths, treedef = jax.tree_util.tree_flatten_with_path(self.targets, is_leaf=_is_q)

@@ -270,10 +270,83 @@ def test_quant_experts_refused_where_it_cannot_apply(quant_dirs, both_layouts):
         load_checkpoint(quant_dirs[1][0], quant_experts="int4_sym", quant_group=128)
 
 
+@pytest.mark.parametrize("fmt", [None, "int4_sym"])
+def test_conversion_on_device_equals_host(quant_dirs, tmp_path, fmt):
+    """The accelerator path (stored bytes put on the device; FP8 dequant, transpose and cast run there) gives the
+    host path's params bit for bit, both layouts; FP8 with partial edge blocks dequantizes identically."""
+    for path in quant_dirs[1]:
+        _, host = load_checkpoint(path, jnp.bfloat16, quant_experts=fmt, quant_group=32, on_device=False)
+        _, dev = load_checkpoint(path, jnp.bfloat16, quant_experts=fmt, quant_group=32, on_device=True,
+                                 prefetch_bytes=0)
+        assert_same_params(dev, host)
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, (20, 13), dtype=np.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0
+    tensors = {"w": codes.view(ml_dtypes.float8_e4m3fn), "w_scale_inv": rng.uniform(0.1, 2, (3, 2)).astype(np.float32)}
+    safetensors_io.write(tmp_path / "x.safetensors", [(k, v.shape, v.dtype, lambda v=v: v) for k, v in tensors.items()])
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"weight_block_size": [8, 8]}}))
+    a, b = Checkpoint(tmp_path).read("w"), Checkpoint(tmp_path, device=jax.devices()[0]).read("w")
+    assert isinstance(b, jax.Array) and b.dtype == a.dtype and np.array_equal(np.asarray(b), a)
+
+
+def test_two_processes_fill_their_own_shards(quant_dirs, tmp_path):
+    """jax.distributed with 2 CPU processes, one device each, a mesh over both: each process allocates and fills
+    only its own shards (experts owned by the other process are neither quantized nor placed), and every shard
+    equals the same slice of the single-process load, host path and device path."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, __file__, "distributed", str(i), port, str(quant_dirs[1][0]),
+                               str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err.decode()[-3000:]
+    _, ref = load_checkpoint(quant_dirs[1][0], jnp.bfloat16, quant_experts="int4_sym", quant_group=32)
+    want = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(ref)[0]}
+    for mode in ("host", "device"):
+        seen = {}
+        for i in range(2):
+            with np.load(tmp_path / f"shards_{mode}{i}.npz") as z:
+                for name in z.files:
+                    leaf, bounds = name.split("|")
+                    part = want[leaf][tuple(slice(lo, hi) for lo, hi in json.loads(bounds))]
+                    assert np.array_equal(z[name], part.view(np.uint8).reshape(part.shape + (-1,))), (mode, name)
+                    seen.setdefault(leaf, []).append(z[name].size)
+        assert set(seen) == set(want), mode
+        split = [k for k, sizes in seen.items() if sum(sizes) == want[k].nbytes and len(sizes) == 2]
+        assert any("w_gate" in k and "flat index 0" in k for k in split), (mode, split)  # experts: packed, split
+
+
+def _distributed_worker(pid: int, port: str, path: str, out: str) -> None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    from mimo_jax import sharding
+
+    assert jax.process_count() == 2 and len(jax.devices()) == 2 and len(jax.local_devices()) == 1
+    for mode in ("host", "device"):
+        _, params = load_checkpoint(path, jnp.bfloat16, mesh=sharding.make_mesh(2), quant_experts="int4_sym",
+                                    quant_group=32, on_device=mode == "device")
+        shards = {}
+        for p, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+            for s in x.addressable_shards:
+                bounds = [list(sl.indices(n)[:2]) for sl, n in zip(s.index, x.shape)]
+                data = np.asarray(s.data)
+                shards[jax.tree_util.keystr(p) + "|" + json.dumps(bounds)] = \
+                    data.view(np.uint8).reshape(data.shape + (-1,))
+        np.savez(Path(out) / f"shards_{mode}{pid}.npz", **shards)
+
+
 def test_sharded_loading_equals_single_device(quant_dirs, tmp_path):
     """8 simulated CPU devices in a subprocess: every leaf (bf16 and int4 experts) loaded onto the mesh equals
     the single-device load, each device holding its slice only; the same for an orbax round trip onto the mesh."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, __file__, "sharded", str(quant_dirs[1][0]), str(tmp_path)], env=env,
                          capture_output=True, text=True, timeout=900)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
@@ -439,4 +512,6 @@ if __name__ == "__main__" and sys.argv[1:2] == ["sharded"]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     jax.config.update("jax_default_matmul_precision", "highest")
     _sharded_worker(sys.argv[2], sys.argv[3])
+if __name__ == "__main__" and sys.argv[1:2] == ["distributed"]:
+    _distributed_worker(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
 
