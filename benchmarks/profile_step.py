@@ -173,6 +173,21 @@ def profile(engine: Engine, ids, n_new: int, module_re: str, n_layers: int, floo
                     for (g, n), (c, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:40]]}
 
 
+def random_block_drafter(cfg, layers: int) -> str:
+    """A block drafter file with random weights shaped for `cfg` (timing only)."""
+    from mimo_jax import block_drafter
+
+    heads = max(1, cfg.hidden_size // 128)
+    d = block_drafter.BlockConfig.for_target(cfg, num_layers=layers, num_heads=heads, num_kv_heads=max(1, heads // 8),
+                                             head_dim=128, intermediate_size=2 * cfg.hidden_size,
+                                             draft_vocab=min(32768, cfg.vocab_size))
+    w = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float16),
+                               block_drafter.init_weights(d, jax.random.PRNGKey(1), jnp.float32))
+    path = os.path.join(tempfile.mkdtemp(prefix="drafter_"), "random_block.safetensors")
+    block_drafter.save(path, d, w, np.arange(d.draft_vocab), target=cfg)
+    return path
+
+
 def build(args, cfg, mesh):
     dtype = jnp.dtype(args.dtype)
     if mesh is not None:  # random int4 experts generated on their devices (bench_sharded)
@@ -205,6 +220,11 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--tag", default="")
     ap.add_argument("--layout", default="auto", help="Engine layout(s), comma separated: auto, scan, unrolled")
+    ap.add_argument("--drafter", default="auto",
+                    help="speculative drafter: auto / mtp, or 'block' (a random block drafter of --block_layers "
+                         "layers, target width, draft vocab 32K: times the one-pass drafter, not its acceptance)")
+    ap.add_argument("--block_layers", type=int, default=2)
+    ap.add_argument("--spec_only", action="store_true", help="with --k: skip the plain decode step")
     ap.add_argument("--wall_only", action="store_true", help="time the step only (no profiler trace)")
     ap.add_argument("--keep_hlo", action="store_true", help="copy the decode step's optimized HLO to --out")
     args = ap.parse_args()
@@ -225,12 +245,14 @@ def main():
           f"read ceiling {ceiling / 1e9:.0f} GB/s per device (measured now)")
     summary = {"tag": tag, "device": jax.devices()[0].device_kind, "devices": args.devices, "jax": jax.__version__,
                "ceiling_GBps": ceiling / 1e9}
-    runs = [(layout, k) for layout in args.layout.split(",") for k in ([0, args.k] if args.k else [0])]
+    drafter = random_block_drafter(cfg, args.block_layers) if args.drafter == "block" else args.drafter
+    ks = ([args.k] if args.spec_only else [0, args.k]) if args.k else [0]
+    runs = [(layout, k) for layout in args.layout.split(",") for k in ks]
     for layout, k in runs:
         for stale in glob.glob(os.path.join(_DUMP, "*")):  # each run's kernels are named from its own dumps
             os.remove(stale) if os.path.isfile(stale) else None
         engine = Engine(cfg, params, max_seq_len=4096, prefill_chunk=64, mesh=mesh, attention=args.attention,
-                        speculative_k=k, layout=layout)
+                        speculative_k=k, layout=layout, drafter=drafter)
         cap = engine.capacity(len(ids), args.new_tokens)
         if k == 0:
             nbytes = step_bytes(cfg, itemsize, cap, expert_itemsize=expert_itemsize)
