@@ -122,6 +122,8 @@ def build_engine(args):
 
     dtype = auto_dtype() if args.dtype == "auto" else jnp.dtype(args.dtype)
     kwargs = dict(prefill_chunk=args.prefill_chunk, speculative_k=args.speculative_k, max_seq_len=args.max_seq_len)
+    if args.drafter:
+        kwargs["drafter"] = args.drafter
     quant = None if args.quant_experts == "none" else args.quant_experts
     if args.checkpoint:
         path = None if args.checkpoint == "bundled" else args.checkpoint
@@ -161,9 +163,10 @@ def main(args) -> None:
     engine = build_engine(args)
     cfg = engine.cfg
     what = args.checkpoint or args.config
+    spec = f"speculative k={args.speculative_k} ({engine.drafter.name})" if args.speculative_k else "plain decoding"
     print(f"[{what}: {jax.devices()[0].device_kind}, {engine.params['embed'].dtype}, experts "
           f"{args.quant_experts}, {batch} slots x {args.max_seq_len} positions, prompt {args.prompt_len} tok, "
-          f"{args.max_tokens} new tok, speculative k={args.speculative_k}; built in {time.perf_counter() - t0:.1f} s]",
+          f"{args.max_tokens} new tok, {spec}; built in {time.perf_counter() - t0:.1f} s]",
           flush=True)
 
     # batch 1, no server: Engine.generate (compiled by a first run)
@@ -224,14 +227,16 @@ def parse(argv=None):
     p.add_argument("--quant_experts", default="none", choices=("none", "int4_sym", "int4_asym", "mxfp4"))
     p.add_argument("--quant_group", type=int, default=128)
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
-    p.add_argument("--concurrency_levels", default="1,8,32,64")
+    p.add_argument("--concurrency_levels", help="default 1,8,32,64 (--quick: 1,4)")
     p.add_argument("--batch_size", type=int, default=0, help="slots (default: the largest level)")
-    p.add_argument("--prompt_len", type=int, default=128)
-    p.add_argument("--max_tokens", type=int, default=128)
+    p.add_argument("--prompt_len", type=int, help="default 128 (--quick: 16)")
+    p.add_argument("--max_tokens", type=int, help="default 128 (--quick: 16)")
     p.add_argument("--max_seq_len", type=int, default=0, help="positions per slot (default prompt + max_tokens "
                    "+ speculative slack, rounded up to 64)")
-    p.add_argument("--prefill_chunk", type=int, default=512)
+    p.add_argument("--prefill_chunk", type=int, help="default 512 (--quick: 16)")
     p.add_argument("--speculative_k", type=int, default=0)
+    p.add_argument("--drafter", help="with --speculative_k: Engine's drafter (default: the engine's; \"oracle\": "
+                   "the target's own greedy continuation, every draft accepted: the step at full acceptance)")
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: levels 1,4, 16 + 16 tokens (tiny_llama "
                    "unless --config)")
@@ -243,10 +248,14 @@ def parse(argv=None):
     p.add_argument("--model", default="bench", help=argparse.SUPPRESS)
     p.add_argument("--count_ids", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    defaults = dict(config="configs/smollm2_135m.json", concurrency_levels="1,8,32,64", prompt_len=128,
+                    max_tokens=128, prefill_chunk=512)
     if args.quick:
-        args.config = args.config or "configs/tiny_llama.json"
-        args.concurrency_levels, args.prompt_len, args.max_tokens, args.prefill_chunk = "1,4", 16, 16, 16
-    args.config = args.config or "configs/smollm2_135m.json"
+        defaults.update(config="configs/tiny_llama.json", concurrency_levels="1,4", prompt_len=16, max_tokens=16,
+                        prefill_chunk=16)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if not args.max_seq_len:
         slack = 2 * (args.speculative_k + 1) if args.speculative_k else 0
         args.max_seq_len = -(-(args.prompt_len + args.max_tokens + slack) // 64) * 64

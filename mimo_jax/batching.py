@@ -18,11 +18,11 @@ The loop is functions over it (jitted, the state donated):
 
 `Batcher` is the host side: a waiting queue, the slot table, budgets (engine.Budget: eos, max_new_tokens, the
 context), and tick() = prefill chunks up to prefill_chunk tokens (admitting waiting requests into free slots) +
-one step. Step t+1 is
-dispatched before step t's tokens are read, so the device does not wait on the host; the requests a step ran
-for are recorded when it is dispatched, and a token is delivered only to the request that still holds its slot.
-submit() and cancel() may be called from any thread; one thread drives tick() (Batcher.start() or a caller's
-loop, as in generate_all).
+one step. Step t+1 (and a new slot's first token) is read only after step t+1 is dispatched, so the device does
+not wait on the host; the requests a step ran for are recorded when it is dispatched, and a token is delivered
+only to the request that still holds its slot. With speculative_k, the step drafts and verifies k tokens per slot
+(batched_speculative.py). submit() and cancel() may be called from any thread; one thread drives tick()
+(Batcher.start() or a caller's loop, as in generate_all).
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mimo_jax import engine as engine_module
 from mimo_jax import batched_speculative, model, sampling  # (batched_speculative imports this module back)
@@ -187,6 +186,7 @@ class Batcher:
         self._decoding = [False] * batch_size  # the slot's request is inserted (the step advances it)
         self._waiting: collections.deque[Request] = collections.deque()
         self._prefill: _Prefill | None = None
+        self._firsts: list = []  # (prefill, first token on device) inserted this tick, read after its step
         self._pending = None  # (tokens on device, the requests the step ran for)
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -322,6 +322,7 @@ class Batcher:
         live = [r for r in self.slots if r is not None] + waiting
         self.slots, self._decoding = [None] * self.batch_size, [False] * self.batch_size
         self._prefill = self._pending = None
+        self._firsts = []
         e = self.engine
         self.state = self._new_state()
         for r in live:
@@ -347,6 +348,9 @@ class Batcher:
             if any(self._decoding):
                 self._pending = self._dispatch()
                 worked = True
+            firsts, self._firsts = self._firsts, []
+            for p, first in firsts:  # read after the step is dispatched: no drain of the device's queue
+                self._first_token(p, int(to_host(first)[0]))
             if pending is not None:
                 self._deliver(*pending)
                 worked = True
@@ -397,17 +401,28 @@ class Batcher:
         if k:  # as Engine's speculative stream: the first token and the prompt's draft d_1 split its key
             first_key, draft_key = jax.random.split(first_key)
         first = engine_module._first_token(p.logits, first_key, *settings, is_greedy=r.temperature == 0.0)
-        first_id = int(to_host(first)[0])
+        if not k:  # into the slot at once; the token is read once this tick's step is dispatched (tick)
+            self.state = insert(self.state, p.cache, p.slot, first, position, key, *settings)
+            self._decoding[p.slot] = True
+            self._firsts.append((p, first))
+            return
+        first_id = int(to_host(first)[0])  # the drafter's prompt pass reads it
+        if self._first_token(p, first_id):
+            extra = batched_speculative.drafter_rows(self.engine, p, self._params, first_id, draft_key, settings,
+                                                     r.temperature == 0.0, k, self.drafter)
+            self.state = insert(self.state, p.cache, p.slot, first, position, key, *settings, extra)
+            self._decoding[p.slot] = True
+
+    def _first_token(self, p: _Prefill, first_id: int) -> bool:
+        """Emit a request's first token -> whether it goes on (max_new_tokens 1 or an eos end it: its slot is
+        freed, and a step already dispatched for it is discarded on delivery)."""
+        r = p.request
         r.first_token_at = time.perf_counter()
         r.stats.prefill_ms = 1e3 * (r.first_token_at - p.started)
         self.prompt_tokens_total += len(r.ids)
         kept, reason = r.budget.take(0, [first_id])
-        if not reason:  # max_new_tokens 1 or an eos first: the request never takes a step
-            extra = batched_speculative.drafter_rows(self.engine, p, self._params, first_id, draft_key, settings,
-                                                     r.temperature == 0.0, k, self.drafter) if k else None
-            self.state = insert(self.state, p.cache, p.slot, first, position, key, *settings, extra)
-            self._decoding[p.slot] = True
         self._emit(r, kept, reason)
+        return not reason
 
     def _dispatch(self):
         ran = [r if dec else None for r, dec in zip(self.slots, self._decoding)]

@@ -260,7 +260,8 @@ def create_app(batcher: Batcher, model_name: str):
                  round(batcher.tokens_per_second(), 3)),
                 ("speculative_k", "gauge", "drafts per slot and step (0 = plain decoding)", batcher.speculative_k),
                 ("speculative_accepted_total", "counter", "drafts accepted", batcher.accepted_total),
-                ("speculative_slot_steps_total", "counter", "speculative steps taken, per slot", batcher.slot_steps_total),
+                ("speculative_slot_steps_total", "counter", "speculative steps taken, per slot",
+                 batcher.slot_steps_total),
                 ("speculative_accepted_per_step", "gauge", "drafts accepted per slot step (each also emits one)",
                  round(batcher.accepted_total / max(batcher.slot_steps_total, 1), 4))]
         text = "".join(f"# HELP mimo_{n} {h}\n# TYPE mimo_{n} {t}\nmimo_{n} {v}\n" for n, t, h, v in rows)
@@ -298,9 +299,13 @@ def create_app(batcher: Batcher, model_name: str):
                     raise _ClientGone
 
         async def pieces(poll_disconnect: bool = False):
-            """(text, finish_reason or None) until the request ends."""
+            """(text, finish_reason or None) until the request ends. Tokens that arrived while the previous
+            event was sent go out as one event (under load the server sends fewer, larger events)."""
             while True:
                 tokens, reason = await next_item(poll_disconnect)
+                while not reason and not queue.empty():
+                    more, reason = queue.get_nowait()
+                    tokens = tokens + more
                 piece = text.push(tokens, final=bool(reason))
                 if text.stopped and not reason:
                     batcher.cancel(request)  # a stop string: the slot is freed at the next tick
