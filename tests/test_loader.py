@@ -470,7 +470,8 @@ def test_peak_host_rss_of_a_2gb_load(tmp_path):
     model (~4.4 GB here) or an f32 copy of an expert stack."""
     size = write_synthetic_fp8(tmp_path / "synth")
     assert size >= 2 * 1024 ** 3
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", RSS_WORKER, str(tmp_path / "synth")], env=env, capture_output=True,
                          text=True, timeout=1500)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
