@@ -9,10 +9,11 @@ The layouts of MiMo checkpoints read by the same table:
     `...weight_scale` e8m0 bytes; see convert.py), imported as stored into quant.py's mxfp4 format.
 Llama checkpoints use the subset of names they share. `model.mtp.layers.{j}.*` land in params["mtp"].
 
-load_checkpoint streams: one tensor at a time is read (plain reads, safetensors_io), FP8-dequantized, quantized
-when it is a routed expert and quant_experts asks (one expert matrix at a time), and written into its device
-shards (placement.DeviceSink) before the next is read; host memory stays at a few times the largest tensor, each
-device at its final share plus one piece. Every leaf must be filled exactly; a missing, misshapen or unknown
+load_checkpoint streams: tensors are read in file order (plain reads, safetensors_io; two reader threads a bounded
+read-ahead in front), FP8-dequantized, transposed and cast (on an accelerator all of it on the device: the host
+only reads and copies bytes), quantized when it is a routed expert and quant_experts asks (one expert matrix at
+a time), and written into their device shards (placement.DeviceSink); host memory stays at a few times the
+largest tensor, each device at its final share plus the pieces in flight. Every leaf must be filled exactly; a missing, misshapen or unknown
 tensor (one no rule maps, e.g. a bias) is a CheckpointError naming it, and so is a truncated file, a shard the
 index lists but the directory lacks, and a block-scale tensor of the wrong shape.
 """
