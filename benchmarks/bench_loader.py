@@ -454,12 +454,23 @@ def main() -> None:
 
     res["host_fp8_dequant"] = host_dequant_rate(ckpt)
 
+    def save():  # after every phase: a run cut short still leaves its figures
+        res["total_wall_s"] = time.perf_counter() - t_start
+        (out_dir / "bench_loader.json").write_text(json.dumps(res, indent=1))
+
     def timed(name, directory, quant, digests=False, nbytes=size):
         evict(data_files(directory))
-        r = run_phase(directory, quant, dtype, digests)
+        try:
+            r = run_phase(directory, quant, dtype, digests)
+        except RuntimeError as e:  # recorded; the other phases still run
+            res[name] = {"error": str(e)[-2000:]}
+            print(f"{name} failed:\n{e}", file=sys.stderr)
+            save()
+            return None
         r["GBps"] = nbytes / r["seconds"] / GB
         r["of_ceiling"] = r["GBps"] / ceiling
         res[name] = r
+        save()
         return r
 
     a = timed("load_int4", ckpt, "int4_sym", digests=True)
@@ -469,8 +480,11 @@ def main() -> None:
     full = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(param_shapes(cfg, dtype)))
     capacity = dev["bytes_limit"]
     left = args.budget_s - (time.perf_counter() - t_start)
-    startup = a["wall_s"] - a["seconds"] - a["generate_s"]  # process start, runtime, digests, Engine
-    need = (startup + a["seconds"]) * 2.5 + a["wall_s"]  # (b), (c) = a load + a save, (d) ~ (a)
+    if a is not None:
+        startup = a["wall_s"] - a["seconds"] - a["generate_s"]  # process start, runtime, digests, Engine
+        need = (startup + a["seconds"]) * 2.5 + a["wall_s"]  # (b), (c) = a load + a save, (d) ~ (a)
+    else:
+        need = float("inf")
     if capacity and full > 0.9 * capacity:
         res["load_none"] = {"skipped": f"{dtype} params {full / GB:.1f} GB > 90% of {capacity / GB:.1f} GB"}
     elif left < need:
@@ -485,22 +499,27 @@ def main() -> None:
                           "--quant_experts", "int4_sym", "--dtype", dtype], capture_output=True, text=True, cwd=ROOT,
                          env=CHILD_ENV)
     wall = time.perf_counter() - t0
-    if out.returncode:
-        raise RuntimeError(f"convert failed: {out.stderr[-3000:]}")
     m = re.search(r"load ([\d.]+) s, save ([\d.]+) s", out.stderr)
-    conv_bytes = sum(f.stat().st_size for f in data_files(conv))
-    res["convert"] = {"wall_s": wall, "load_s": float(m.group(1)), "save_s": float(m.group(2)),
-                      "orbax_bytes": conv_bytes, "save_GBps": conv_bytes / float(m.group(2)) / GB}
-    d = timed("restore", conv, None, digests=True, nbytes=conv_bytes)
-    da, dd = a.pop("digests"), d.pop("digests")
-    res["restored_equals_loaded"] = da == dd
-    res["restore_mismatch"] = sorted(k for k in set(da) | set(dd) if da.get(k) != dd.get(k))[:10]
-    res["same_tokens"] = a["tokens"] == d["tokens"]
-
-    flash = flash_figures(dtype)
-    res["flash"] = extrapolate(res, flash, size)
-    res["total_wall_s"] = time.perf_counter() - t_start
-    (out_dir / "bench_loader.json").write_text(json.dumps(res, indent=1))
+    d = None
+    if out.returncode or not m:
+        res["convert"] = {"error": out.stderr[-2000:]}
+        print(f"convert failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+    else:
+        conv_bytes = sum(f.stat().st_size for f in data_files(conv))
+        res["convert"] = {"wall_s": wall, "load_s": float(m.group(1)), "save_s": float(m.group(2)),
+                          "orbax_bytes": conv_bytes, "save_GBps": conv_bytes / float(m.group(2)) / GB}
+        save()
+        d = timed("restore", conv, None, digests=True, nbytes=conv_bytes)
+    if a is not None and d is not None:
+        da, dd = a.pop("digests"), d.pop("digests")
+        res["restored_equals_loaded"] = da == dd
+        res["restore_mismatch"] = sorted(k for k in set(da) | set(dd) if da.get(k) != dd.get(k))[:10]
+        res["same_tokens"] = a["tokens"] == d["tokens"]
+        res["flash"] = extrapolate(res, flash_figures(dtype), size)
+    for r in (a, d):
+        if r is not None:
+            r.pop("digests", None)
+    save()
     print_table(res)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
@@ -542,8 +561,9 @@ def print_table(res) -> None:
         r = res.get(name)
         if r is None:
             continue
-        if "skipped" in r:
-            print(f"| {name} | skipped: {r['skipped']} | | | | | | |")
+        if "skipped" in r or "error" in r:
+            print(f"| {name} | {'skipped: ' + r['skipped'] if 'skipped' in r else 'FAILED (see the JSON)'} "
+                  f"| | | | | | |")
             continue
         dev = (f"{r['device_peak'] / GB:.2f} / {r['final_bytes'] / GB:.2f} GB" if r.get("device_peak")
                else f"n/a / {r['final_bytes'] / GB:.2f} GB")
@@ -552,8 +572,15 @@ def print_table(res) -> None:
         print(f"| {name} | {r['seconds']:.1f} | {r['GBps']:.2f} | {r['of_ceiling']:.0%} | "
               f"{(r['rss_peak'] - r['rss_base']) / GB:.2f} GB | {dev} | {eng} | {r['wall_s']:.1f} s |")
     cv = res["convert"]
+    if "error" in cv:
+        print("| convert | FAILED (see the JSON) | | | | | | |")
+        print(f"total wall {res['total_wall_s']:.0f} s")
+        return
     print(f"| convert (load + orbax save) | {cv['load_s']:.1f} + {cv['save_s']:.1f} | save {cv['save_GBps']:.2f} | "
           f"| | {cv['orbax_bytes'] / GB:.2f} GB on disk | | {cv['wall_s']:.1f} s |")
+    if "flash" not in res:
+        print(f"total wall {res['total_wall_s']:.0f} s")
+        return
     print(f"\nrestored == loaded (checksums of every array): {res['restored_equals_loaded']}; same 8 greedy tokens: "
           f"{res['same_tokens']} {res['load_int4']['tokens']}")
     f = res["flash"]
