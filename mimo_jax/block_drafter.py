@@ -84,7 +84,9 @@ def param_shapes(d: BlockConfig) -> dict:
 
 
 def init_weights(d: BlockConfig, key, dtype=jnp.float32) -> dict:
-    """Trainable weights: norms 1, [MASK] ~ N(0, 0.02^2), matrices ~ N(0, 1/fan_in), output projections small."""
+    """Trainable weights: norms 1, [MASK] ~ N(0, 0.02^2), fc = identity, other matrices ~ N(0, 1/fan_in), the
+    output projections small (each block starts near the identity). The trainer copies the target's final
+    norm into final_norm (the head it feeds is the target's)."""
     shapes = param_shapes(d)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(leaves))
@@ -98,7 +100,9 @@ def init_weights(d: BlockConfig, key, dtype=jnp.float32) -> dict:
         scale = shape[-2] ** -0.5 * (0.1 if name in ("wo", "w_down") else 1.0)
         return (scale * jax.random.normal(k, shape)).astype(dtype)
 
-    return jax.tree_util.tree_unflatten(treedef, [make(p, s, k) for (p, s), k in zip(leaves, keys)])
+    w = jax.tree_util.tree_unflatten(treedef, [make(p, s, k) for (p, s), k in zip(leaves, keys)])
+    w["fc"] = jnp.eye(d.hidden_size, dtype=dtype)  # the context features start as the target's hidden states
+    return w
 
 
 def head_rows(tparams, cfg: ModelConfig, vocab):

@@ -287,6 +287,8 @@ def train(engine, data: Data, d: bd.BlockConfig, vocab: np.ndarray, out: Path, s
                       optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1),
                                                                      max(steps, 2), lr * 0.1), weight_decay=0.01))
     w = bd.init_weights(d, jax.random.PRNGKey(seed))
+    # final_norm feeds the target's own head: start from the target's (a copy: w is donated)
+    w["final_norm"] = jnp.array(engine.params["final_norm"], jnp.float32, copy=True)
     opt_state, start = opt.init(w), 0
     last = out / "last.safetensors"
     if resume and last.is_file():
@@ -295,7 +297,7 @@ def train(engine, data: Data, d: bd.BlockConfig, vocab: np.ndarray, out: Path, s
         opt_state, start = load_opt_state(last, opt.init(w))
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step_fn(w, opt_state, batch):
+    def step_fn(w, opt_state, batch, tparams, jvocab):  # target arrays as arguments: no constants to fold
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(w, batch, tparams, jvocab, cfg, d,
                                                                          soft_weight, decay)
         updates, opt_state = opt.update(grads, opt_state, w)
@@ -309,7 +311,8 @@ def train(engine, data: Data, d: bd.BlockConfig, vocab: np.ndarray, out: Path, s
     for s in range(start, steps):
         rows = rng.choice(n, batch, replace=n < batch)
         b = make_batch(data, rows, rng, anchors, d, sub_index)
-        w, opt_state, loss, (acc, full, labels) = step_fn(w, opt_state, jax.tree_util.tree_map(jnp.asarray, b))
+        w, opt_state, loss, (acc, full, labels) = step_fn(w, opt_state, jax.tree_util.tree_map(jnp.asarray, b),
+                                                     tparams, jvocab)
         if s % 10 == 0 or s == steps - 1:
             loss, acc, full, labels = float(loss), float(acc), float(full), float(labels)
             acc_sum, acc_n = 0.9 * acc_sum + acc, 0.9 * acc_n + full
