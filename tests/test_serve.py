@@ -1,6 +1,6 @@
 """The OpenAI-compatible server, through the official `openai` client against a server this file starts on a free
 port: a tiny random Llama with SmolLM2's tokenizer and chat template (the bundled GGUF), 8 slots of 256 positions;
-and one started as `python -m mimo_jax.serve --speculative_k 2` would be (a random tiny MiMo, its MTP layer drafting)."""
+and one built as `python -m mimo_jax.serve --speculative_k 2` builds it (a random tiny MiMo, its MTP layer drafting)."""
 import asyncio
 import json
 import socket
