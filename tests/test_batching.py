@@ -242,6 +242,30 @@ def test_speculative_mtp_sampling_per_slot_equals_batch_one(tiny):
     assert batcher.slot_steps_total == sum(sum(r.stats.accepted_hist) for r in done)
 
 
+@pytest.mark.slow
+def test_speculative_block_drafter_slots_equal_batch_one(tmp_path):
+    """A block drafter (its own state and prefill hooks, weights under params["drafter"]; random weights, a file
+    as train_drafter writes them) on tiny_llama: greedy and sampled slots equal the batch-1 speculative Engine."""
+    from mimo_jax import block_drafter
+
+    cfg = load_config(CONFIGS / "tiny_llama.json")
+    params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
+    d = block_drafter.BlockConfig.for_target(cfg, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
+                                             window=32, block_size=4, draft_vocab=64)
+    block_drafter.save(tmp_path / "d.safetensors", d, block_drafter.init_weights(d, jax.random.PRNGKey(1)),
+                       np.arange(64), cfg)
+    spec = Engine(cfg, params, max_seq_len=CAPACITY, prefill_chunk=16, speculative_k=3,
+                  drafter=str(tmp_path / "d.safetensors"))
+    requests = [Request(np.random.default_rng(n).integers(0, cfg.vocab_size, n).tolist(), max_new_tokens=m,
+                        stop_at_eos=False, temperature=t, seed=3)
+                for n, m, t in ((5, 14, 0.0), (23, 11, 1.0), (9, 8, 0.0))]
+    done = drive(Batcher(spec, batch_size=2, capacity=CAPACITY), {0: requests[:2], 2: requests[2:]})
+    for r in done:
+        want = spec.generate(r.ids, max_new_tokens=r.max_new_tokens, stop_at_eos=False, temperature=r.temperature,
+                             seed=3)
+        assert r.token_ids == want.token_ids and r.stats.accepted_hist == want.stats.accepted_hist
+
+
 class _EosOnly:
     def __init__(self, eos_ids):
         self.eos_ids = eos_ids
