@@ -121,21 +121,26 @@ def build_engine(args):
     from mimo_jax.engine import Engine, auto_dtype
 
     dtype = auto_dtype() if args.dtype == "auto" else jnp.dtype(args.dtype)
-    kwargs = dict(prefill_chunk=args.prefill_chunk, speculative_k=args.speculative_k, max_seq_len=args.max_seq_len)
+    kwargs = dict(prefill_chunk=args.prefill_chunk, speculative_k=args.speculative_k, max_seq_len=args.max_seq_len,
+                  layout=args.layout)
     if args.drafter:
         kwargs["drafter"] = args.drafter
     quant = None if args.quant_experts == "none" else args.quant_experts
     if args.checkpoint:
         path = None if args.checkpoint == "bundled" else args.checkpoint
         return Engine.from_pretrained(path, dtype=dtype, quant_experts=quant, quant_group=args.quant_group, **kwargs)
+    import jax
+
+    from mimo_jax import model
     from mimo_jax.config import load_config
 
-    engine = Engine.from_config(load_config(args.config), seed=0, dtype=dtype, **kwargs)
-    if quant:
+    cfg = load_config(args.config)
+    params = model.init_params(cfg, jax.random.PRNGKey(0), dtype)
+    if quant:  # before the Engine re-lays the layers out (layout)
         from mimo_jax.quantize_model import quantize_experts
 
-        engine.params = engine._place(quantize_experts(engine.params, quant, args.quant_group))
-    return engine
+        params = quantize_experts(params, quant, args.quant_group)
+    return Engine(cfg, params, **kwargs)
 
 
 def run_client(url_hostport: str, args, concurrency: int, max_tokens: int, vocab: int, count_ids: bool) -> dict:
@@ -164,7 +169,7 @@ def main(args) -> None:
     cfg = engine.cfg
     what = args.checkpoint or args.config
     spec = f"speculative k={args.speculative_k} ({engine.drafter.name})" if args.speculative_k else "plain decoding"
-    print(f"[{what}: {jax.devices()[0].device_kind}, {engine.params['embed'].dtype}, experts "
+    print(f"[{what}: {jax.devices()[0].device_kind}, {engine.params['embed'].dtype}, {engine.layout} layers, experts "
           f"{args.quant_experts}, {batch} slots x {args.max_seq_len} positions, prompt {args.prompt_len} tok, "
           f"{args.max_tokens} new tok, {spec}; built in {time.perf_counter() - t0:.1f} s]",
           flush=True)
@@ -227,6 +232,7 @@ def parse(argv=None):
     p.add_argument("--quant_experts", default="none", choices=("none", "int4_sym", "int4_asym", "mxfp4"))
     p.add_argument("--quant_group", type=int, default=128)
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
+    p.add_argument("--layout", default="auto", help="Engine layout: auto, scan, unrolled")
     p.add_argument("--concurrency_levels", help="default 1,8,32,64 (--quick: 1,4)")
     p.add_argument("--batch_size", type=int, default=0, help="slots (default: the largest level)")
     p.add_argument("--prompt_len", type=int, help="default 128 (--quick: 16)")

@@ -430,12 +430,17 @@ def load_engine(args):
             raise InputError("--random_init needs --config")
         from mimo_jax.config import load_config
 
+        import jax
+
+        from mimo_jax import model
+
         cfg = load_config(args.config)
-        engine = Engine.from_config(cfg, seed=args.seed, dtype=dtype, **kwargs)
-        if quant:
+        params = model.init_params(cfg, jax.random.PRNGKey(args.seed), dtype)
+        if quant:  # before the Engine re-lays the layers out
             from mimo_jax.quantize_model import quantize_experts
 
-            engine.params = engine._place(quantize_experts(engine.params, quant, args.quant_group))
+            params = quantize_experts(params, quant, args.quant_group)
+        engine = Engine(cfg, params, **kwargs)
     else:
         engine = Engine.from_pretrained(args.checkpoint, dtype=dtype, quant_experts=quant,
                                         quant_group=args.quant_group, **kwargs)
