@@ -115,11 +115,19 @@ def _continue(params, tokens, lens, cfg: ModelConfig, gen_len: int):
 
 @dataclasses.dataclass
 class Data:
-    """Sequences (prompt + the target's greedy continuation), padded to one length T:
-    tokens [N,T] int32 (-1 past the end), hidden [N,T,H] float16 (normed last layer), gen_start [N]."""
+    """Sequences padded to one length T: tokens [N,T] int32 (-1 past the end), hidden [N,T,H] float16 (normed
+    last layer), gen_start [N] (where the target's own continuation starts; anchors lie from gen_start - 1 on),
+    labels [N,T] (the target's greedy token after position t, -1 unknown; None: the continuation's next token)."""
     tokens: np.ndarray
     hidden: np.ndarray
     gen_start: np.ndarray
+    labels: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.labels is None:  # in a greedy continuation the next token is the greedy one
+            t = np.arange(self.tokens.shape[1])[None]
+            nxt = np.concatenate([self.tokens[:, 1:], np.full((len(self.tokens), 1), -1, np.int32)], axis=1)
+            self.labels = np.where(t >= self.gen_start[:, None] - 1, nxt, -1).astype(np.int32)
 
     @property
     def generated(self) -> int:
@@ -154,14 +162,43 @@ def make_data(params, cfg, prompts: list[list[int]], gen_len: int, batch: int, e
     return Data(tokens, hidden, starts)
 
 
+@functools.partial(jax.jit, static_argnames="cfg")
+def _teacher_forced(params, tokens, cfg: ModelConfig):
+    """tokens [B,T] -> (normed hidden [B,T,H], the target's greedy next token at every position [B,T])."""
+    cache = model.init_cache(cfg, tokens.shape[0], tokens.shape[1], params["embed"].dtype)
+    hidden, _ = model.forward_hidden(params, tokens, jnp.arange(tokens.shape[1], dtype=jnp.int32), cache, cfg)
+    normed = model.final_norm(params, hidden, cfg)
+    return normed, jnp.argmax(model.head(params, normed, cfg), axis=-1).astype(jnp.int32)
+
+
+def make_source_data(params, cfg, windows: list[list[int]], batch: int, desc="source data") -> Data:
+    """Teacher-forced windows of real text (cheaper than generating: one forward per window): the target's
+    hidden states and greedy next token at every position. A block's slot j trains only where the text up to
+    P+j is what the target would have written from P (make_batch), so every label is still the target's own
+    greedy continuation."""
+    from tqdm import tqdm
+
+    t = len(windows[0])
+    tokens = np.asarray(windows, np.int32)
+    hidden = np.zeros((len(windows), t, cfg.hidden_size), np.float16)
+    labels = np.zeros((len(windows), t), np.int32)
+    for i in tqdm(range(0, len(windows), batch), desc=desc, file=sys.stderr):
+        x = tokens[i:i + batch]
+        x = np.concatenate([x, np.repeat(x[:1], batch - len(x), 0)]) if len(x) < batch else x
+        h, lab = jax.device_get(_teacher_forced(params, jnp.asarray(x), cfg))
+        n = min(batch, len(windows) - i)
+        hidden[i:i + n], labels[i:i + n] = h[:n], lab[:n]
+    return Data(tokens, hidden, np.ones(len(windows), np.int32), labels)
+
+
 def cached(path: Path, build) -> Data:
     if path.is_file():
         z = np.load(path)
-        return Data(z["tokens"], z["hidden"], z["gen_start"])
+        return Data(z["tokens"], z["hidden"], z["gen_start"], z["labels"] if "labels" in z else None)
     data = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, tokens=data.tokens, hidden=data.hidden, gen_start=data.gen_start)
+    np.savez(tmp, tokens=data.tokens, hidden=data.hidden, gen_start=data.gen_start, labels=data.labels)
     tmp.replace(path)
     return data
 
@@ -184,18 +221,21 @@ def datasets(engine, a, model_tag: str) -> dict[str, Data]:
     def pad(d):
         w = t - d.tokens.shape[1]
         return Data(np.pad(d.tokens, ((0, 0), (0, w)), constant_values=-1), np.pad(d.hidden, ((0, 0), (0, w), (0, 0))),
-                    d.gen_start)
+                    d.gen_start, np.pad(d.labels, ((0, 0), (0, w)), constant_values=-1))
 
-    code, chat = pad(code), pad(chat)
-    return {"train": Data(np.concatenate([code.tokens, chat.tokens]), np.concatenate([code.hidden, chat.hidden]),
-                          np.concatenate([code.gen_start, chat.gen_start]))}
+    parts = [code, chat]
+    if a.source_windows:
+        key2 = hashlib.sha1(json.dumps([model_tag, a.source_windows, t, EVAL_FILES, 2]).encode()).hexdigest()[:12]
+        parts.append(cached(base / f"source_{key2}.npz", lambda: make_source_data(
+            engine.params, cfg, code_prompts(tok, a.source_windows, t, False, 7), a.gen_batch)))
+    parts = [pad(p) for p in parts]
+    return {"train": Data(*(np.concatenate([getattr(p, f) for p in parts])
+                            for f in ("tokens", "hidden", "gen_start", "labels")))}
 
 
 def draft_vocab(data: Data, size: int, vocab_size: int) -> np.ndarray:
-    """The `size` tokens the target writes most often in its continuations (sorted ids)."""
-    counts = np.zeros(vocab_size, np.int64)
-    for row, s in zip(data.tokens, data.gen_start):
-        np.add.at(counts, row[s:][row[s:] >= 0], 1)
+    """The `size` tokens the target predicts most often (its greedy labels; sorted ids)."""
+    counts = np.bincount(data.labels[data.labels >= 0], minlength=vocab_size)
     return np.sort(np.argsort(-counts, kind="stable")[:size]).astype(np.int32)
 
 
@@ -222,23 +262,25 @@ def loss_fn(w, batch, tparams, vocab, cfg, d: bd.BlockConfig, soft_weight: float
 
 
 def make_batch(data: Data, rows, rng, anchors: int, d: bd.BlockConfig, sub_index: np.ndarray) -> dict:
-    """Rows of the data set with `anchors` random anchors each in the continuation; the context is the whole
-    row (each block masks it to its own window)."""
-    tokens, hidden = data.tokens[rows], data.hidden[rows]
+    """Rows of the data set with `anchors` random anchors P each (from gen_start - 1 on); the context is the whole
+    row (each block masks it to its own window). Slot j's label is the target's greedy token after P+j, used
+    only while the row's tokens P+1..P+j are the target's greedy ones too (always so in a continuation)."""
+    tokens, hidden, labels = data.tokens[rows], data.hidden[rows], data.labels[rows]
     b, t = tokens.shape
     length = (tokens >= 0).sum(1)
-    lo = np.maximum(data.gen_start[rows] - 1, 1)  # slot 0 = the last prompt token or a generated one
+    lo = np.maximum(data.gen_start[rows] - 1, 1)
     hi = np.maximum(length - 2, lo)
     pos = (lo[:, None] + (rng.random((b, anchors)) * (hi - lo + 1)[:, None]).astype(np.int32)).astype(np.int32)
-    lab_pos = pos[..., None] + 1 + np.arange(d.block_size)  # [B,A,blk]
-    ok = lab_pos < length[:, None, None]
-    lab_pos = np.minimum(lab_pos, t - 1)
+    at = np.minimum(pos[..., None] + np.arange(d.block_size), t - 1)  # [B,A,blk]: slot j's label follows P+j
     ridx = np.arange(b)[:, None, None]
-    labels = tokens[ridx, lab_pos]
+    lab = np.where(pos[..., None] + np.arange(d.block_size) < t, labels[ridx, at], -1)
+    greedy = tokens[ridx, np.minimum(at + 1, t - 1)] == labels[ridx, at]  # token P+j+1 is the greedy one
+    chain = np.concatenate([np.ones_like(greedy[..., :1]), np.cumprod(greedy[..., :-1], axis=-1)], axis=-1)
+    ok = chain.astype(bool) & (lab >= 0)
     return {"ctx": hidden, "ctx_pos": np.where(tokens >= 0, np.arange(t)[None], -1).astype(np.int32),
             "token": tokens[np.arange(b)[:, None], pos], "position": pos,
-            "label_sub": np.where(ok, sub_index[np.maximum(labels, 0)], -1).astype(np.int32),
-            "label_ok": ok.astype(np.float32), "label_hidden": hidden[ridx, lab_pos - 1].astype(np.float32)}
+            "label_sub": np.where(ok, sub_index[np.maximum(lab, 0)], -1).astype(np.int32),
+            "label_ok": ok.astype(np.float32), "label_hidden": hidden[ridx, at].astype(np.float32)}
 
 
 def save_state(path: Path, d, w, vocab, opt_state, step: int, target: ModelConfig, extra=None):
@@ -378,6 +420,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt_len", type=int, default=64, help="tokens of source per code prompt")
     ap.add_argument("--gen_len", type=int, default=128, help="tokens the target writes per prompt")
     ap.add_argument("--gen_batch", type=int, default=32)
+    ap.add_argument("--source_windows", type=int, default=0, help="teacher-forced windows of training stdlib source "
+                    "(of the sequences' length) added to the data: cheaper than continuations, same labels")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")
     ap.add_argument("--anchors", type=int, default=16, help="blocks per sequence per step")
@@ -413,8 +457,7 @@ def main(argv=None) -> None:
                                   block_size=a.block, draft_vocab=min(a.draft_vocab, cfg.vocab_size),
                                   num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
     vocab = draft_vocab(data, d.draft_vocab, cfg.vocab_size)
-    gen = data.tokens[np.arange(data.tokens.shape[1])[None] >= data.gen_start[:, None]]
-    coverage = float(np.isin(gen[gen >= 0], vocab).mean())
+    coverage = float(np.isin(data.labels[data.labels >= 0], vocab).mean())
     print(f"[data: {len(data.tokens)} sequences, {data.generated} generated tokens in {data_s:.0f} s; draft vocab "
           f"{len(vocab)} covers {coverage:.3f} of them]", file=sys.stderr)
     t0 = time.perf_counter()

@@ -144,3 +144,25 @@ def test_command_line_end_to_end(tmp_path, monkeypatch):
     train_drafter.main(args[:args.index("--steps") + 1] + ["3"] + args[args.index("--steps") + 2:] + ["--resume"])
     _, _, meta = bd.load(out / "last.safetensors")
     assert json.loads(meta["step"]) == 3
+
+
+def test_source_windows_label_only_the_greedy_chain(target):
+    """Teacher-forced text: a block's slot j is labelled (and trained) only while the text after P is what the
+    target writes greedily from P, and then its label is the target's greedy token at P+j+1."""
+    cfg, dc = target.cfg, dcfg(target.cfg)
+    greedy_text = target.generate([5, 6, 7], 21, stop_at_eos=False).token_ids  # half the windows follow it
+    windows = [[5, 6, 7] + greedy_text[:21] if i % 2 else np.random.default_rng(i).integers(0, 128, 24).tolist()
+               for i in range(4)]
+    d = train_drafter.make_source_data(target.params, cfg, windows, batch=4)
+    sub = np.arange(cfg.vocab_size, dtype=np.int32)  # every token its own index here
+    b = train_drafter.make_batch(d, np.arange(4), np.random.default_rng(0), 6, dc, sub)
+    seen = 0
+    for r in range(4):
+        for a in range(6):
+            p = int(b["position"][r, a])
+            want = target.generate(windows[r][:p + 1], dc.block_size, stop_at_eos=False).token_ids
+            for j in range(dc.block_size):
+                if b["label_ok"][r, a, j]:
+                    assert b["label_sub"][r, a, j] == want[j]
+                    seen += j > 0
+    assert seen > 0 and b["label_ok"][1].sum() > b["label_ok"][0].sum()
