@@ -163,11 +163,12 @@ def prefill_chunk(engine, p) -> None:
     p.normed.append(normed)
 
 
-def drafter_rows(engine, p, params, first_id: int, draft_key, settings, is_greedy: bool, k: int,
+def drafter_rows(engine, p, params, first, draft_key, settings, is_greedy: bool, k: int,
                  drafter: speculative.Drafter) -> dict:
     """The slot's drafter leaves for batching.insert's extra (each [1, ...]): the drafter's pass over the prompt
-    (hidden at t, token at t+1; the first new token last) and d_1 drawn with draft_key, as Engine's speculative
-    stream does. params: the step's (a block drafter's weights under "drafter")."""
+    (hidden at t, token at t+1; the first new token, `first` [1] on the device, last) and d_1 drawn with
+    draft_key, as Engine's speculative stream does. params: the step's (a block drafter's weights under
+    "drafter")."""
     e, cfg = engine, engine.cfg
     rows = {"mtp_cache": {}, "draft": jnp.zeros((1,), jnp.int32),
             "draft_logits": jnp.zeros((1, cfg.vocab_size), jnp.float32),
@@ -176,16 +177,20 @@ def drafter_rows(engine, p, params, first_id: int, draft_key, settings, is_greed
     if init is None:
         return rows
     dstate = e._place(init(params, cfg, k, e.cache_dtype))
-    following = np.asarray(p.request.ids[1:] + [first_id], np.int32)
+    ids = p.request.ids
+    following = np.asarray(ids[1:] + [0], np.int32)
     for (tokens, positions, n), normed in zip(p.chunks, p.normed):
         nxt = np.zeros(tokens.shape, np.int32)
         start = int(positions[0])
         nxt[0, :n] = following[start:start + n]
+        nxt = jnp.asarray(nxt)
+        if start + n == len(ids):  # the last chunk: the first new token follows the prompt's last position
+            nxt = jnp.where(jnp.arange(nxt.shape[1]) == jnp.int32(n - 1), first[0], nxt)  # no compile per n
         if drafter.uses_mtp:
-            draft, logits, hidden, dstate = speculative.mtp_chunk(params, normed, jnp.asarray(nxt), positions, dstate,
-                                                                  draft_key, *settings, cfg=cfg, is_greedy=is_greedy)
+            draft, logits, hidden, dstate = speculative.mtp_chunk(params, normed, nxt, positions, dstate, draft_key,
+                                                                  *settings, cfg=cfg, is_greedy=is_greedy)
             rows.update(draft=draft, draft_logits=logits, draft_hidden=hidden)
         else:
-            dstate = speculative.drafter_chunk(params, normed, jnp.asarray(nxt), positions, dstate, draft_key,
-                                               *settings, cfg=cfg, drafter=drafter, is_greedy=is_greedy)
+            dstate = speculative.drafter_chunk(params, normed, nxt, positions, dstate, draft_key, *settings, cfg=cfg,
+                                               drafter=drafter, is_greedy=is_greedy)
     return {**rows, "mtp_cache": jax.tree_util.tree_map(lambda a: a[None], dstate)}

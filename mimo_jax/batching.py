@@ -263,13 +263,12 @@ class Batcher:
         for every slot bucket, greedy and (sampling) sampled (steps over free slots change nothing). Call it before
         start()."""
         e, size = self.engine, 16
-        # speculative: the drafter's prompt pass runs once the first token is known (2 tokens), greedy and sampled
-        runs = [dict(max_new_tokens=2), dict(max_new_tokens=2, temperature=1.0)][:1 + sampling] \
-            if self.speculative_k else [{}]
+        # speculative: the drafter's prompt pass compiles per chunk bucket for greedy and sampled requests
+        runs = [{}, dict(temperature=1.0)][:1 + sampling] if self.speculative_k else [{}]
         while True:
             n = min(size, e.prefill_chunk, self.capacity - 1)
             for kw in runs:
-                self.submit(Request([0] * n, **{"max_new_tokens": 1, **kw}, stop_at_eos=False))
+                self.submit(Request([0] * n, max_new_tokens=1, stop_at_eos=False, **kw))
             if n < size or size >= e.prefill_chunk:
                 break
             size *= 2
@@ -401,28 +400,22 @@ class Batcher:
         if k:  # as Engine's speculative stream: the first token and the prompt's draft d_1 split its key
             first_key, draft_key = jax.random.split(first_key)
         first = engine_module._first_token(p.logits, first_key, *settings, is_greedy=r.temperature == 0.0)
-        if not k:  # into the slot at once; the token is read once this tick's step is dispatched (tick)
-            self.state = insert(self.state, p.cache, p.slot, first, position, key, *settings)
-            self._decoding[p.slot] = True
-            self._firsts.append((p, first))
-            return
-        first_id = int(to_host(first)[0])  # the drafter's prompt pass reads it
-        if self._first_token(p, first_id):
-            extra = batched_speculative.drafter_rows(self.engine, p, self._params, first_id, draft_key, settings,
-                                                     r.temperature == 0.0, k, self.drafter)
-            self.state = insert(self.state, p.cache, p.slot, first, position, key, *settings, extra)
-            self._decoding[p.slot] = True
+        extra = batched_speculative.drafter_rows(self.engine, p, self._params, first, draft_key, settings,
+                                                 r.temperature == 0.0, k, self.drafter) if k else None
+        # into the slot at once; the token is read once this tick's step is dispatched (tick)
+        self.state = insert(self.state, p.cache, p.slot, first, position, key, *settings, extra)
+        self._decoding[p.slot] = True
+        self._firsts.append((p, first))
 
-    def _first_token(self, p: _Prefill, first_id: int) -> bool:
-        """Emit a request's first token -> whether it goes on (max_new_tokens 1 or an eos end it: its slot is
-        freed, and a step already dispatched for it is discarded on delivery)."""
+    def _first_token(self, p: _Prefill, first_id: int) -> None:
+        """Emit a request's first token (max_new_tokens 1 or an eos end it: its slot is freed, and a step already
+        dispatched for it is discarded on delivery)."""
         r = p.request
         r.first_token_at = time.perf_counter()
         r.stats.prefill_ms = 1e3 * (r.first_token_at - p.started)
         self.prompt_tokens_total += len(r.ids)
         kept, reason = r.budget.take(0, [first_id])
         self._emit(r, kept, reason)
-        return not reason
 
     def _dispatch(self):
         ran = [r if dec else None for r, dec in zip(self.slots, self._decoding)]
