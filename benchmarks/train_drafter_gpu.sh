@@ -13,7 +13,7 @@ shift 2
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 python -m mimo_jax.train_drafter --model "$GGUF" --out "$OUT" --cache_dir "$OUT/data" \
-  --code_prompts 2048 --chat_prompts 1024 --prompt_len 64 --gen_len 256 --gen_batch 256 \
+  --code_prompts 2048 --chat_prompts 1024 --source_windows 4096 --prompt_len 64 --gen_len 256 --gen_batch 256 \
   --steps 4000 --batch 32 --anchors 32 --layers 2 --intermediate 1024 --lr 1e-3 --max_minutes 3.5 \
   --eval_prompts 0 "$@" 2>&1 | tr '\r' '\n' | awk 'NR % 50 == 1 || !/it\/s|s\/it/' | tee "$OUT/train.log"
 python benchmarks/bench_speculative.py --model "$GGUF" --drafter "$OUT/drafter.safetensors" --k 8 \

@@ -457,6 +457,8 @@ def main(argv=None) -> None:
                                   block_size=a.block, draft_vocab=min(a.draft_vocab, cfg.vocab_size),
                                   num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
     vocab = draft_vocab(data, d.draft_vocab, cfg.vocab_size)
+    if a.resume and (out / "last.safetensors").is_file():  # the vocabulary the weights were trained with
+        vocab = np.asarray(bd.load(out / "last.safetensors")[1]["vocab"])
     coverage = float(np.isin(data.labels[data.labels >= 0], vocab).mean())
     print(f"[data: {len(data.tokens)} sequences, {data.generated} generated tokens in {data_s:.0f} s; draft vocab "
           f"{len(vocab)} covers {coverage:.3f} of them]", file=sys.stderr)
