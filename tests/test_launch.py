@@ -169,7 +169,7 @@ def test_flag_errors_before_loading(no_loading, capsys, args, fragments):
 @needs_smollm2
 @pytest.mark.parametrize("args, fragment", [
     (["--quant_experts", "mxfp4"], "this model (llama, 30 dense layers) has none"),
-    (["--speculative_k", "2"], "MTP layers"),
+    (["--speculative_k", "2", "--drafter", "mtp"], "MTP layers"),  # (plain --speculative_k uses the shipped drafter)
     (["--max_new_tokens", "4096"], "does not fit the context of 4096"),
     (["--max_seq_len", "9000"], "max_position_embeddings (8192)"),
 ])
