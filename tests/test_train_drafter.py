@@ -121,7 +121,8 @@ def test_training_raises_acceptance(tmp_path, target, data):
     assert after > before + 0.5, (before, after)
 
 
-def test_command_line_end_to_end(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_command_line_end_to_end(tmp_path):
     """python -m mimo_jax.train_drafter on the bundled SmolLM2 with tiny sizes: data, a few steps, resume, the
     evaluation; skipped without the bundled model."""
     from mimo_jax.gguf_reader import default_gguf_path
