@@ -76,11 +76,14 @@ def main(argv=None) -> None:
               f"{' '.join(f'{x:.2f}' for x in r['acceptance_by_position'])} | hist {r['accepted_hist']} | "
               f"spec {r['spec_tok_s']:.1f} tok/s vs plain {r['plain_tok_s']:.1f} ({r['speedup']:.2f}x) | "
               f"identical to plain: {r['greedy_identical']}")
-    plot(results, a.k, a.png, f"speculative decoding, drafter {Path(a.drafter).name}, k={a.k}, {device}")
-    print(f"wrote {a.png}")
     if a.json:
         Path(a.json).write_text(json.dumps({"device": device, "drafter": a.drafter, "k": a.k, "results": results},
                                            indent=1))
+    try:
+        plot(results, a.k, a.png, f"speculative decoding, drafter {Path(a.drafter).name}, k={a.k}, {device}")
+        print(f"wrote {a.png}")
+    except ImportError:
+        print("no PNG: matplotlib is not installed (pip install matplotlib)")
 
 
 if __name__ == "__main__":
