@@ -12,6 +12,7 @@ OUT=${2:?usage: $0 MODEL.gguf OUTDIR [trainer flags]}
 shift 2
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
+python -c "import optax, safetensors, tqdm" || { echo "the trainer needs optax, safetensors, tqdm (pip install optax)"; exit 1; }
 python -m mimo_jax.train_drafter --model "$GGUF" --out "$OUT" --cache_dir "$OUT/data" \
   --code_prompts 2048 --chat_prompts 1024 --source_windows 4096 --prompt_len 64 --gen_len 256 --gen_batch 256 \
   --steps 4000 --batch 32 --anchors 32 --layers 2 --intermediate 1024 --lr 1e-3 --max_minutes 3.5 \
