@@ -112,7 +112,8 @@ def head_rows(tparams, cfg: ModelConfig, vocab):
     return jnp.take(tparams["lm_head"], vocab, axis=1).T
 
 
-def block_logits(w, vocab, tparams, cfg: ModelConfig, d: BlockConfig, ctx, ctx_pos, token, position, block: int):
+def block_logits(w, vocab, tparams, cfg: ModelConfig, d: BlockConfig, ctx, ctx_pos, token, position, block: int,
+                 head=None):
     """The drafter's forward for A blocks sharing one context (training packs many blocks of a sequence; a
     decode step has A = 1). ctx [B,C,H] target normed hidden states at positions ctx_pos [B,C] (-1: none),
     token [B,A] at position [B,A] -> logits [B,A,block,Vd] f32 over the draft vocabulary; slot j predicts the
@@ -146,7 +147,7 @@ def block_logits(w, vocab, tparams, cfg: ModelConfig, d: BlockConfig, ctx, ctx_p
 
     x, _ = jax.lax.scan(layer, x, w["layers"])
     out = rms_norm(x, w["final_norm"], eps).reshape(b, a, block, h)
-    rows = head_rows(tparams, cfg, vocab).astype(dtype)
+    rows = (head if head is not None else head_rows(tparams, cfg, vocab)).astype(dtype)
     return jnp.einsum("bath,vh->batv", out, rows, preferred_element_type=jnp.float32)
 
 
@@ -169,7 +170,7 @@ def write(state: dict, hidden, positions) -> dict:
 def _propose(params, state, key, settings, cfg, k, is_greedy, d: BlockConfig):
     ring, dw = state["mtp_cache"], params["drafter"]
     sub = block_logits(dw["w"], dw["vocab"], params, cfg, d, ring["ctx"], ring["pos"], state["token"][:, None],
-                       state["position"][None, None], max(k, d.block_size))[:, 0, :k]  # [1, k, Vd]
+                       state["position"][None, None], max(k, d.block_size), dw.get("head"))[:, 0, :k]  # [1, k, Vd]
     q = jnp.full(sub.shape[:2] + (cfg.vocab_size,), -jnp.inf, jnp.float32).at[:, :, dw["vocab"]].set(sub)
     if is_greedy:
         drafts = dw["vocab"][jnp.argmax(sub, axis=-1)].astype(jnp.int32)
