@@ -316,41 +316,16 @@ def _grouped_kernel(tiles_ref, x_ref, *refs, fmt, gs, E, cfg, n_weights, epilogu
     rmask = rows < r1
     n0 = pl.multiple_of(ni * cfg.bn, cfg.bn)
     n_groups = x_ref.shape[1] // gs
-    if cfg.split_k > 1:  # partials [split, M, n_weights * N] f32: this program's K range, no epilogue
-        _grouped_split(o_ref, x_ref, wrefs, per, e, r0, r1, rmask, n0, n_groups, fmt, gs, E, cfg, n_weights)
-        return
-    out_at = o_ref.at[pl.ds(r0, cfg.bm), pl.ds(n0, cfg.bn)]
-
-    @pl.when((r1 > r0) & (e == E))
-    def _zero_rows():
-        plgpu.store(out_at, jnp.zeros((cfg.bm, cfg.bn), o_ref.dtype), mask=rmask[:, None])
-
-    @pl.when((r1 > r0) & (e < E))
-    def _compute():
-        w_at = []
-        for j in range(n_weights):
-            p_ref, s_ref = wrefs[per * j], wrefs[per * j + 1]
-            m_ref = wrefs[per * j + 2] if per == 3 else None
-            w_at.append((p_ref, s_ref, m_ref, (e,)))
-        init = tuple(jnp.zeros((cfg.bm, cfg.bn), F32) for _ in range(n_weights))
-        accs = _k_loop(x_ref, r0, rmask, w_at, n0, 0, x_ref.shape[1] // gs // cfg.unroll, cfg, fmt, gs,
-                       cfg.bm, init)
-        if epilogue == "none":
-            out = accs[0]
-        else:
-            g, u = accs
-            out = g * jax.nn.sigmoid(g) * u
-            if rs_ref is not None:
-                out = out * plgpu.load(rs_ref.at[pl.ds(r0, cfg.bm)], mask=rmask, other=0.0)[:, None]
-        plgpu.store(out_at, out.astype(o_ref.dtype), mask=rmask[:, None])
-
-
-def _grouped_split(o_ref, x_ref, wrefs, per, e, r0, r1, rmask, n0, n_groups, fmt, gs, E, cfg, n_weights):
-    """Split-K program (n tile, row tile, K split): the partial sums of its K range for every weight."""
-    s = pl.program_id(2)
-    per_split = n_groups // cfg.split_k
-    outs = [o_ref.at[s, pl.ds(r0, cfg.bm), pl.ds(j * (o_ref.shape[2] // n_weights) + n0, cfg.bn)]
-            for j in range(n_weights)]
+    split = cfg.split_k > 1
+    if split:  # partials [split, M, n_weights * N] f32 of this program's K range, one per weight; no epilogue
+        s = pl.program_id(2)
+        per_split = n_groups // cfg.split_k
+        g_first = s * per_split
+        outs = [o_ref.at[s, pl.ds(r0, cfg.bm), pl.ds(j * (o_ref.shape[2] // n_weights) + n0, cfg.bn)]
+                for j in range(n_weights)]
+    else:
+        per_split, g_first = n_groups, 0
+        outs = [o_ref.at[pl.ds(r0, cfg.bm), pl.ds(n0, cfg.bn)]]
 
     @pl.when((r1 > r0) & (e == E))
     def _zero_rows():
@@ -362,10 +337,19 @@ def _grouped_split(o_ref, x_ref, wrefs, per, e, r0, r1, rmask, n0, n_groups, fmt
         w_at = [(wrefs[per * j], wrefs[per * j + 1], wrefs[per * j + 2] if per == 3 else None, (e,))
                 for j in range(n_weights)]
         init = tuple(jnp.zeros((cfg.bm, cfg.bn), F32) for _ in range(n_weights))
-        accs = _k_loop(x_ref, r0, rmask, w_at, n0, s * per_split, per_split // cfg.unroll, cfg, fmt, gs,
-                       cfg.bm, init)
-        for out_at, acc in zip(outs, accs):
-            plgpu.store(out_at, acc, mask=rmask[:, None])
+        accs = _k_loop(x_ref, r0, rmask, w_at, n0, g_first, per_split // cfg.unroll, cfg, fmt, gs, cfg.bm, init)
+        if split:
+            for out_at, acc in zip(outs, accs):
+                plgpu.store(out_at, acc, mask=rmask[:, None])
+            return
+        if epilogue == "none":
+            out = accs[0]
+        else:
+            g, u = accs
+            out = g * jax.nn.sigmoid(g) * u
+            if rs_ref is not None:
+                out = out * plgpu.load(rs_ref.at[pl.ds(r0, cfg.bm)], mask=rmask, other=0.0)[:, None]
+        plgpu.store(outs[0], out.astype(o_ref.dtype), mask=rmask[:, None])
 
 
 def default_grouped_config(M: int, K: int, N: int, group_size: int, E: int | None = None,
