@@ -249,8 +249,8 @@ def main():
     ks = ([args.k] if args.spec_only else [0, args.k]) if args.k else [0]
     runs = [(layout, k) for layout in args.layout.split(",") for k in ks]
     for layout, k in runs:
-        for stale in glob.glob(os.path.join(_DUMP, "*")):  # each run's kernels are named from its own dumps
-            os.remove(stale) if os.path.isfile(stale) else None
+        for stale in glob.glob(os.path.join(_DUMP, "*.txt")):  # each run's kernels are named from its own dumps
+            os.remove(stale)
         engine = Engine(cfg, params, max_seq_len=4096, prefill_chunk=64, mesh=mesh, attention=args.attention,
                         speculative_k=k, layout=layout, drafter=drafter)
         cap = engine.capacity(len(ids), args.new_tokens)
