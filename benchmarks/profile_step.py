@@ -113,7 +113,7 @@ def kernel_events(xplane: str):
 
 
 def profile(engine: Engine, ids, n_new: int, module_re: str, n_layers: int, floor_s: float, trace_dir: str,
-            wall_only: bool = False):
+            wall_only: bool = False, top: int = 18):
     """Time the step (no profiler), then trace it; returns the summary dict and prints the table."""
     engine.warm_up(ids, n_new)
     walls = []
@@ -164,13 +164,13 @@ def profile(engine: Engine, ids, n_new: int, module_re: str, n_layers: int, floo
     for g, (c, us) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
         print(f"  | {g} | {c / runs:.0f} | {us / runs:.1f} | {100 * us / runs / max(total_us, 1e-9):.0f}% |")
     print("  top kernels: | group | kernel | count/step | us/step | us each |")
-    for (g, name), (c, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:18]:
+    for (g, name), (c, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"  | {g} | {name[:60]} | {c / runs:.1f} | {us / runs:.1f} | {us / c:.2f} |")
     return {"wall_ms": 1e3 * wall, "kernels_per_step": total_k, "kernels_per_layer": total_k / n_layers,
             "kernel_ms": total_us / 1e3, "floor_ms": 1e3 * floor_s, "pct_floor": 100 * floor_s / wall,
             "groups": {g: {"kernels": c / runs, "us": us / runs} for g, (c, us) in groups.items()},
             "top": [{"group": g, "kernel": n, "count": c / runs, "us": us / runs}
-                    for (g, n), (c, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:40]]}
+                    for (g, n), (c, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:max(40, top)]]}
 
 
 def random_block_drafter(cfg, layers: int) -> str:
@@ -226,7 +226,8 @@ def main():
     ap.add_argument("--block_layers", type=int, default=2)
     ap.add_argument("--spec_only", action="store_true", help="with --k: skip the plain decode step")
     ap.add_argument("--wall_only", action="store_true", help="time the step only (no profiler trace)")
-    ap.add_argument("--keep_hlo", action="store_true", help="copy the decode step's optimized HLO to --out")
+    ap.add_argument("--top", type=int, default=18, help="kernels listed in the printed table")
+    ap.add_argument("--keep_hlo", action="store_true", help="copy each step's optimized HLO to --out")
     args = ap.parse_args()
     cfg = load_config(args.config)
     if args.layers:
@@ -265,16 +266,17 @@ def main():
               f"{nbytes / 1e6:.1f} MB per step over {args.devices} device(s))")
         summary[("plain" if k == 0 else f"spec_k{k}") + ("" if layout == "auto" else f"_{layout}")] = profile(
             engine, ids, args.new_tokens, r"decode" if k == 0 else r"step", cfg.num_layers, floor,
-            tempfile.mkdtemp(prefix="trace_"), args.wall_only)
+            tempfile.mkdtemp(prefix="trace_"), args.wall_only, args.top)
+        if args.keep_hlo:  # the step's optimized HLO, for reading offline (which op a kernel is)
+            import shutil
+
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            for path in sorted(glob.glob(os.path.join(_DUMP, "*after_optimizations.txt")), key=os.path.getsize)[-1:]:
+                shutil.copy(path, Path(args.out) / f"hlo_{tag}_{'plain' if k == 0 else f'spec_k{k}'}_{layout}.txt")
         del engine
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with open(Path(args.out) / f"profile_{tag}.json", "w") as f:
         json.dump(summary, f, indent=1)
-    if args.keep_hlo:  # the optimized HLO of the plain decode step, for reading offline
-        import shutil
-
-        for path in glob.glob(os.path.join(_DUMP, "*jit__decode*after_optimizations.txt"))[:1]:
-            shutil.copy(path, Path(args.out) / f"hlo_{tag}_decode.txt")
 
 
 if __name__ == "__main__":

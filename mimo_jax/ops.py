@@ -8,14 +8,39 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mimo_jax import quant
+
+# Dense weights streamed by the Pallas GEMV kernel at batch-1 decode (pallas_kernels/gemv.py): one token, bf16, up
+# to 2^26 elements. Measured on an H200 (BENCHMARKS.md): 4096 x 13568 (MiMo's fused q/k/v) 43 -> 33 us, and one
+# kernel instead of XLA's multiply + reduce pair for SmolLM2's small projections; XLA's own GEMV is kept for
+# larger weights (the lm_head, the dense MLP: 90-98% of the read ceiling already) and for M > 1 (verify, prefill:
+# at parity or better).
+GEMV_MAX_ELEMENTS = 1 << 26
+
+
+def _use_gemv(x, w) -> bool:
+    from mimo_jax import sharding  # the mesh decides: a GSPMD-sharded weight must stay on XLA's dot
+    from pallas_kernels.gemv import supported
+
+    if jax.default_backend() != "gpu" or sharding.expert_axis_size() > 1:
+        return False
+    if w.ndim != 2 or w.dtype != jnp.bfloat16 or x.dtype != jnp.bfloat16:
+        return False
+    K, N = w.shape
+    rows = int(np.prod(x.shape[:-1]))
+    return rows == 1 and K * N <= GEMV_MAX_ELEMENTS and supported(rows, K, N)
 
 
 def matmul(x, w):
     """x [..., K] @ w [K, N] -> [..., N] in x's dtype (f32 accumulation)."""
     if isinstance(w, quant.QuantizedWeight):
         return quant.qmatmul(x, w)
+    if _use_gemv(x, w):
+        from pallas_kernels.gemv import gemv
+
+        return gemv(x.reshape(1, -1), w).reshape(*x.shape[:-1], w.shape[1])
     return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 

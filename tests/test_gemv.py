@@ -1,0 +1,71 @@
+"""Pallas dense GEMV (pallas_kernels/gemv.py) == f32 jnp reference, in interpret mode on CPU; the GPU lowering."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mimo_jax import ops
+from pallas_kernels.gemv import GemvConfig, check_config, default_config, gemv
+
+TOL = 1e-2  # bf16 output against an f32 reference: ~2e-3 typical
+
+
+def _case(M, K, N, key=0):
+    x = jax.random.normal(jax.random.PRNGKey(key), (M, K), jnp.float32).astype(jnp.bfloat16)
+    w = (0.05 * jax.random.normal(jax.random.PRNGKey(key + 1), (K, N), jnp.float32)).astype(jnp.bfloat16)
+    return x, w, x.astype(jnp.float32) @ w.astype(jnp.float32)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.isfinite(a).all()
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("M,K,N,cfg", [
+    (1, 256, 96, GemvConfig(bn=32, bk=32)),                 # M = 1 FMA path, 8 steps
+    (1, 512, 64, GemvConfig(bn=16, bk=64, split_k=4)),      # split-K partials summed outside
+    (1, 576, 960, None),                                    # SmolLM2's q/k/v, default config
+    (3, 256, 48, GemvConfig(bn=16, bk=64, split_k=2)),      # M > 1: rows padded to 16, masked
+    (9, 384, 128, GemvConfig(bn=64, bk=128)),               # a k = 8 verify
+    (16, 128, 32, GemvConfig(bn=32, bk=32, split_k=2)),
+])
+def test_gemv_matches_reference(M, K, N, cfg):
+    x, w, ref = _case(M, K, N, key=M + K)
+    out = gemv(x, w, cfg=cfg, interpret=True)
+    assert out.shape == (M, N) and out.dtype == jnp.bfloat16
+    assert _rel(out, ref) < TOL
+
+
+def test_gemv_partials_sum_to_the_product():
+    x, w, ref = _case(1, 256, 32)
+    cfg = GemvConfig(bn=32, bk=32, split_k=4)
+    parts = gemv(x, w, cfg=cfg, interpret=True, partials=True)
+    assert parts.shape == (4, 1, 32) and parts.dtype == jnp.float32
+    assert _rel(parts.sum(0), ref) < 1e-5  # f32 partials: only the kernel's own f32 rounding
+    # each partial is its own K range
+    np.testing.assert_allclose(parts[1, 0], x[0, 64:128].astype(jnp.float32) @ w[64:128].astype(jnp.float32),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_default_config_splits_for_parallelism_and_rejects_bad_blocks():
+    c = default_config(1, 4096, 13568)
+    assert c.split_k >= 4 and (13568 // c.bn) * c.split_k >= 4 * 132
+    assert default_config(1, 576, 960).split_k == 1  # 9 steps: too few to split
+    with pytest.raises(ValueError, match="M <= 16"):
+        check_config(17, 128, 64, GemvConfig())
+    with pytest.raises(ValueError, match="not divisible"):
+        check_config(1, 96, 64, GemvConfig(bk=64))
+
+
+def test_matmul_keeps_xla_off_gpu_and_for_batches():
+    x, w, ref = _case(1, 128, 64)
+    assert not ops._use_gemv(x, w)  # CPU: XLA's dot
+    assert _rel(ops.matmul(x, w), ref) < TOL
+
+
+def test_gemv_lowers_for_the_gpu():
+    for M, K, N in ((1, 4096, 13568), (9, 4096, 7424)):
+        args = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16), jax.ShapeDtypeStruct((K, N), jnp.bfloat16))
+        text = jax.jit(lambda x, w: gemv(x, w)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "gemv_bf16" in text
