@@ -22,12 +22,13 @@ One step, slot b at position P_b, with p_bi / q_bi the target's / drafter's dist
                masked for every later query; the rings' k + 1 spare slots keep what later windows see);
     6. refresh the Drafter's refresh, vmapped: slot b's next d_1; P_b += n_b + 1.
 Each slot keys its draws as speculative.step does (token_key(key_b, P_b + 1) split three ways) and is prefilled as
-Engine's speculative stream is (the first token and d_1 split token_key(key_b, prompt length)): a slot's tokens,
+Engine's speculative stream is (`prefill`: batching.prefill over R requests at once plus the drafter's pass over
+their chunks, row by row; the first token and d_1 split token_key(key_b, prompt length)): a slot's tokens,
 sampled ones included, are those its batch-1 speculative generation gives, so sampling is exactly lossless per slot
 and greedy output is plain greedy output.
 
-A free slot's draft chain may write garbage into its own drafter state (MTP positions -1 + i): harmless, insert
-overwrites every row of a slot.
+A free slot's draft chain may write garbage into its own drafter state (MTP positions -1 + i): harmless, a
+request's first chunk replaces every drafter row of its slot (and its last chunk d_1 and its logits and hidden).
 """
 from __future__ import annotations
 
@@ -35,7 +36,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mimo_jax import batching, model, mtp, sampling, speculative
 from mimo_jax.config import ModelConfig
@@ -153,44 +153,55 @@ def generate(params, state, *, cfg: ModelConfig, k: int, drafter: speculative.Dr
     return state, emitted, n
 
 
-# ---- a request's slot rows after its prompt (the host side; Batcher calls these) ----
+# ---- prompts: batching.prefill with the drafter's pass ----
 
-def prefill_chunk(engine, p) -> None:
-    """p (batching._Prefill)'s next prompt chunk through the target, its normed hidden states kept for the MTP
-    layer (speculative.target_chunk, as Engine's speculative stream)."""
-    tokens, positions, _ = p.chunks[p.done_chunks]
-    normed, p.logits, p.cache = speculative.target_chunk(engine.params, tokens, positions, p.cache, engine.cfg)
-    p.normed.append(normed)
-
-
-def drafter_rows(engine, p, params, first, draft_key, settings, is_greedy: bool, k: int,
-                 drafter: speculative.Drafter) -> dict:
-    """The slot's drafter leaves for batching.insert's extra (each [1, ...]): the drafter's pass over the prompt
-    (hidden at t, token at t+1; the first new token, `first` [1] on the device, last) and d_1 drawn with
-    draft_key, as Engine's speculative stream does. params: the step's (a block drafter's weights under
-    "drafter")."""
-    e, cfg = engine, engine.cfg
-    rows = {"mtp_cache": {}, "draft": jnp.zeros((1,), jnp.int32),
-            "draft_logits": jnp.zeros((1, cfg.vocab_size), jnp.float32),
-            "draft_hidden": jnp.zeros((1, cfg.hidden_size), e.cache_dtype)}
+@functools.partial(jax.jit, static_argnames=("cfg", "fresh", "k", "drafter"), donate_argnames="state")
+def prefill(params, state, rows: dict, *, cfg: ModelConfig, fresh: bool, k: int, drafter: speculative.Drafter):
+    """batching.prefill for this state, as Engine's speculative stream prefills a prompt, row by row: the target
+    over the chunk (its normed hidden states kept), then the drafter's pass over the same positions (hidden at t,
+    token at t+1: rows["following"], with the first new token after a prompt's last position; MTP:
+    speculative.mtp_chain, whose output at the last position gives d_1; other drafters: their prefill hook). The
+    first token and d_1 split token_key(key, prompt length). A fresh row starts from the drafter's init state, a
+    later chunk from the slot's. params: the step's (a block drafter's weights under "drafter").
+    -> (state, first [R])."""
+    batch, (r, t) = state["positions"].shape[0], rows["tokens"].shape
+    hidden, cache = batching.prefill_target(params, state, rows, cfg, fresh)
+    normed = model.final_norm(params, hidden, cfg)
+    last = batching.last_index(rows["positions"])
+    settings = (rows["temperature"], rows["top_k"], rows["top_p"])
+    keys = jax.vmap(lambda key, n: jax.random.split(sampling.token_key(key, n)))(rows["keys"], rows["lengths"])
+    first = batching.first_tokens(model.head(params, normed[jnp.arange(r), last], cfg), keys[:, 0], *settings)
+    state = batching.write_rows(state, rows["slots"], {"cache": cache})
+    extra = {"draft": jnp.zeros((r,), jnp.int32), "draft_logits": jnp.zeros((r, cfg.vocab_size), jnp.float32),
+             "draft_hidden": jnp.zeros((r, cfg.hidden_size), state["draft_hidden"].dtype)}
     init = _drafter_init(drafter)
-    if init is None:
-        return rows
-    dstate = e._place(init(params, cfg, k, e.cache_dtype))
-    ids = p.request.ids
-    following = np.asarray(ids[1:] + [0], np.int32)
-    for (tokens, positions, n), normed in zip(p.chunks, p.normed):
-        nxt = np.zeros(tokens.shape, np.int32)
-        start = int(positions[0])
-        nxt[0, :n] = following[start:start + n]
-        nxt = jnp.asarray(nxt)
-        if start + n == len(ids):  # the last chunk: the first new token follows the prompt's last position
-            nxt = jnp.where(jnp.arange(nxt.shape[1]) == jnp.int32(n - 1), first[0], nxt)  # no compile per n
-        if drafter.uses_mtp:
-            draft, logits, hidden, dstate = speculative.mtp_chunk(params, normed, nxt, positions, dstate, draft_key,
-                                                                  *settings, cfg=cfg, is_greedy=is_greedy)
-            rows.update(draft=draft, draft_logits=logits, draft_hidden=hidden)
+    if init is not None:
+        if fresh:
+            one = init(params, cfg, k, state["draft_hidden"].dtype)
+            dstate = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (r,) + a.shape), one)
         else:
-            dstate = speculative.drafter_chunk(params, normed, nxt, positions, dstate, draft_key, *settings, cfg=cfg,
-                                               drafter=drafter, is_greedy=is_greedy)
-    return {**rows, "mtp_cache": jax.tree_util.tree_map(lambda a: a[None], dstate)}
+            dstate = jax.tree_util.tree_map(lambda a: a.at[rows["slots"]].get(mode="fill", fill_value=0),
+                                            state["mtp_cache"])
+        ends = (jnp.arange(t) == last[:, None]) & rows["final"][:, None]
+        following = jnp.where(ends, first[:, None], rows["following"])
+        if drafter.uses_mtp:  # d_1 from layer 0's output at the last position (its logits only there)
+            out, _, dstate = jax.vmap(lambda h, nxt, pos, d: speculative.mtp_chain(params, h[None], nxt[None], pos, d,
+                                                                                    cfg))(
+                normed, following, rows["positions"], dstate)
+            out = out[jnp.arange(r), 0, last]
+            logits = model.head(params, out, cfg)
+            extra = {"draft": batching.first_tokens(logits, keys[:, 1], *settings), "draft_logits": logits,
+                     "draft_hidden": out}
+        else:
+            def hook(is_greedy):
+                return jax.vmap(lambda d, h, nxt, pos, key, *s: drafter.prefill(
+                    params, d, h[None], nxt[None], pos, key, s, cfg, is_greedy))(
+                    dstate, normed, following, rows["positions"], keys[:, 1], *settings)
+            greedy = hook(True)
+            sampled = settings[0] > 0
+            dstate = jax.lax.cond(jnp.any(sampled), lambda: jax.tree_util.tree_map(
+                lambda a, b: jnp.where(sampled.reshape((r,) + (1,) * (a.ndim - 1)), a, b), hook(False), greedy),
+                lambda: greedy)
+        state = batching.write_rows(state, rows["slots"], {"mtp_cache": dstate})
+    final = jnp.where(rows["final"], rows["slots"], batch)
+    return batching.write_rows(batching.inserted(state, rows, first), final, extra), first

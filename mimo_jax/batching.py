@@ -9,15 +9,22 @@ power-of-two count of leading slots it runs on):
     temperature [B] (0 = greedy), top_k [B], top_p [B]: each slot's sampling settings
 
 The loop is functions over it (jitted, the state donated):
-    prefill  a request's prompt, chunk by chunk, into a batch-1 cache of capacity C (Engine's own compiled
-             prefill, so a slot starts exactly where Engine.generate would) -> its first token;
-    insert   that cache into slot s's rows, with the slot's token, position, key and settings;
+    prefill  the next prompt chunk of up to R requests in ONE forward of [R, T] tokens (R a row bucket, T the
+             chunk's length bucket; rows padded with positions -1, which layers.attention never writes, so
+             padding cannot reach a sliding ring), each row written straight into its slot's cache rows; a row
+             whose chunk ends its prompt is inserted too (its first token drawn as Engine draws it, its slot's
+             token, position, key and settings set), the others stay free (position -1) until their last chunk;
     generate one token for every active slot (one forward of [rows, 1] tokens at per-slot positions, rows the
              power of two covering the busy slots: requests take the lowest free slot);
     free     slot s (its position -1).
+A first chunk runs on a fresh cache whose full layers are only T long (it reads nothing older) and fills the
+slot's first T positions; a later chunk of a long prompt reads the slot's rows as the earlier chunks left them.
+Entries a slot's earlier request left behind are never read: full layers mask every key past the query's
+position, and a ring starts a prompt with no visible slot.
 
 `Batcher` is the host side: a waiting queue, the slot table, budgets (engine.Budget: eos, max_new_tokens, the
-context), and tick() = prefill chunks up to prefill_chunk tokens (admitting waiting requests into free slots) +
+context), and tick() = batched prefill calls up to prefill_tokens padded tokens (admitting waiting requests into
+free slots; each call takes the oldest prefilling request's chunk length, and the others whose chunks fit it) +
 one step. Step t+1 (and a new slot's first token) is read only after step t+1 is dispatched, so the device does
 not wait on the host; the requests a step ran for are recorded when it is dispatched, and a token is delivered
 only to the request that still holds its slot. With speculative_k, the step drafts and verifies k tokens per slot
@@ -35,6 +42,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mimo_jax import engine as engine_module
 from mimo_jax import batched_speculative, model, sampling  # (batched_speculative imports this module back)
@@ -53,37 +61,31 @@ def init_state(cfg: ModelConfig, batch: int, capacity: int, dtype, ring_slack: i
 
 
 @functools.partial(jax.jit, donate_argnames="state")
-def insert(state, prefix_cache, slot, token, position, key, temperature, top_k, top_p, extra=None):
-    """A prefilled batch-1 cache (same capacity) into slot `slot`; token [1] (the first new token) at `position`.
-    extra: the slot's other leaves, batch-1 shaped (speculative decoding: mtp_cache, draft, draft_logits,
-    draft_hidden; batched_speculative.py), for a state that has them."""
-    def one(x, dtype):
-        return jnp.reshape(jnp.asarray(x, dtype), (1,))
-
-    row = {"cache": prefix_cache, "tokens": token, "positions": one(position, jnp.int32), "keys": key[None],
-           "temperature": one(temperature, jnp.float32), "top_k": one(top_k, jnp.int32),
-           "top_p": one(top_p, jnp.float32), **(extra or {})}
-    return jax.tree_util.tree_map_with_path(
-        lambda path, rows, r: jax.lax.dynamic_update_slice_in_dim(rows, r.astype(rows.dtype), slot,
-                                                                  _slots_axis(path, rows)), state, row)
-
-
-@functools.partial(jax.jit, donate_argnames="state")
 def free(state, slot):
     return {**state, "positions": state["positions"].at[slot].set(-1)}
+
+
+def draw_rows(logits, keys, temperature, top_k, top_p):
+    """logits [R, V] -> argmax where temperature is 0, else a draw from the row's filtered distribution with its own
+    key (keys [R, 2]: each its token's, sampling.token_key), as Engine draws a batch-1 token."""
+    filtered = sampling.filtered_logits(logits, temperature[:, None], top_k[:, None], top_p[:, None])
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(keys, filtered)
+    return jnp.where(temperature > 0, drawn.astype(jnp.int32), sampling.greedy(logits))
+
+
+def first_tokens(logits, keys, temperature, top_k, top_p):
+    """draw_rows, with the sort skipped on the device (lax.cond) when no row samples: one compilation for both."""
+    return jax.lax.cond(jnp.any(temperature > 0), lambda: draw_rows(logits, keys, temperature, top_k, top_p),
+                        lambda: sampling.greedy(logits))
 
 
 def next_tokens(state, logits, all_greedy: bool):
     """logits [B, V] -> one token per slot: argmax where temperature is 0, else a draw from the slot's filtered
     distribution with its own key for the position the token takes (as Engine's decode draws it, row by row)."""
-    greedy = sampling.greedy(logits)
     if all_greedy:
-        return greedy
+        return sampling.greedy(logits)
     keys = jax.vmap(sampling.token_key)(state["keys"], state["positions"] + 1)
-    filtered = sampling.filtered_logits(logits, state["temperature"][:, None], state["top_k"][:, None],
-                                        state["top_p"][:, None])
-    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(keys, filtered)
-    return jnp.where(state["temperature"] > 0, drawn.astype(jnp.int32), greedy)
+    return draw_rows(logits, keys, state["temperature"], state["top_k"], state["top_p"])
 
 
 def _slots_axis(path, leaf) -> int:
@@ -100,6 +102,73 @@ def _first_slots(state, rows: int):
 def _put_first_slots(state, part):
     return jax.tree_util.tree_map_with_path(
         lambda path, a, b: jax.lax.dynamic_update_slice_in_dim(a, b, 0, _slots_axis(path, a)), state, part)
+
+
+def _full_layers(cfg: ModelConfig):
+    """True for the cache leaves of full-attention layers (as long as the capacity), False for sliding rings."""
+    short, long = model.cache_shapes(cfg, 1, 16), model.cache_shapes(cfg, 1, 32)
+    return jax.tree_util.tree_map(lambda a, b: a.shape != b.shape, short, long)
+
+
+def _at_slots(leaf, axis: int, slots, length: int | None = None):
+    """The index of rows `slots` on `axis` (and of positions [0, length) on the next axis)."""
+    index = (slice(None),) * axis
+    return index + (slots,) if length is None else index + (slots[:, None], jnp.arange(length)[None])
+
+
+def last_index(positions):
+    """positions [R, T] (-1 = padding) -> each row's last real position in the chunk [R]."""
+    return jnp.maximum(jnp.sum(positions >= 0, axis=1) - 1, 0)
+
+
+def write_rows(state, slots, rows: dict):
+    """rows (some of the state's leaves, R rows each) into slots [R]; slot B (out of range) drops its row (padding).
+    A cache row fills its slot's first positions (all of a ring; a fresh chunk's full layers are only T long)."""
+    def put(path, leaf, row):
+        axis = _slots_axis(path, leaf)
+        length = row.shape[axis + 1] if path[0].key == "cache" else None
+        return leaf.at[_at_slots(leaf, axis, slots, length)].set(row.astype(leaf.dtype), mode="drop")
+    return {**state, **jax.tree_util.tree_map_with_path(put, {name: state[name] for name in rows}, rows)}
+
+
+def prefill_target(params, state, rows: dict, cfg: ModelConfig, fresh: bool):
+    """The rows' chunks (rows["tokens"] [R, T] at rows["positions"] [R, T], -1 = padding) through the target ->
+    (hidden [R, T, H], the rows' caches). fresh: first chunks, on an empty cache whose full layers are T long (a
+    query reads only this chunk); else the slots' rows (rows["slots"]) as their earlier chunks left them."""
+    r, t = rows["tokens"].shape
+    if fresh:
+        cache = jax.tree_util.tree_map(
+            lambda leaf, full: jnp.zeros(leaf.shape[:-4] + (r, min(t, leaf.shape[-3]) if full else leaf.shape[-3])
+                                         + leaf.shape[-2:], leaf.dtype), state["cache"], _full_layers(cfg))
+    else:
+        cache = jax.tree_util.tree_map(
+            lambda leaf: leaf.at[_at_slots(leaf, leaf.ndim - 4, rows["slots"])].get(mode="fill", fill_value=0),
+            state["cache"])
+    return model.forward_hidden(params, rows["tokens"], rows["positions"], cache, cfg)
+
+
+def inserted(state, rows: dict, first) -> dict:
+    """The slot leaves of the rows whose chunk ends their prompt (rows["final"]): first token [R] at the prompt's
+    length, key and settings; other rows are dropped (slot B)."""
+    slots = jnp.where(rows["final"], rows["slots"], state["positions"].shape[0])
+    return write_rows(state, slots, {"tokens": first, "positions": rows["lengths"], "keys": rows["keys"],
+                                     "temperature": rows["temperature"], "top_k": rows["top_k"],
+                                     "top_p": rows["top_p"]})
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "fresh"), donate_argnames="state")
+def prefill(params, state, rows: dict, *, cfg: ModelConfig, fresh: bool):
+    """One prompt chunk for each of R requests in one forward, written into their slots; the rows that end their
+    prompt are inserted (first token keyed token_key(key, prompt length), as Engine's). -> (state, first [R]).
+
+    rows (Batcher._rows): slots [R] (B = a padding row), tokens, positions [R, T], final [R], lengths [R],
+    keys [R, 2], temperature, top_k, top_p [R]. One compilation per (R, T, fresh)."""
+    hidden, cache = prefill_target(params, state, rows, cfg, fresh)
+    last = hidden[jnp.arange(hidden.shape[0]), last_index(rows["positions"])]
+    keys = jax.vmap(sampling.token_key)(rows["keys"], rows["lengths"])
+    first = first_tokens(model.lm_logits(params, last, cfg), keys, rows["temperature"], rows["top_k"], rows["top_p"])
+    state = write_rows(state, rows["slots"], {"cache": cache})
+    return inserted(state, rows, first), first
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "all_greedy", "rows"), donate_argnames="state")
@@ -152,24 +221,30 @@ class Request:
 
 @dataclasses.dataclass
 class _Prefill:
+    """A request admitted into its slot whose prompt is not yet all through the target."""
     request: Request
     slot: int
-    chunks: list
-    cache: object
+    key: np.ndarray  # jax.random.PRNGKey(seed)'s two words
     started: float
-    done_chunks: int = 0
-    logits: object = None
-    normed: list = dataclasses.field(default_factory=list)  # speculative: the target's normed hidden per chunk
+    done: int = 0  # prompt tokens already prefilled
 
 
 class Batcher:
     def __init__(self, engine: Engine, batch_size: int = 8, capacity: int | None = None,
-                 speculative_k: int | None = None, drafter=None):
+                 speculative_k: int | None = None, drafter=None, prefill_rows: int | None = None,
+                 prefill_tokens: int | None = None):
         """capacity: positions per slot (prompt + new tokens), default the engine's max_seq_len.
         speculative_k, drafter: each step drafts k tokens per slot and verifies them (batched_speculative.py);
-        default the engine's (Engine(speculative_k=..., drafter=...)); 0 = plain decoding."""
+        default the engine's (Engine(speculative_k=..., drafter=...)); 0 = plain decoding.
+        prefill_rows: requests prefilled together in one call at most (default batch_size); prefill_tokens: padded
+        prompt tokens (rows x chunk length) prefilled per tick, between two steps (default 8 x the engine's
+        prefill_chunk; at least one row runs)."""
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        self.prefill_rows = min(batch_size, prefill_rows or batch_size)
+        self.prefill_tokens = prefill_tokens or 8 * engine.prefill_chunk
+        if self.prefill_rows < 1 or self.prefill_tokens < 1:
+            raise InputError(f"prefill_rows and prefill_tokens must be >= 1, got {prefill_rows}, {prefill_tokens}")
         k = engine.speculative_k if speculative_k is None else speculative_k
         drafter = drafter or engine.drafter
         if k < 0:
@@ -185,8 +260,8 @@ class Batcher:
         self.slots: list[Request | None] = [None] * batch_size
         self._decoding = [False] * batch_size  # the slot's request is inserted (the step advances it)
         self._waiting: collections.deque[Request] = collections.deque()
-        self._prefill: _Prefill | None = None
-        self._firsts: list = []  # (prefill, first token on device) inserted this tick, read after its step
+        self._prefills: list[_Prefill] = []  # admitted, oldest first
+        self._firsts: list = []  # (first tokens [R] on device, [(row, prefill)]) inserted this tick, read after its step
         self._pending = None  # (tokens on device, the requests the step ran for)
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -258,24 +333,36 @@ class Batcher:
             return 0.0
         return sum(n for _, n in recent) / max(now - recent[0][0], 1e-3) if len(recent) > 1 else 0.0
 
-    def warm_up(self, sampling: bool = True) -> None:
-        """Compile, before any client waits on it, what serving can run: every prefill chunk bucket and the step
-        for every slot bucket, greedy and (sampling) sampled (steps over free slots change nothing). Call it before
-        start()."""
-        e, size = self.engine, 16
-        # speculative: the drafter's prompt pass compiles per chunk bucket for greedy and sampled requests
-        runs = [{}, dict(temperature=1.0)][:1 + sampling] if self.speculative_k else [{}]
-        while True:
-            n = min(size, e.prefill_chunk, self.capacity - 1)
-            for kw in runs:
-                self.submit(Request([0] * n, max_new_tokens=1, stop_at_eos=False, **kw))
-            if n < size or size >= e.prefill_chunk:
-                break
-            size *= 2
-        while self.tick():
-            pass
-        rows = 1
+    def prefill_shapes(self, prompt_lens: Sequence[int] | None = None) -> list[tuple[bool, int, int]]:
+        """(fresh, rows, chunk length) of every prefill call prompts of these lengths (default: any that fits) can
+        make: first chunks at their length bucket, later chunks (prompts over prefill_chunk) at prefill_chunk; rows
+        each power of two up to what prefill_rows and prefill_tokens allow at that length."""
+        chunk = self.engine.prefill_chunk
+        lens = list(prompt_lens) if prompt_lens is not None else list(range(1, self.capacity))
+        lens = [n for n in lens if 0 < n < self.capacity]
+        calls = [(True, size) for size in sorted({engine_module._bucket(min(n, chunk), chunk) for n in lens})]
+        calls += [(False, chunk)] if any(n > chunk for n in lens) else []
+        shapes = []
+        for fresh, size in calls:
+            limit, rows = self._row_limit(self.prefill_tokens, size), 1
+            while True:
+                shapes.append((fresh, rows, size))
+                if rows >= limit:
+                    break
+                rows = min(2 * rows, limit)
+        return shapes
+
+    def warm_up(self, sampling: bool = True, prompt_lens: Sequence[int] | None = None) -> None:
+        """Compile, before any client waits on it, what serving can run: every prefill call (prefill_shapes: for
+        prompts of these lengths, default any) and the step for every slot bucket, greedy and (sampling) sampled
+        (a prefill of padding rows and steps over free slots change nothing). Call it before start()."""
+        e = self.engine
         with e._on_mesh():
+            for fresh, rows, size in self.prefill_shapes(prompt_lens):
+                self.state, _ = self._prefill_call([], fresh, rows, size)
+            self.state = free(self.state, 0)
+            jax.random.PRNGKey(0)  # what admission runs
+            rows = 1
             while True:
                 for all_greedy in (True, False)[:1 + sampling]:
                     self.state, *_ = self._step(all_greedy, rows)
@@ -283,8 +370,6 @@ class Batcher:
                     break
                 rows = min(2 * rows, self.batch_size)
         jax.block_until_ready(self.state)
-        self.requests_total = self.requests_finished = self.prompt_tokens_total = self.generated_tokens_total = 0
-        self.steps_total = self.slot_steps_total = self.accepted_total = 0
 
     # ---- the driving thread ----
     def start(self) -> None:
@@ -320,9 +405,7 @@ class Batcher:
             waiting, self._waiting = list(self._waiting), collections.deque()
         live = [r for r in self.slots if r is not None] + waiting
         self.slots, self._decoding = [None] * self.batch_size, [False] * self.batch_size
-        self._prefill = self._pending = None
-        self._firsts = []
-        e = self.engine
+        self._prefills, self._pending, self._firsts = [], None, []
         self.state = self._new_state()
         for r in live:
             if not r.done.is_set():
@@ -330,26 +413,23 @@ class Batcher:
                 self._finish(r, [], "error")
 
     def _has_work(self) -> bool:
-        return bool(self._waiting) or self._prefill is not None or self._pending is not None or any(self._decoding)
+        return bool(self._waiting or self._prefills) or self._pending is not None or any(self._decoding)
 
     def tick(self) -> bool:
-        """Cancellations, prefill chunks (up to engine.prefill_chunk tokens), one step (dispatched before the
+        """Cancellations, prefill calls (up to prefill_tokens padded tokens), one step (dispatched before the
         previous step is read). False when there was nothing to do."""
         with self.engine._on_mesh():
             self._reap_cancelled()
-            worked, spent = False, 0
-            while spent < self.engine.prefill_chunk:  # prefill up to one chunk's worth of tokens per step
-                n = self._admit()
-                if not n:
-                    break
-                worked, spent = True, spent + n
+            worked = self._prefill_some()
             pending, self._pending = self._pending, None
             if any(self._decoding):
                 self._pending = self._dispatch()
                 worked = True
             firsts, self._firsts = self._firsts, []
-            for p, first in firsts:  # read after the step is dispatched: no drain of the device's queue
-                self._first_token(p, int(to_host(first)[0]))
+            for first, rows in firsts:  # read after the step is dispatched: no drain of the device's queue
+                first = to_host(first)
+                for row, p in rows:
+                    self._first_token(p, int(first[row]))
             if pending is not None:
                 self._deliver(*pending)
                 worked = True
@@ -358,8 +438,7 @@ class Batcher:
     def _reap_cancelled(self) -> None:
         for slot, r in enumerate(self.slots):
             if r is not None and r.cancelled and not r.done.is_set():
-                if self._prefill is not None and self._prefill.request is r:
-                    self._prefill = None
+                self._prefills = [p for p in self._prefills if p.request is not r]
                 self._finish(r, [], "cancelled")
         if any(r.cancelled for r in self._waiting):
             with self._wake:
@@ -368,44 +447,77 @@ class Batcher:
             for r in gone:
                 self._finish(r, [], "cancelled")
 
-    def _admit(self) -> int:
-        """One prefill chunk (starting the next waiting request if none is under way) -> its padded length."""
-        if self._prefill is None:
-            if not self._waiting or None not in self.slots:
-                return 0
+    # ---- batched prefill ----
+    def _prefill_some(self) -> bool:
+        """Admit waiting requests into free slots, then prefill calls until prefill_tokens padded tokens are spent."""
+        while self._waiting and None in self.slots:
             with self._wake:
                 r = self._waiting.popleft()
             slot = self.slots.index(None)
             self.slots[slot], r.slot = r, slot
-            e = self.engine
-            cache = e.new_cache(self.capacity, ring_slack=self.speculative_k + 1 if self.speculative_k else 0)
-            self._prefill = _Prefill(r, slot, list(e._chunks(r.ids)), cache, time.perf_counter())
-        p, e = self._prefill, self.engine
-        tokens, positions, _ = p.chunks[p.done_chunks]
-        if self.speculative_k:
-            batched_speculative.prefill_chunk(e, p)
-        else:
-            p.logits, p.cache = engine_module._prefill(e.params, tokens, positions, p.cache, e.cfg)
-        p.done_chunks += 1
-        if p.done_chunks == len(p.chunks):
-            self._prefill = None
-            self._insert(p)
-        return int(tokens.shape[1])
+            key = np.asarray(jax.random.PRNGKey(r.seed), np.uint32)
+            self._prefills.append(_Prefill(r, slot, key, time.perf_counter()))
+        spent = 0
+        while self._prefills and spent < self.prefill_tokens:
+            spent += self._prefill_group(self.prefill_tokens - spent)
+        return spent > 0
 
-    def _insert(self, p: _Prefill) -> None:
-        r, position, k = p.request, len(p.request.ids), self.speculative_k
-        key = jax.random.PRNGKey(r.seed)
-        settings = (jnp.float32(r.temperature), jnp.int32(r.top_k), jnp.float32(r.top_p))
-        first_key = sampling.token_key(key, position)
-        if k:  # as Engine's speculative stream: the first token and the prompt's draft d_1 split its key
-            first_key, draft_key = jax.random.split(first_key)
-        first = engine_module._first_token(p.logits, first_key, *settings, is_greedy=r.temperature == 0.0)
-        extra = batched_speculative.drafter_rows(self.engine, p, self._params, first, draft_key, settings,
-                                                 r.temperature == 0.0, k, self.drafter) if k else None
-        # into the slot at once; the token is read once this tick's step is dispatched (tick)
-        self.state = insert(self.state, p.cache, p.slot, first, position, key, *settings, extra)
-        self._decoding[p.slot] = True
-        self._firsts.append((p, first))
+    def _chunk(self, p: _Prefill) -> tuple[int, int]:
+        """p's next chunk: (its prompt tokens, its padded length: its bucket for a first chunk, else the chunk)."""
+        chunk = self.engine.prefill_chunk
+        n = min(chunk, len(p.request.ids) - p.done)
+        return n, engine_module._bucket(n, chunk) if p.done == 0 else chunk
+
+    def _row_limit(self, room: int, size: int) -> int:
+        """The most rows of `size` tokens one call takes within `room` tokens (rows are bucketed to powers of
+        two, or prefill_rows)."""
+        fit = max(1, room // size)
+        return self.prefill_rows if fit >= self.prefill_rows else 1 << (fit.bit_length() - 1)
+
+    def _prefill_group(self, room: int) -> int:
+        """One call: the oldest prefilling request's next chunk, with the others of the same kind (first or later
+        chunk) whose chunks fit its length -> the padded tokens it ran."""
+        first = self._prefills[0]
+        fresh, size = first.done == 0, self._chunk(first)[1]
+        group = [p for p in self._prefills if (p.done == 0) == fresh and self._chunk(p)[1] <= size]
+        group = group[:self._row_limit(room, size)]
+        rows = min(1 << (len(group) - 1).bit_length(), self.prefill_rows)
+        self.state, first_tokens = self._prefill_call(group, fresh, rows, size)
+        inserted = []
+        for row, p in enumerate(group):
+            p.done += self._chunk(p)[0]
+            if p.done == len(p.request.ids):
+                self._prefills.remove(p)
+                self._decoding[p.slot] = True
+                inserted.append((row, p))
+        if inserted:  # their first tokens are read once this tick's step is dispatched (tick)
+            self._firsts.append((first_tokens, inserted))
+        return rows * size
+
+    def _prefill_call(self, group: list[_Prefill], fresh: bool, rows: int, size: int):
+        """batching.prefill (or the speculative one) over the group's next chunks, padded to `rows` x `size`."""
+        e, k, chunk = self.engine, self.speculative_k, self.engine.prefill_chunk
+        inputs = {"slots": np.full(rows, self.batch_size, np.int32), "tokens": np.zeros((rows, size), np.int32),
+                  "positions": np.full((rows, size), -1, np.int32), "final": np.zeros(rows, bool),
+                  "lengths": np.zeros(rows, np.int32), "keys": np.zeros((rows, 2), np.uint32),
+                  "temperature": np.zeros(rows, np.float32), "top_k": np.zeros(rows, np.int32),
+                  "top_p": np.ones(rows, np.float32)}
+        if k:  # the token after each position (the drafter's input): the prompt's, the first new one set on device
+            inputs["following"] = np.zeros((rows, size), np.int32)
+        for i, p in enumerate(group):
+            r, start = p.request, p.done
+            n = min(chunk, len(r.ids) - start)
+            inputs["slots"][i], inputs["final"][i], inputs["lengths"][i] = p.slot, start + n == len(r.ids), len(r.ids)
+            inputs["tokens"][i, :n] = r.ids[start:start + n]
+            inputs["positions"][i, :n] = np.arange(start, start + n)
+            inputs["keys"][i] = p.key
+            inputs["temperature"][i], inputs["top_k"][i], inputs["top_p"][i] = r.temperature, r.top_k, r.top_p
+            if k:
+                inputs["following"][i, :n] = r.ids[start + 1:start + n + 1] + [0] * (start + n == len(r.ids))
+        if k:
+            return batched_speculative.prefill(self._params, self.state, inputs, cfg=e.cfg, fresh=fresh, k=k,
+                                               drafter=self.drafter)
+        return prefill(e.params, self.state, inputs, cfg=e.cfg, fresh=fresh)
 
     def _first_token(self, p: _Prefill, first_id: int) -> None:
         """Emit a request's first token (max_new_tokens 1 or an eos end it: its slot is freed, and a step already
@@ -493,7 +605,7 @@ def generate_all(engine: Engine, prompts: Sequence[Sequence[int]], batch_size: i
         capacity = engine.capacity(longest, max_new_tokens)
     batcher = Batcher(engine, batch_size, capacity)
     if warm_up:
-        batcher.warm_up()
+        batcher.warm_up(prompt_lens=[len(p) for p in prompts])
     results: list[Generation | None] = [None] * len(prompts)
 
     def finished(index):
