@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mimo_jax import quant, sharding
-from mimo_jax.ops import ragged_matmul, ragged_swiglu_in
+from mimo_jax.ops import pair_matmul, pair_swiglu_in, ragged_matmul, ragged_swiglu_in
 
 
 def route(p, x, top_k: int, norm_topk_prob: bool, scaling: float):
@@ -62,6 +62,12 @@ def experts(stack, index, x, weights, ids):
         total = e
         w = {name: jax.tree_util.tree_map(lambda a: a[tuple(index)], stack[name]) for name in EXPERT_KEYS}
         flat = ids.reshape(-1)
+    if n == 1:
+        # One token (decode): its k experts are distinct, so every (token, expert) pair is its own row tile in
+        # pair order -- no sort, group sizes, tile schedule or un-sort (each was a kernel per layer).
+        h = pair_swiglu_in(jnp.broadcast_to(x, (k, x.shape[1])), w["w_gate"], w["w_up"], flat)
+        y = pair_matmul(h, w["w_down"], flat)
+        return jnp.einsum("kh,k->h", y.astype(jnp.float32), weights[0])[None].astype(x.dtype)
     order = jnp.argsort(flat, stable=True)
     rows = x[order // k]
     group_sizes = jnp.bincount(flat, length=total).astype(jnp.int32)  # skipped pairs (id == total) dropped

@@ -313,7 +313,7 @@ def _check_ragged(x, w, group_sizes, name):
     E, K, N = w.shape
     if x.ndim != 2 or x.shape[1] != K:
         raise ValueError(f"{name}: x {x.shape} does not match expert weight [E={E}, K={K}, N={N}]")
-    if group_sizes.shape != (E,):
+    if group_sizes is not None and group_sizes.shape != (E,):
         raise ValueError(f"{name}: group_sizes {group_sizes.shape} does not match E={E}")
 
 
@@ -355,3 +355,38 @@ def ragged_qmatmul_gate_up(x, w_gate, w_up, group_sizes, row_scale=None, *, impl
                                fmt=w_gate.fmt, group_size=w_gate.group_size, cfg=cfg,
                                interpret=impl == "interpret",
                                epilogue="silu_mul" if row_scale is None else "silu_mul_scaled")
+
+
+def pair_qmatmul(x, w, row_experts, *, impl: str = "auto", cfg=None):
+    """Row r of x[M, K] times expert row_experts[r] of w[E, K, N] -> [M, N]; E (or more) = skip, a zero row.
+    Rows need no sorting: the Pallas kernel runs one row tile per row (`int4_matmul.row_tiles`), which reads
+    every expert once when the rows' experts are distinct (one token's top-k at decode)."""
+    _check_ragged(x, w, None, "pair_qmatmul")
+    impl = _impl(impl)
+    E = w.shape[0]
+    if impl == "xla" or not isinstance(w, QuantizedWeight):
+        pick = jnp.minimum(row_experts, E - 1)
+        rows_w = jax.tree_util.tree_map(lambda a: jnp.take(a, pick, axis=0), w)
+        rows_w = dequantize(rows_w, x.dtype) if isinstance(rows_w, QuantizedWeight) else rows_w.astype(x.dtype)
+        y = jnp.einsum("mk,mkn->mn", x, rows_w, preferred_element_type=jnp.float32)
+        return jnp.where((row_experts < E)[:, None], y, 0.0).astype(x.dtype)
+    from pallas_kernels.int4_matmul import int4_grouped_matmul
+    return int4_grouped_matmul(x, None, (_weight_arrays(w),), fmt=w.fmt, group_size=w.group_size, cfg=cfg,
+                               interpret=impl == "interpret", row_experts=jnp.minimum(row_experts, E))
+
+
+def pair_qmatmul_gate_up(x, w_gate, w_up, row_experts, *, impl: str = "auto", cfg=None):
+    """SiLU(x @ w_gate[e_r]) * (x @ w_up[e_r]) per row r (see pair_qmatmul); one kernel reads x once for both
+    weights when both are quantized in the same format."""
+    impl = _impl(impl)
+    same = (isinstance(w_gate, QuantizedWeight) and isinstance(w_up, QuantizedWeight)
+            and (w_gate.fmt, w_gate.group_size) == (w_up.fmt, w_up.group_size))
+    if impl == "xla" or not same:
+        g = pair_qmatmul(x, w_gate, row_experts, impl=impl, cfg=cfg).astype(jnp.float32)
+        u = pair_qmatmul(x, w_up, row_experts, impl=impl, cfg=cfg).astype(jnp.float32)
+        return (jax.nn.silu(g) * u).astype(x.dtype)
+    _check_ragged(x, w_gate, None, "pair_qmatmul_gate_up")
+    from pallas_kernels.int4_matmul import int4_grouped_matmul
+    return int4_grouped_matmul(x, None, (_weight_arrays(w_gate), _weight_arrays(w_up)), fmt=w_gate.fmt,
+                               group_size=w_gate.group_size, cfg=cfg, interpret=impl == "interpret",
+                               epilogue="silu_mul", row_experts=jnp.minimum(row_experts, w_gate.shape[0]))

@@ -368,12 +368,23 @@ def default_grouped_config(M: int, K: int, N: int, group_size: int, E: int | Non
     return KernelConfig(bm=16, bn=bn, split_k=split, unroll=1)  # unroll 2 measured 5-25% slower (H200)
 
 
+def row_tiles(row_experts):
+    """int32 [3, M]: one tile per row, (expert, row, row + 1), rows in any order (no sort, no group sizes).
+    For rows whose experts are known to be distinct (one token's top-k): every expert is still read once."""
+    M = row_experts.shape[0]
+    r = jnp.arange(M, dtype=jnp.int32)
+    return jnp.stack([row_experts.astype(jnp.int32), r, r + 1])
+
+
 @functools.partial(jax.jit, static_argnames=("fmt", "group_size", "cfg", "interpret", "epilogue"))
 def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, group_size: int,
-                        cfg: KernelConfig | None = None, interpret: bool = False, epilogue: str = "none"):
+                        cfg: KernelConfig | None = None, interpret: bool = False, epilogue: str = "none",
+                        row_experts=None):
     """Rows of x[M, K] sorted by expert, group_sizes[E] rows per expert; weights is a tuple of
     (packed [E, K/2, N], scales [E, K/G, N], mins or None) -- one entry, or two (gate, up) for
-    epilogue "silu_mul" (SiLU(x Wg) * (x Wu)) / "silu_mul_scaled" (same, times row_scale[M])."""
+    epilogue "silu_mul" (SiLU(x Wg) * (x Wu)) / "silu_mul_scaled" (same, times row_scale[M]).
+    With row_experts (int32 [M], E = skip: a zero row) instead of group_sizes, row r uses expert
+    row_experts[r] and the rows need no sorting (`row_tiles`)."""
     M, K = x.shape
     E, K2, N = weights[0][0].shape
     if K2 * 2 != K:
@@ -381,7 +392,7 @@ def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, gr
                          f"N={N}]")
     cfg = _for_backend(cfg or default_grouped_config(M, K, N, group_size, E), interpret)
     check_shapes(K, N, group_size, cfg, what="expert weight")
-    tiles = tile_schedule(group_sizes, M, cfg.bm)
+    tiles = row_tiles(row_experts) if row_experts is not None else tile_schedule(group_sizes, M, cfg.bm)
     flat = []
     for (p, s, m) in weights:
         flat += [p, s] + ([m] if fmt == "int4_asym" else [])
