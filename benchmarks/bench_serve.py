@@ -6,8 +6,9 @@
     python benchmarks/bench_serve.py --checkpoint bundled                           # the bundled SmolLM2 weights
 
 The server runs in this process as `python -m mimo_jax.serve` runs it (a Batcher thread + uvicorn on a free
-port), built the same way (random weights from --config, or a checkpoint), with every prefill bucket and step
-bucket compiled first (Batcher.warm_up). Each concurrency level is driven by a separate client process (standard
+port), built the same way (random weights from --config, or a checkpoint), with every batched prefill call a wave
+of --prompt_len prompts can make (rows 1, 2, 4, ... up to the slots and --prefill_tokens) and every step bucket
+compiled first (Batcher.warm_up). Each concurrency level is driven by a separate client process (standard
 library only: asyncio sockets, SSE over chunked HTTP/1.1) so that its parsing does not share the server's GIL:
 C streaming /v1/completions requests sent at once, a prompt of --prompt_len token ids each (distinct), greedy,
 max_tokens fixed, ignore_eos. An untimed wave at the level first, then the timed one.
@@ -158,7 +159,6 @@ def main(args) -> None:
     import uvicorn
 
     from mimo_jax import batched_speculative, batching
-    from mimo_jax import engine as engine_module
     from mimo_jax.batching import Batcher
     from mimo_jax.serve import create_app
 
@@ -182,11 +182,14 @@ def main(args) -> None:
     print(f"batch-1 Engine.generate: decode {one.decode_tok_s:.1f} tok/s, prefill {one.prefill_ms:.1f} ms, "
           f"{args.max_tokens / (time.perf_counter() - t):.1f} tok/s end to end", flush=True)
 
-    batcher = Batcher(engine, batch, args.max_seq_len)
+    batcher = Batcher(engine, batch, args.max_seq_len, prefill_rows=args.prefill_rows or None,
+                      prefill_tokens=args.prefill_tokens or None)
     t = time.perf_counter()
-    batcher.warm_up(sampling=False)  # the waves are greedy
-    print(f"[server warm-up (every prefill bucket, greedy steps for every slot bucket): "
-          f"{time.perf_counter() - t:.1f} s]", flush=True)
+    shapes = batcher.prefill_shapes([args.prompt_len])
+    batcher.warm_up(sampling=False, prompt_lens=[args.prompt_len])  # the waves are greedy, all one prompt length
+    print(f"[server warm-up ({len(shapes)} batched prefill calls: rows {','.join(str(r) for _, r, _ in shapes)} x "
+          f"{shapes[0][2]} tokens, up to {batcher.prefill_tokens} tokens a tick; greedy steps for every slot "
+          f"bucket): {time.perf_counter() - t:.1f} s]", flush=True)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(create_app(batcher, "bench"), log_level="warning"))
@@ -197,7 +200,8 @@ def main(args) -> None:
     hostport = f"127.0.0.1:{sock.getsockname()[1]}"
     count_ids = engine.tokenizer is None
     compiled = lambda: (batching.generate._cache_size(), batched_speculative.generate._cache_size(),  # noqa: E731
-                        engine_module._prefill._cache_size())
+                        batching.prefill._cache_size(), batched_speculative.prefill._cache_size(),
+                        batching.free._cache_size())
 
     rows = []
     print(f"\n| concurrent | aggregate tok/s | x batch-1 | TTFT p50 / p99 ms | inter-token p50 / p99 ms | wall s |")
@@ -240,6 +244,10 @@ def parse(argv=None):
     p.add_argument("--max_seq_len", type=int, default=0, help="positions per slot (default prompt + max_tokens "
                    "+ speculative slack, rounded up to 64)")
     p.add_argument("--prefill_chunk", type=int, help="default 512 (--quick: 16)")
+    p.add_argument("--prefill_rows", type=int, default=0, help="requests prefilled in one call at most (default: "
+                   "the slots)")
+    p.add_argument("--prefill_tokens", type=int, default=0, help="padded prompt tokens prefilled between two steps "
+                   "(default: 8 x prefill_chunk)")
     p.add_argument("--speculative_k", type=int, default=0)
     p.add_argument("--drafter", help="with --speculative_k: Engine's drafter (default: the engine's; \"oracle\": "
                    "the target's own greedy continuation, every draft accepted: the step at full acceptance)")

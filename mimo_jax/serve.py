@@ -399,6 +399,10 @@ def _args(argv):
     p.add_argument("--batch_size", type=int, default=8, help="slots: requests decoded together")
     p.add_argument("--max_seq_len", type=int, default=2048, help="positions per slot (prompt + new tokens)")
     p.add_argument("--prefill_chunk", type=int, default=512)
+    p.add_argument("--prefill_rows", type=int, default=0, help="requests prefilled together in one call at most "
+                   "(default: batch_size)")
+    p.add_argument("--prefill_tokens", type=int, default=0, help="padded prompt tokens prefilled between two decode "
+                   "steps (default: 8 x prefill_chunk)")
     p.add_argument("--speculative_k", type=int, default=0, help="draft k tokens per slot and step, verified in one "
                    "pass (0 = off)")
     p.add_argument("--drafter", help="with --speculative_k: the engine's drafter choice (default: the engine's; MTP "
@@ -454,7 +458,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _args(sys.argv[1:] if argv is None else argv)
     try:
         engine = load_engine(args)
-        batcher = Batcher(engine, args.batch_size, engine.max_seq_len)
+        batcher = Batcher(engine, args.batch_size, engine.max_seq_len, prefill_rows=args.prefill_rows or None,
+                          prefill_tokens=args.prefill_tokens or None)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)

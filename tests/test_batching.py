@@ -54,7 +54,9 @@ def test_greedy_slots_equal_batch_one(tiny):
     schedule = {}
     for i, (n, new, at) in enumerate(REQUESTS):
         schedule.setdefault(at, []).append(Request(prompt(n, i), max_new_tokens=new, stop_at_eos=False))
-    done = drive(Batcher(tiny, batch_size=3, capacity=CAPACITY), schedule)
+    batcher = Batcher(tiny, batch_size=3, capacity=CAPACITY)
+    calls = record_prefills(batcher)
+    done = drive(batcher, schedule)
     assert len(done) == len(REQUESTS)
     for r in done:
         reference = tiny.generate(r.ids, max_new_tokens=r.max_new_tokens, stop_at_eos=False)
@@ -63,6 +65,8 @@ def test_greedy_slots_equal_batch_one(tiny):
     assert len(set(done[2].token_ids)) > 6  # a model that does not repeat one token
     # one compiled step per power-of-two count of busy slots (1, 2, and all 3) for all 8 requests
     assert batching.generate._cache_size() - before <= 3
+    # the first chunks of the 3 requests admitted at once in one call, the later chunks of two of them in another
+    assert (True, 3, 16, 3) in calls and (False, 2, 16, 2) in calls, calls
 
 
 @pytest.mark.slow
@@ -144,17 +148,17 @@ def test_generate_all_in_input_order(tiny):
 @pytest.mark.slow
 def test_warm_up_compiles_what_serving_runs(tiny):
     """After Batcher.warm_up, requests of any prompt length, sampled or greedy, at any occupancy compile nothing."""
-    from mimo_jax import engine as engine_module
-
     batcher = Batcher(tiny, batch_size=4, capacity=CAPACITY)
     batcher.warm_up()
     assert batcher.requests_total == 0 and batcher.slots_in_use == 0
-    compiled = batching.generate._cache_size(), engine_module._prefill._cache_size()
+    compiled = batching.generate._cache_size(), batching.prefill._cache_size(), batching.free._cache_size()
     schedule = {0: [Request(prompt(n, n), max_new_tokens=5, temperature=t, seed=1)
                     for n, t in ((3, 0.0), (40, 1.0), (17, 0.0))],
                 2: [Request(prompt(9, 1), max_new_tokens=9), Request(prompt(33, 2), max_new_tokens=3)]}
+    calls = record_prefills(batcher)
     drive(batcher, schedule)
-    assert (batching.generate._cache_size(), engine_module._prefill._cache_size()) == compiled
+    assert (batching.generate._cache_size(), batching.prefill._cache_size(), batching.free._cache_size()) == compiled
+    assert any(n > 1 for *_, n in calls)
 
 
 def test_bad_requests_refused(tiny):
@@ -201,6 +205,59 @@ def test_per_row_positions_equal_shared_positions(tiny):
         np.testing.assert_allclose(logits[b], singles[b], atol=1e-5, rtol=1e-5)
 
 
+def record_prefills(batcher):
+    """Record (fresh, rows, chunk length, requests) of every batched prefill call the batcher makes."""
+    calls, call = [], batcher._prefill_call
+
+    def recording(group, fresh, rows, size):
+        calls.append((fresh, rows, size, len(group)))
+        return call(group, fresh, rows, size)
+
+    batcher._prefill_call = recording
+    return calls
+
+
+@pytest.mark.slow
+def test_batched_prefill_padding_never_reaches_the_rings(tiny):
+    """Prompts of 37, 3, 20 and 9 tokens prefilled in ONE call of 4 rows x 64 tokens (the chunk bucket of the
+    oldest): each row's padding spans positions up to 63, past the sliding layers' 16-slot rings several times
+    over (window 8). Right after that call every slot's rings and full-layer positions equal a batch-1 prefill's
+    cache (a padding entry written at p % 16 would replace a visible one), and decoding on gives every request
+    its batch-1 greedy output."""
+    from mimo_jax import engine as engine_module
+
+    engine = Engine(tiny.cfg, tiny.params, max_seq_len=CAPACITY, prefill_chunk=64)
+    batcher = Batcher(engine, batch_size=4, capacity=CAPACITY)
+    calls = record_prefills(batcher)
+    requests = [batcher.submit(Request(prompt(n, 70 + n), max_new_tokens=9, stop_at_eos=False))
+                for n in (37, 3, 20, 9)]
+    batcher._prefill_some()
+    assert calls == [(True, 4, 64, 4)]
+    full = batching._full_layers(tiny.cfg)
+    rings = 0
+    for r in requests:
+        cache = engine.new_cache(CAPACITY)
+        for tokens, positions, _ in engine._chunks(r.ids):
+            _, cache = engine_module._prefill(engine.params, tokens, positions, cache, engine.cfg)
+
+        def same(path, slot_leaf, one, is_full):
+            nonlocal rings
+            row = np.asarray(slot_leaf)[(slice(None),) * (slot_leaf.ndim - 4) + (r.slot,)]
+            want = np.asarray(one)[(slice(None),) * (one.ndim - 4) + (0,)]
+            if is_full:  # positions the prompt wrote (later ones are masked for every query)
+                row, want = row[..., :len(r.ids), :, :], want[..., :len(r.ids), :, :]
+            else:
+                rings += 1
+            np.testing.assert_allclose(row, want, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+        jax.tree_util.tree_map_with_path(same, batcher.state["cache"], cache, full)
+    assert rings > 0
+    while batcher.tick():
+        pass
+    for r in requests:
+        assert r.token_ids == engine.generate(r.ids, max_new_tokens=9, stop_at_eos=False).token_ids
+
+
 # speculative: (prompt length, max_new_tokens, submitted at tick), 2 slots, requests waiting for a slot
 SPEC_REQUESTS = [(5, 21, 0), (37, 9, 0), (21, 26, 0), (9, 1, 2), (3, 14, 5), (16, 17, 9)]
 
@@ -214,7 +271,10 @@ def test_speculative_greedy_slots_equal_batch_one(tiny):
     schedule = {}
     for i, (n, new, at) in enumerate(SPEC_REQUESTS):
         schedule.setdefault(at, []).append(Request(prompt(n, 30 + i), max_new_tokens=new, stop_at_eos=False))
-    done = drive(Batcher(tiny, batch_size=2, capacity=CAPACITY, speculative_k=3, drafter=FLAKY), schedule)
+    batcher = Batcher(tiny, batch_size=2, capacity=CAPACITY, speculative_k=3, drafter=FLAKY)
+    calls = record_prefills(batcher)
+    done = drive(batcher, schedule)
+    assert (True, 2, 16, 2) in calls  # the first two admitted together
     hist = np.sum([r.stats.accepted_hist for r in done if r.max_new_tokens > 1], axis=0)
     for r in done:
         assert r.token_ids == tiny.generate(r.ids, max_new_tokens=r.max_new_tokens, stop_at_eos=False).token_ids
