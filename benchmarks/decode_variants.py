@@ -22,12 +22,12 @@ from mimo_jax import model
 from mimo_jax.config import load_config
 
 
-def _unrolled_run(x, params, experts, cache, positions, kind, cfg, outer=()):
+def _unrolled_run(x, params, experts, cache, positions, kind, cfg, outer=(), got=(), first=0, taps=()):
     length = jax.tree_util.tree_leaves(params)[0].shape[0]
     for i in range(length):
         p = jax.tree_util.tree_map(lambda a: a[i], params)
         x, cache = model.decoder_layer(p, x, positions, cache, (*outer, i), kind, cfg, experts)
-    return x, cache
+    return x, cache, got  # (no layer taps here)
 
 
 def time_decode(cfg, params, capacity: int, steps: int = 200):

@@ -5,8 +5,10 @@ target cache). The drafter reads a block of B >= k slots at positions P .. P+B-1
 
     slot 0      = embed(token_P)            (the target's own embedding table, frozen)
     slots 1..   = a learned [MASK] vector
-    context     = c_t = norm(fc(h_t)) for the last `window` positions t < P, h_t the target's normed last-layer
-                  hidden state (the verify pass computes it anyway)
+    context     = c_t = norm(fc(f_t)) for the last `window` positions t < P, f_t the target's features at t:
+                  the outputs of the layers named in `target_layers` (each RMS-normalised, no weight) joined with
+                  the normed last-layer hidden state (EAGLE-3 / DFlash fuse a low, a middle and a high layer;
+                  target_layers = () is the last layer alone); the verify pass computes them anyway
 
 and runs `num_layers` pre-norm blocks whose attention keys/values are [context ; block] (the context features
 enter every layer's K/V, as DFlash injects them), bidirectional within the block, RoPE at absolute positions.
@@ -15,13 +17,11 @@ tokens (EAGLE-3's reduced draft vocab: the head is most of a small drafter's cos
 P+j+1: d_1 .. d_k in one pass. q (for lossless sampling) is that distribution over the full vocabulary with
 -inf outside the draft vocabulary.
 
-Why the last layer only: it is the one hidden state `model.forward_hidden` returns and the verify pass already
-has, so conditioning on it costs nothing and does not reach into the target's layer loop; EAGLE-3 / DFlash
-fuse a few intermediate layers as well, which needs a hook in that loop (a gain of a few tenths of a token on
-large targets, per the EAGLE-3 ablation) -- left for when the layer loop exposes them.
+The intermediate layers come from `model.forward_hidden(..., taps=target_layers)` in the verify pass and the
+prompt pass (speculative.step / target_chunk); the drafter's Drafter carries the layer list (Drafter.taps).
 
-State (the speculative state's "mtp_cache" slot, the drafter's own): a ring of the last `window` target hidden
-states and their positions (-1 = empty). The weights travel in the target params under "drafter"
+State (the speculative state's "mtp_cache" slot, the drafter's own): a ring of the last `window` target feature
+vectors [F*H] (F = len(target_layers) + 1) and their positions (-1 = empty). The weights travel in the target params under "drafter"
 (params = {**target_params, "drafter": {"w": ..., "vocab": ...}}), so the jitted step takes them as data.
 
 Files: safetensors, the tensors flattened by path ("w.layers.wq", "vocab"), the BlockConfig and the target's
@@ -60,12 +60,16 @@ class BlockConfig:
     draft_vocab: int = 8192
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
+    target_layers: tuple = ()  # target layers whose outputs join the last layer's as features (files before: ())
 
     def __post_init__(self):
+        object.__setattr__(self, "target_layers", tuple(int(i) for i in self.target_layers))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2 or min(self.num_layers, self.block_size, self.window, self.draft_vocab) < 1:
             raise ValueError(f"bad block drafter config {self}")
+        if any(i < 0 for i in self.target_layers) or len(set(self.target_layers)) != len(self.target_layers):
+            raise ValueError(f"target_layers {self.target_layers}: distinct layer indices >= 0")
         if self.draft_vocab > self.target_vocab:
             raise ValueError(f"draft_vocab {self.draft_vocab} > the target's vocab {self.target_vocab}")
 
@@ -74,12 +78,29 @@ class BlockConfig:
         kw.setdefault("draft_vocab", min(8192, cfg.vocab_size))
         return cls(hidden_size=cfg.hidden_size, target_vocab=cfg.vocab_size, **kw)
 
+    @property
+    def feature_size(self) -> int:
+        return (len(self.target_layers) + 1) * self.hidden_size
+
+
+def default_layers(num_layers: int) -> tuple:
+    """A low, a middle and a high layer (EAGLE-3's choice; the last layer's output is always a feature)."""
+    return tuple(sorted({1, num_layers // 2, max(num_layers - 4, 0)} - {num_layers - 1}))
+
+
+def features(normed, tapped, eps: float):
+    """The drafter's context features: each tapped layer output [..., H] RMS-normalised (no weight: the residual
+    stream's scale grows with depth), then the normed last layer -> [..., F*H]. No taps: `normed` itself."""
+    if not tapped:
+        return normed
+    return jnp.concatenate([rms_norm(t, jnp.ones((), t.dtype), eps) for t in tapped] + [normed], axis=-1)
+
 
 def param_shapes(d: BlockConfig) -> dict:
     h, nh, nkv, hd, i = d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, d.intermediate_size
     layer = {"attn_norm": (h,), "wq": (h, nh * hd), "wk": (h, nkv * hd), "wv": (h, nkv * hd), "wo": (nh * hd, h),
              "mlp_norm": (h,), "w_gate": (h, i), "w_up": (h, i), "w_down": (i, h)}
-    return {"fc": (h, h), "ctx_norm": (h,), "mask": (h,), "final_norm": (h,),
+    return {"fc": (d.feature_size, h), "ctx_norm": (h,), "mask": (h,), "final_norm": (h,),
             "layers": {k: (d.num_layers,) + s for k, s in layer.items()}}
 
 
@@ -101,7 +122,8 @@ def init_weights(d: BlockConfig, key, dtype=jnp.float32) -> dict:
         return (scale * jax.random.normal(k, shape)).astype(dtype)
 
     w = jax.tree_util.tree_unflatten(treedef, [make(p, s, k) for (p, s), k in zip(leaves, keys)])
-    w["fc"] = jnp.eye(d.hidden_size, dtype=dtype)  # the context features start as the target's hidden states
+    # the context features start as the target's last hidden states (the tapped layers' rows zero)
+    w["fc"] = jnp.zeros((d.feature_size, d.hidden_size), dtype).at[-d.hidden_size:].set(jnp.eye(d.hidden_size))
     return w
 
 
@@ -117,7 +139,8 @@ def block_logits(w, vocab, tparams, cfg: ModelConfig, d: BlockConfig, ctx, ctx_p
     """The drafter's forward for A blocks sharing one context (training packs many blocks of a sequence; a
     decode step has A = 1). ctx [B,C,H] target normed hidden states at positions ctx_pos [B,C] (-1: none),
     token [B,A] at position [B,A] -> logits [B,A,block,Vd] f32 over the draft vocabulary; slot j predicts the
-    token at position+j+1. Block a sees the context positions in [position_a - window, position_a)."""
+    token at position+j+1. Block a sees the context positions in [position_a - window, position_a). ctx holds
+    the features ([B,C,F*H], `features`)."""
     (b, a), h, eps = token.shape, d.hidden_size, d.rms_norm_eps
     nh, nkv, hd, dtype = d.num_heads, d.num_kv_heads, d.head_dim, w["fc"].dtype
     c = rms_norm(jnp.dot(ctx.astype(dtype), w["fc"]), w["ctx_norm"], eps)  # [B,C,H]
@@ -154,13 +177,18 @@ def block_logits(w, vocab, tparams, cfg: ModelConfig, d: BlockConfig, ctx, ctx_p
 # ---- the Drafter (speculative.py's protocol) ----
 
 def init_state(d: BlockConfig, batch: int, dtype) -> dict:
-    return {"ctx": jnp.zeros((batch, d.window, d.hidden_size), dtype), "pos": jnp.full((batch, d.window), -1, jnp.int32)}
+    return {"ctx": jnp.zeros((batch, d.window, d.feature_size), dtype), "pos": jnp.full((batch, d.window), -1, jnp.int32)}
 
 
 def write(state: dict, hidden, positions) -> dict:
-    """Put hidden [1,T,H] at positions [T] (-1 = skip) into the ring (slot = position % window); of a chunk longer
-    than the ring only the last `window` positions are kept."""
+    """Put features [1,T,F*H] at positions [T] (-1 = skip) into the ring (slot = position % window); of a chunk
+    longer than the ring only the last `window` positions are kept."""
     size = state["ctx"].shape[1]
+    if hidden.shape[-1] != state["ctx"].shape[-1]:
+        raise ValueError(f"the block drafter conditions on {state['ctx'].shape[-1] // max(hidden.shape[-1], 1)} "
+                         f"target layers ({state['ctx'].shape[-1]} features) but was given {hidden.shape[-1]}: "
+                         "the caller must run the target with taps=drafter.taps and pass "
+                         "block_drafter.features(...) (speculative.target_chunk(..., taps=...))")
     keep = (positions >= 0) & (positions > jnp.max(positions) - size)
     slots = jnp.where(keep, positions % size, size)  # size: out of range, dropped
     return {"ctx": state["ctx"].at[0, slots].set(hidden[0].astype(state["ctx"].dtype), mode="drop"),
@@ -201,7 +229,7 @@ def drafter_for(d: BlockConfig):
 
     part = lambda f: functools.partial(f, d=d)  # noqa: E731
     return speculative.Drafter("block", part(_propose), part(_refresh), False, init=part(_init),
-                               prefill=part(_prefill))
+                               prefill=part(_prefill), taps=d.target_layers)
 
 
 # ---- files ----
@@ -284,6 +312,8 @@ def check_target(d: BlockConfig, meta: dict, target: ModelConfig, path) -> None:
     want = json.loads(meta.get("target", "{}"))
     got = {"hidden_size": target.hidden_size, "vocab_size": target.vocab_size, "num_layers": target.num_layers}
     bad = [f"{k} {want[k]} vs {v}" for k, v in got.items() if k in want and want[k] != v]
+    if any(i >= target.num_layers - 1 for i in d.target_layers):
+        bad.append(f"target_layers {d.target_layers} (the target's intermediate layers are 0..{target.num_layers - 2})")
     if d.hidden_size != target.hidden_size or d.target_vocab != target.vocab_size:
         bad.append(f"hidden/vocab {d.hidden_size}/{d.target_vocab} vs {target.hidden_size}/{target.vocab_size}")
     if bad:

@@ -148,43 +148,56 @@ def _split_experts(params, kind):
     return {**params, "mlp": mlp}, {k: params["mlp"][k] for k in EXPERT_KEYS}
 
 
-def _scan_run(x, params, experts, cache, positions, kind, cfg, outer=()):
+def _tap(got, x, layer, taps):
+    """The outputs of the layers named in taps (static) so far: x joins where `layer` (traced) is one of them."""
+    return tuple(jnp.where(layer == t, x, g) for g, t in zip(got, taps))
+
+
+def _scan_run(x, params, experts, cache, positions, kind, cfg, outer=(), got=(), first=0, taps=()):
     length = jax.tree_util.tree_leaves(params)[0].shape[0]
 
     def body(carry, xs):
-        x, cache = carry
+        x, cache, got = carry
         p, i = xs
-        return decoder_layer(p, x, positions, cache, (*outer, i), kind, cfg, experts), None
+        x, cache = decoder_layer(p, x, positions, cache, (*outer, i), kind, cfg, experts)
+        return (x, cache, _tap(got, x, first + i, taps)), None
 
-    (x, cache), _ = jax.lax.scan(body, (x, cache), (params, jnp.arange(length)))
-    return x, cache
+    (x, cache, got), _ = jax.lax.scan(body, (x, cache, got), (params, jnp.arange(length)))
+    return x, cache, got
 
 
-def _scan_loop(x, params, experts, caches, positions, loop: Loop, cfg):
+def _scan_loop(x, params, experts, caches, positions, loop: Loop, cfg, got=(), first=0, taps=()):
+    period = sum(run.length for run in loop.runs)
+
     def body(carry, xs):
-        x, caches = carry
+        x, caches, got = carry
         ps, rep = xs
-        new = []
+        new, layer = [], first + rep * period
         for run, p, ex, c in zip(loop.runs, ps, experts, caches):
-            x, c = _scan_run(x, p, ex, c, positions, run.kind, cfg, outer=(rep,))
+            x, c, got = _scan_run(x, p, ex, c, positions, run.kind, cfg, (rep,), got, layer, taps)
             new.append(c)
-        return (x, new), None
+            layer = layer + run.length
+        return (x, new, got), None
 
-    (x, caches), _ = jax.lax.scan(body, (x, list(caches)), (list(params), jnp.arange(loop.repeats)))
-    return x, caches
+    (x, caches, got), _ = jax.lax.scan(body, (x, list(caches), got), (list(params), jnp.arange(loop.repeats)))
+    return x, caches, got
 
 
-def run_layers(layer_params, layer_caches, x, positions, cfg: ModelConfig):
-    new_caches = []
+def run_layers(layer_params, layer_caches, x, positions, cfg: ModelConfig, taps=()):
+    """-> (x, caches, the outputs of the layers named in taps)."""
+    new_caches, got, first = [], tuple(jnp.zeros_like(x) for _ in taps), 0
     for item, p, c in zip(plan_of(cfg), layer_params, layer_caches):
         if isinstance(item, Run):
             p, experts = _split_experts(p, item.kind)
-            x, c = _scan_run(x, p, experts, c, positions, item.kind, cfg)
+            x, c, got = _scan_run(x, p, experts, c, positions, item.kind, cfg, (), got, first, taps)
+            first += item.length
         else:
             split = [_split_experts(pr, run.kind) for pr, run in zip(p, item.runs)]
-            x, c = _scan_loop(x, [s[0] for s in split], [s[1] for s in split], c, positions, item, cfg)
+            x, c, got = _scan_loop(x, [s[0] for s in split], [s[1] for s in split], c, positions, item, cfg, got,
+                                   first, taps)
+            first += item.repeats * sum(run.length for run in item.runs)
         new_caches.append(c)
-    return x, new_caches
+    return x, new_caches, got
 
 
 def _run_of(plan, slot):
@@ -259,37 +272,41 @@ def preferred_layout(cfg: ModelConfig) -> str:
     return "unrolled" if max(int(np.prod(s)) for s in shapes) >= 1 << 23 else "scan"
 
 
-def _run_unrolled(per_layer, expert_stacks, layer_caches, x, positions, cfg: ModelConfig):
-    plan, caches = plan_of(cfg), list(layer_caches)
-    for p, slot in zip(per_layer, layer_slots(plan)):
+def _run_unrolled(per_layer, expert_stacks, layer_caches, x, positions, cfg: ModelConfig, taps=()):
+    plan, caches, got = plan_of(cfg), list(layer_caches), {}
+    for i, (p, slot) in enumerate(zip(per_layer, layer_slots(plan))):
         kind = _run_of(plan, slot).kind
         experts = _at(expert_stacks, slot) if kind[1] != DENSE else None
         x, c = decoder_layer(p, x, positions, _at(caches, slot), slot.index, kind, cfg, experts)
         caches = _with(caches, slot, c)
-    return x, caches
+        got[i] = x
+    return x, caches, tuple(got[t] for t in taps)
 
 
 def embed(params, tokens):
     return jnp.take(params["embed"], tokens, axis=0)
 
 
-def forward_hidden(params, tokens, positions, cache, cfg: ModelConfig, kernels: str = "xla"):
+def forward_hidden(params, tokens, positions, cache, cfg: ModelConfig, kernels: str = "xla", taps: tuple = ()):
     """tokens [B,T] -> (last layer's hidden states [B,T,H], before the final norm; updated cache).
 
     kernels (static): "xla" runs the reference path (any shape, any device); "pallas" / "interpret" run a
     one-token batch-1 decode through the fused Pallas layer kernels (fused_decode.py) where they support the
-    model (else this path)."""
-    if kernels != "xla" and tokens.shape == (1, 1) and "unrolled" not in params:
+    model (else this path).
+    taps (static layer indices, default none): also return the outputs of those layers (the residual stream after
+    layer i, [B,T,H] each): -> (hidden, cache, tuple of outputs). A drafter conditioned on intermediate layers
+    (block_drafter.py) reads them from the verify pass."""
+    if kernels != "xla" and tokens.shape == (1, 1) and "unrolled" not in params and not taps:
         from mimo_jax import fused_decode
 
         if fused_decode.unsupported(cfg, params, cache) is None:
             return fused_decode.forward_hidden(params, tokens, positions, cache, cfg, kernels == "interpret")
     if "unrolled" in params:
-        x, layers = _run_unrolled(params["unrolled"], params["layers"], cache["layers"], embed(params, tokens),
-                                  positions, cfg)
-        return x, {**cache, "layers": layers}
-    x, layers = run_layers(params["layers"], cache["layers"], embed(params, tokens), positions, cfg)
-    return x, {**cache, "layers": layers}
+        x, layers, got = _run_unrolled(params["unrolled"], params["layers"], cache["layers"], embed(params, tokens),
+                                       positions, cfg, taps)
+    else:
+        x, layers, got = run_layers(params["layers"], cache["layers"], embed(params, tokens), positions, cfg, taps)
+    return (x, {**cache, "layers": layers}) + ((got,) if taps else ())
 
 
 @jax.named_scope("norm")

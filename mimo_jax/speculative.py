@@ -25,7 +25,9 @@ top-k, top-p):
     5. commit   the verify pass already wrote positions P..P+k; full-attention entries past P+n are stale but
                 masked (a query never sees slots beyond its position), and the SWA rings have k+1 spare slots,
                 so the rejected positions overwrote nothing still in any later window: nothing to roll back.
-    6. refresh  MTP: layer 0 re-reads positions P..P+n with the target's hidden states and the emitted tokens
+    6. refresh  (the verify pass hands the drafter the normed last-layer hidden states, or, for a drafter that
+                names target layers in Drafter.taps, block_drafter.features of those layers' outputs and them)
+                MTP: layer 0 re-reads positions P..P+n with the target's hidden states and the emitted tokens
                 (filling its cache with true inputs) and its output at P+n gives the next step's d_1; each deeper
                 layer j re-reads them too, fed layer j-1's true outputs one position back (the inputs it sees at
                 its depth of the chain), so no cache keeps the inputs of rejected drafts.
@@ -125,13 +127,27 @@ class Drafter:
 
     init(params, cfg, k, dtype) -> the drafter's state (state["mtp_cache"]) before the prompt; prefill(params,
     dstate, normed [1,T,H], next_tokens [1,T], positions [T], key, settings, cfg, is_greedy) -> dstate after a
-    prompt chunk. None: no state (the MTP drafter's own prefill is mtp_chunk: it also makes d_1)."""
+    prompt chunk. None: no state (the MTP drafter's own prefill is mtp_chunk: it also makes d_1).
+
+    taps: target layers whose outputs the drafter conditions on besides the last one (model.forward_hidden's
+    taps): refresh and prefill then get block_drafter.features(normed, outputs) [.., F*H] where `normed` stands."""
     name: str
     propose: Callable
     refresh: Callable
     uses_mtp: bool
     init: Callable | None = None
     prefill: Callable | None = None
+    taps: tuple = ()
+
+
+def verify_forward(params, tokens, positions, cache, cfg: ModelConfig, taps: tuple = ()):
+    """The target over tokens -> (normed last-layer hidden [B,T,H], the drafter's features (normed itself without
+    taps, else block_drafter.features with the tapped layers' outputs), cache)."""
+    from mimo_jax.block_drafter import features
+
+    out = model.forward_hidden(params, tokens, positions, cache, cfg, taps=taps)
+    normed = model.final_norm(params, out[0], cfg)
+    return normed, (features(normed, out[2], cfg.rms_norm_eps) if taps else normed), out[1]
 
 
 MTP = Drafter("mtp", _mtp_propose, _mtp_refresh, True, init=mtp_init)
@@ -205,15 +221,14 @@ def step(params, state, key, temperature, top_k, top_p, *, cfg: ModelConfig, k: 
     key_d, key_a, key_r = jax.random.split(sampling.token_key(key, position + 1), 3)  # its first token: P + 1
     drafts, q_logits, mtp_cache = drafter.propose(params, state, key_d, settings, cfg, k, is_greedy)
     tokens = jnp.concatenate([state["token"][:, None], drafts], axis=1)
-    hidden, cache = model.forward_hidden(params, tokens, position + jnp.arange(k + 1, dtype=jnp.int32),
-                                         state["cache"], cfg)
-    normed = model.final_norm(params, hidden, cfg)
+    normed, feats, cache = verify_forward(params, tokens, position + jnp.arange(k + 1, dtype=jnp.int32),
+                                          state["cache"], cfg, drafter.taps)
     n, bonus = accept(drafts, q_logits, model.head(params, normed, cfg), key_a, settings, is_greedy)
     slots = jnp.arange(k + 1)
     emitted = jnp.where(slots < n, jnp.concatenate([drafts, drafts[:, :1]], axis=1), 0)
     emitted = jnp.where(slots == n, bonus[:, None], emitted).astype(jnp.int32)
     state = {**state, "cache": cache, "mtp_cache": mtp_cache}
-    draft, draft_logits, draft_hidden, mtp_cache = drafter.refresh(params, state, normed, emitted, n, key_r,
+    draft, draft_logits, draft_hidden, mtp_cache = drafter.refresh(params, state, feats, emitted, n, key_r,
                                                                    settings, cfg, is_greedy)
     new_state = {**state, "cache": cache, "mtp_cache": mtp_cache, "token": bonus, "position": position + n + 1,
                  "draft": draft, "draft_logits": draft_logits, "draft_hidden": draft_hidden}
@@ -222,13 +237,13 @@ def step(params, state, key, temperature, top_k, top_p, *, cfg: ModelConfig, k: 
 
 # ---- the state after the prompt ----
 
-@functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
-def target_chunk(params, tokens, positions, cache, cfg: ModelConfig):
-    """A prompt chunk through the target -> (normed hidden [1,T,H], logits of the last real token, cache)."""
-    hidden, cache = model.forward_hidden(params, tokens, positions, cache, cfg)
-    normed = model.final_norm(params, hidden, cfg)
+@functools.partial(jax.jit, static_argnames=("cfg", "taps"), donate_argnames="cache")
+def target_chunk(params, tokens, positions, cache, cfg: ModelConfig, taps: tuple = ()):
+    """A prompt chunk through the target -> (normed hidden [1,T,H], logits of the last real token, cache). taps:
+    the drafter's (Drafter.taps): the first output is then its features (verify_forward)."""
+    normed, feats, cache = verify_forward(params, tokens, positions, cache, cfg, taps)
     last = jnp.sum(positions >= 0) - 1
-    return normed, model.head(params, normed[:, last], cfg), cache
+    return feats, model.head(params, normed[:, last], cfg), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "is_greedy"), donate_argnames="mtp_cache")

@@ -134,3 +134,47 @@ def test_mtp_refresh_feeds_every_layer_true_inputs(tiny):
     for j in range(cfg.num_mtp_layers):
         for name in ("k", "v"):
             np.testing.assert_allclose(np.asarray(state["kv"][name][j]), np.asarray(whole["kv"][name][j]), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["scan", "unrolled"])
+def test_forward_hidden_taps_intermediate_layers(tiny, layout):
+    """model.forward_hidden(..., taps=...) returns the named layers' outputs in both layouts (tiny_mimo's plan has
+    runs and a loop): equal across layouts, the last layer's tap is the hidden state, and without taps the
+    result is the 2-tuple it always was."""
+    cfg, params = tiny
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 11)), jnp.int32)
+    pos = jnp.arange(11, dtype=jnp.int32)
+    taps = (0, 2, 4, cfg.num_layers - 1)
+    fwd = jax.jit(model.forward_hidden, static_argnames=("cfg", "taps"))
+    p = params if layout == "scan" else model.unroll_layers(params, cfg)
+    hidden, _, got = fwd(p, tokens, pos, model.init_cache(cfg, 1, 32, jnp.float32), cfg=cfg, taps=taps)
+    ref_hidden, _, ref = fwd(model.unroll_layers(params, cfg, fuse=False), tokens, pos,
+                             model.init_cache(cfg, 1, 32, jnp.float32), cfg=cfg, taps=taps)
+    assert len(got) == 4 and len(fwd(p, tokens, pos, model.init_cache(cfg, 1, 32, jnp.float32), cfg=cfg)) == 2
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(got[-1]), np.asarray(hidden))
+    assert not np.allclose(np.asarray(got[0]), np.asarray(got[1]))
+
+
+def test_multi_layer_block_drafter_greedy_equals_plain(tiny, tmp_path):
+    """A block drafter conditioned on target layers 1 and 4 and the last (random weights, the taps' fc rows
+    non-zero so they matter): greedy speculative output == plain greedy, through the verify pass's taps and the
+    prompt pass's (train_drafter.speculative_greedy); the file records the layers."""
+    from mimo_jax import train_drafter
+
+    cfg, params = tiny
+    d = block_drafter.BlockConfig.for_target(cfg, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
+                                             window=16, block_size=4, draft_vocab=128, target_layers=(1, 4))
+    w = block_drafter.init_weights(d, jax.random.PRNGKey(5))
+    w["fc"] = w["fc"] + 0.3 * jax.random.normal(jax.random.PRNGKey(6), w["fc"].shape) / np.sqrt(d.feature_size)
+    path = tmp_path / "multi.safetensors"
+    block_drafter.save(path, d, w, np.arange(0, 256, 2), cfg)
+    assert block_drafter.load(path, target=cfg)[0].target_layers == (1, 4)
+    spec = engine(cfg, params, speculative_k=4, drafter=str(path))
+    assert spec.drafter.taps == (1, 4)
+    for seed in (0, 1):
+        prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, 37).tolist()
+        plain = engine(cfg, params).generate(prompt, max_new_tokens=40, stop_at_eos=False)
+        out, hist, _ = train_drafter.speculative_greedy(spec, prompt, 40)
+        assert out == plain.token_ids and hist.sum() > 5
