@@ -1,11 +1,12 @@
 #!/bin/bash
 # Step wall time of one config under XLA flag variants (each in its own process: XLA reads XLA_FLAGS once).
-#   bash benchmarks/xla_flag_sweep.sh configs/smollm2_135m.json scan,unrolled [extra profile_step args]
+#   bash benchmarks/xla_flag_sweep.sh configs/smollm2_135m.json auto [extra profile_step args]
+# (xla_gpu_enable_dot_strength_reduction, tried before, no longer exists in jax 0.11's XLA: it aborts the run.)
 cfg=$1; layouts=$2; shift 2
-for flags in "" "--xla_gpu_enable_command_buffer=" "--xla_gpu_enable_dot_strength_reduction=false" \
-             "--xla_gpu_require_exclusive_lock=true" "--xla_gpu_enable_command_buffer_va_remapping=true" \
-             "--xla_gpu_enable_dot_strength_reduction=false --xla_gpu_require_exclusive_lock=true"; do
+for flags in "" "--xla_gpu_enable_pdl=true" "--xla_gpu_enable_pdl=true --xla_gpu_enable_pdl_launch=true" \
+             "--xla_gpu_graph_enable_concurrent_region=true" "--xla_gpu_require_exclusive_lock=true" \
+             "--xla_gpu_enable_pdl=true --xla_gpu_enable_pdl_launch=true --xla_gpu_require_exclusive_lock=true"; do
   echo "== XLA_FLAGS='$flags'"
   XLA_FLAGS="$flags" python benchmarks/profile_step.py --config "$cfg" --layout "$layouts" --wall_only "$@" 2>&1 \
-    | grep -E "^--|wall|Error|error" | head -8
+    | grep -E "^--|wall|Error|error|Abort|unknown" | head -8
 done

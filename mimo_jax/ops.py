@@ -12,12 +12,13 @@ import numpy as np
 
 from mimo_jax import quant
 
-# Dense weights streamed by the Pallas GEMV kernel at batch-1 decode (pallas_kernels/gemv.py): one token, bf16, up
-# to 2^26 elements. Measured on an H200 (BENCHMARKS.md): 4096 x 13568 (MiMo's fused q/k/v) 43 -> 33 us, and one
-# kernel instead of XLA's multiply + reduce pair for SmolLM2's small projections; XLA's own GEMV is kept for
-# larger weights (the lm_head, the dense MLP: 90-98% of the read ceiling already) and for M > 1 (verify, prefill:
-# at parity or better).
-GEMV_MAX_ELEMENTS = 1 << 26
+# Dense weights streamed by the Pallas GEMV kernel at batch-1 decode (pallas_kernels/gemv.py): one token, bf16,
+# 2^23..2^26 elements. Measured on an H200 (BENCHMARKS.md): MiMo's fused q/k/v (4096 x 13568) 43 -> 35 us, o 21 -> 20
+# us in the step. Kept on XLA's dot: larger weights (the lm_head, the dense MLP: 90-98% of the read ceiling already),
+# M > 1 (verify, prefill: at parity) and small layers such as SmolLM2's, which run as a scan over stacked weights:
+# there a Pallas operand is a materialised slice of the stack (a copy per layer; XLA's dot reads the stack in
+# place), and the kernel (~4 us) is no faster than XLA's multiply + reduce pair (1.395 -> 1.908 ms measured).
+GEMV_ELEMENTS = (1 << 23, 1 << 26)
 
 
 def _use_gemv(x, w) -> bool:
@@ -30,7 +31,7 @@ def _use_gemv(x, w) -> bool:
         return False
     K, N = w.shape
     rows = int(np.prod(x.shape[:-1]))
-    return rows == 1 and K * N <= GEMV_MAX_ELEMENTS and supported(rows, K, N)
+    return rows == 1 and GEMV_ELEMENTS[0] <= K * N <= GEMV_ELEMENTS[1] and supported(rows, K, N)
 
 
 def matmul(x, w):
