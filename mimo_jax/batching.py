@@ -217,6 +217,7 @@ class Request:
     budget: Budget | None = None
     submitted_at: float = 0.0
     first_token_at: float = 0.0
+    key: np.ndarray | None = None  # jax.random.PRNGKey(seed)'s two words (submit)
 
 
 @dataclasses.dataclass
@@ -224,7 +225,6 @@ class _Prefill:
     """A request admitted into its slot whose prompt is not yet all through the target."""
     request: Request
     slot: int
-    key: np.ndarray  # jax.random.PRNGKey(seed)'s two words
     started: float
     done: int = 0  # prompt tokens already prefilled
 
@@ -298,6 +298,8 @@ class Batcher:
                                    e.eos_ids if request.stop_at_eos else ())
         request.stats = GenerationStats(prompt_tokens=len(request.ids), speculative_k=self.speculative_k,
                                         accepted_hist=[0] * (self.speculative_k + 1) if self.speculative_k else [])
+        with jax.default_device(jax.devices("cpu")[0]):  # on the host: no wait behind the accelerator's queue
+            request.key = np.asarray(jax.random.PRNGKey(request.seed), np.uint32)
         request.submitted_at = time.perf_counter()
         with self._wake:
             self._waiting.append(request)
@@ -361,7 +363,6 @@ class Batcher:
             for fresh, rows, size in self.prefill_shapes(prompt_lens):
                 self.state, _ = self._prefill_call([], fresh, rows, size)
             self.state = free(self.state, 0)
-            jax.random.PRNGKey(0)  # what admission runs
             rows = 1
             while True:
                 for all_greedy in (True, False)[:1 + sampling]:
@@ -455,8 +456,7 @@ class Batcher:
                 r = self._waiting.popleft()
             slot = self.slots.index(None)
             self.slots[slot], r.slot = r, slot
-            key = np.asarray(jax.random.PRNGKey(r.seed), np.uint32)
-            self._prefills.append(_Prefill(r, slot, key, time.perf_counter()))
+            self._prefills.append(_Prefill(r, slot, time.perf_counter()))
         spent = 0
         while self._prefills and spent < self.prefill_tokens:
             spent += self._prefill_group(self.prefill_tokens - spent)
@@ -510,7 +510,7 @@ class Batcher:
             inputs["slots"][i], inputs["final"][i], inputs["lengths"][i] = p.slot, start + n == len(r.ids), len(r.ids)
             inputs["tokens"][i, :n] = r.ids[start:start + n]
             inputs["positions"][i, :n] = np.arange(start, start + n)
-            inputs["keys"][i] = p.key
+            inputs["keys"][i] = r.key
             inputs["temperature"][i], inputs["top_k"][i], inputs["top_p"][i] = r.temperature, r.top_k, r.top_p
             if k:
                 inputs["following"][i, :n] = r.ids[start + 1:start + n + 1] + [0] * (start + n == len(r.ids))
