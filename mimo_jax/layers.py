@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mimo_jax.config import AttentionSpec
 from mimo_jax.ops import matmul
@@ -71,31 +70,6 @@ def ring_positions(length, size: int):
     return jnp.where(pos >= 0, pos, -1)
 
 
-def _use_attention_kernel(t: int, g: int, spec: AttentionSpec, dtype) -> bool:
-    """The Pallas cached-attention kernel (pallas_kernels/attention.py) for decode / verify on one GPU: T <= 16
-    new tokens. Under a device mesh the cache is split by kv head (GSPMD), which a Pallas call cannot follow:
-    XLA's path stays there, and on CPU (the reference)."""
-    from mimo_jax import sharding
-    from pallas_kernels.attention import supported
-
-    return (jax.default_backend() == "gpu" and sharding.expert_axis_size() == 1 and t <= 16
-            and dtype in (jnp.bfloat16, jnp.float32) and supported(t, g, spec.head_dim, spec.v_head_dim))
-
-
-def _attend_kernel(q5, cache, index, rows_pos, b, ring_pos, chunk, sink, spec: AttentionSpec):
-    """attend() through the kernel, reading this layer's keys in place from the run's stacked cache."""
-    from pallas_kernels.attention import attend_cached
-
-    lead = cache["k"].shape[: len(index)]
-    layer = sum(i * int(np.prod(lead[j + 1:])) for j, i in enumerate(index)) if index else 0
-    flat = {n: cache[n].reshape((-1,) + cache[n].shape[len(index):]) for n in ("k", "v")}
-    qpos = jnp.broadcast_to(rows_pos, (b, rows_pos.shape[1]))
-    ring_pos = None if ring_pos is None else jnp.broadcast_to(ring_pos, (b, ring_pos.shape[1]))
-    return attend_cached(q5, flat["k"], flat["v"], layer, qpos, cache_pos=ring_pos,
-                         chunk=None if chunk is None else (*chunk, qpos), sink=sink, window=spec.window,
-                         scale=spec.head_dim ** -0.5)
-
-
 def attention(p, x, positions, cache, index, spec: AttentionSpec):
     """Pre-normed x [B,T,H] -> attention output [B,T,H] and the cache with this chunk written.
 
@@ -121,9 +95,6 @@ def attention(p, x, positions, cache, index, spec: AttentionSpec):
     q = rope(q, positions, spec.rope_theta, spec.rope_dim)
     k = rope(k, positions, spec.rope_theta, spec.rope_dim)
     k, v = k.astype(cache["k"].dtype), v.astype(cache["v"].dtype)
-    sink = p["sink"].astype(jnp.float32).reshape(hkv, g) if spec.sink else None
-    q5 = q.reshape(b, t, hkv, g, spec.head_dim)
-    use_kernel = _use_attention_kernel(t, g, spec, cache["k"].dtype)
     rows_pos = positions if positions.ndim == 2 else positions[None]  # [B or 1, T]
     start = rows_pos[:, 0]  # -1: a row with nothing to write (an inactive slot)
     n_valid = jnp.sum(rows_pos >= 0, axis=1)
@@ -134,26 +105,19 @@ def attention(p, x, positions, cache, index, spec: AttentionSpec):
         rows = jnp.arange(b)[:, None]
         cache = {name: cache[name].at[(*index, rows, slots)].set(new, mode="drop")
                  for name, new in (("k", k), ("v", v))}
-        if use_kernel:
-            out = _attend_kernel(q5, cache, index, rows_pos, b, None, None, sink, spec)
-        else:
-            keys, values = cache["k"][index], cache["v"][index]
-            mask = jnp.arange(capacity)[None, None, :] <= qpos
+        keys, values = cache["k"][index], cache["v"][index]
+        mask = jnp.arange(capacity)[None, None, :] <= qpos
     else:
         size = cache["k"].shape[len(index) + 1]
         old_k, old_v = cache["k"][index], cache["v"][index]
-        ring_pos = ring_positions(start[:, None], size)
-        if use_kernel:  # reads the ring before it is rebuilt below
-            out = _attend_kernel(q5, cache, index, rows_pos, b, ring_pos, (k, v), sink, spec)
-        else:
-            kpos = jnp.concatenate([ring_pos, rows_pos], axis=1)[:, None, :]
-            keys, values = jnp.concatenate([old_k, k], axis=1), jnp.concatenate([old_v, v], axis=1)
-            mask = (kpos >= 0) & (kpos <= qpos) & (kpos >= qpos - spec.window)
+        kpos = jnp.concatenate([ring_positions(start[:, None], size), rows_pos], axis=1)[:, None, :]
+        keys, values = jnp.concatenate([old_k, k], axis=1), jnp.concatenate([old_v, v], axis=1)
+        mask = (kpos >= 0) & (kpos <= qpos) & (kpos >= qpos - spec.window)
         new_pos = ring_positions((start + n_valid)[:, None], size)
         from_chunk = ((new_pos >= start[:, None]) & (new_pos >= 0))[:, :, None, None]
         take = jnp.clip(new_pos - start[:, None], 0, t - 1)[:, :, None, None]
         cache = {"k": cache["k"].at[index].set(jnp.where(from_chunk, jnp.take_along_axis(k, take, axis=1), old_k)),
                  "v": cache["v"].at[index].set(jnp.where(from_chunk, jnp.take_along_axis(v, take, axis=1), old_v))}
-    if not use_kernel:
-        out = attend(q5, keys, values, mask, sink, spec.head_dim ** -0.5)
+    sink = p["sink"].astype(jnp.float32).reshape(hkv, g) if spec.sink else None
+    out = attend(q.reshape(b, t, hkv, g, spec.head_dim), keys, values, mask, sink, spec.head_dim ** -0.5)
     return matmul(out.reshape(b, t, spec.num_heads * spec.v_head_dim), p["wo"]), cache

@@ -17,6 +17,13 @@ Visible: 0 <= key position <= query position (and >= query position - window). A
 (acc, max, sum) and one small XLA fusion combines them.
 
 D need not be a power of two (MiMo's 192 = 128 + 64): q.k runs as one dot per power-of-two part.
+
+Status: correct (tests/test_attention_kernel.py) but NOT used by the model. Routed into layers.attention on one
+H200 it made every step slower (BENCHMARKS.md, 2026-11-22): 6-8 us per call at decode against ~1.5 us per XLA
+fusion it replaced (a handful of programs, each a serial chain of dependent loads and reductions), and 104 us
+at a 9-token verify of 16-head groups (256 padded rows: the f32 accumulator spills). What would make it pay:
+more programs per kv head (split the keys at decode too, rows per program <= 64) and folding in the RoPE and
+cache write it leaves to XLA.
 """
 from __future__ import annotations
 
