@@ -79,6 +79,8 @@ def attention(p, x, positions, cache, index, spec: AttentionSpec):
     ring is rebuilt so each slot holds the newest valid position with its residue. With R = window + s, a chunk
     of up to s positions that is later rolled back (rejected drafts: the next call starts before them) only
     overwrote slots of positions already outside every later window, so nothing needed is lost.
+    The cache may hold more rows than x (batched decoding over the first B slots of a larger state): rows [0, B)
+    are read and written in place, the others are left as they are (no copy of the cache in or out).
     """
     b, t, _ = x.shape
     hkv, g = spec.num_kv_heads, spec.num_heads // spec.num_kv_heads
@@ -105,19 +107,20 @@ def attention(p, x, positions, cache, index, spec: AttentionSpec):
         rows = jnp.arange(b)[:, None]
         cache = {name: cache[name].at[(*index, rows, slots)].set(new, mode="drop")
                  for name, new in (("k", k), ("v", v))}
-        keys, values = cache["k"][index], cache["v"][index]
+        keys, values = cache["k"][index][:b], cache["v"][index][:b]
         mask = jnp.arange(capacity)[None, None, :] <= qpos
     else:
         size = cache["k"].shape[len(index) + 1]
-        old_k, old_v = cache["k"][index], cache["v"][index]
+        old_k, old_v = cache["k"][index][:b], cache["v"][index][:b]
         kpos = jnp.concatenate([ring_positions(start[:, None], size), rows_pos], axis=1)[:, None, :]
         keys, values = jnp.concatenate([old_k, k], axis=1), jnp.concatenate([old_v, v], axis=1)
         mask = (kpos >= 0) & (kpos <= qpos) & (kpos >= qpos - spec.window)
         new_pos = ring_positions((start + n_valid)[:, None], size)
         from_chunk = ((new_pos >= start[:, None]) & (new_pos >= 0))[:, :, None, None]
         take = jnp.clip(new_pos - start[:, None], 0, t - 1)[:, :, None, None]
-        cache = {"k": cache["k"].at[index].set(jnp.where(from_chunk, jnp.take_along_axis(k, take, axis=1), old_k)),
-                 "v": cache["v"].at[index].set(jnp.where(from_chunk, jnp.take_along_axis(v, take, axis=1), old_v))}
+        at = (*index, slice(0, b))
+        cache = {"k": cache["k"].at[at].set(jnp.where(from_chunk, jnp.take_along_axis(k, take, axis=1), old_k)),
+                 "v": cache["v"].at[at].set(jnp.where(from_chunk, jnp.take_along_axis(v, take, axis=1), old_v))}
     sink = p["sink"].astype(jnp.float32).reshape(hkv, g) if spec.sink else None
     out = attend(q.reshape(b, t, hkv, g, spec.head_dim), keys, values, mask, sink, spec.head_dim ** -0.5)
     return matmul(out.reshape(b, t, spec.num_heads * spec.v_head_dim), p["wo"]), cache
