@@ -22,6 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_step as P  # noqa: E402  (sets the HLO dump flags before jax starts)
 
+os.environ["XLA_FLAGS"] = os.environ["XLA_FLAGS"].replace("(decode|step)", "(decode|step|generate)")
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -44,6 +46,7 @@ def main():
     ap.add_argument("--prompt_len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--keep_hlo", default="", help="copy the step's optimized HLO to this file")
     a = ap.parse_args()
     cfg = load_config(a.config)
     params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
@@ -117,6 +120,12 @@ def main():
     print("  top kernels: | group | kernel | count/step | us/step | us each |")
     for (g, name), (c, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:a.top]:
         print(f"  | {g} | {name[:60]} | {c / runs:.1f} | {us / runs:.1f} | {us / c:.2f} |")
+    if a.keep_hlo:
+        import shutil
+
+        dumps = [f for f in glob.glob(os.path.join(P._DUMP, "*after_optimizations.txt")) if "generate" in f]
+        if dumps:
+            shutil.copy(max(dumps, key=os.path.getsize), a.keep_hlo)
     for r in reqs:
         batcher.cancel(r)
 
