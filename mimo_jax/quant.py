@@ -281,6 +281,12 @@ def _impl(impl: str) -> str:
     return impl
 
 
+def reads_experts_in_place(impl: str = "auto") -> bool:
+    """True where the grouped kernel runs (GPU): it reads the experts that have rows straight from a whole
+    [layers * E, K, N] stack, however many rows there are; XLA's fallback dequantizes every expert it is given."""
+    return _impl(impl) != "xla"
+
+
 def _weight_arrays(w: QuantizedWeight):
     return (w.packed, w.scales, w.mins if w.fmt == "int4_asym" else None)
 
