@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from mimo_jax import batching, model, mtp, sampling, speculative
+from mimo_jax.block_drafter import features
 from mimo_jax.config import ModelConfig
 
 
@@ -120,8 +121,7 @@ def generate(params, state, *, cfg: ModelConfig, k: int, drafter: speculative.Dr
     # 2. verify: one target forward over every slot's token and drafts
     tokens = jnp.concatenate([state["tokens"][:, None], drafts], axis=1)
     positions = jnp.where(active[:, None], position[:, None] + jnp.arange(k + 1, dtype=jnp.int32), -1)
-    hidden, cache = model.forward_hidden(params, tokens, positions, state["cache"], cfg)
-    normed = model.final_norm(params, hidden, cfg)
+    normed, feats, cache = speculative.verify_forward(params, tokens, positions, state["cache"], cfg, drafter.taps)
     p_logits = model.head(params, normed, cfg)
     # 3. accept, per row
     n, bonus = _accept(drafts, q_logits, p_logits, key_a, settings, True)
@@ -139,7 +139,7 @@ def generate(params, state, *, cfg: ModelConfig, k: int, drafter: speculative.Dr
     draft, draft_logits, draft_hidden, mtp_cache = _per_slot(
         lambda view, *row: drafter.refresh(params, view, row[0][None], row[1][None], row[2], row[3], row[4:], cfg,
                                            all_greedy),
-        {**state, "cache": cache, "mtp_cache": mtp_cache}, normed, emitted, n, key_r, *settings)
+        {**state, "cache": cache, "mtp_cache": mtp_cache}, feats, emitted, n, key_r, *settings)
     state = {**state, "cache": cache,
              "tokens": jnp.where(active, bonus, 0).astype(jnp.int32),
              "positions": jnp.where(active, position + n + 1, -1).astype(jnp.int32),
@@ -165,8 +165,9 @@ def prefill(params, state, rows: dict, *, cfg: ModelConfig, fresh: bool, k: int,
     later chunk from the slot's. params: the step's (a block drafter's weights under "drafter").
     -> (state, first [R])."""
     batch, (r, t) = state["positions"].shape[0], rows["tokens"].shape
-    hidden, cache = batching.prefill_target(params, state, rows, cfg, fresh)
-    normed = model.final_norm(params, hidden, cfg)
+    out = batching.prefill_target(params, state, rows, cfg, fresh, drafter.taps)
+    cache, normed = out[1], model.final_norm(params, out[0], cfg)
+    feats = features(normed, out[2], cfg.rms_norm_eps) if drafter.taps else normed  # what the drafter reads
     last = batching.last_index(rows["positions"])
     settings = (rows["temperature"], rows["top_k"], rows["top_p"])
     keys = jax.vmap(lambda key, n: jax.random.split(sampling.token_key(key, n)))(rows["keys"], rows["lengths"])
@@ -196,7 +197,7 @@ def prefill(params, state, rows: dict, *, cfg: ModelConfig, fresh: bool, k: int,
             def hook(is_greedy):
                 return jax.vmap(lambda d, h, nxt, pos, key, *s: drafter.prefill(
                     params, d, h[None], nxt[None], pos, key, s, cfg, is_greedy))(
-                    dstate, normed, following, rows["positions"], keys[:, 1], *settings)
+                    dstate, feats, following, rows["positions"], keys[:, 1], *settings)
             greedy = hook(True)
             sampled = settings[0] > 0
             dstate = jax.lax.cond(jnp.any(sampled), lambda: jax.tree_util.tree_map(

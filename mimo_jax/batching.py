@@ -131,10 +131,11 @@ def write_rows(state, slots, rows: dict):
     return {**state, **jax.tree_util.tree_map_with_path(put, {name: state[name] for name in rows}, rows)}
 
 
-def prefill_target(params, state, rows: dict, cfg: ModelConfig, fresh: bool):
+def prefill_target(params, state, rows: dict, cfg: ModelConfig, fresh: bool, taps: tuple = ()):
     """The rows' chunks (rows["tokens"] [R, T] at rows["positions"] [R, T], -1 = padding) through the target ->
     (hidden [R, T, H], the rows' caches). fresh: first chunks, on an empty cache whose full layers are T long (a
-    query reads only this chunk); else the slots' rows (rows["slots"]) as their earlier chunks left them."""
+    query reads only this chunk); else the slots' rows (rows["slots"]) as their earlier chunks left them. taps: also
+    those layers' outputs (model.forward_hidden), a third output."""
     r, t = rows["tokens"].shape
     if fresh:
         cache = jax.tree_util.tree_map(
@@ -144,7 +145,7 @@ def prefill_target(params, state, rows: dict, cfg: ModelConfig, fresh: bool):
         cache = jax.tree_util.tree_map(
             lambda leaf: leaf.at[_at_slots(leaf, leaf.ndim - 4, rows["slots"])].get(mode="fill", fill_value=0),
             state["cache"])
-    return model.forward_hidden(params, rows["tokens"], rows["positions"], cache, cfg)
+    return model.forward_hidden(params, rows["tokens"], rows["positions"], cache, cfg, taps=taps)
 
 
 def inserted(state, rows: dict, first) -> dict:

@@ -401,7 +401,7 @@ class Stream:
         cache = e.new_cache(e.capacity(len(self.ids), self.max_new_tokens), ring_slack=k + 1)
         chunks, normed = list(e._chunks(self.ids)), []
         for tokens, positions, _ in chunks:
-            h, logits, cache = speculative.target_chunk(e.params, tokens, positions, cache, cfg)
+            h, logits, cache = speculative.target_chunk(e.params, tokens, positions, cache, cfg, taps=drafter.taps)
             normed.append(h)
         position = len(self.ids)
         # the first token's position key is split: one half draws it, the other the prefill's draft d_1

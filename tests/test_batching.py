@@ -303,15 +303,17 @@ def test_speculative_mtp_sampling_per_slot_equals_batch_one(tiny):
 
 
 @pytest.mark.slow
-def test_speculative_block_drafter_slots_equal_batch_one(tmp_path):
+@pytest.mark.parametrize("taps", [(), (0,)])
+def test_speculative_block_drafter_slots_equal_batch_one(tmp_path, taps):
     """A block drafter (its own state and prefill hooks, weights under params["drafter"]; random weights, a file
-    as train_drafter writes them) on tiny_llama: greedy and sampled slots equal the batch-1 speculative Engine."""
+    as train_drafter writes them; conditioned on the last layer, or also on layer 0's output) on tiny_llama:
+    greedy and sampled slots equal the batch-1 speculative Engine, accepted counts included."""
     from mimo_jax import block_drafter
 
     cfg = load_config(CONFIGS / "tiny_llama.json")
     params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
     d = block_drafter.BlockConfig.for_target(cfg, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
-                                             window=32, block_size=4, draft_vocab=64)
+                                             window=32, block_size=4, draft_vocab=64, target_layers=taps)
     block_drafter.save(tmp_path / "d.safetensors", d, block_drafter.init_weights(d, jax.random.PRNGKey(1)),
                        np.arange(64), cfg)
     spec = Engine(cfg, params, max_seq_len=CAPACITY, prefill_chunk=16, speculative_k=3,
