@@ -168,10 +168,22 @@ def block_logits(w, vocab, tparams, cfg: ModelConfig, d: BlockConfig, ctx, ctx_p
         x = x + out.reshape(b * a, block, nh * hd) @ p["wo"]
         return x + swiglu(p, rms_norm(x, p["mlp_norm"], eps)), None
 
-    x, _ = jax.lax.scan(layer, x, w["layers"])
+    if isinstance(w["layers"], (tuple, list)):  # per-layer buffers (`unstack_layers`, inference): straight-line
+        for p in w["layers"]:
+            x, _ = layer(x, p)
+    else:
+        x, _ = jax.lax.scan(layer, x, w["layers"])
     out = rms_norm(x, w["final_norm"], eps).reshape(b, a, block, h)
     rows = (head if head is not None else head_rows(tparams, cfg, vocab)).astype(dtype)
     return jnp.einsum("bath,vh->batv", out, rows, preferred_element_type=jnp.float32)
+
+
+def unstack_layers(w: dict) -> dict:
+    """The weights with "layers" as a tuple of per-layer dicts, each array its own buffer. For inference: a scan
+    over the stacked layers copies each layer's weight slices before its GEMMs, every step (measured on an H200,
+    mid_mimo spec k=8 with a 2-layer drafter: 14 copies, 0.29 ms of a 2.8 ms step)."""
+    n = jax.tree_util.tree_leaves(w["layers"])[0].shape[0]
+    return {**w, "layers": tuple(jax.tree_util.tree_map(lambda a: jnp.array(a[i]), w["layers"]) for i in range(n))}
 
 
 # ---- the Drafter (speculative.py's protocol) ----

@@ -186,6 +186,7 @@ def resolve_drafter(drafter, cfg: ModelConfig, params, dtype):
     # the draft vocabulary's lm_head rows, gathered once here rather than in every step (for a 152K x 4096 head
     # and 32K draft tokens the per-step gather copied 268 MB)
     weights["head"] = block_drafter.head_rows(params, cfg, weights["vocab"]).astype(weights["w"]["fc"].dtype)
+    weights["w"] = block_drafter.unstack_layers(weights["w"])  # one buffer per layer weight: no per-step slices
     return block_drafter.drafter_for(d), weights
 
 
