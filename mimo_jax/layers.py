@@ -70,6 +70,11 @@ def ring_positions(length, size: int):
     return jnp.where(pos >= 0, pos, -1)
 
 
+def rows_of(a, b: int):
+    """The first b rows of a cache [B', ...] (itself when B' == b: no slice op in the common case)."""
+    return a if a.shape[0] == b else a[:b]
+
+
 def attention(p, x, positions, cache, index, spec: AttentionSpec):
     """Pre-normed x [B,T,H] -> attention output [B,T,H] and the cache with this chunk written.
 
@@ -107,18 +112,18 @@ def attention(p, x, positions, cache, index, spec: AttentionSpec):
         rows = jnp.arange(b)[:, None]
         cache = {name: cache[name].at[(*index, rows, slots)].set(new, mode="drop")
                  for name, new in (("k", k), ("v", v))}
-        keys, values = cache["k"][index][:b], cache["v"][index][:b]
+        keys, values = rows_of(cache["k"][index], b), rows_of(cache["v"][index], b)
         mask = jnp.arange(capacity)[None, None, :] <= qpos
     else:
         size = cache["k"].shape[len(index) + 1]
-        old_k, old_v = cache["k"][index][:b], cache["v"][index][:b]
+        old_k, old_v = rows_of(cache["k"][index], b), rows_of(cache["v"][index], b)
         kpos = jnp.concatenate([ring_positions(start[:, None], size), rows_pos], axis=1)[:, None, :]
         keys, values = jnp.concatenate([old_k, k], axis=1), jnp.concatenate([old_v, v], axis=1)
         mask = (kpos >= 0) & (kpos <= qpos) & (kpos >= qpos - spec.window)
         new_pos = ring_positions((start + n_valid)[:, None], size)
         from_chunk = ((new_pos >= start[:, None]) & (new_pos >= 0))[:, :, None, None]
         take = jnp.clip(new_pos - start[:, None], 0, t - 1)[:, :, None, None]
-        at = (*index, slice(0, b))
+        at = index if cache["k"].shape[len(index)] == b else (*index, slice(0, b))  # the plain form when whole
         cache = {"k": cache["k"].at[at].set(jnp.where(from_chunk, jnp.take_along_axis(k, take, axis=1), old_k)),
                  "v": cache["v"].at[at].set(jnp.where(from_chunk, jnp.take_along_axis(v, take, axis=1), old_v))}
     sink = p["sink"].astype(jnp.float32).reshape(hkv, g) if spec.sink else None
