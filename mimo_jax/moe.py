@@ -56,7 +56,11 @@ def experts(stack, index, x, weights, ids):
     # chunk sliced instead, copying every layer's experts (2.4 ms of a 5.9 ms mid_mimo step on an H200).
     quantized = isinstance(stack["w_gate"], quant.QuantizedWeight)
     in_place = quantized and (n * k < int(np.prod(lead)) * e or quant.reads_experts_in_place())
-    if n * k < e or in_place:
+    # ... unless the flattened stack's offsets would overflow the kernel's 32-bit indexing (quant.offsets_fit_kernel):
+    # then this layer's experts are sliced out (a copy, but correct)
+    fits = not quantized or all(quant.offsets_fit_kernel(_flatten_lead(stack[name], len(index)))
+                                for name in EXPERT_KEYS)
+    if fits and (n * k < e or in_place):
         layer = sum(i * int(np.prod(lead[j + 1:])) for j, i in enumerate(index)) if index else 0
         total = int(np.prod(lead)) * e
         w = {name: _flatten_lead(stack[name], len(index)) for name in EXPERT_KEYS}

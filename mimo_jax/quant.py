@@ -287,6 +287,15 @@ def reads_experts_in_place(impl: str = "auto") -> bool:
     return _impl(impl) != "xla"
 
 
+def offsets_fit_kernel(w) -> bool:
+    """False when an array of w holds up to 2^32 bytes and more than 2^31 elements: the Pallas Triton lowering indexes
+    arrays up to 2^32 bytes with signed 32-bit offsets, so elements past 2^31 would be read at negative offsets
+    (a flattened MiMo-V2-Flash expert stack on one GPU is exactly 2^32 bytes). Callers keep such a stack
+    unflattened (a per-layer view) instead."""
+    leaves = [a for a in jax.tree_util.tree_leaves(w) if hasattr(a, "dtype")]
+    return not any(a.size > 2 ** 31 and a.size * np.dtype(a.dtype).itemsize <= 2 ** 32 for a in leaves)
+
+
 def _weight_arrays(w: QuantizedWeight):
     return (w.packed, w.scales, w.mins if w.fmt == "int4_asym" else None)
 

@@ -169,3 +169,13 @@ def test_pair_rows_match_gathered_reference(fmt, gs, cfg):
     h = Q.pair_qmatmul_gate_up(x, wg, wu, ids, impl="interpret", cfg=cfg)
     assert _rel(h, jax.nn.silu(g) * u) < TOL
     assert _rel(Q.pair_qmatmul(x, wg, ids, impl="xla"), g) < TOL  # the CPU fallback agrees
+
+
+def test_offsets_fit_kernel_flags_stacks_the_32_bit_indexing_would_wrap():
+    """The Triton lowering indexes arrays of <= 2^32 bytes with signed 32-bit offsets: a uint8 expert stack of
+    more than 2^31 elements (MiMo-V2-Flash's flattened [4 * 256, 2048, 2048] on one GPU) must not be flattened."""
+    S = jax.ShapeDtypeStruct
+    assert not Q.offsets_fit_kernel([S((4 * 256, 2048, 2048), jnp.uint8)])     # exactly 2^32 bytes
+    assert Q.offsets_fit_kernel([S((2 * 256, 2048, 2048), jnp.uint8)])         # 2^31 elements: last offset fits
+    assert Q.offsets_fit_kernel([S((5 * 256, 2048, 2048), jnp.uint8)])         # > 2^32 bytes: 64-bit offsets
+    assert Q.offsets_fit_kernel([S((3 * 256, 2048, 2048), jnp.float16)])       # 2^31.6 elements but 6 GiB: 64-bit
