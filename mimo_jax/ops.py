@@ -14,7 +14,8 @@ from mimo_jax import quant
 
 # Dense weights streamed by the Pallas GEMV kernel at batch-1 decode (pallas_kernels/gemv.py): one token, bf16,
 # 2^23..2^26 elements. Measured on an H200 (BENCHMARKS.md): MiMo's fused q/k/v (4096 x 13568) 43 -> 35 us, o 21 -> 20
-# us in the step. Kept on XLA's dot: larger weights (the lm_head, the dense MLP: 90-98% of the read ceiling already),
+# us in the step (mid_mimo's dense w_down, exactly 2^26, runs it too: 34.7 vs XLA's 33.5 us). Kept on XLA's dot: larger
+# weights (the lm_head, the dense gate/up: 92-98% of the read ceiling already),
 # M > 1 (verify, prefill: at parity) and small layers such as SmolLM2's, which run as a scan over stacked weights:
 # there a Pallas operand is a materialised slice of the stack (a copy per layer; XLA's dot reads the stack in
 # place), and the kernel (~4 us) is no faster than XLA's multiply + reduce pair (1.395 -> 1.908 ms measured).
