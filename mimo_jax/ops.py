@@ -13,9 +13,9 @@ import numpy as np
 from mimo_jax import quant
 
 # Dense weights streamed by the Pallas GEMV kernel at batch-1 decode (pallas_kernels/gemv.py): one token, bf16,
-# 2^23..2^26 elements. Measured on an H200 (BENCHMARKS.md): MiMo's fused q/k/v (4096 x 13568) 43 -> 35 us, o 21 -> 20
-# us in the step (mid_mimo's dense w_down, exactly 2^26, runs it too: 34.7 vs XLA's 33.5 us). Kept on XLA's dot: larger
-# weights (the lm_head, the dense gate/up: 92-98% of the read ceiling already),
+# 2^23 <= elements < 2^26. Measured on an H200 (BENCHMARKS.md): MiMo's fused q/k/v (4096 x 13568) 43 -> 35 us, o 21 -> 20
+# us in the step. Kept on XLA's dot: weights of 2^26 elements and more (the lm_head, the dense MLP: 90-98% of the
+# read ceiling already; the dense w_down, exactly 2^26, was 34.7 us through the kernel vs 33.5 on XLA),
 # M > 1 (verify, prefill: at parity) and small layers such as SmolLM2's, which run as a scan over stacked weights:
 # there a Pallas operand is a materialised slice of the stack (a copy per layer; XLA's dot reads the stack in
 # place), and the kernel (~4 us) is no faster than XLA's multiply + reduce pair (1.395 -> 1.908 ms measured).
@@ -32,7 +32,7 @@ def _use_gemv(x, w) -> bool:
         return False
     K, N = w.shape
     rows = int(np.prod(x.shape[:-1]))
-    return rows == 1 and GEMV_ELEMENTS[0] <= K * N <= GEMV_ELEMENTS[1] and supported(rows, K, N)
+    return rows == 1 and GEMV_ELEMENTS[0] <= K * N < GEMV_ELEMENTS[1] and supported(rows, K, N)
 
 
 def matmul(x, w):
