@@ -58,8 +58,7 @@ def experts(stack, index, x, weights, ids):
     in_place = quantized and (n * k < int(np.prod(lead)) * e or quant.reads_experts_in_place())
     # ... unless the flattened stack's offsets would overflow the kernel's 32-bit indexing (quant.offsets_fit_kernel):
     # then this layer's experts are sliced out (a copy, but correct)
-    fits = not quantized or all(quant.offsets_fit_kernel(_flatten_lead(stack[name], len(index)))
-                                for name in EXPERT_KEYS)
+    fits = not quantized or all(quant.offsets_fit_kernel(stack[name]) for name in EXPERT_KEYS)  # size as flattened
     if fits and (n * k < e or in_place):
         layer = sum(i * int(np.prod(lead[j + 1:])) for j, i in enumerate(index)) if index else 0
         total = int(np.prod(lead)) * e
