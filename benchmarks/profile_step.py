@@ -114,13 +114,16 @@ def kernel_events(xplane: str):
 
 def profile(engine: Engine, ids, n_new: int, module_re: str, n_layers: int, floor_s: float, trace_dir: str,
             wall_only: bool = False, top: int = 18):
-    """Time the step (no profiler), then trace it; returns the summary dict and prints the table."""
+    """Time the step (no profiler), then trace it; returns the summary dict and prints the table. With
+    engine.decode_steps = S > 1 a module run is S steps, and a generation computes whole chunks of S."""
+    per = engine.decode_steps
+    n_new = 1 + -(-(n_new - 1) // per) * per  # whole chunks
     engine.warm_up(ids, n_new)
     walls = []
     for _ in range(3):  # best of 3 generations
         stats = engine.generate(ids, max_new_tokens=n_new, stop_at_eos=False).stats
         steps = stats.spec_steps if stats.speculative_k else stats.new_tokens - 1
-        walls.append(stats.decode_s / max(steps, 1))
+        walls.append(stats.decode_s / max(-(-steps // per) * per, 1))
     wall = min(walls)
     if wall_only:
         print(f"  wall {1e3 * wall:.3f} ms/step (untraced, best of 3: "
@@ -137,7 +140,7 @@ def profile(engine: Engine, ids, n_new: int, module_re: str, n_layers: int, floo
               f"{str(st.get('tf_op'))[:80]!r}; dumped modules: {sorted(op_names_by_module(_DUMP))[:6]})")
     op_names = op_names_by_module(_DUMP)
     mods = [m for m in modules if re.search(module_re, m)]
-    runs = sum(modules[m] for m in mods) or (pstats.spec_steps if pstats.speculative_k else pstats.new_tokens - 1)
+    runs = per * sum(modules[m] for m in mods) or (pstats.spec_steps if pstats.speculative_k else pstats.new_tokens - 1)
     per = collections.defaultdict(lambda: [0, 0.0])  # (group, kernel) -> [count, us]
     for name, us, st in kernels:
         module = str(st.get("hlo_module", ""))
@@ -227,6 +230,8 @@ def main():
     ap.add_argument("--spec_only", action="store_true", help="with --k: skip the plain decode step")
     ap.add_argument("--wall_only", action="store_true", help="time the step only (no profiler trace)")
     ap.add_argument("--top", type=int, default=18, help="kernels listed in the printed table")
+    ap.add_argument("--decode_steps", default="1", help="steps per dispatch (Engine decode_steps), comma separated: "
+                    "each value is a run")
     ap.add_argument("--keep_hlo", action="store_true", help="copy each step's optimized HLO to --out")
     args = ap.parse_args()
     cfg = load_config(args.config)
@@ -248,12 +253,12 @@ def main():
                "ceiling_GBps": ceiling / 1e9}
     drafter = random_block_drafter(cfg, args.block_layers) if args.drafter == "block" else args.drafter
     ks = ([args.k] if args.spec_only else [0, args.k]) if args.k else [0]
-    runs = [(layout, k) for layout in args.layout.split(",") for k in ks]
-    for layout, k in runs:
+    runs = [(layout, k, int(s)) for layout in args.layout.split(",") for k in ks for s in args.decode_steps.split(",")]
+    for layout, k, per_dispatch in runs:
         for stale in glob.glob(os.path.join(_DUMP, "*.txt")):  # each run's kernels are named from its own dumps
             os.remove(stale)
         engine = Engine(cfg, params, max_seq_len=4096, prefill_chunk=64, mesh=mesh, attention=args.attention,
-                        speculative_k=k, layout=layout, drafter=drafter)
+                        speculative_k=k, layout=layout, drafter=drafter, decode_steps=per_dispatch)
         cap = engine.capacity(len(ids), args.new_tokens)
         if k == 0:
             nbytes = step_bytes(cfg, itemsize, cap, expert_itemsize=expert_itemsize)
@@ -262,9 +267,10 @@ def main():
                          if MOE in cfg.mlp_types else None)
             nbytes = step_bytes(cfg, itemsize, cap, k + 1, e_uniform, ring=k + 1, expert_itemsize=expert_itemsize)
         floor = nbytes / (ceiling * args.devices)
-        print(f"-- {layout}: {'plain decode' if k == 0 else f'speculative step k={k}'} (cache bucket {cap}, "
+        print(f"-- {layout}: {'plain decode' if k == 0 else f'speculative step k={k}'}, {per_dispatch} step(s) per dispatch (cache bucket {cap}, "
               f"{nbytes / 1e6:.1f} MB per step over {args.devices} device(s))")
-        summary[("plain" if k == 0 else f"spec_k{k}") + ("" if layout == "auto" else f"_{layout}")] = profile(
+        key = ("plain" if k == 0 else f"spec_k{k}") + ("" if layout == "auto" else f"_{layout}")
+        summary[key + (f"_x{per_dispatch}" if per_dispatch > 1 else "")] = profile(
             engine, ids, args.new_tokens, r"decode" if k == 0 else r"step", cfg.num_layers, floor,
             tempfile.mkdtemp(prefix="trace_"), args.wall_only, args.top)
         if args.keep_hlo:  # the step's optimized HLO, for reading offline (which op a kernel is)

@@ -75,6 +75,9 @@ def _define():
     flags.DEFINE_string("drafter", "auto", "With --speculative_k: mtp (the model's MTP layers), block (the shipped "
                         "block drafter, trained for the bundled SmolLM2), or PATH (a block drafter file written by "
                         "python -m mimo_jax.train_drafter). auto: mtp if the model has MTP layers, else block.", **F)
+    flags.DEFINE_integer("decode_steps", 1, "Decode (or speculative) steps per dispatch: more than 1 runs them as one "
+                         "scan on the device, so the host dispatches and reads once per chunk of tokens (streamed "
+                         "output arrives in chunks).", **F)
     flags.DEFINE_bool("version", False, "Print the version and exit.", **F)
 
 
@@ -293,6 +296,7 @@ def check_flags() -> None:
          f"--max_seq_len must be >= 2 (a prompt token and a new one), got {FLAGS.max_seq_len}")
     need(FLAGS.quant_group >= 1, f"--quant_group must be >= 1, got {FLAGS.quant_group}")
     need(FLAGS.speculative_k >= 0, f"--speculative_k must be >= 0 (0 = off), got {FLAGS.speculative_k}")
+    need(FLAGS.decode_steps >= 1, f"--decode_steps must be >= 1, got {FLAGS.decode_steps}")
     if FLAGS.drafter not in ("auto", "mtp", "block"):
         from mimo_jax import block_drafter
 
@@ -447,7 +451,7 @@ def load(source: Source):
     dtype = None if FLAGS.dtype == "auto" else jnp.dtype(FLAGS.dtype)  # None: the engine's auto_dtype()
     kwargs = dict(max_seq_len=context_length(source.cfg), speculative_k=FLAGS.speculative_k, drafter=FLAGS.drafter,
                   mesh=sharding.make_mesh(FLAGS.num_devices) if FLAGS.num_devices > 1 else None,
-                  attention=FLAGS.attention)
+                  attention=FLAGS.attention, decode_steps=FLAGS.decode_steps)
     quant = None if FLAGS.quant_experts == "none" else FLAGS.quant_experts
     if source.kind == "checkpoint":  # experts quantized while streaming onto their devices (loader.py)
         return Engine.from_pretrained(source.path, dtype=dtype, quant_experts=quant, quant_group=FLAGS.quant_group,

@@ -4,7 +4,11 @@ Compiled pieces (each jitted once per shape, the cache donated):
   prefill  — a chunk of prompt tokens, bucketed to a power of two (tail padded, positions -1), returns the
              logits of the chunk's last real token;
   decode   — one token in, one sampled token out; the loop feeds the device array straight back, and the host
-             reads token t only after step t+1 has been dispatched, so the device never waits on the host.
+             reads token t only after step t+1 has been dispatched, so the device never waits on the host;
+  decode_steps — `decode_steps` decode (or speculative) steps in one dispatch, a lax.scan over the step, so the
+             host dispatches (and reads) once per chunk of tokens: a step is then never slower than the device
+             because the host fell behind. Steps a chunk computes past the request's end are discarded (their
+             cache writes go past the budget's positions and are read by no kept token).
 """
 from __future__ import annotations
 
@@ -115,6 +119,20 @@ def _decode(params, token, position, cache, key, temperature, top_k, top_p, cfg:
     return sampling.next_token(key, logits, temperature, top_k, top_p, is_greedy), cache
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "is_greedy", "steps"), donate_argnames="cache")
+def _decode_steps(params, token, position, cache, key, temperature, top_k, top_p, cfg: ModelConfig,
+                  is_greedy: bool, steps: int):
+    """`steps` decode steps in one dispatch -> (tokens [steps, 1], the last token [1], cache). Step i samples the
+    token at position + 1 + i with that position's key, exactly as `steps` calls of _decode would."""
+    def one(carry, _):
+        token, position, cache = carry
+        nxt, cache = _decode(params, token, position, cache, key, temperature, top_k, top_p, cfg, is_greedy)
+        return (nxt, position + 1, cache), nxt
+
+    (last, _, cache), tokens = jax.lax.scan(one, (token, position, cache), None, length=steps)
+    return tokens, last, cache
+
+
 @functools.partial(jax.jit, static_argnames="is_greedy")
 def _first_token(logits, key, temperature, top_k, top_p, is_greedy: bool):
     """key: already this token's own (sampling.token_key of its position)."""
@@ -150,7 +168,7 @@ class Engine:
     def __init__(self, cfg: ModelConfig, params, tokenizer=None, max_seq_len: int | None = None,
                  prefill_chunk: int = 512, cache_dtype=None, speculative_k: int = 0,
                  drafter: str | speculative.Drafter = "auto", mesh=None, attention: str = "tp",
-                 layout: str = "auto"):
+                 layout: str = "auto", decode_steps: int = 1):
         """drafter (used when speculative_k > 0): "auto" (the MTP layers if the model has them, else the shipped
         block drafter if it was trained for this model), "mtp", "block" (the shipped one), a block drafter file
         (train_drafter.py writes them), a name in speculative.DRAFTERS, or a speculative.Drafter.
@@ -158,9 +176,14 @@ class Engine:
         `attention`: "tp" = heads split where they divide, "replicated"); None = one device.
         layout: "scan" (layers stacked and scanned: one traced body per run), "unrolled" (model.unroll_layers:
         one buffer per layer weight, straight-line layers, q/k/v and gate/up fused where unsharded) or "auto"
-        (model.preferred_layout: unrolled for layers with GEMM-sized weights, e.g. MiMo; scan for small ones)."""
+        (model.preferred_layout: unrolled for layers with GEMM-sized weights, e.g. MiMo; scan for small ones).
+        decode_steps: decode (or speculative) steps per dispatch (1 = one; more: a scan over steps, tokens reach
+        the caller in chunks of that many steps)."""
         if layout not in LAYOUTS:
             raise InputError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
+        if decode_steps < 1:
+            raise InputError(f"decode_steps must be >= 1, got {decode_steps}")
+        self.decode_steps = decode_steps
         self.cfg, self.tokenizer, self.mesh, self.attention, self.layout = cfg, tokenizer, mesh, attention, layout
         self.params = self._place(params)
         if layout == "auto":
@@ -367,6 +390,9 @@ class Stream:
         self.stats.prefill_ms = 1e3 * (time.perf_counter() - t0)
         t1 = time.perf_counter()
         budget = self._budget()
+        if e.decode_steps > 1:
+            yield from self._plain_chunks(token, position, cache, budget, t1)
+            return
         for i in range(budget.limit):
             nxt = None
             if i + 1 < budget.limit:  # dispatch step i+1 before reading token i on the host
@@ -378,6 +404,23 @@ class Stream:
             if reason:
                 return
             token = nxt
+
+    def _plain_chunks(self, token, position: int, cache, budget: "Budget", t1: float) -> Iterator[int]:
+        """Decode in chunks of decode_steps steps per dispatch; chunk c+1 is dispatched before the host reads
+        chunk c (unless chunk c surely ends the request)."""
+        e, steps = self.engine, self.engine.decode_steps
+        pending, produced = token, 1  # the prefill's token, read on the host after chunk 1 is dispatched
+        while True:
+            nxt = None
+            if produced < budget.limit:
+                chunk, token, cache = _decode_steps(e.params, token, jnp.int32(position), cache, self.key,
+                                                    *self.sampling, cfg=e.cfg, is_greedy=self.is_greedy, steps=steps)
+                nxt, position, produced = chunk, position + steps, produced + steps
+            kept, reason = budget.take(self.stats.new_tokens, [int(t) for t in np.ravel(to_host(pending))])
+            yield from self._emit(kept, reason, t1)
+            if reason:
+                return
+            pending = nxt
 
     def _budget(self) -> Budget:
         e = self.engine
@@ -440,17 +483,23 @@ class Stream:
         yield from self._emit(kept, reason, t1)
         if reason:
             return
+        chunk = e.decode_steps
+        if chunk > 1:  # several steps per dispatch: emitted [chunk, 1, k+1], n [chunk]
+            run = functools.partial(speculative.steps, params, key=self.key, temperature=self.sampling[0],
+                                    top_k=self.sampling[1], top_p=self.sampling[2], cfg=cfg, k=k, drafter=drafter,
+                                    is_greedy=self.is_greedy, steps=chunk)
         pending = run(state=state)
         while True:
             emitted, n, state = pending
-            if budget.limit - self.stats.new_tokens > 1:  # this step may not finish it: dispatch the next first
+            if budget.limit - self.stats.new_tokens > chunk:  # these steps may not finish it: dispatch the next
                 pending = run(state=state)
-            emitted, n = to_host(emitted), int(to_host(n))
-            self.stats.accepted_hist[n] += 1
-            kept, reason = budget.take(self.stats.new_tokens, emitted[0, : n + 1].tolist())
-            yield from self._emit(kept, reason, t1)
-            if reason:
-                return
+            emitted, n = to_host(emitted).reshape(chunk, k + 1), np.ravel(to_host(n))
+            for row, accepted in zip(emitted, n.tolist()):
+                self.stats.accepted_hist[accepted] += 1
+                kept, reason = budget.take(self.stats.new_tokens, row[: accepted + 1].tolist())
+                yield from self._emit(kept, reason, t1)
+                if reason:
+                    return
 
 
 def _find_tokenizer(path: Path):

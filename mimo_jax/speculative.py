@@ -236,6 +236,20 @@ def step(params, state, key, temperature, top_k, top_p, *, cfg: ModelConfig, k: 
     return emitted, n, new_state
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "drafter", "is_greedy", "steps"), donate_argnames="state")
+def steps(params, state, key, temperature, top_k, top_p, *, cfg: ModelConfig, k: int, drafter: Drafter,
+          is_greedy: bool, steps: int):
+    """`steps` speculative steps in one dispatch (a scan over `step`) -> (emitted [steps, 1, k+1], n [steps],
+    new state): the host reads a chunk of steps at once."""
+    def one(state, _):
+        emitted, n, state = step(params, state, key, temperature, top_k, top_p, cfg=cfg, k=k, drafter=drafter,
+                                 is_greedy=is_greedy)
+        return state, (emitted, n)
+
+    state, (emitted, n) = jax.lax.scan(one, state, None, length=steps)
+    return emitted, n, state
+
+
 # ---- the state after the prompt ----
 
 @functools.partial(jax.jit, static_argnames=("cfg", "taps"), donate_argnames="cache")

@@ -79,9 +79,10 @@ def counting(monkeypatch, module, name):
     return calls
 
 
-def run(cfg, params, prompt, speculative_k, max_seq_len=128, tokenizer=None, **kw):
+def run(cfg, params, prompt, speculative_k, max_seq_len=128, tokenizer=None, decode_steps=1, **kw):
     e = Engine(cfg, params, tokenizer=tokenizer, max_seq_len=max_seq_len, prefill_chunk=16,
-               speculative_k=speculative_k, drafter=ORACLE)  # every step accepts all k: exact step counts
+               speculative_k=speculative_k, drafter=ORACLE,  # every step accepts all k: exact step counts
+               decode_steps=decode_steps)
     return e.generate(prompt, **kw)
 
 
@@ -110,18 +111,54 @@ def test_budget_speculative(tiny, monkeypatch, budget):
     assert len(steps) == needed + (needed > 0 and last_needs > 1)
 
 
+STEPS = 4  # decode steps per dispatch in the chunked tests
+
+
+@pytest.mark.parametrize("budget", [1, 2, STEPS, STEPS + 1, 2 * STEPS + 3])
+def test_budget_plain_chunked(tiny, monkeypatch, budget):
+    """decode_steps > 1: the same tokens as one step per dispatch, in ceil((budget - 1) / steps) dispatches."""
+    cfg, params, prompt, reference = tiny
+    chunks = counting(monkeypatch, engine_module, "_decode_steps")
+    out = run(cfg, params, prompt, 0, max_new_tokens=budget, decode_steps=STEPS)
+    assert out.token_ids == reference[:budget] and out.stats.finish_reason == "length"
+    assert len(chunks) == -(-(budget - 1) // STEPS)
+
+
+@pytest.mark.parametrize("budget", [1, 2, K + 2, 2 * K + 3, 11])
+def test_budget_speculative_chunked(tiny, monkeypatch, budget):
+    cfg, params, prompt, reference = tiny
+    chunks = counting(monkeypatch, speculative, "steps")
+    out = run(cfg, params, prompt, K, max_new_tokens=budget, decode_steps=2)
+    assert out.token_ids == reference[:budget] and out.stats.finish_reason == "length"
+    needed = -(-(budget - 1) // (K + 1))
+    assert out.stats.spec_steps == needed and out.stats.accepted_hist[K] == needed
+    # a chunk of 2 steps emits at least 2 tokens: the next is dispatched ahead while more than 2 remain
+    assert len(chunks) >= -(-needed // 2) and len(chunks) <= -(-needed // 2) + 1
+
+
+def test_chunked_sampling_matches_one_step_per_dispatch(tiny):
+    """Each token keys on its own position, so sampling does not depend on how steps are grouped."""
+    cfg, params, prompt, _ = tiny
+    kw = dict(max_new_tokens=9, temperature=0.9, top_k=20, seed=7)
+    one = run(cfg, params, prompt, 0, **kw).token_ids
+    assert run(cfg, params, prompt, 0, decode_steps=STEPS, **kw).token_ids == one
+
+
+@pytest.mark.parametrize("decode_steps", [1, STEPS])
 @pytest.mark.parametrize("speculative_k", [0, K])
-def test_eos_stops_and_is_emitted(tiny, speculative_k):
+def test_eos_stops_and_is_emitted(tiny, speculative_k, decode_steps):
     cfg, params, prompt, reference = tiny
     for at in (0, 2, K + 1):
         eos = reference[at]
         first = reference.index(eos)
         # eos ids come from the config or the tokenizer; a tokenizer stand-in keeps the compiled functions
-        out = run(cfg, params, prompt, speculative_k, tokenizer=_EosOnly({eos}), max_new_tokens=10)
+        out = run(cfg, params, prompt, speculative_k, tokenizer=_EosOnly({eos}), max_new_tokens=10,
+                  decode_steps=decode_steps)
         assert out.token_ids == reference[:first + 1] and out.stats.finish_reason == "eos"
         if speculative_k:
             assert out.stats.spec_steps == -(-first // (K + 1))
-    out = run(cfg, params, prompt, speculative_k, tokenizer=_EosOnly({eos}), max_new_tokens=10, stop_at_eos=False)
+    out = run(cfg, params, prompt, speculative_k, tokenizer=_EosOnly({eos}), max_new_tokens=10, stop_at_eos=False,
+              decode_steps=decode_steps)
     assert out.token_ids == reference[:10] and out.stats.finish_reason == "length"
 
 
@@ -133,12 +170,15 @@ class _EosOnly:
         return ""
 
 
+@pytest.mark.parametrize("decode_steps", [1, STEPS])
 @pytest.mark.parametrize("speculative_k", [0, K])
 @pytest.mark.parametrize("room", [1, K + 2])
-def test_context_limit(tiny, speculative_k, room):
-    """The context (max_seq_len) fills before max_new_tokens: exactly `room` tokens, finish reason "context"."""
+def test_context_limit(tiny, speculative_k, room, decode_steps):
+    """The context (max_seq_len) fills before max_new_tokens: exactly `room` tokens, finish reason "context"
+    (with chunks, the steps past the context's end are computed and dropped)."""
     cfg, params, prompt, reference = tiny
-    out = run(cfg, params, prompt, speculative_k, max_new_tokens=10, max_seq_len=len(prompt) + room)
+    out = run(cfg, params, prompt, speculative_k, max_new_tokens=10, max_seq_len=len(prompt) + room,
+              decode_steps=decode_steps)
     assert out.token_ids == reference[:room] and out.stats.finish_reason == "context"
 
 
