@@ -39,8 +39,9 @@ SHAPES = {  # name -> (K, N)
     "flash router": (4096, 256), "flash dense gate_up": (4096, 32768), "flash dense down": (16384, 4096),
     "flash lm_head": (4096, 152576),
     "flash/2 qkv (full)": (4096, 6784), "flash/2 qkv (swa)": (4096, 7424), "flash/2 o": (4096, 4096),
-    "flash/2 lm_head": (4096, 76288),
+    "flash/2 lm_head": (4096, 76288), "mid_mimo router": (4096, 64),
 }
+SMALL = ("smollm2 qkv", "smollm2 o", "smollm2 gate_up", "smollm2 down", "mid_mimo router", "flash router")
 QUICK = ("smollm2 qkv", "smollm2 down", "flash qkv (full)", "flash qkv (swa)", "flash o", "flash/2 qkv (swa)",
          "flash/2 o")
 ROTATE = 256 << 20
@@ -62,7 +63,7 @@ def timed(f, *args, reps=5, min_total=0.03):
     return float(np.min(ts))
 
 
-def bench_one(M, K, N, ceiling, cfgs):
+def bench_one(M, K, N, ceiling, cfgs, pads=()):
     R = int(min(64, max(4, math.ceil(ROTATE / (K * N * 2)))))
     ws = [jax.random.normal(jax.random.PRNGKey(i), (K, N), jnp.bfloat16) * 0.03 for i in range(R)]
     xs = [jax.random.normal(jax.random.PRNGKey(100 + i), (M, K), jnp.bfloat16) for i in range(R)]
@@ -78,6 +79,11 @@ def bench_one(M, K, N, ceiling, cfgs):
 
     dot = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)  # noqa: E731
     run("xla", dot)
+    for m in pads:  # XLA rewrites a one-row dot of a small weight to multiply + reduce; a padded x keeps it a dot
+        if M < m:
+            run(f"xla_pad{m}", lambda x, w, m=m: dot(jnp.pad(x, ((0, m - M), (0, 0))), w)[:M])
+    if pads:  # the router's form: f32 operands
+        run("xla_f32", lambda x, w: jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32)))
     try:
         run("xla_cublas", dot, {"xla_gpu_enable_triton_gemm": False})
     except Exception as e:  # noqa: BLE001
@@ -122,6 +128,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time config variants around the default")
     ap.add_argument("--ms", default="1,9")
+    ap.add_argument("--small", action="store_true", help="only the small layers' shapes (SmolLM2, routers), with the "
+                    "padded-row and f32 forms of XLA's dot")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     ceiling = read_ceiling()
@@ -131,10 +139,10 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     out = {"ceiling": ceiling, "rows": []}
     for name, (K, N) in SHAPES.items():
-        if a.quick and name not in QUICK:
+        if (a.quick and name not in QUICK) or (a.small and name not in SMALL):
             continue
         for M in map(int, a.ms.split(",")):
-            r = bench_one(M, K, N, ceiling, variants(M, K, N) if a.sweep else [])
+            r = bench_one(M, K, N, ceiling, variants(M, K, N) if a.sweep else [], (2, 16) if a.small else ())
             out["rows"].append({"shape": name, "K": K, "N": N, "M": M, **r})
 
             def cell(k):
@@ -144,6 +152,8 @@ def main():
             print(f"| {name} | {K}x{N} | {M} | {cell('xla')} | {cell('xla_cublas')} | {cell('pallas')} | "
                   f"{bp} {cell(bp) if bp != 'pallas' else ''} | {r.get('pallas', {}).get('rel_err', float('nan')):.1e} |",
                   flush=True)
+            if a.small:
+                print("    " + ", ".join(f"{k} {cell(k)}" for k in r if k.startswith("xla_")), flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     with open(Path(a.out) / "bench_gemv.json", "w") as f:
         json.dump(out, f, indent=1)

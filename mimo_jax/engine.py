@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import model, mtp, sampling, sharding, speculative
+from mimo_jax import model, mtp, quant, sampling, sharding, speculative
 from mimo_jax.config import ModelConfig
 from mimo_jax.errors import InputError
 
@@ -190,6 +190,9 @@ class Engine:
             layout = self.layout = model.preferred_layout(cfg)
         if layout == "unrolled":
             self.params = model.unroll_layers(self.params, cfg)
+        if quant.reads_experts_in_place():  # expert stacks the kernel could not index in place get padded
+            self.params = {**self.params, "layers": jax.tree_util.tree_map(
+                quant.pad_to_fit_kernel, self.params["layers"], is_leaf=lambda a: isinstance(a, quant.QuantizedWeight))}
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 4096))
         self.prefill_chunk = prefill_chunk
         self.cache_dtype = cache_dtype or params["embed"].dtype

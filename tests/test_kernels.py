@@ -179,3 +179,39 @@ def test_offsets_fit_kernel_flags_stacks_the_32_bit_indexing_would_wrap():
     assert Q.offsets_fit_kernel([S((2 * 256, 2048, 2048), jnp.uint8)])         # 2^31 elements: last offset fits
     assert Q.offsets_fit_kernel([S((5 * 256, 2048, 2048), jnp.uint8)])         # > 2^32 bytes: 64-bit offsets
     assert Q.offsets_fit_kernel([S((3 * 256, 2048, 2048), jnp.float16)])       # 2^31.6 elements but 6 GiB: 64-bit
+
+
+def test_pad_to_fit_kernel_pads_only_the_stacks_that_would_wrap():
+    """A stack of exactly 2^32 bytes (Flash's [8 layers x 128 experts] per device on 2 GPUs) gets one zero layer,
+    so the lowering switches to 64-bit offsets; one that fits, or whose padding would cost > 25%, is unchanged."""
+    S = jax.ShapeDtypeStruct
+
+    def stack(layers):
+        return Q.QuantizedWeight(S((layers, 128, 1024, 4096), jnp.uint8), S((layers, 128, 16, 4096), jnp.float16),
+                                 None, "int4_sym", 128, (2048, 4096))
+
+    padded = jax.eval_shape(Q.pad_to_fit_kernel, stack(8))
+    assert padded.packed.shape[0] == padded.scales.shape[0] == 9 and Q.offsets_fit_kernel(padded.packed)
+    for layers in (4, 6, 9):  # fits (2^31 elements), padding would add 33%, > 2^32 bytes
+        assert jax.eval_shape(Q.pad_to_fit_kernel, stack(layers)).packed.shape[0] == layers
+
+
+def test_zero_layers_after_a_stack_leave_every_layer_s_experts_unchanged():
+    """moe.experts on a stack padded along its layer axis (pad_to_fit_kernel) == on the stack itself."""
+    from mimo_jax import moe
+
+    E, K, N, L = 8, 128, 64, 3
+    rng = np.random.default_rng(3)
+    stack = {name: Q.quantize(jnp.asarray(rng.normal(size=(L, E, K if name != "w_down" else N,
+                                                                N if name != "w_down" else K)) * 0.05, jnp.float32),
+                              "int4_sym", 64) for name in moe.EXPERT_KEYS}
+    pad = lambda w: Q.QuantizedWeight(*(None if a is None else jnp.pad(a, [(0, 2)] + [(0, 0)] * (a.ndim - 1))  # noqa: E731
+                                        for a in (w.packed, w.scales, w.mins)), w.fmt, w.group_size, w.kn, w.dtype)
+    padded = {k: pad(v) for k, v in stack.items()}
+    x = jnp.asarray(rng.normal(size=(1, K)), jnp.float32)
+    ids = jnp.asarray([[1, 6, E]], jnp.int32)  # E: a pair to skip
+    weights = jnp.asarray([[0.5, 0.3, 0.2]], jnp.float32)
+    for layer in range(L):
+        want = moe.experts(stack, (jnp.int32(layer),), x, weights, ids)
+        got = moe.experts(padded, (jnp.int32(layer),), x, weights, ids)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
