@@ -1,47 +1,120 @@
 #!/usr/bin/env bash
-# Train the block drafter for SmolLM2-135M on one GPU, then evaluate it on the held-out sets (acceptance by
-# position, accepted-length histogram, tok/s speculative vs plain, a PNG), all inside one device call of < 9.5 min.
-#   bash benchmarks/train_drafter_gpu.sh MODEL.gguf|carried OUTDIR [TRAINER FLAGS]
-# "carried": the 98 MB GGUF travels in two halves, .gg1/a + .gg2/b, joined here into
-# /tmp; the gguf wheel in .gg1/ is installed when `import gguf` fails. Both halves together exceed a call's 64 MiB
-# carry: call 1 carries .gg1 and runs `cp .gg1/a /tmp/gg.a; cp .gg1/*.whl /tmp/`, call 2 (the machine still warm)
-# carries .gg2 and runs `mkdir -p .gg1; cp /tmp/gg.a .gg1/a; cp /tmp/gguf-*.whl .gg1/; bash THIS carried $OUT`. Extra trainer flags override the ones below
-# (a CPU smoke run: --code_prompts 4 --steps 3 ...). Environment: TOTAL_S (wall budget of the whole script, default
-# 540 s), EVAL_S (kept for the evaluation, default 170 s), BENCH_PROMPTS / BENCH_TOKENS size the evaluation.
-# Writes OUT/drafter.safetensors (ship it as mimo_jax/drafters/smollm2_135m_block.safetensors), OUT/eval.json
-# (training figures), OUT/bench.json, OUT/speculative.png, OUT/train.log, OUT/bench.log, OUT/last.safetensors
-# (weights + optimizer state every 500 steps: a timeout still returns a drafter), OUT/status (the phase reached).
+# Train the block drafter for SmolLM2-135M on one GPU and evaluate it on the held-out sets (acceptance by
+# position, accepted-length histogram, tok/s speculative vs plain, a PNG): in one device call (PHASE=one, the
+# default) or over several back-to-back calls on the same warm machine (PHASE=first, middle..., last).
+#   [PHASE=...] bash benchmarks/train_drafter_gpu.sh MODEL.gguf|carried OUTDIR [TRAINER FLAGS]
+#
+# "carried": the 98 MB GGUF travels in two halves, .gg1/a + .gg2/b (each with the gguf wheel), more than one
+# call's 64 MiB carry: an earlier call carries .gg1 and copies it to /tmp; the next carries .gg2 and this script
+# joins the halves into /tmp/SmolLM2-135M-Instruct.Q4_1.gguf (the first half from .gg1/a, else /tmp/gg.a) and
+# installs the wheel into /tmp/site when `import gguf` fails. Later phases find both in /tmp.
+#
+# Multi-call run, exact device commands (run tool, kind "nvidia-h200" on every call: the rates below are an H200's,
+# and the source windows' teacher-forced pass holds [1024 x 320 x 49152] f32 logits, 60 GiB; back to back, the
+# machine warm: its /tmp survives between calls, nothing else does):
+#   call 0  carry [".gg1"]  command: cp .gg1/a /tmp/gg.a && cp .gg1/gguf-*.whl /tmp/ && ls -l /tmp/gg.a
+#   call 1  carry [".gg2"]  command: PHASE=first PLAN_MIN=19 bash benchmarks/train_drafter_gpu.sh carried $OUT
+#   call 2  carry []        command: PHASE=middle PLAN_MIN=19 bash benchmarks/train_drafter_gpu.sh carried $OUT
+#   call 3  carry []        command: PHASE=last PLAN_MIN=19 bash benchmarks/train_drafter_gpu.sh carried $OUT
+# (no middle call: PLAN_MIN=11 in calls 1 and 3; more middle calls: add ~8.5 to PLAN_MIN each. The machine is
+# taken back after 30 minutes held: calls 0-3 are ~26 minutes of commands, tight; each call returns its drafter.)
+#   first   joins the GGUF, generates ~25M target tokens into the /tmp/drafter_data cache (45056 code + 13600 chat
+#           continuations of 256 tokens, 36864 teacher-forced source windows: ~4 min at ~100k tok/s), starts a
+#           fresh run in /tmp/drafter_run and trains until its deadline (~4.5 min).
+#   middle  resumes /tmp/drafter_run from the cache (--require_cache) and trains until its deadline (~8.5 min).
+#   last    resumes, trains until TOTAL_S - EVAL_S (~6 min; --finish ends the learning-rate decay there), then
+#           runs bench_speculative.py on the result.
+# The schedule spans the calls: --plan_minutes PLAN_MIN is the training time planned over all of them; the seconds
+# done, step, optimizer state and sampler state are in /tmp/drafter_run/last.safetensors (~80 MB with Adam's
+# moments: over the 16 MiB a returned file may have, so it stays in /tmp). A middle or last call that finds its
+# /tmp state gone (a fresh machine) prints one "STATE GONE: ..." line and exits 3 instead of starting over.
+#
+# Every call writes OUT/status (phases reached, devices), OUT/train.log, OUT/drafter.safetensors (float16 weights
+# as of this call's end: ship the last one as mimo_jax/drafters/smollm2_135m_block.safetensors) and OUT/eval.json
+# (training figures); the last (and PHASE=one) adds OUT/bench.json, OUT/bench.log, OUT/speculative.png.
+# Environment: PHASE, PLAN_MIN (default 19), TOTAL_S (wall budget of this call: 540 for one, 560 otherwise),
+# EVAL_S (kept for the evaluation: 170), END_S (kept after training in first/middle calls: 25), GEN_BATCH (1024),
+# BENCH_PROMPTS / BENCH_TOKENS (the evaluation's size), RUN_DIR / DATA_DIR (instead of /tmp/drafter_run and
+# /tmp/drafter_data). Extra trainer flags override the ones below (every call of a run must pass the same data
+# flags: the cache's file names hash them).
+# A CPU smoke run of the phases: PHASE=first TOTAL_S=85 PLAN_MIN=2 bash THIS MODEL.gguf /tmp/o1 --code_prompts 8
+#   --chat_prompts 4 --source_windows 4 --gen_len 8 --gen_batch 4 --batch 2 --anchors 2 --layers 1
+#   --intermediate 64 --window 16 --draft_vocab 512, then PHASE=middle, then PHASE=last (EVAL_S=90 BENCH_PROMPTS=1).
 set -euo pipefail
-GGUF=${1:?usage: $0 MODEL.gguf|carried OUTDIR [trainer flags]}
-OUT=${2:?usage: $0 MODEL.gguf|carried OUTDIR [trainer flags]}
+GGUF=${1:?usage: [PHASE=one|first|middle|last] $0 MODEL.gguf|carried OUTDIR [trainer flags]}
+OUT=${2:?usage: [PHASE=one|first|middle|last] $0 MODEL.gguf|carried OUTDIR [trainer flags]}
 shift 2
 T0=$(date +%s)
+PHASE=${PHASE:-one}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 phase() { echo "$1 at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/status"; }
+gone() {
+  echo "STATE GONE: $1 (a fresh machine? /tmp did not survive since PHASE=first): nothing trained, start again" \
+       "with PHASE=first" | tee -a "$OUT/status"
+  exit 3
+}
 trap 'echo "FAILED (exit $?) at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/status"' ERR
+case "$PHASE" in
+  one|first|middle|last) ;;
+  *) echo "PHASE=$PHASE: one of one, first, middle, last"; exit 2 ;;
+esac
+RUN=${RUN_DIR:-/tmp/drafter_run}  # the trainer's state between calls
+DATA=${DATA_DIR:-/tmp/drafter_data}  # the generated data, cached
+JOINED=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
 if [ "$GGUF" = carried ]; then
-  if ! python -c "import gguf" 2>/dev/null; then  # `pip install` alone went to another interpreter on the image
-    python -m pip install --no-index --no-deps -q --target /tmp/site .gg1/gguf-*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  GGUF=$JOINED
+  if [ "$PHASE" = one ] || [ "$PHASE" = first ]; then
+    if ! python -c "import gguf" 2>/dev/null; then  # `pip install` alone went to another interpreter on the image
+      WHL=$(ls .gg1/gguf-*.whl .gg2/gguf-*.whl /tmp/gguf-*.whl 2>/dev/null | head -1)
+      python -m pip install --no-index --no-deps -q --target /tmp/site "$WHL"
+      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    A=.gg1/a; [ -s "$A" ] || A=/tmp/gg.a
+    cat "$A" .gg2/b > "$JOINED"
   fi
-  cat .gg1/a .gg2/b > /tmp/SmolLM2-135M-Instruct.Q4_1.gguf
-  GGUF=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+fi
+if [ "$PHASE" = middle ] || [ "$PHASE" = last ]; then
+  [ -s "$GGUF" ] || gone "no model file $GGUF"
+  [ -s "$RUN/last.safetensors" ] || gone "no $RUN/last.safetensors"
+  python -c "import gguf" 2>/dev/null || gone "the gguf package is not importable (no /tmp/site)"
 fi
 [ -s "$GGUF" ] || { echo "no model file $GGUF"; exit 1; }
 python -c "import optax, safetensors, tqdm, gguf" || { echo "the trainer needs optax, safetensors, tqdm, gguf"; exit 1; }
-python -c "import jax; print('devices:', jax.devices())" | tee "$OUT/devices.txt"
-phase "start"
-DEADLINE=$(( T0 + ${TOTAL_S:-540} - ${EVAL_S:-170} ))
-# data: 16384 code continuations (64-token stdlib prompts, 256 greedy tokens), 8192 chat completions, 16384
-# teacher-forced stdlib windows; drafter: 2 layers conditioned on target layers 1, 15, 26 and the last one.
-python -m mimo_jax.train_drafter --model "$GGUF" --out "$OUT" --cache_dir /tmp/drafter_data \
-  --code_prompts 16384 --chat_prompts 8192 --source_windows 16384 --prompt_len 64 --gen_len 256 --gen_batch 1024 \
-  --steps 30000 --batch 32 --anchors 48 --layers 2 --intermediate 1024 --lr 1e-3 --target_layers auto \
-  --deadline "$DEADLINE" --eval_prompts 0 "$@" 2>&1 | tr '\r' '\n' | awk 'NR % 50 == 1 || !/it\/s|s\/it/' \
-  | tee "$OUT/train.log"
+python -c "import jax; print('devices:', jax.devices())" | tee -a "$OUT/status"
+phase "start ($PHASE)"
+# drafter: 2 layers conditioned on target layers 1, 15, 26 and the last one; 32 sequences x 48 anchors x 8 slots.
+MODEL_FLAGS=(--batch 32 --anchors 48 --layers 2 --intermediate 1024 --lr 1e-3 --target_layers auto --eval_prompts 0)
+if [ "$PHASE" = one ]; then
+  # data: 16384 code continuations (64-token stdlib prompts, 256 greedy tokens), 8192 chat completions, 16384
+  # teacher-forced stdlib windows (10.9M target tokens)
+  DEADLINE=$(( T0 + ${TOTAL_S:-540} - ${EVAL_S:-170} ))
+  TRAIN_OUT=$OUT
+  RUN_FLAGS=(--code_prompts 16384 --chat_prompts 8192 --source_windows 16384 --steps 30000 --deadline "$DEADLINE")
+else
+  # data: ~25M target tokens (13600 = every training chat instruction); the time plan, not --steps, ends the run
+  case "$PHASE" in
+    last) DEADLINE=$(( T0 + ${TOTAL_S:-560} - ${EVAL_S:-170} )) ;;
+    *) DEADLINE=$(( T0 + ${TOTAL_S:-560} - ${END_S:-25} )) ;;
+  esac
+  TRAIN_OUT=$RUN
+  RUN_FLAGS=(--code_prompts 45056 --chat_prompts 13600 --source_windows 36864 --steps 1000000
+             --plan_minutes "${PLAN_MIN:-19}" --deadline "$DEADLINE")
+  case "$PHASE" in
+    first) rm -rf "$RUN" ;;
+    middle) RUN_FLAGS+=(--resume --require_cache) ;;
+    last) RUN_FLAGS+=(--resume --require_cache --finish) ;;
+  esac
+fi
+python -m mimo_jax.train_drafter --model "$GGUF" --out "$TRAIN_OUT" --cache_dir "$DATA" --prompt_len 64 \
+  --gen_len 256 --gen_batch "${GEN_BATCH:-1024}" "${MODEL_FLAGS[@]}" "${RUN_FLAGS[@]}" "$@" 2>&1 | tr '\r' '\n' \
+  | awk 'NR % 50 == 1 || !/it\/s|s\/it/' | tee "$OUT/train.log"
+if [ "$TRAIN_OUT" != "$OUT" ]; then cp "$RUN/drafter.safetensors" "$RUN/eval.json" "$OUT/"; fi
 phase "trained"
-python benchmarks/bench_speculative.py --model "$GGUF" --drafter "$OUT/drafter.safetensors" --k 8 \
-  --prompts "${BENCH_PROMPTS:-12}" --max_new_tokens "${BENCH_TOKENS:-256}" --png "$OUT/speculative.png" \
-  --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
-phase "evaluated"
+if [ "$PHASE" = one ] || [ "$PHASE" = last ]; then
+  python benchmarks/bench_speculative.py --model "$GGUF" --drafter "$OUT/drafter.safetensors" --k 8 \
+    --prompts "${BENCH_PROMPTS:-12}" --max_new_tokens "${BENCH_TOKENS:-256}" --png "$OUT/speculative.png" \
+    --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  phase "evaluated"
+fi

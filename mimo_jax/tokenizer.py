@@ -18,6 +18,7 @@ numeral (" ²": ours ["Ġ", "Â²"], transformers ["ĠÂ", "²"]); ASCII digits 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pathlib
@@ -129,6 +130,9 @@ class _HFBackend:
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -247,6 +251,13 @@ class Tokenizer:
         """Special-token text in `text` ("<|im_start|>") becomes its id, as in transformers."""
         return self._backend.encode(text, add_special_tokens)
 
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """encode() of each text (the `tokenizers` backend encodes them on its threads)."""
+        batch = getattr(self._backend, "encode_batch", None)
+        if batch is not None:
+            return batch(texts, add_special_tokens)
+        return [self._backend.encode(t, add_special_tokens) for t in texts]
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens)
 
@@ -347,6 +358,12 @@ def _chat_template(config: dict, directory: pathlib.Path) -> str | None:
 def _render_jinja(template: str, **context) -> str:
     """As transformers' render: sandboxed, trim_blocks + lstrip_blocks, loop controls, tojson,
     raise_exception and strftime_now."""
+    return _jinja_template(template).render(**context)
+
+
+@functools.lru_cache(maxsize=8)
+def _jinja_template(template: str):
+    """The compiled template (compiling costs ~2 ms, rendering a short chat ~0.1 ms)."""
     import datetime
 
     import jinja2
@@ -362,7 +379,7 @@ def _render_jinja(template: str, **context) -> str:
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    return env.from_string(template).render(**context)
+    return env.from_string(template)
 
 
 def _chatml_fallback(template: str, messages, add_generation_prompt: bool) -> str:

@@ -2,24 +2,26 @@
 
     python -m mimo_jax.train_drafter --out /tmp/drafter --steps 2000            # the bundled SmolLM2
     python -m mimo_jax.train_drafter --model PATH.gguf --out DIR --resume       # go on from DIR/last.safetensors
+    python -m mimo_jax.train_drafter ... --plan_minutes 18 --deadline T [--resume] [--finish]   # one of several calls
 
-No labelled data: the target writes its own training set.
-  prompts  code: windows of the Python standard library's source files (present wherever Python is), minus a
-           fixed held-out set of files (EVAL_FILES); chat: instructions built from templates x topics, minus
-           held-out topics (EVAL_TOPICS), in the model's chat template.
-  targets  the target's own greedy continuation of each prompt (batched, one jitted prefill + lax.scan decode),
-           plus teacher-forced windows of training source (--source_windows: the target's greedy next token at
-           every position). Only token ids are stored (cached under --cache_dir, one .npz per data set and model,
-           so a second run or a resume generates nothing): the features the drafter conditions on (the target's
-           normed last layer and the outputs of --target_layers, what the verify pass gives it at decode time)
-           and the target's next-token distributions are recomputed by one teacher-forced target pass inside
-           every training step (cheaper on a GPU than moving stored hidden states: 4.6 KB a token with 3 taps).
+No labelled data: the target writes its own training set (drafter_data.py: stdlib code and chat prompts, the
+target's greedy continuations, teacher-forced source windows; token ids only, cached under --cache_dir, so a
+second run or a resume generates nothing, and --require_cache makes a missing cache an error).
+  features the drafter conditions on (the target's normed last layer and the outputs of --target_layers, what the
+           verify pass gives it at decode time) and the target's next-token distributions are recomputed by one
+           teacher-forced target pass inside every training step (cheaper on a GPU than moving stored hidden
+           states: 4.6 KB a token with 3 taps).
   loss     a block at anchor P (any position of the continuation) predicts tokens P+1..P+B; slot j's loss is
            cross-entropy to the target's greedy token plus --soft_weight x cross-entropy to its distribution
            (both over the draft vocabulary), weighted exp(-j / --decay) (a draft counts only if the ones
            before it were accepted, DFlash's weighting). Many anchors of a sequence share one context pass.
-  schedule AdamW, linear warm-up then cosine decay to lr/10 over the run's progress = max(step / --steps,
-           elapsed / --max_minutes): a run stopped by its time budget still ends its decay.
+  schedule AdamW, linear warm-up then cosine decay to lr/10 over the run's progress (Schedule): max(step /
+           --steps, training seconds / planned seconds). The plan is --plan_minutes over all calls of a run
+           (the seconds done are saved in last.safetensors and restored by --resume, so warm-up happens once and
+           the decay goes on where it stopped; --finish: this call ends the decay at its own time limit), else
+           this call's --max_minutes / --deadline (a run stopped by its time budget still ends its decay).
+  resume   last.safetensors holds weights, optimizer state, step, training seconds and the batch sampler's rng
+           state: a resumed run draws the batches an uninterrupted one would have.
   progress tqdm: tokens/s (label tokens), loss, running acceptance (mean accepted-prefix length of the
            blocks, the figure greedy decoding gets if the context were the training one).
   files    OUT/last.safetensors (weights + optimizer state + step: --resume), OUT/drafter.safetensors (the
@@ -29,10 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -43,231 +43,7 @@ import numpy as np
 from mimo_jax import block_drafter as bd
 from mimo_jax import model
 from mimo_jax.config import ModelConfig
-
-EVAL_FILES = ("argparse.py", "textwrap.py", "fractions.py", "heapq.py", "statistics.py", "shlex.py", "calendar.py",
-              "bisect.py", "graphlib.py", "colorsys.py")
-TEMPLATES = ("Explain {} in simple terms.", "Write a short poem about {}.", "Give me three tips about {}.",
-             "What are the pros and cons of {}?", "Write a Python function related to {}.",
-             "Summarize the history of {} in a paragraph.", "How would you teach {} to a child?",
-             "List five facts about {}.", "Write a short story involving {}.", "Compare {} with something similar.")
-TOPICS = ("the water cycle", "photosynthesis", "black holes", "the French revolution", "machine learning",
-          "sorting algorithms", "climate change", "the stock market", "volcanoes", "healthy sleep", "gardening",
-          "the moon landing", "prime numbers", "the internet", "honey bees", "electric cars", "chess",
-          "the Roman empire", "recursion", "coffee", "public speaking", "time management", "rainbows", "vaccines",
-          "the ocean", "jazz music", "linked lists", "budgeting", "the human heart", "earthquakes",
-          "renewable energy", "databases", "friendship", "mountains", "the printing press", "video games")
-STYLES = ("", " Be brief.", " Answer in detail.", " Use a numbered list.")
-# training-only variety (the held-out set keeps TEMPLATES x EVAL_TOPICS x STYLES, as before)
-MORE_TEMPLATES = ("Why is {} important?", "Write an email to a friend about {}.", "What is a common misconception "
-                  "about {}?", "Describe {} to someone from the year 1800.", "Write a haiku about {}.",
-                  "Give a step-by-step guide to getting started with {}.", "What questions should I ask about {}?",
-                  "Write a dialogue between two people discussing {}.", "Create a quiz with three questions about {}.",
-                  "Explain the science behind {}.", "Write a product description inspired by {}.",
-                  "What would the world look like without {}?", "Tell me a fun fact about {}.",
-                  "Write a short speech about {}.", "Explain {} using an analogy.")
-MORE_TOPICS = ("cats", "dogs", "tea", "bicycles", "airplanes", "trains", "the pyramids", "the human brain", "DNA",
-               "gravity", "magnets", "electricity", "the periodic table", "algebra", "geometry", "probability",
-               "binary numbers", "operating systems", "compilers", "web browsers", "email", "smartphones",
-               "robots", "artificial intelligence", "cloud computing", "encryption", "open source software",
-               "git", "unit testing", "APIs", "spreadsheets", "photography", "painting", "poetry", "novels",
-               "theater", "movies", "football", "basketball", "tennis", "swimming", "running", "yoga",
-               "meditation", "nutrition", "vitamins", "cooking pasta", "chocolate", "pizza", "forests", "deserts",
-               "glaciers", "hurricanes", "tornadoes", "the seasons", "the sun", "Mars", "comets", "telescopes",
-               "microscopes", "bacteria", "the immune system", "sleep", "memory", "habits", "motivation",
-               "leadership", "teamwork", "negotiation", "saving money", "taxes", "inflation", "small businesses",
-               "marketing", "cities", "farming", "recycling", "plastic pollution", "solar panels", "wind power",
-               "nuclear energy", "batteries", "ancient Greece", "the Renaissance", "the industrial revolution",
-               "world war one", "the cold war", "democracy", "human rights", "languages", "learning to code",
-               "typing", "libraries", "museums", "birds", "whales", "ants", "trees", "flowers", "mushrooms")
-EVAL_TOPICS = ("dinosaurs", "hash tables", "the solar system", "bread baking", "the Olympic games", "rivers",
-               "password security", "origami")
-
-
-# ---- data ----
-
-def stdlib_files(held_out: bool) -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    names = sorted(p.name for p in root.glob("*.py"))
-    return [root / n for n in names if (n in EVAL_FILES) == held_out]
-
-
-def code_prompts(tokenizer, n: int, length: int, held_out: bool, seed: int) -> list[list[int]]:
-    """n windows of `length` tokens of standard-library source, each starting at a line start."""
-    rng, out = np.random.default_rng(seed), []
-    files = stdlib_files(held_out)
-    while len(out) < n:
-        text = files[rng.integers(len(files))].read_text(encoding="utf-8", errors="replace")
-        lines = text.splitlines(keepends=True)
-        start = int(rng.integers(max(1, len(lines) - 40)))
-        ids = tokenizer.encode("".join(lines[start:start + 200]), add_special_tokens=False)
-        if len(ids) >= length:
-            out.append(ids[:length])
-    return out
-
-
-def chat_instructions(held_out: bool) -> list[str]:
-    if held_out:
-        return [t.format(topic) + style for style in STYLES for topic in EVAL_TOPICS for t in TEMPLATES]
-    return [t.format(topic) + style for style in STYLES for topic in TOPICS + MORE_TOPICS
-            for t in TEMPLATES + MORE_TEMPLATES]
-
-
-def chat_prompts(tokenizer, n: int, held_out: bool, seed: int) -> list[list[int]]:
-    from mimo_jax.prompts import chat_ids
-
-    texts = chat_instructions(held_out)
-    order = np.random.default_rng(seed).permutation(len(texts))
-    return [chat_ids(tokenizer, texts[i]) for i in order[:n]]  # at most len(texts): greedy repeats teach nothing
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "gen_len"))
-def _continue(params, tokens, lens, cfg: ModelConfig, gen_len: int):
-    """Greedy continuations of a batch of prompts (tail-padded, lengths lens) -> generated tokens [B,gen_len].
-    Each row at its own positions."""
-    b, tp = tokens.shape
-    cache = model.init_cache(cfg, b, tp + gen_len, params["embed"].dtype)
-    pos = jnp.where(jnp.arange(tp)[None] < lens[:, None], jnp.arange(tp)[None], -1).astype(jnp.int32)
-    hidden, cache = model.forward_hidden(params, tokens, pos, cache, cfg)
-    normed = model.final_norm(params, hidden[jnp.arange(b), lens - 1], cfg)
-    first = jnp.argmax(model.head(params, normed, cfg), axis=-1).astype(jnp.int32)
-
-    def body(carry, _):
-        tok, p, cache = carry
-        h, cache = model.forward_hidden(params, tok[:, None], p[:, None], cache, cfg)
-        n = model.final_norm(params, h, cfg)[:, 0]
-        return (jnp.argmax(model.head(params, n, cfg), axis=-1).astype(jnp.int32), p + 1, cache), tok
-
-    _, toks = jax.lax.scan(body, (first, lens.astype(jnp.int32), cache), None, length=gen_len)
-    return toks.T
-
-
-@dataclasses.dataclass
-class Data:
-    """Sequences padded to one length T: tokens [N,T] int32 (-1 past the end), gen_start [N] (where the target's
-    own continuation starts; anchors lie from gen_start - 1 on), labels [N,T] (the target's greedy token after
-    position t, -1 unknown; None: the continuation's next token). No hidden states: the trainer recomputes
-    them (target_pass)."""
-    tokens: np.ndarray
-    gen_start: np.ndarray
-    labels: np.ndarray | None = None
-
-    def __post_init__(self):
-        if self.labels is None:  # in a greedy continuation the next token is the greedy one
-            t = np.arange(self.tokens.shape[1])[None]
-            nxt = np.concatenate([self.tokens[:, 1:], np.full((len(self.tokens), 1), -1, np.int32)], axis=1)
-            self.labels = np.where(t >= self.gen_start[:, None] - 1, nxt, -1).astype(np.int32)
-
-    @property
-    def generated(self) -> int:
-        return int(((self.tokens >= 0).sum(1) - self.gen_start).sum())
-
-
-def make_data(params, cfg, prompts: list[list[int]], gen_len: int, batch: int, eos=(), desc="data") -> Data:
-    """The target's greedy continuations of the prompts, `batch` at a time (the next batch is dispatched before
-    this one's tokens are read); a row ends after its first eos token."""
-    from tqdm import tqdm
-
-    tp = max(len(p) for p in prompts)
-    tokens = np.full((len(prompts), tp + gen_len), -1, np.int32)
-    starts = np.array([len(p) for p in prompts], np.int32)
-    bar = tqdm(total=len(prompts) * gen_len, desc=desc, unit="tok", unit_scale=True, file=sys.stderr)
-
-    def dispatch(i):
-        rows = prompts[i:i + batch]
-        rows = rows + [rows[0]] * (batch - len(rows))  # a fixed batch shape: one compilation
-        x = np.zeros((batch, tp), np.int32)
-        for j, r in enumerate(rows):
-            x[j, :len(r)] = r
-        return i, _continue(params, jnp.asarray(x), jnp.asarray([len(r) for r in rows], np.int32), cfg, gen_len)
-
-    pending = dispatch(0)
-    for i in range(0, len(prompts), batch):
-        i, gen = pending
-        if i + batch < len(prompts):
-            pending = dispatch(i + batch)
-        gen = np.asarray(jax.device_get(gen))[:min(batch, len(prompts) - i)]
-        is_eos = np.isin(gen, np.asarray(eos, np.int32)) if eos else np.zeros(gen.shape, bool)
-        keep = np.cumsum(np.concatenate([np.zeros_like(is_eos[:, :1]), is_eos[:, :-1]], axis=1), axis=1) == 0
-        for j, g in enumerate(gen):
-            n = starts[i + j]
-            tokens[i + j, :n] = prompts[i + j]
-            tokens[i + j, n:n + gen_len] = np.where(keep[j], g, -1)
-        bar.update(len(gen) * gen_len)
-    bar.close()
-    return Data(tokens, starts)
-
-
-@functools.partial(jax.jit, static_argnames="cfg")
-def _teacher_forced(params, tokens, cfg: ModelConfig):
-    """tokens [B,T] -> the target's greedy next token at every position [B,T]."""
-    cache = model.init_cache(cfg, tokens.shape[0], tokens.shape[1], params["embed"].dtype)
-    hidden, _ = model.forward_hidden(params, tokens, jnp.arange(tokens.shape[1], dtype=jnp.int32), cache, cfg)
-    normed = model.final_norm(params, hidden, cfg)
-    return jnp.argmax(model.head(params, normed, cfg), axis=-1).astype(jnp.int32)
-
-
-def make_source_data(params, cfg, windows: list[list[int]], batch: int, desc="source data") -> Data:
-    """Teacher-forced windows of real text (cheaper than generating: one forward per window): the target's greedy
-    next token at every position. A block's slot j trains only where the text up to P+j is what the target
-    would have written from P (make_batch), so every label is still the target's own greedy continuation."""
-    from tqdm import tqdm
-
-    tokens = np.asarray(windows, np.int32)
-    labels = np.zeros(tokens.shape, np.int32)
-    for i in tqdm(range(0, len(windows), batch), desc=desc, file=sys.stderr):
-        x = tokens[i:i + batch]
-        x = np.concatenate([x, np.repeat(x[:1], batch - len(x), 0)]) if len(x) < batch else x
-        n = min(batch, len(windows) - i)
-        labels[i:i + n] = np.asarray(jax.device_get(_teacher_forced(params, jnp.asarray(x), cfg)))[:n]
-    return Data(tokens, np.ones(len(windows), np.int32), labels)
-
-
-def cached(path: Path, build) -> Data:
-    if path.is_file():
-        z = np.load(path)
-        return Data(z["tokens"], z["gen_start"], z["labels"])
-    data = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, tokens=data.tokens, gen_start=data.gen_start, labels=data.labels)
-    tmp.replace(path)
-    return data
-
-
-def datasets(engine, a, model_tag: str) -> dict[str, Data]:
-    """{"train": code + chat continuations}: built once, then read from the cache."""
-    tok, cfg, eos = engine.tokenizer, engine.cfg, tuple(engine.eos_ids)
-    key = hashlib.sha1(json.dumps([model_tag, a.code_prompts, a.chat_prompts, a.prompt_len, a.gen_len,
-                                   EVAL_FILES, EVAL_TOPICS, 2]).encode()).hexdigest()[:12]
-    base = Path(a.cache_dir)
-
-    def build(prompts, desc):
-        return make_data(engine.params, cfg, prompts, a.gen_len, a.gen_batch, eos, desc)
-
-    code = cached(base / f"code_{key}.npz", lambda: build(code_prompts(tok, a.code_prompts, a.prompt_len, False, 0),
-                                                           "code data"))
-    chat = cached(base / f"chat_{key}.npz", lambda: build(chat_prompts(tok, a.chat_prompts, False, 1), "chat data"))
-    t = max(code.tokens.shape[1], chat.tokens.shape[1])
-
-    def pad(d):
-        w = t - d.tokens.shape[1]
-        return Data(np.pad(d.tokens, ((0, 0), (0, w)), constant_values=-1), d.gen_start,
-                    np.pad(d.labels, ((0, 0), (0, w)), constant_values=-1))
-
-    parts = [code, chat]
-    if a.source_windows:
-        key2 = hashlib.sha1(json.dumps([model_tag, a.source_windows, t, EVAL_FILES, 3]).encode()).hexdigest()[:12]
-        parts.append(cached(base / f"source_{key2}.npz", lambda: make_source_data(
-            engine.params, cfg, code_prompts(tok, a.source_windows, t, False, 7), a.gen_batch)))
-    parts = [pad(p) for p in parts]
-    return {"train": Data(*(np.concatenate([getattr(p, f) for p in parts])
-                            for f in ("tokens", "gen_start", "labels")))}
-
-
-def draft_vocab(data: Data, size: int, vocab_size: int) -> np.ndarray:
-    """The `size` tokens the target predicts most often (its greedy labels; sorted ids)."""
-    counts = np.bincount(data.labels[data.labels >= 0], minlength=vocab_size)
-    return np.sort(np.argsort(-counts, kind="stable")[:size]).astype(np.int32)
+from mimo_jax.drafter_data import Data, DataNotCached, chat_prompts, code_prompts, datasets, draft_vocab
 
 
 # ---- training ----
@@ -336,6 +112,31 @@ def lr_at(progress: float, lr: float, warmup: float = 0.03) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * x)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A run's progress in [0, 1] (lr_at's argument) and when a call stops. plan_s > 0: the run's training
+    seconds over all its calls, of which done_s are done (restored on resume); else this call's budget call_s
+    is the plan (0: steps alone). A call stops after call_s of its own seconds or once the plan is spent."""
+    steps: int
+    plan_s: float = 0.0
+    call_s: float = 0.0
+    done_s: float = 0.0
+
+    def progress(self, step: int, elapsed: float) -> float:
+        plan, done = (self.plan_s, self.done_s) if self.plan_s > 0 else (self.call_s, 0.0)
+        return max((step + 0.5) / self.steps, (done + elapsed) / plan if plan > 0 else 0.0)
+
+    def stop(self, elapsed: float) -> bool:
+        return (self.call_s > 0 and elapsed >= self.call_s) or (self.plan_s > 0 and self.done_s + elapsed >=
+                                                                self.plan_s)
+
+    def finishing(self) -> "Schedule":
+        """This call ends the plan: the plan becomes the seconds done + this call's budget."""
+        if not self.call_s > 0:
+            raise ValueError("finishing needs this call's time limit (max_minutes / --deadline)")
+        return dataclasses.replace(self, plan_s=self.done_s + self.call_s)
+
+
 def save_state(path: Path, d, w, vocab, opt_state, step: int, target: ModelConfig, extra=None):
     from safetensors.numpy import save_file
 
@@ -362,12 +163,26 @@ def load_opt_state(path: Path, opt_state):
     return jax.tree_util.tree_unflatten(treedef, new), step
 
 
+def run_state(path: Path) -> dict:
+    """What last.safetensors says of its run: step, train_s (training seconds over all calls so far; 0 in files
+    written before it was stored), rng (the batch sampler's bit-generator state; None in older files)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "numpy") as f:
+        meta = f.metadata() or {}
+    return {"step": int(json.loads(meta.get("step", "0"))), "train_s": float(json.loads(meta.get("train_s", "0"))),
+            "rng": json.loads(meta["rng"]) if "rng" in meta else None}
+
+
 def train(engine, data: Data, d: bd.BlockConfig, vocab: np.ndarray, out: Path, steps: int, batch: int, anchors: int,
           lr: float, soft_weight: float = 0.5, decay: float = 4.0, seed: int = 0, resume: bool = False,
-          save_every: int = 500, log=True, max_minutes: float = 0.0):
-    """-> (weights, history of (step, loss, acceptance)). Writes out/last.safetensors every save_every steps and
-    at the end; max_minutes > 0 stops early, the learning rate following progress = max(step / steps, elapsed /
-    max_minutes) (lr_at), so a run cut by time still decays (--resume goes on at the saved step)."""
+          save_every: int = 500, log=True, max_minutes: float = 0.0, plan_minutes: float = 0.0, finish: bool = False,
+          log_every: int = 10, clock=time.perf_counter):
+    """-> (weights, history of (step, loss, acceptance, lr) every log_every steps and at the last one). Writes
+    out/last.safetensors every save_every steps and when it stops. The learning rate follows Schedule's progress
+    (lr_at): over plan_minutes of training across calls (resume restores the seconds done), else over this
+    call's max_minutes (or steps alone). max_minutes > 0 stops this call after that long; finish ends the plan
+    there. Time is clock() after each step (the progress of step s is where the run stood after step s - 1)."""
     import optax
     from tqdm import tqdm
 
@@ -381,12 +196,28 @@ def train(engine, data: Data, d: bd.BlockConfig, vocab: np.ndarray, out: Path, s
     w = bd.init_weights(d, jax.random.PRNGKey(seed))
     # final_norm feeds the target's own head: start from the target's (a copy: w is donated)
     w["final_norm"] = jnp.array(tparams["final_norm"], jnp.float32, copy=True)
-    opt_state, start = opt.init(w), 0
+    opt_state, start, state = opt.init(w), 0, {"train_s": 0.0, "rng": None}
     last = out / "last.safetensors"
     if resume and last.is_file():
         _, loaded, _ = bd.load(last, jnp.float32)
         w = loaded["w"]
         opt_state, start = load_opt_state(last, opt.init(w))
+        state = run_state(last)
+    elif resume and log:
+        print(f"[--resume: no {last}; training from scratch]", file=sys.stderr)
+    sched = Schedule(steps, 60 * plan_minutes, 60 * max_minutes, state["train_s"])
+    if finish:
+        sched = sched.finishing()
+    if log:
+        planned = f" of {sched.plan_s / 60:.2f} planned" if sched.plan_s > 0 else ""
+        print(f"[schedule: step {start}, {sched.done_s / 60:.2f}{planned} training minutes done (progress "
+              f"{sched.progress(start, 0.0):.3f}); this call: up to {max_minutes:.2f} min"
+              f"{', ends the plan' if finish else ''}]", file=sys.stderr)
+    if sched.plan_s > 0 and sched.done_s >= sched.plan_s:
+        if log:
+            print("[the planned training time is spent: no steps (raise --plan_minutes or pass --finish)]",
+                  file=sys.stderr)
+        return w, []
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step_fn(w, opt_state, batch, tparams, jvocab, head, lr):  # target arrays as arguments: no constants to fold
@@ -396,29 +227,33 @@ def train(engine, data: Data, d: bd.BlockConfig, vocab: np.ndarray, out: Path, s
         updates, opt_state = opt.update(grads, opt_state, w)
         return optax.apply_updates(w, updates), opt_state, loss, stats
 
-    rng = np.random.default_rng(seed + start)
+    # the sampler goes on where the saved run left it (older files: a stream of its own, not the first batches')
+    rng = np.random.default_rng(seed if start == 0 else [seed, start])
+    if state["rng"] is not None:
+        rng.bit_generator.state = state["rng"]
     n, hist = len(data.tokens), []
     acc_sum = acc_n = 0.0
     bar = tqdm(total=steps, initial=start, desc="train", file=sys.stderr, disable=not log)
-    t0 = time.perf_counter()
+    t0, wall0, elapsed = clock(), time.perf_counter(), 0.0
     for s in range(start, steps):
-        progress = max((s + 0.5) / steps, (time.perf_counter() - t0) / (60 * max_minutes) if max_minutes > 0 else 0)
+        lr_s = lr_at(sched.progress(s, elapsed), lr)
         rows = rng.choice(n, batch, replace=n < batch)
         b = make_batch(data, rows, rng, anchors, d, sub_index)
         w, opt_state, loss, (acc, full, labels) = step_fn(w, opt_state, jax.tree_util.tree_map(jnp.asarray, b),
-                                                          tparams, jvocab, head, jnp.float32(lr_at(progress, lr)))
-        if s % 10 == 0 or s == steps - 1:
+                                                          tparams, jvocab, head, jnp.float32(lr_s))
+        elapsed = clock() - t0
+        stop = sched.stop(elapsed)
+        if s % log_every == 0 or s == steps - 1 or stop:
             loss, acc, full, labels = float(loss), float(acc), float(full), float(labels)
             acc_sum, acc_n = 0.9 * acc_sum + acc, 0.9 * acc_n + full
-            hist.append((s, loss, acc_sum / max(acc_n, 1)))
-            bar.set_postfix(loss=f"{loss:.3f}", accept=f"{acc_sum / max(acc_n, 1):.2f}",
-                            lr=f"{lr_at(progress, lr):.1e}",
-                            tok_s=f"{(s + 1 - start) * labels / (time.perf_counter() - t0):.0f}")
+            hist.append((s, loss, acc_sum / max(acc_n, 1), lr_s))
+            bar.set_postfix(loss=f"{loss:.3f}", accept=f"{acc_sum / max(acc_n, 1):.2f}", lr=f"{lr_s:.1e}",
+                            tok_s=f"{(s + 1 - start) * labels / (time.perf_counter() - wall0):.0f}")
         bar.update(1)
-        out_of_time = max_minutes > 0 and time.perf_counter() - t0 > 60 * max_minutes
-        if (s + 1) % save_every == 0 or s == steps - 1 or out_of_time:
-            save_state(last, d, w, vocab, opt_state, s + 1, cfg)
-        if out_of_time:
+        if (s + 1) % save_every == 0 or s == steps - 1 or stop:
+            save_state(last, d, w, vocab, opt_state, s + 1, cfg,
+                       {"train_s": sched.done_s + elapsed, "rng": rng.bit_generator.state})
+        if stop:
             break
     bar.close()
     return w, hist
@@ -542,6 +377,13 @@ def main(argv=None) -> None:
     ap.add_argument("--max_minutes", type=float, default=0.0, help="stop training after this long (0: no limit)")
     ap.add_argument("--deadline", type=float, default=0.0, help="unix time by which training stops (0: none); "
                     "a one-call GPU script leaves the evaluation its time this way")
+    ap.add_argument("--plan_minutes", type=float, default=0.0, help="training minutes planned over all calls of a "
+                    "resumed run: the schedule's progress is (minutes done before this call, from last.safetensors, "
+                    "+ this call's) / plan (0: this call's --max_minutes / --deadline is the plan)")
+    ap.add_argument("--finish", action="store_true", help="this call ends the schedule at its --max_minutes / "
+                    "--deadline (the plan becomes the minutes done + this call's)")
+    ap.add_argument("--require_cache", action="store_true", help="fail (exit 3) if the data is not in --cache_dir "
+                    "instead of generating it: a later call of a multi-call run")
     ap.add_argument("--eval_prompts", type=int, default=8, help="held-out prompts per set (0: no evaluation)")
     ap.add_argument("--eval_tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=8)
@@ -556,9 +398,16 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     engine = Engine.from_pretrained(a.model, max_seq_len=1024)
     cfg = engine.cfg
-    tag = str(Path(a.model).resolve()) if a.model else "bundled-smollm2"
+    tag = "bundled-smollm2"
+    if a.model:
+        m = Path(a.model).resolve()
+        tag = f"{m}:{m.stat().st_size}" if m.is_file() else str(m)
     t0 = time.perf_counter()
-    data = datasets(engine, a, tag)["train"]
+    try:
+        data = datasets(engine, a, tag, require_cache=a.require_cache)["train"]
+    except DataNotCached as e:
+        print(f"NO CACHED DATA: {e}", file=sys.stderr)
+        sys.exit(3)
     data_s = time.perf_counter() - t0
     d = bd.BlockConfig.for_target(cfg, num_layers=a.layers, intermediate_size=a.intermediate, window=a.window,
                                   block_size=a.block, draft_vocab=min(a.draft_vocab, cfg.vocab_size),
@@ -568,19 +417,24 @@ def main(argv=None) -> None:
     if a.resume and (out / "last.safetensors").is_file():  # the vocabulary the weights were trained with
         vocab = np.asarray(bd.load(out / "last.safetensors")[1]["vocab"])
     coverage = float(np.isin(data.labels[data.labels >= 0], vocab).mean())
-    print(f"[data: {len(data.tokens)} sequences, {data.generated} generated tokens in {data_s:.0f} s; draft vocab "
+    print(f"[data: {len(data.tokens)} sequences, {data.generated} target tokens, ready in {data_s:.0f} s; draft vocab "
           f"{len(vocab)} covers {coverage:.3f} of them]", file=sys.stderr)
     max_minutes = a.max_minutes
     if a.deadline:
         left = max((a.deadline - time.time()) / 60, 0.5)
         max_minutes = min(max_minutes, left) if max_minutes > 0 else left
         print(f"[training for at most {max_minutes:.2f} min (deadline)]", file=sys.stderr)
+    if a.finish and not max_minutes > 0:
+        ap.error("--finish needs --max_minutes or --deadline (the time at which this call ends the schedule)")
     t0 = time.perf_counter()
     w, hist = train(engine, data, d, vocab, out, a.steps, a.batch, a.anchors, a.lr, a.soft_weight, a.decay,
-                    seed=a.seed, resume=a.resume, max_minutes=max_minutes)
+                    seed=a.seed, resume=a.resume, max_minutes=max_minutes, plan_minutes=a.plan_minutes,
+                    finish=a.finish)
     train_s = time.perf_counter() - t0
+    total_s = run_state(out / "last.safetensors")["train_s"] if (out / "last.safetensors").is_file() else 0.0
     info = {"train_steps": hist[-1][0] + 1 if hist else 0, "label_tokens_per_step": a.batch * a.anchors * a.block,
-            "train_s": round(train_s, 1), "data_s": round(data_s, 1), "generated_tokens": data.generated,
+            "train_s": round(train_s, 1), "train_s_all_calls": round(total_s, 1), "plan_minutes": a.plan_minutes,
+            "data_s": round(data_s, 1), "generated_tokens": data.generated,
             "device": jax.devices()[0].device_kind, "final_loss": hist[-1][1] if hist else None,
             "train_acceptance": hist[-1][2] if hist else None, "target_layers": list(d.target_layers),
             "sequences": len(data.tokens), "lr": a.lr, "batch": a.batch, "anchors": a.anchors}

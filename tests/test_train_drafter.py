@@ -1,5 +1,6 @@
 """The drafter trainer on a tiny random-weight target: the loss falls, files round-trip, training raises the
-acceptance of greedy speculative decoding, the command line runs end to end."""
+acceptance of greedy speculative decoding, a run resumed over several calls is the uninterrupted run, the command
+line runs end to end."""
 from pathlib import Path
 
 import jax
@@ -9,7 +10,7 @@ import optax
 import pytest
 
 from mimo_jax import block_drafter as bd
-from mimo_jax import model, train_drafter
+from mimo_jax import drafter_data, model, train_drafter
 from mimo_jax.config import load_config
 from mimo_jax.engine import Engine
 
@@ -26,7 +27,7 @@ def target():
 @pytest.fixture(scope="module")
 def data(target):
     prompts = [np.random.default_rng(i).integers(0, target.cfg.vocab_size, 12).tolist() for i in range(16)]
-    return prompts, train_drafter.make_data(target.params, target.cfg, prompts, gen_len=40, batch=8)
+    return prompts, drafter_data.make_data(target.params, target.cfg, prompts, gen_len=40, batch=8)
 
 
 def dcfg(cfg, **kw):
@@ -52,7 +53,7 @@ def test_data_is_the_targets_greedy_continuation(target, data):
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(target, data):
     _, d = data
     cfg, dc = target.cfg, dcfg(target.cfg)
-    vocab = train_drafter.draft_vocab(d, dc.draft_vocab, cfg.vocab_size)
+    vocab = drafter_data.draft_vocab(d, dc.draft_vocab, cfg.vocab_size)
     sub = np.full(cfg.vocab_size, -1, np.int32)
     sub[vocab] = np.arange(len(vocab))
     batch = jax.tree_util.tree_map(jnp.asarray, train_drafter.make_batch(d, np.arange(4), np.random.default_rng(0), 4,
@@ -105,7 +106,7 @@ def test_training_raises_acceptance(tmp_path, target, data):
     the plain greedy output."""
     prompts, d = data
     cfg, dc = target.cfg, dcfg(target.cfg)
-    vocab = train_drafter.draft_vocab(d, dc.draft_vocab, cfg.vocab_size)
+    vocab = drafter_data.draft_vocab(d, dc.draft_vocab, cfg.vocab_size)
     untrained = tmp_path / "untrained.safetensors"
     bd.save(untrained, dc, bd.init_weights(dc, jax.random.PRNGKey(0)), vocab, cfg)
     w, hist = train_drafter.train(target, d, dc, vocab, tmp_path, steps=60, batch=8, anchors=8, lr=3e-3, log=False)
@@ -124,6 +125,49 @@ def test_training_raises_acceptance(tmp_path, target, data):
 
     before, after = accepted(untrained), accepted(trained)
     assert after > before + 0.5, (before, after)
+
+
+def test_resumed_calls_follow_one_plan(tmp_path, target, data):
+    """A 30-second plan trained in one call, and as a 12-second call + a resumed call: the resumed call goes on
+    with the learning rate of the uninterrupted run at the same progress (no second warm-up), draws the same
+    batches (the sampler's state is restored), stops when the plan is spent, and ends with the same weights.
+    Time is a fake clock advancing one second per step."""
+    _, d = data
+    cfg, dc = target.cfg, dcfg(target.cfg)
+    vocab = drafter_data.draft_vocab(d, dc.draft_vocab, cfg.vocab_size)
+
+    def run(out, **kw):
+        tick = iter(range(10 ** 6))
+        return train_drafter.train(target, d, dc, vocab, out, steps=1000, batch=4, anchors=4, lr=3e-3, log=False,
+                                   log_every=1, plan_minutes=0.5, clock=lambda: float(next(tick)), **kw)
+
+    w_one, h_one = run(tmp_path / "one")
+    assert [h[0] for h in h_one] == list(range(30))  # stopped when the plan was spent
+    _, h_a = run(tmp_path / "two", max_minutes=0.2)  # a call of 12 s
+    assert [h[0] for h in h_a] == list(range(12))
+    assert train_drafter.run_state(tmp_path / "two" / "last.safetensors")["train_s"] == 12
+    w_two, h_b = run(tmp_path / "two", resume=True)
+    assert [h[0] for h in h_b] == list(range(12, 30))
+    lr_one = {h[0]: h[3] for h in h_one}
+    assert h_b[0][3] == pytest.approx(train_drafter.lr_at(12 / 30, 3e-3)) and h_b[0][3] > 2e-3  # no warm-up again
+    for h in h_a + h_b:
+        assert h[3] == pytest.approx(lr_one[h[0]], rel=1e-12), h
+        assert h[1] == pytest.approx(h_one[h[0]][1], rel=1e-5), h  # same batch, same loss
+    for a, b in zip(jax.tree_util.tree_leaves(w_one), jax.tree_util.tree_leaves(w_two)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    _, h_c = run(tmp_path / "two", resume=True)  # the plan is spent: nothing to do
+    assert h_c == []
+
+
+def test_schedule_progress_stop_and_finish():
+    s = train_drafter.Schedule(steps=10 ** 6, plan_s=600, call_s=120, done_s=300)
+    assert s.progress(0, 60) == pytest.approx(0.6) and not s.stop(119) and s.stop(120)
+    f = s.finishing()  # this call ends the plan: 300 s done + its 120 s
+    assert f.progress(0, 0) == pytest.approx(300 / 420) and f.progress(0, 120) == 1 and f.stop(120)
+    late = train_drafter.Schedule(steps=10 ** 6, plan_s=600, call_s=400, done_s=300)
+    assert late.stop(300)  # the plan is spent before the call's budget
+    old = train_drafter.Schedule(steps=100, call_s=60)  # no plan: this call is the plan, as before
+    assert old.progress(10, 30) == pytest.approx(0.5) and old.progress(80, 30) == pytest.approx(0.805)
 
 
 @pytest.mark.slow
@@ -150,6 +194,13 @@ def test_command_line_end_to_end(tmp_path):
     train_drafter.main(args[:args.index("--steps") + 1] + ["3"] + args[args.index("--steps") + 2:] + ["--resume"])
     _, _, meta = bd.load(out / "last.safetensors")
     assert json.loads(meta["step"]) == 3
+    # a later call of a multi-call run: the cache required, the plan's seconds carried on, this call ending it
+    done = train_drafter.run_state(out / "last.safetensors")["train_s"]
+    later = ["--resume", "--require_cache", "--plan_minutes", "5", "--max_minutes", "0.5", "--finish", "--steps", "4",
+             "--eval_prompts", "0"]
+    train_drafter.main(args + later)
+    state = train_drafter.run_state(out / "last.safetensors")
+    assert state["step"] == 4 and state["train_s"] > done and state["rng"] is not None
 
 
 def test_source_windows_label_only_the_greedy_chain(target):
@@ -159,7 +210,7 @@ def test_source_windows_label_only_the_greedy_chain(target):
     greedy_text = target.generate([5, 6, 7], 21, stop_at_eos=False).token_ids  # half the windows follow it
     windows = [[5, 6, 7] + greedy_text[:21] if i % 2 else np.random.default_rng(i).integers(0, 128, 24).tolist()
                for i in range(4)]
-    d = train_drafter.make_source_data(target.params, cfg, windows, batch=4)
+    d = drafter_data.make_source_data(target.params, cfg, windows, batch=4)
     sub = np.arange(cfg.vocab_size, dtype=np.int32)  # every token its own index here
     b = train_drafter.make_batch(d, np.arange(4), np.random.default_rng(0), 6, dc, sub)
     seen = 0
