@@ -1,0 +1,97 @@
+"""pallas_kernels.int4_m1 (one-token int4 dequant-matmul) == jnp reference, in interpret mode on CPU; the decode
+pair path of int4_grouped_matmul routes to it; Triton lowering check."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mimo_jax import quant as Q
+from pallas_kernels.int4_m1 import M1Config, default_m1_config, int4_m1_matmul, to_nk
+
+TOL = 1e-2  # bf16 activations and output against an f32 reference
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert not np.isnan(a).any()
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _case(fmt, gs, E=5, K=192, N=48, M=5):
+    wg = Q.quantize(jax.random.normal(jax.random.PRNGKey(1), (E, K, N)), fmt, gs)
+    wu = Q.quantize(jax.random.normal(jax.random.PRNGKey(2), (E, K, N)), fmt, gs)
+    x = jax.random.normal(jax.random.PRNGKey(3), (M, K), jnp.float32).astype(jnp.bfloat16)
+    ids = jnp.array([4, 0, E, 2, 4][:M], jnp.int32)  # id E: a zero row
+    pick, live = jnp.minimum(ids, E - 1), (ids < E)[:, None]
+    g = jnp.einsum("mk,mkn->mn", x.astype(jnp.float32), Q.dequantize(wg, jnp.float32)[pick]) * live
+    u = jnp.einsum("mk,mkn->mn", x.astype(jnp.float32), Q.dequantize(wu, jnp.float32)[pick]) * live
+    return wg, wu, x, ids, g, u
+
+
+def _arrays(w, layout):
+    return ((to_nk(w.packed) if layout == "nk" else w.packed), w.scales, w.mins)
+
+
+@pytest.mark.parametrize("fmt", ["int4_sym", "int4_asym"])
+@pytest.mark.parametrize("orient,layout,method,split", [
+    ("xw", "kn", "asm", 1), ("xw", "nk", "asm", 3), ("xw", "nk", "magic", 1),
+    ("wx", "nk", "asm", 3), ("wx", "kn", "magic", 1),
+])
+def test_pairs_match_reference(fmt, orient, layout, method, split):
+    """Odd shapes (K = 3 groups of 64, N = 48, 5 pairs), a skip id, single weight and fused SiLU(g) * u."""
+    wg, wu, x, ids, g, u = _case(fmt, 64)
+    cfg = M1Config(orient=orient, layout=layout, method=method, bn=16, split_k=split)
+    run = lambda w, **kw: int4_m1_matmul(x, w, ids, fmt=fmt, group_size=64, cfg=cfg, interpret=True, **kw)
+    y = run((_arrays(wg, layout),))
+    assert y.shape == (5, 48) and y.dtype == jnp.bfloat16
+    assert _rel(y, g) < TOL and not np.asarray(y[2]).any()
+    h = run((_arrays(wg, layout), _arrays(wu, layout)), epilogue="silu_mul")
+    assert _rel(h, jax.nn.silu(g) * u) < TOL and not np.asarray(h[2]).any()
+
+
+@pytest.mark.parametrize("fmt,layout,M", [("int4_sym", "kn", 1), ("int4_asym", "nk", 3), ("int4_sym", "nk", 17)])
+def test_dense_matches_reference(fmt, layout, M):
+    w = Q.quantize(jax.random.normal(jax.random.PRNGKey(4), (256, 64)), fmt, 128)
+    x = jax.random.normal(jax.random.PRNGKey(5), (M, 256), jnp.float32).astype(jnp.bfloat16)
+    cfg = default_m1_config(-(-M // 16), 256, 64, 128, layout=layout, bn=32)
+    y = int4_m1_matmul(x, (_arrays(w, layout),), fmt=fmt, group_size=128, cfg=cfg, interpret=True)
+    assert y.shape == (M, 64) and _rel(y, x.astype(jnp.float32) @ Q.dequantize(w, jnp.float32)) < TOL
+
+
+def test_decode_pairs_route_to_this_kernel():
+    """quant.pair_qmatmul(_gate_up) without a config runs int4_m1 (mxfp4 and explicit configs keep int4_matmul)."""
+    wg, wu, x, ids, g, u = _case("int4_sym", 64)
+    jaxpr = str(jax.make_jaxpr(lambda x, a, b, i: Q.pair_qmatmul_gate_up(x, a, b, i, impl="interpret"))(x, wg, wu, ids))
+    assert "int4_m1_xw_kn" in jaxpr
+    assert _rel(Q.pair_qmatmul_gate_up(x, wg, wu, ids, impl="interpret"), jax.nn.silu(g) * u) < TOL
+    wm = Q.quantize(jax.random.normal(jax.random.PRNGKey(6), (5, 64, 32)), "mxfp4", 32)
+    jaxpr = str(jax.make_jaxpr(lambda x, w, i: Q.pair_qmatmul(x, w, i, impl="interpret"))(x[:, :64], wm, ids))
+    assert "int4_m1" not in jaxpr and "int4_grouped" in jaxpr
+
+
+def test_default_config_for_the_decode_shapes():
+    """8 pairs: gate/up (2 weights, K=4096 N=2048) and down (K=2048 N=4096) both split K in 2 (measured best)."""
+    assert default_m1_config(8, 4096, 2048, 128, 2).split_k == 2
+    assert default_m1_config(8, 2048, 4096, 128, 1).split_k == 2
+    assert default_m1_config(1, 4096, 16384, 128, 1).split_k == 4
+
+
+def test_rejects_what_it_does_not_handle():
+    wg, _, x, ids, _, _ = _case("int4_sym", 64)
+    with pytest.raises(ValueError, match="mxfp4"):
+        int4_m1_matmul(x, (_arrays(wg, "kn"),), ids, fmt="mxfp4", group_size=64, interpret=True)
+    with pytest.raises(ValueError, match="bn=32"):
+        int4_m1_matmul(x, (_arrays(wg, "kn"),), ids, fmt="int4_sym", group_size=64, cfg=M1Config(bn=32),
+                       interpret=True)
+
+
+@pytest.mark.parametrize("fmt", ["int4_sym", "int4_asym"])
+def test_lowers_to_triton(fmt):
+    """The routed decode path (and the wgmma / nk variants) lower to Triton IR on CPU."""
+    wg, wu, x, ids, _, _ = _case(fmt, 64, K=256, N=128)
+    f = jax.jit(lambda x, a, b, i: Q.pair_qmatmul_gate_up(x, a, b, i, impl="pallas"))
+    assert "int4_m1" in f.trace(x, wg, wu, ids).lower(lowering_platforms=("cuda",)).as_text()
+    for orient, layout in (("wx", "nk"), ("wx", "kn")):
+        cfg = M1Config(orient=orient, layout=layout, bn=64, split_k=2, num_warps=4)
+        jax.jit(lambda x, w, i: int4_m1_matmul(x, (w,), i, fmt=fmt, group_size=64, cfg=cfg)) \
+            .trace(x, _arrays(wg, layout), ids).lower(lowering_platforms=("cuda",))
