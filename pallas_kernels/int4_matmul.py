@@ -390,6 +390,14 @@ def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, gr
     if K2 * 2 != K:
         raise ValueError(f"int4_grouped_matmul: x {x.shape} does not match expert weights [E={E}, K={K2 * 2}, "
                          f"N={N}]")
+    if row_experts is not None and cfg is None and fmt != "mxfp4" and epilogue != "silu_mul_scaled":
+        # pairs (decode): pallas_kernels.int4_m1 -- the same dot (x rows as A, mma.sync), each pair's program
+        # inside the aligned 16-row block of x that holds it, K split for ~2 weight tiles per SM. Measured on an
+        # H200, 8 pairs of 64 experts (BENCHMARKS.md): gate/up 49.8 -> 40.4 us, down 21.3 -> 21.0 us.
+        from pallas_kernels.int4_m1 import default_m1_config, int4_m1_matmul
+        m1 = default_m1_config(M, K, N, group_size, len(weights), layout="kn")
+        return int4_m1_matmul(x, weights, row_experts, fmt=fmt, group_size=group_size, cfg=m1,
+                              interpret=interpret, epilogue=epilogue)
     cfg = _for_backend(cfg or default_grouped_config(M, K, N, group_size, E), interpret)
     check_shapes(K, N, group_size, cfg, what="expert weight")
     tiles = row_tiles(row_experts) if row_experts is not None else tile_schedule(group_sizes, M, cfg.bm)
