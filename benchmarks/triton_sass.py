@@ -1,0 +1,109 @@
+"""Instruction mix of a Pallas (Triton) kernel's main loop for sm_90, without a GPU.
+
+    pip install --target /tmp/tri triton==3.6.0     # the GPU image's version; not a project dependency
+    PYTHONPATH=/tmp/tri python benchmarks/triton_sass.py
+
+Lowers the int4_m1 variants at the decode shapes for `lowering_platforms=("cuda",)` on this (CPU) machine,
+captures the Triton IR jax emits, compiles it with pip Triton for sm_90 (ttgir -> ptx -> cubin; ptxas and
+nvdisasm ship in the wheel) and counts the SASS instructions of the longest loop. "instr/weight" = loop
+instructions x 32 threads / weights per warp and iteration (mma.sync m16n8k16: 128 weights per HMMA; wgmma
+m64n16k16: 256 per HGMMA and warp). XLA bundles its own Triton, so this is a guide to what the GPU runs, not
+a copy of it. Uses jax internals (the Pallas Triton lowering entry point), so it may need updating with jax.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax._src.pallas.triton import lowering as _L  # noqa: E402
+
+
+def capture_ttir(fn, *args) -> list[str]:
+    """The Triton IR of every pallas_call in jax.jit(fn)(*args), lowered for CUDA."""
+    texts, orig = [], _L.lower_jaxpr_to_triton_module
+
+    def keep(*a, **k):
+        r = orig(*a, **k)
+        texts.append(r.module.operation.get_asm(enable_debug_info=False))
+        return r
+
+    _L.lower_jaxpr_to_triton_module = keep
+    try:
+        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    finally:
+        _L.lower_jaxpr_to_triton_module = orig
+    return texts
+
+
+def loop_mix(ttir: str, num_warps: int, num_stages: int) -> collections.Counter:
+    """SASS opcode counts of the longest backward-branch loop of the kernel compiled for sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ttir")
+        open(src, "w").write(ttir)
+        cc = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+        cubin = os.path.join(d, "k.cubin")
+        open(cubin, "wb").write(cc.asm["cubin"])
+        nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+        sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        m = re.match(r"\s*\.(L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
+        if m:
+            ins.append((m.group(1), m.group(2)))
+    best = (0, len(ins) - 1)
+    loops = [(labels[t.group(1)], j) for j, (op, rest) in enumerate(ins) if op.startswith("BRA")
+             for t in [re.search(r"\.(L_x_\d+)", rest)] if t and labels.get(t.group(1), j) < j]
+    if loops:
+        best = max(loops, key=lambda ab: ab[1] - ab[0])
+    return collections.Counter(op.split(".")[0] for op, _ in ins[best[0]:best[1] + 1])
+
+
+def per_weight(c: collections.Counter) -> float:
+    if c["HGMMA"]:
+        return sum(c.values()) / (8 * c["HGMMA"])
+    return sum(c.values()) / (4 * max(c["HMMA"], 1))
+
+
+def main():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_int4_m1 import VARIANTS, m1_cfg
+    from pallas_kernels import int4_matmul as K4
+    from pallas_kernels.int4_m1 import int4_m1_matmul
+    S = jax.ShapeDtypeStruct
+    for name, K, N, nw in (("gate/up", 4096, 2048, 2), ("down", 2048, 4096, 1)):
+        old = K4.default_grouped_config(8, K, N, 128, 64)
+        fn = lambda x, i, p, s: K4.int4_grouped_matmul(x, None, ((p, s, None),) * nw, fmt="int4_sym", group_size=128,
+                                                       cfg=old, row_experts=i, epilogue="silu_mul" if nw == 2 else "none")
+        (ttir,) = capture_ttir(fn, S((8, K), jnp.bfloat16), S((8,), jnp.int32), S((64, K // 2, N), jnp.uint8),
+                               S((64, K // 128, N), jnp.float16))
+        c = loop_mix(ttir, old.num_warps, old.num_stages)
+        print(f"{'int4_matmul row tiles (before)':36s} {name:8s} loop {sum(c.values()):5d} instr, "
+              f"{per_weight(c):.2f} instr/weight; " + " ".join(f"{k} {v}" for k, v in c.most_common(8)), flush=True)
+    for label in VARIANTS:
+        for name, K, N, nw in (("gate/up", 4096, 2048, 2), ("down", 2048, 4096, 1)):
+            cfg = m1_cfg(label, 8, K, N, nw)
+            p = S((64,) + ((K // 2, N) if cfg.layout == "kn" else (N, K // 2)), jnp.uint8)
+            s = S((64, K // 128, N), jnp.float16)
+            fn = lambda x, i, p, s: int4_m1_matmul(x, ((p, s, None),) * nw, i, fmt="int4_sym", group_size=128,
+                                                   cfg=cfg, epilogue="silu_mul" if nw == 2 else "none")
+            (ttir,) = capture_ttir(fn, S((8, K), jnp.bfloat16), S((8,), jnp.int32), p, s)
+            c = loop_mix(ttir, cfg.num_warps, cfg.num_stages)
+            print(f"{label:36s} {name:8s} loop {sum(c.values()):5d} instr, {per_weight(c):.2f} instr/weight; "
+                  + " ".join(f"{k} {v}" for k, v in c.most_common(8)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
