@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.int4_matmul import _NIBBLES_ASM, _largest_pow2_divisor, _pow2
+from pallas_kernels.int4_matmul import _NIBBLES_ASM, _largest_pow2_divisor, _pow2, flat_weights, sum_partials
 
 F32, BF16, U16 = jnp.float32, jnp.bfloat16, jnp.uint16
 ROWS = 16  # x rows per program: the tensor-core dot minimum
@@ -239,9 +239,7 @@ def int4_m1_matmul(x, weights, row_experts=None, *, fmt: str, group_size: int, c
                          f"(layout {cfg.layout})")
     check(K, N, group_size, cfg, fmt)
     ids = row_experts.astype(jnp.int32) if pairs else jnp.zeros((1,), jnp.int32)  # >= E: the kernel skips
-    flat = []
-    for (p, s, m) in weights:
-        flat += [p, s] + ([m] if fmt == "int4_asym" else [])
+    flat = flat_weights(weights, fmt)
     nw = len(weights)
     split = cfg.split_k > 1
     kernel = functools.partial(_kernel, fmt=fmt, gs=group_size, E=E, cfg=cfg, n_weights=nw, epilogue=epilogue,
@@ -257,8 +255,4 @@ def int4_m1_matmul(x, weights, row_experts=None, *, fmt: str, group_size: int, c
     )(ids, x.astype(BF16), *flat)
     if not split:
         return out
-    out = jnp.sum(out, axis=0)
-    if epilogue != "none":
-        g, u = out[:, :N], out[:, N:]
-        out = g * jax.nn.sigmoid(g) * u
-    return out.astype(x.dtype)
+    return sum_partials(out, N, epilogue).astype(x.dtype)

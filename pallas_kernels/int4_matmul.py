@@ -401,9 +401,7 @@ def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, gr
     cfg = _for_backend(cfg or default_grouped_config(M, K, N, group_size, E), interpret)
     check_shapes(K, N, group_size, cfg, what="expert weight")
     tiles = row_tiles(row_experts) if row_experts is not None else tile_schedule(group_sizes, M, cfg.bm)
-    flat = []
-    for (p, s, m) in weights:
-        flat += [p, s] + ([m] if fmt == "int4_asym" else [])
+    flat = flat_weights(weights, fmt)
     if epilogue == "silu_mul_scaled":
         flat.append(row_scale.astype(F32))
     kernel = functools.partial(_grouped_kernel, fmt=fmt, gs=group_size, E=E, cfg=cfg,
@@ -419,10 +417,23 @@ def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, gr
     )(tiles, x.astype(BF16), *flat)
     if not split:
         return out
-    out = jnp.sum(out, axis=0)  # split-K partials -> [M, n_weights * N] f32; epilogue as in the kernel
+    return sum_partials(out, N, epilogue, row_scale).astype(x.dtype)
+
+
+def flat_weights(weights, fmt: str) -> list:
+    """(packed, scales, mins) per weight -> the kernel's operand list (mins only for int4_asym)."""
+    flat = []
+    for (p, s, m) in weights:
+        flat += [p, s] + ([m] if fmt == "int4_asym" else [])
+    return flat
+
+
+def sum_partials(out, N: int, epilogue: str, row_scale=None):
+    """Split-K partials [split, M, n_weights * N] f32 -> [M, N] f32 with the kernel's epilogue applied."""
+    out = jnp.sum(out, axis=0)
     if epilogue != "none":
         g, u = out[:, :N], out[:, N:]
         out = g * jax.nn.sigmoid(g) * u
         if epilogue == "silu_mul_scaled":
             out = out * row_scale.astype(F32)[:, None]
-    return out.astype(x.dtype)
+    return out
