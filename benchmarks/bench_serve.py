@@ -158,7 +158,7 @@ def main(args) -> None:
     import jax
     import uvicorn
 
-    from mimo_jax import batched_speculative, batching
+    from mimo_jax import batch_state, batched_speculative
     from mimo_jax.batching import Batcher
     from mimo_jax.serve import create_app
 
@@ -199,12 +199,12 @@ def main(args) -> None:
         time.sleep(0.05)
     hostport = f"127.0.0.1:{sock.getsockname()[1]}"
     count_ids = engine.tokenizer is None
-    compiled = lambda: (batching.generate._cache_size(), batched_speculative.generate._cache_size(),  # noqa: E731
-                        batching.prefill._cache_size(), batched_speculative.prefill._cache_size(),
-                        batching.free._cache_size())
+    compiled = lambda: (batch_state.generate._cache_size(), batched_speculative.generate._cache_size(),  # noqa: E731
+                        batch_state.prefill._cache_size(), batched_speculative.prefill._cache_size(),
+                        batch_state.free._cache_size())
 
     rows = []
-    print(f"\n| concurrent | aggregate tok/s | x batch-1 | TTFT p50 / p99 ms | inter-token p50 / p99 ms | wall s |")
+    print("\n| concurrent | aggregate tok/s | x batch-1 | TTFT p50 / p99 ms | inter-token p50 / p99 ms | wall s |")
     print("|---|---|---|---|---|---|", flush=True)
     for c in levels:
         run_client(hostport, args, c, min(8, args.max_tokens), cfg.vocab_size, count_ids)  # untimed

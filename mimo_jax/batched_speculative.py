@@ -2,7 +2,7 @@
 slots, and each slot accepts its own prefix, in one jitted step (speculative.step over B slots; batching.Batcher
 drives it when its engine, or its speculative_k option, asks for speculation).
 
-The state is batching's (cache with sliding rings of ring_slack k + 1, tokens, positions, keys, temperature, top_k,
+The state is batch_state's (cache with sliding rings of ring_slack k + 1, tokens, positions, keys, temperature, top_k,
 top_p; a slot at position -1 is free) plus, per slot, the drafter's part of speculative.py's batch-1 state:
     mtp_cache        the drafter's own state (MTP: ring caches; block drafter: its context ring), each leaf
                      [B, *its batch-1 shape] ({} for a drafter without state)
@@ -22,7 +22,7 @@ One step, slot b at position P_b, with p_bi / q_bi the target's / drafter's dist
                masked for every later query; the rings' k + 1 spare slots keep what later windows see);
     6. refresh the Drafter's refresh, vmapped: slot b's next d_1; P_b += n_b + 1.
 Each slot keys its draws as speculative.step does (token_key(key_b, P_b + 1) split three ways) and is prefilled as
-Engine's speculative stream is (`prefill`: batching.prefill over R requests at once plus the drafter's pass over
+Engine's speculative stream is (`prefill`: batch_state.prefill over R requests at once plus the drafter's pass over
 their chunks, row by row; the first token and d_1 split token_key(key_b, prompt length)): a slot's tokens,
 sampled ones included, are those its batch-1 speculative generation gives, so sampling is exactly lossless per slot
 and greedy output is plain greedy output.
@@ -37,7 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mimo_jax import batching, model, mtp, sampling, speculative
+from mimo_jax import batch_state, model, mtp, sampling, speculative
 from mimo_jax.block_drafter import features
 from mimo_jax.config import ModelConfig
 
@@ -52,7 +52,7 @@ def _drafter_init(drafter: speculative.Drafter):
 
 def init_state(params, cfg: ModelConfig, batch: int, capacity: int, dtype, k: int,
                drafter: speculative.Drafter) -> dict:
-    state = batching.init_state(cfg, batch, capacity, dtype, ring_slack=k + 1)
+    state = batch_state.init_state(cfg, batch, capacity, dtype, ring_slack=k + 1)
     init = _drafter_init(drafter)
     one = init(params, cfg, k, dtype) if init is not None else {}
     return {**state, "mtp_cache": jax.tree_util.tree_map(lambda a: jnp.zeros((batch,) + a.shape, a.dtype), one),
@@ -107,7 +107,7 @@ def generate(params, state, *, cfg: ModelConfig, k: int, drafter: speculative.Dr
     batch = state["positions"].shape[0]
     whole, rows = state, min(rows or batch, batch)
     if rows < batch:
-        state = batching._first_slots(state, rows)
+        state = batch_state._first_slots(state, rows)
     position = state["positions"]
     active = position >= 0
     settings = (state["temperature"], state["top_k"], state["top_p"])
@@ -148,16 +148,16 @@ def generate(params, state, *, cfg: ModelConfig, k: int, drafter: speculative.Dr
              "mtp_cache": jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), mtp_cache,
                                                  state["mtp_cache"])}
     if rows < batch:
-        state = batching._put_first_slots(whole, state)
+        state = batch_state._put_first_slots(whole, state)
         emitted, n = jnp.pad(emitted, ((0, batch - rows), (0, 0))), jnp.pad(n, (0, batch - rows))
     return state, emitted, n
 
 
-# ---- prompts: batching.prefill with the drafter's pass ----
+# ---- prompts: batch_state.prefill with the drafter's pass ----
 
 @functools.partial(jax.jit, static_argnames=("cfg", "fresh", "k", "drafter"), donate_argnames="state")
 def prefill(params, state, rows: dict, *, cfg: ModelConfig, fresh: bool, k: int, drafter: speculative.Drafter):
-    """batching.prefill for this state, as Engine's speculative stream prefills a prompt, row by row: the target
+    """batch_state.prefill for this state, as Engine's speculative stream prefills a prompt, row by row: the target
     over the chunk (its normed hidden states kept), then the drafter's pass over the same positions (hidden at t,
     token at t+1: rows["following"], with the first new token after a prompt's last position; MTP:
     speculative.mtp_chain, whose output at the last position gives d_1; other drafters: their prefill hook). The
@@ -165,14 +165,14 @@ def prefill(params, state, rows: dict, *, cfg: ModelConfig, fresh: bool, k: int,
     later chunk from the slot's. params: the step's (a block drafter's weights under "drafter").
     -> (state, first [R])."""
     batch, (r, t) = state["positions"].shape[0], rows["tokens"].shape
-    out = batching.prefill_target(params, state, rows, cfg, fresh, drafter.taps)
+    out = batch_state.prefill_target(params, state, rows, cfg, fresh, drafter.taps)
     cache, normed = out[1], model.final_norm(params, out[0], cfg)
     feats = features(normed, out[2], cfg.rms_norm_eps) if drafter.taps else normed  # what the drafter reads
-    last = batching.last_index(rows["positions"])
+    last = batch_state.last_index(rows["positions"])
     settings = (rows["temperature"], rows["top_k"], rows["top_p"])
     keys = jax.vmap(lambda key, n: jax.random.split(sampling.token_key(key, n)))(rows["keys"], rows["lengths"])
-    first = batching.first_tokens(model.head(params, normed[jnp.arange(r), last], cfg), keys[:, 0], *settings)
-    state = batching.write_rows(state, rows["slots"], {"cache": cache})
+    first = batch_state.first_tokens(model.head(params, normed[jnp.arange(r), last], cfg), keys[:, 0], *settings)
+    state = batch_state.write_rows(state, rows["slots"], {"cache": cache})
     extra = {"draft": jnp.zeros((r,), jnp.int32), "draft_logits": jnp.zeros((r, cfg.vocab_size), jnp.float32),
              "draft_hidden": jnp.zeros((r, cfg.hidden_size), state["draft_hidden"].dtype)}
     init = _drafter_init(drafter)
@@ -191,7 +191,7 @@ def prefill(params, state, rows: dict, *, cfg: ModelConfig, fresh: bool, k: int,
                 normed, following, rows["positions"], dstate)
             out = out[jnp.arange(r), 0, last]
             logits = model.head(params, out, cfg)
-            extra = {"draft": batching.first_tokens(logits, keys[:, 1], *settings), "draft_logits": logits,
+            extra = {"draft": batch_state.first_tokens(logits, keys[:, 1], *settings), "draft_logits": logits,
                      "draft_hidden": out}
         else:
             def hook(is_greedy):
@@ -203,6 +203,6 @@ def prefill(params, state, rows: dict, *, cfg: ModelConfig, fresh: bool, k: int,
             dstate = jax.lax.cond(jnp.any(sampled), lambda: jax.tree_util.tree_map(
                 lambda a, b: jnp.where(sampled.reshape((r,) + (1,) * (a.ndim - 1)), a, b), hook(False), greedy),
                 lambda: greedy)
-        state = batching.write_rows(state, rows["slots"], {"mtp_cache": dstate})
+        state = batch_state.write_rows(state, rows["slots"], {"mtp_cache": dstate})
     final = jnp.where(rows["final"], rows["slots"], batch)
-    return batching.write_rows(batching.inserted(state, rows, first), final, extra), first
+    return batch_state.write_rows(batch_state.inserted(state, rows, first), final, extra), first

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from drafters import FLAKY
-from mimo_jax import batched_speculative, batching, model
+from mimo_jax import batch_state, batched_speculative, batching, model
 from mimo_jax.batching import Batcher, Request
 from mimo_jax.config import load_config
 from mimo_jax.engine import Engine
@@ -50,7 +50,7 @@ REQUESTS = [(5, 20, 0), (21, 7, 0), (37, 30, 0), (9, 12, 0), (50, 25, 3), (3, 1,
 
 @pytest.mark.slow
 def test_greedy_slots_equal_batch_one(tiny):
-    before = batching.generate._cache_size()
+    before = batch_state.generate._cache_size()
     schedule = {}
     for i, (n, new, at) in enumerate(REQUESTS):
         schedule.setdefault(at, []).append(Request(prompt(n, i), max_new_tokens=new, stop_at_eos=False))
@@ -64,7 +64,7 @@ def test_greedy_slots_equal_batch_one(tiny):
         assert r.finish_reason == "length" and r.stats.new_tokens == r.max_new_tokens
     assert len(set(done[2].token_ids)) > 6  # a model that does not repeat one token
     # one compiled step per power-of-two count of busy slots (1, 2, and all 3) for all 8 requests
-    assert batching.generate._cache_size() - before <= 3
+    assert batch_state.generate._cache_size() - before <= 3
     # the first chunks of the 3 requests admitted at once in one call, the later chunks of two of them in another
     assert (True, 3, 16, 3) in calls and (False, 2, 16, 2) in calls, calls
 
@@ -139,10 +139,10 @@ def test_generate_all_in_input_order(tiny):
     for p, g in zip(prompts, out):
         assert g.token_ids == tiny.generate(p, max_new_tokens=6, stop_at_eos=False).token_ids
         assert g.stats.new_tokens == 6 and g.stats.finish_reason == "length"
-    compiled = batching.generate._cache_size()
+    compiled = batch_state.generate._cache_size()
     again = batching.generate_all(tiny, [prompt(n, 60 + n) for n in (7, 3, 25, 11, 5, 8)], batch_size=2,
                                   max_new_tokens=6, stop_at_eos=False)
-    assert len(again) == 6 and batching.generate._cache_size() == compiled  # new requests, no new compilation
+    assert len(again) == 6 and batch_state.generate._cache_size() == compiled  # new requests, no new compilation
 
 
 @pytest.mark.slow
@@ -151,13 +151,13 @@ def test_warm_up_compiles_what_serving_runs(tiny):
     batcher = Batcher(tiny, batch_size=4, capacity=CAPACITY)
     batcher.warm_up()
     assert batcher.requests_total == 0 and batcher.slots_in_use == 0
-    compiled = batching.generate._cache_size(), batching.prefill._cache_size(), batching.free._cache_size()
+    compiled = batch_state.generate._cache_size(), batch_state.prefill._cache_size(), batch_state.free._cache_size()
     schedule = {0: [Request(prompt(n, n), max_new_tokens=5, temperature=t, seed=1)
                     for n, t in ((3, 0.0), (40, 1.0), (17, 0.0))],
                 2: [Request(prompt(9, 1), max_new_tokens=9), Request(prompt(33, 2), max_new_tokens=3)]}
     calls = record_prefills(batcher)
     drive(batcher, schedule)
-    assert (batching.generate._cache_size(), batching.prefill._cache_size(), batching.free._cache_size()) == compiled
+    assert (batch_state.generate._cache_size(), batch_state.prefill._cache_size(), batch_state.free._cache_size()) == compiled
     assert any(n > 1 for *_, n in calls)
 
 
@@ -233,7 +233,7 @@ def test_batched_prefill_padding_never_reaches_the_rings(tiny):
                 for n in (37, 3, 20, 9)]
     batcher._prefill_some()
     assert calls == [(True, 4, 64, 4)]
-    full = batching._full_layers(tiny.cfg)
+    full = batch_state._full_layers(tiny.cfg)
     rings = 0
     for r in requests:
         cache = engine.new_cache(CAPACITY)
