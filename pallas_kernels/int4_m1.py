@@ -3,7 +3,8 @@ two weight layouts (Pallas, Triton lowering). An experiment of issue 12 (benchma
 against pallas_kernels.int4_matmul).
 
 Formats: int4_sym / int4_asym as in mimo_jax/quant.py (group G along K; per group, byte j holds row j in its low
-nibble and row j + G/2 in its high nibble; scales / mins [.., K/G, N]). mxfp4 is not handled here.
+nibble and row j + G/2 in its high nibble; scales / mins [.., K/G, N]); mxfp4 the same bytes as e2m1 codes with
+an e8m0 scale (a uint8 exponent) per group.
 
 Weight layouts (cfg.layout):
   "kn"  packed [E, K/2, N] (mimo_jax.quant's stored layout): a group's tile is [G/2, bn], N contiguous.
@@ -23,6 +24,8 @@ Nibble -> bf16 (cfg.method), in registers by inline PTX (GPU) or jnp (interpret 
   "asm"    bf16(q - 8) (int4_sym) / bf16(q) (int4_asym) by prmt + lop3 + a bf16x2 fma (as int4_matmul);
   "magic"  bf16(128 + q) by prmt + lop3 only (one instruction fewer per two weights); the bias is folded into
            the f32 partial: x . w = s * (x . (128 + q)) + sum(x) * (m - 128 s), m = -8 s for int4_sym.
+mxfp4 codes become bf16 by placing the e2m1 sign / exponent / mantissa bits (int4_matmul._codes_to_bf16, integer
+ops in registers; method "asm" only) and the group's partial is scaled by 2^(e - 127).
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.int4_matmul import _NIBBLES_ASM, _largest_pow2_divisor, _pow2, flat_weights, sum_partials
+from pallas_kernels.int4_matmul import (_NIBBLES_ASM, _codes_to_bf16, _largest_pow2_divisor, _pow2, flat_weights,
+                                       sum_partials)
 
 F32, BF16, U16 = jnp.float32, jnp.bfloat16, jnp.uint16
 ROWS = 16  # x rows per program: the tensor-core dot minimum
@@ -83,8 +87,10 @@ def to_nk(packed):
 
 
 def check(K: int, N: int, group_size: int, cfg: M1Config, fmt: str) -> None:
-    if fmt not in ("int4_sym", "int4_asym"):
-        raise ValueError(f"int4_m1: format {fmt!r} is not handled (int4_sym / int4_asym only)")
+    if fmt not in ("int4_sym", "int4_asym", "mxfp4"):
+        raise ValueError(f"int4_m1: format {fmt!r} is not handled (int4_sym / int4_asym / mxfp4)")
+    if fmt == "mxfp4" and cfg.method != "asm":
+        raise ValueError(f"int4_m1: mxfp4 takes method 'asm' (its e2m1 decode), not {cfg.method!r}")
     if cfg.orient not in ("xw", "wx") or cfg.layout not in ("kn", "nk") or cfg.method not in ("asm", "magic"):
         raise ValueError(f"int4_m1: bad config {cfg}")
     if not _pow2(group_size) or group_size < 32 or K % group_size:
@@ -100,7 +106,10 @@ def check(K: int, N: int, group_size: int, cfg: M1Config, fmt: str) -> None:
 # --------------------------------------------------------------------------- in-register dequant
 
 def _nibbles(p, fmt: str, method: str, interpret: bool):
-    """uint8 tile -> (low, high) nibbles as bf16: q - 8 / q ("asm") or 128 + q ("magic")."""
+    """uint8 tile -> (low, high) nibbles as bf16: q - 8 / q ("asm") or 128 + q ("magic"); e2m1(q) for mxfp4."""
+    if fmt == "mxfp4":
+        p16 = p.astype(U16)
+        return _codes_to_bf16(p16 & 15, fmt, method), _codes_to_bf16(p16 >> 4, fmt, method)
     if interpret:
         p16 = p.astype(U16)
         off = 128.0 if method == "magic" else (-8.0 if fmt == "int4_sym" else 0.0)
@@ -181,7 +190,10 @@ def _kernel(ids_ref, x_ref, *refs, fmt, gs, E, cfg, n_weights, epilogue, pairs, 
                 d = jnp.dot(lo, x_lo, preferred_element_type=F32) + jnp.dot(hi, x_hi, preferred_element_type=F32)
             else:
                 d = jnp.dot(x_lo, lo, preferred_element_type=F32) + jnp.dot(x_hi, hi, preferred_element_type=F32)
-            s = col(s_ref[e, g, pl.ds(n0, bn)])
+            s = s_ref[e, g, pl.ds(n0, bn)]
+            if fmt == "mxfp4":  # e8m0: 2^(e - 127), the exponent placed into a bf16
+                s = jax.lax.bitcast_convert_type(s.astype(U16) << 7, BF16)
+            s = col(s)
             if cfg.method == "magic":
                 d = d - xs * (136.0 if fmt == "int4_sym" else 128.0)
             part = d * s

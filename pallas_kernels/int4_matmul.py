@@ -393,7 +393,8 @@ def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, gr
     if row_experts is not None and cfg is None and fmt != "mxfp4" and epilogue != "silu_mul_scaled":
         # pairs (decode): pallas_kernels.int4_m1 -- the same dot (x rows as A, mma.sync), each pair's program
         # inside the aligned 16-row block of x that holds it, K split for ~2 weight tiles per SM. Measured on an
-        # H200, 8 pairs of 64 experts (BENCHMARKS.md): gate/up 49.8 -> 40.4 us, down 21.3 -> 21.0 us.
+        # H200, 8 pairs of 64 experts (BENCHMARKS.md): gate/up 49.8 -> 40.4 us, down 21.3 -> 21.0 us. mxfp4 stays
+        # here: int4_m1 at its group of 32 measured slower (gate/up 87.7 vs 78.7 us, down 44.6 both).
         from pallas_kernels.int4_m1 import default_m1_config, int4_m1_matmul
         m1 = default_m1_config(M, K, N, group_size, len(weights), layout="kn")
         return int4_m1_matmul(x, weights, row_experts, fmt=fmt, group_size=group_size, cfg=m1,

@@ -7,7 +7,9 @@ import pytest
 
 from mimo_jax import quant as Q
 from pallas_kernels.int4_m1 import M1Config, default_m1_config, int4_m1_matmul, to_nk
+from pallas_kernels.int4_matmul import KernelConfig
 
+_GROUPED = KernelConfig(bm=16, bn=16)  # an explicit config: the grouped kernel
 TOL = 1e-2  # bf16 activations and output against an f32 reference
 
 
@@ -49,6 +51,18 @@ def test_pairs_match_reference(fmt, orient, layout, method, split):
     assert _rel(h, jax.nn.silu(g) * u) < TOL and not np.asarray(h[2]).any()
 
 
+@pytest.mark.parametrize("orient,layout,split", [("xw", "kn", 1), ("xw", "kn", 2), ("xw", "nk", 3), ("wx", "nk", 1)])
+def test_mxfp4_pairs_match_reference(orient, layout, split):
+    """MXFP4 (e2m1 codes, e8m0 scales per 32): K = 6 groups of 32, a skip id, single weight and fused SiLU(g) * u."""
+    wg, wu, x, ids, g, u = _case("mxfp4", 32)
+    cfg = M1Config(orient=orient, layout=layout, bn=16, split_k=split)
+    run = lambda w, **kw: int4_m1_matmul(x, w, ids, fmt="mxfp4", group_size=32, cfg=cfg, interpret=True, **kw)
+    y = run((_arrays(wg, layout),))
+    assert _rel(y, g) < TOL and not np.asarray(y[2]).any()
+    h = run((_arrays(wg, layout), _arrays(wu, layout)), epilogue="silu_mul")
+    assert _rel(h, jax.nn.silu(g) * u) < TOL and not np.asarray(h[2]).any()
+
+
 @pytest.mark.parametrize("fmt,layout,M", [("int4_sym", "kn", 1), ("int4_asym", "nk", 3), ("int4_sym", "nk", 17)])
 def test_dense_matches_reference(fmt, layout, M):
     w = Q.quantize(jax.random.normal(jax.random.PRNGKey(4), (256, 64)), fmt, 128)
@@ -59,13 +73,16 @@ def test_dense_matches_reference(fmt, layout, M):
 
 
 def test_decode_pairs_route_to_this_kernel():
-    """quant.pair_qmatmul(_gate_up) without a config runs int4_m1 (mxfp4 and explicit configs keep int4_matmul)."""
+    """quant.pair_qmatmul(_gate_up) without a config runs int4_m1 (mxfp4, slower there, and explicit configs keep
+    int4_matmul)."""
     wg, wu, x, ids, g, u = _case("int4_sym", 64)
     jaxpr = str(jax.make_jaxpr(lambda x, a, b, i: Q.pair_qmatmul_gate_up(x, a, b, i, impl="interpret"))(x, wg, wu, ids))
     assert "int4_m1_xw_kn" in jaxpr
     assert _rel(Q.pair_qmatmul_gate_up(x, wg, wu, ids, impl="interpret"), jax.nn.silu(g) * u) < TOL
     wm = Q.quantize(jax.random.normal(jax.random.PRNGKey(6), (5, 64, 32)), "mxfp4", 32)
     jaxpr = str(jax.make_jaxpr(lambda x, w, i: Q.pair_qmatmul(x, w, i, impl="interpret"))(x[:, :64], wm, ids))
+    assert "int4_m1" not in jaxpr and "int4_grouped" in jaxpr
+    jaxpr = str(jax.make_jaxpr(lambda x, w, i: Q.pair_qmatmul(x, w, i, impl="interpret", cfg=_GROUPED))(x, wg, ids))
     assert "int4_m1" not in jaxpr and "int4_grouped" in jaxpr
 
 
@@ -78,20 +95,24 @@ def test_default_config_for_the_decode_shapes():
 
 def test_rejects_what_it_does_not_handle():
     wg, _, x, ids, _, _ = _case("int4_sym", 64)
-    with pytest.raises(ValueError, match="mxfp4"):
-        int4_m1_matmul(x, (_arrays(wg, "kn"),), ids, fmt="mxfp4", group_size=64, interpret=True)
+    with pytest.raises(ValueError, match="int8"):
+        int4_m1_matmul(x, (_arrays(wg, "kn"),), ids, fmt="int8", group_size=64, interpret=True)
+    with pytest.raises(ValueError, match="mxfp4 takes method 'asm'"):
+        int4_m1_matmul(x, (_arrays(wg, "kn"),), ids, fmt="mxfp4", group_size=64, cfg=M1Config(method="magic", bn=16),
+                       interpret=True)
     with pytest.raises(ValueError, match="bn=32"):
         int4_m1_matmul(x, (_arrays(wg, "kn"),), ids, fmt="int4_sym", group_size=64, cfg=M1Config(bn=32),
                        interpret=True)
 
 
-@pytest.mark.parametrize("fmt", ["int4_sym", "int4_asym"])
+@pytest.mark.parametrize("fmt", ["int4_sym", "int4_asym", "mxfp4"])
 def test_lowers_to_triton(fmt):
     """The routed decode path (and the wgmma / nk variants) lower to Triton IR on CPU."""
-    wg, wu, x, ids, _, _ = _case(fmt, 64, K=256, N=128)
+    gs = 32 if fmt == "mxfp4" else 64
+    wg, wu, x, ids, _, _ = _case(fmt, gs, K=256, N=128)
     f = jax.jit(lambda x, a, b, i: Q.pair_qmatmul_gate_up(x, a, b, i, impl="pallas"))
     assert "int4_m1" in f.trace(x, wg, wu, ids).lower(lowering_platforms=("cuda",)).as_text()
     for orient, layout in (("wx", "nk"), ("wx", "kn")):
         cfg = M1Config(orient=orient, layout=layout, bn=64, split_k=2, num_warps=4)
-        jax.jit(lambda x, w, i: int4_m1_matmul(x, (w,), i, fmt=fmt, group_size=64, cfg=cfg)) \
+        jax.jit(lambda x, w, i: int4_m1_matmul(x, (w,), i, fmt=fmt, group_size=gs, cfg=cfg)) \
             .trace(x, _arrays(wg, layout), ids).lower(lowering_platforms=("cuda",))
