@@ -31,7 +31,7 @@ def main():
         ref_logits = Engine(cfg, params, max_seq_len=128, prefill_chunk=16).score(ids)
         prompt = ids[:27]
         ref_greedy = Engine(cfg, params, max_seq_len=128, prefill_chunk=16).generate(prompt, 24).token_ids
-        for n in (1, 2, 4, 8):
+        for n in (1, 2, 8):  # (4 devices measured nothing 2 and 8 do not: dropped for the suite's time)
             for attention in ("tp", "replicated") if n > 1 else ("tp",):  # one device: nothing to split
                 e = Engine(cfg, params, max_seq_len=128, prefill_chunk=16, mesh=sharding.make_mesh(n),
                            attention=attention)
@@ -39,12 +39,12 @@ def main():
                 key = f"{name}/{n}/{attention}"
                 out["logits"][key] = float(np.max(np.abs(got - ref_logits)) / np.max(np.abs(ref_logits)))
                 out["greedy"][key] = e.generate(prompt, 24).token_ids == ref_greedy
-                if n in (2, 8):  # the unrolled layout keeps each weight's sharding (and fuses nothing split)
+                if n == 8:  # the unrolled layout keeps each weight's sharding (and fuses nothing split)
                     u = Engine(cfg, params, max_seq_len=128, prefill_chunk=16, mesh=sharding.make_mesh(n),
                                attention=attention, layout="unrolled")
                     out["logits"][key + "/unrolled"] = float(np.max(np.abs(u.score(ids) - ref_logits))
                                                              / np.max(np.abs(ref_logits)))
-            if n in (2, 8):
+            if n == 8:
                 spec = Engine(cfg, params, max_seq_len=128, prefill_chunk=16, mesh=sharding.make_mesh(n),
                               speculative_k=4)
                 out["greedy"][f"{name}/{n}/speculative"] = spec.generate(prompt, 24).token_ids == ref_greedy

@@ -25,13 +25,13 @@ def test_eight_devices_simulated(result):
 
 
 def test_sharded_logits_equal_single_device(result):
-    assert len(result["logits"]) == 11  # 3 mesh sizes x 2 attention modes + 1 device, + unrolled at 2 and 8 devices
+    assert len(result["logits"]) == 7  # 2 mesh sizes x 2 attention modes + 1 device, + unrolled at 8 devices
     for key, err in result["logits"].items():
         assert err < 1e-5, key
 
 
 def test_sharded_greedy_identical(result):
-    assert len(result["greedy"]) == 9
+    assert len(result["greedy"]) == 6
     assert all(result["greedy"].values()), {k: v for k, v in result["greedy"].items() if not v}
 
 

@@ -138,8 +138,8 @@ def test_command_line_end_to_end(tmp_path):
     out = tmp_path / "out"
     train_mtp.main(["--out", str(out), "--cache_dir", str(tmp_path / "cache"), "--code_prompts", "2",
                     "--chat_prompts", "1", "--gen_len", "8", "--gen_batch", "2", "--prompt_len", "16", "--steps", "2",
-                    "--batch", "2", "--depths", "2", "--window", "16", "--eval_prompts", "1", "--eval_tokens", "8",
-                    "--k", "3"])
+                    "--batch", "2", "--depths", "1", "--window", "16", "--eval_prompts", "1", "--eval_tokens", "6",
+                    "--k", "2"])
     result = json.loads((out / "eval.json").read_text())
     assert set(result["eval"]) == {"code", "chat"} and result["eval"]["code"]["greedy_identical"]
     assert result["training"]["train_steps"] == 2 and mtp_drafter.is_mtp_file(out / "drafter.safetensors")
