@@ -323,14 +323,28 @@ def evaluate(engine_plain, drafter_path, prompts: dict[str, list[list[int]]], k:
             hist += h
             plain_s, plain_n = plain_s + a.stats.decode_s, plain_n + a.stats.new_tokens - 1
             spec_s, spec_n = spec_s + b_s, spec_n + len(b) - 1
-        steps = max(hist.sum(), 1)
-        out[name] = {"prompts": len(ps), "new_tokens": max_new, "k": k, "spec_steps": int(hist.sum()),
-                     "mean_accepted": float((hist * np.arange(k + 1)).sum() / steps),
-                     "acceptance_by_position": [float(hist[i:].sum() / steps) for i in range(1, k + 1)],
-                     "accepted_hist": hist.tolist(), "plain_tok_s": plain_n / max(plain_s, 1e-9),
-                     "spec_tok_s": spec_n / max(spec_s, 1e-9), "greedy_identical": bool(same)}
-        out[name]["speedup"] = out[name]["spec_tok_s"] / max(out[name]["plain_tok_s"], 1e-9)
+        out[name] = eval_summary(hist, len(ps), max_new, plain_n / max(plain_s, 1e-9), spec_n / max(spec_s, 1e-9),
+                                 same)
     return out
+
+
+def eval_summary(hist, prompts: int, max_new: int, plain_tok_s: float, spec_tok_s: float, same: bool) -> dict:
+    """One held-out set's figures from its accepted-length histogram [k + 1] and the two speeds."""
+    k = len(hist) - 1
+    steps = max(int(hist.sum()), 1)
+    return {"prompts": prompts, "new_tokens": max_new, "k": k, "spec_steps": int(hist.sum()),
+            "mean_accepted": float((hist * np.arange(k + 1)).sum() / steps),
+            "acceptance_by_position": [float(hist[i:].sum() / steps) for i in range(1, k + 1)],
+            "accepted_hist": hist.tolist(), "plain_tok_s": plain_tok_s, "spec_tok_s": spec_tok_s,
+            "greedy_identical": bool(same), "speedup": spec_tok_s / max(plain_tok_s, 1e-9)}
+
+
+def print_eval(results: dict, k: int) -> None:
+    for name, r in results.items():
+        print(f"[{name}: {r['mean_accepted']:.2f} accepted of {k} per step, by position "
+              f"{' '.join(f'{x:.2f}' for x in r['acceptance_by_position'])}; {r['spec_tok_s']:.1f} tok/s vs plain "
+              f"{r['plain_tok_s']:.1f} ({r['speedup']:.2f}x); greedy identical: {r['greedy_identical']}]",
+              file=sys.stderr)
 
 
 def eval_prompts(tokenizer, n: int, prompt_len: int) -> dict[str, list[list[int]]]:
@@ -445,11 +459,7 @@ def main(argv=None) -> None:
     if a.eval_prompts:
         result["eval"] = evaluate(engine, final, eval_prompts(engine.tokenizer, a.eval_prompts, a.prompt_len), a.k,
                                   a.eval_tokens)
-        for name, r in result["eval"].items():
-            print(f"[{name}: {r['mean_accepted']:.2f} accepted of {a.k} per step, by position "
-                  f"{' '.join(f'{x:.2f}' for x in r['acceptance_by_position'])}; {r['spec_tok_s']:.1f} tok/s vs plain "
-                  f"{r['plain_tok_s']:.1f} ({r['speedup']:.2f}x); greedy identical: {r['greedy_identical']}]",
-                  file=sys.stderr)
+        print_eval(result["eval"], a.k)
     result["total_s"] = round(time.perf_counter() - t_start, 1)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
 

@@ -32,7 +32,7 @@ import numpy as np
 from mimo_jax import model, mtp, mtp_drafter
 from mimo_jax.config import ModelConfig
 from mimo_jax.drafter_data import Data, DataNotCached, datasets
-from mimo_jax.train_drafter import Schedule, eval_prompts, lr_at, target_pass
+from mimo_jax.train_drafter import Schedule, eval_prompts, eval_summary, lr_at, print_eval, target_pass
 
 
 def greedy_run(tokens, labels):
@@ -184,13 +184,8 @@ def evaluate(engine, drafter_path, prompts: dict[str, list[list[int]]], k: int, 
             hist += np.asarray(g.stats.accepted_hist, int)
             plain_s, plain_n = plain_s + a.stats.decode_s, plain_n + a.stats.new_tokens - 1
             spec_s, spec_n = spec_s + g.stats.decode_s, spec_n + g.stats.new_tokens - 1
-        steps = max(int(hist.sum()), 1)
-        out[name] = {"prompts": len(ps), "new_tokens": max_new, "k": k, "spec_steps": int(hist.sum()),
-                     "mean_accepted": float((hist * np.arange(k + 1)).sum() / steps),
-                     "acceptance_by_position": [float(hist[i:].sum() / steps) for i in range(1, k + 1)],
-                     "accepted_hist": hist.tolist(), "plain_tok_s": plain_n / max(plain_s, 1e-9),
-                     "spec_tok_s": spec_n / max(spec_s, 1e-9), "greedy_identical": bool(same)}
-        out[name]["speedup"] = out[name]["spec_tok_s"] / max(out[name]["plain_tok_s"], 1e-9)
+        out[name] = eval_summary(hist, len(ps), max_new, plain_n / max(plain_s, 1e-9), spec_n / max(spec_s, 1e-9),
+                                 same)
     return out
 
 
@@ -259,11 +254,7 @@ def main(argv=None) -> None:
     if a.eval_prompts:
         result["eval"] = evaluate(engine, final, eval_prompts(engine.tokenizer, a.eval_prompts, a.prompt_len), a.k,
                                   a.eval_tokens)
-        for name, r in result["eval"].items():
-            print(f"[{name}: {r['mean_accepted']:.2f} accepted of {a.k} per step, by position "
-                  f"{' '.join(f'{x:.2f}' for x in r['acceptance_by_position'])}; {r['spec_tok_s']:.1f} tok/s vs plain "
-                  f"{r['plain_tok_s']:.1f} ({r['speedup']:.2f}x); greedy identical: {r['greedy_identical']}]",
-                  file=sys.stderr)
+        print_eval(result["eval"], a.k)
     result["total_s"] = round(time.perf_counter() - t_start, 1)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
 
