@@ -107,11 +107,13 @@ def test_rejects_what_it_does_not_handle():
 
 @pytest.mark.parametrize("fmt", ["int4_sym", "int4_asym", "mxfp4"])
 def test_lowers_to_triton(fmt):
-    """The routed decode path (and the wgmma / nk variants) lower to Triton IR on CPU."""
+    """The routed decode path (int4 only) and the wx / nk variants (every format) lower to Triton IR on CPU."""
     gs = 32 if fmt == "mxfp4" else 64
     wg, wu, x, ids, _, _ = _case(fmt, gs, K=256, N=128)
     f = jax.jit(lambda x, a, b, i: Q.pair_qmatmul_gate_up(x, a, b, i, impl="pallas"))
-    assert "int4_m1" in f.trace(x, wg, wu, ids).lower(lowering_platforms=("cuda",)).as_text()
+    routed = f.trace(x, wg, wu, ids).lower(lowering_platforms=("cuda",)).as_text()
+    # mxfp4 measured slower on int4_m1 than on the grouped kernel (BENCHMARKS.md, session 5): not routed there.
+    assert ("int4_m1" in routed) == (fmt != "mxfp4")
     for orient, layout in (("wx", "nk"), ("wx", "kn")):
         cfg = M1Config(orient=orient, layout=layout, bn=64, split_k=2, num_warps=4)
         jax.jit(lambda x, w, i: int4_m1_matmul(x, (w,), i, fmt=fmt, group_size=gs, cfg=cfg)) \
