@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mimo_jax import model
-from mimo_jax.config import DENSE, FULL, MOE, ModelConfig, load_config
+from mimo_jax.config import DENSE, FULL, ModelConfig, load_config
 from mimo_jax.engine import Engine
 
 from ceiling import read_ceiling

@@ -264,8 +264,8 @@ def gemv_sweep(ceiling):
 
 def table(ceiling, fmt="int4_sym", gs=128, ms=MS, shapes=SHAPES):
     log(f"## dense table: {fmt} g{gs}; ceiling {ceiling / 1e12:.2f} TB/s")
-    hdr = (f"| M | K | N | kernel us | TB/s | % ceiling | XLA bf16 us | x vs bf16 | XLA int4 us | x vs int4 "
-           f"| XLA fallback us |")
+    hdr = ("| M | K | N | kernel us | TB/s | % ceiling | XLA bf16 us | x vs bf16 | XLA int4 us | x vs int4 "
+           "| XLA fallback us |")
     log(hdr)
     log("|" + "---|" * 11)
     rows = []

@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mimo_jax import quant as Q  # noqa: E402
 from pallas_kernels import int4_matmul as K4  # noqa: E402
-from pallas_kernels.int4_m1 import M1Config, default_m1_config, int4_m1_matmul, to_nk  # noqa: E402
+from pallas_kernels.int4_m1 import default_m1_config, int4_m1_matmul, to_nk  # noqa: E402
 
 GS = 128
 ROTATE_BYTES = 256 << 20

@@ -259,14 +259,13 @@ def sweep(ceiling, shapes, ms, triton=True, xla=True):
                 guard(f"time triton M={M} {K}x{N}", lambda: time_triton(M, K, N, ws, ceiling))
             if xla:
                 guard(f"time xla deq M={M} {K}x{N}", lambda: time_xla_deq(M, K, N, ws, ceiling))
-        del ws
+        ws = None  # free this shape's weights before the next shape's
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="variants on a subset of shapes, M in {1, 16}")
     ap.add_argument("--sweep", action="store_true", help="variants on all shapes")
-    ap.add_argument("--table", action="store_true", help="best config vs today's kernel and XLA")
     ap.add_argument("--ms", default="1,4,16")
     ap.add_argument("--shapes", default="", help="e.g. 4096x16384,4096x2048 (K x N)")
     ap.add_argument("--no-xla", action="store_true")
@@ -284,10 +283,8 @@ def main():
         shapes = tuple(tuple(int(v) for v in s.split("x")) for s in a.shapes.split(","))
     if a.quick:
         sweep(ceiling, shapes, (1, 16), xla=False)
-    if a.sweep or not (a.quick or a.table):
+    if a.sweep or not a.quick:
         sweep(ceiling, shapes, ms, xla=not a.no_xla)
-    if a.table:
-        table(ceiling, shapes, ms, xla=not a.no_xla)
     try:
         with open(a.json, "w") as f:
             json.dump(dict(ceiling=ceiling, device=dev.device_kind, jax=jax.__version__, results=RESULTS,

@@ -554,8 +554,8 @@ def print_table(res) -> None:
         print(f"host-side FP8 dequant + transpose + cast in numpy (one core, {h['tensors']} expert tensors): "
               f"{h['GBps']:.2f} GB/s of checkpoint bytes ({res['backend']} loads convert "
               f"{'on the device' if res['backend'] != 'cpu' else 'this way'})")
-    print(f"\n| phase | seconds | GB/s | of ceiling | peak RSS over base | device peak / final | + Engine() | "
-          f"wall (process) |")
+    print("\n| phase | seconds | GB/s | of ceiling | peak RSS over base | device peak / final | + Engine() | "
+          "wall (process) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in ("load_int4", "load_none", "restore"):
         r = res.get(name)

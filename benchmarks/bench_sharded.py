@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from mimo_jax import layers, model, moe, quant, sharding
+from mimo_jax import model, quant, sharding
 from mimo_jax.config import MOE, load_config
 
 from ceiling import read_ceiling

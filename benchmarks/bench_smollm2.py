@@ -15,7 +15,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def ours(path, prompt_ids, n, dtype):

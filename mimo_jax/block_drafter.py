@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import model, sampling
+from mimo_jax import drafter_files, model, sampling
 from mimo_jax.config import ModelConfig
 from mimo_jax.errors import InputError
 from mimo_jax.layers import attend, rms_norm, rope, swiglu
@@ -248,21 +248,11 @@ def drafter_for(d: BlockConfig):
 
 def save(path, d: BlockConfig, weights: dict, vocab, target: ModelConfig | None = None, extra: dict | None = None):
     """Write a drafter (weights as stored, float16 by default for the shipped file) atomically."""
-    from safetensors.numpy import save_file
-
-    flat = {"w." + ".".join(str(p.key) for p in path_): np.asarray(v)
-            for path_, v in jax.tree_util.tree_flatten_with_path(weights)[0]}
-    flat["vocab"] = np.asarray(vocab, np.int32)
-    meta = {"block_config": json.dumps(dataclasses.asdict(d)), "kind": "block"}
+    arrays = {**drafter_files.flatten("w.", weights), "vocab": np.asarray(vocab, np.int32)}
+    meta = {"block_config": dataclasses.asdict(d), **(extra or {})}
     if target is not None:
-        meta["target"] = json.dumps({"hidden_size": target.hidden_size, "vocab_size": target.vocab_size,
-                                     "num_layers": target.num_layers, "model_type": target.model_type})
-    meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(flat, str(tmp), metadata=meta)
-    tmp.replace(path)
+        meta["target"] = drafter_files.target_meta(target)
+    drafter_files.save(path, arrays, "block", meta)
 
 
 def load(path, dtype=None, target: ModelConfig | None = None):
@@ -284,36 +274,19 @@ def load(path, dtype=None, target: ModelConfig | None = None):
     d = BlockConfig(**json.loads(meta["block_config"]))
     if target is not None:
         check_target(d, meta, target, path)
-    weights: dict = {}
-    for name, arr in flat.items():
-        if not name.startswith("w."):
-            continue
-        node, parts = weights, name[2:].split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = jnp.asarray(arr, dtype or arr.dtype)
+    weights = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype or a.dtype), drafter_files.unflatten("w.", flat))
     return d, {"w": weights, "vocab": jnp.asarray(flat["vocab"], jnp.int32)}, meta
 
 
 def is_drafter_file(path) -> bool:
     """Whether `path` is a block drafter file (reads only the safetensors header)."""
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "numpy") as f:
-            meta = f.metadata() or {}
-        return meta.get("kind") == "block" and "block_config" in meta
-    except Exception:  # noqa: BLE001
-        return False
+    return drafter_files.kind(path) == "block"
 
 
 def fits(path, cfg: ModelConfig) -> bool:
     """Whether the drafter file was trained for a model of this shape (reads only the header)."""
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "numpy") as f:
-            meta = f.metadata() or {}
+        meta = drafter_files.header(path)
         check_target(BlockConfig(**json.loads(meta["block_config"])), meta, cfg, path)
         return True
     except Exception:  # noqa: BLE001
@@ -321,9 +294,7 @@ def fits(path, cfg: ModelConfig) -> bool:
 
 
 def check_target(d: BlockConfig, meta: dict, target: ModelConfig, path) -> None:
-    want = json.loads(meta.get("target", "{}"))
-    got = {"hidden_size": target.hidden_size, "vocab_size": target.vocab_size, "num_layers": target.num_layers}
-    bad = [f"{k} {want[k]} vs {v}" for k, v in got.items() if k in want and want[k] != v]
+    bad = drafter_files.target_mismatch(meta, target)
     if any(i >= target.num_layers - 1 for i in d.target_layers):
         bad.append(f"target_layers {d.target_layers} (the target's intermediate layers are 0..{target.num_layers - 2})")
     if d.hidden_size != target.hidden_size or d.target_vocab != target.vocab_size:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import model
+from mimo_jax import drafter_files, model
 from mimo_jax.config import FULL, ModelConfig
 from mimo_jax.errors import InputError
 
@@ -78,49 +78,23 @@ def init_weights(tparams, mcfg: ModelConfig, key) -> dict:
     return jax.tree_util.tree_unflatten(treedef, [make(p, s, k) for (p, s), k in zip(leaves, keys)])
 
 
-def _target(cfg: ModelConfig) -> dict:
-    return {"hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "num_layers": cfg.num_layers,
-            "model_type": cfg.model_type}
-
-
 def save(path, weights: dict, mcfg: ModelConfig, target: ModelConfig, extra: dict | None = None, dtype=np.float16):
     """Write the MTP layers (params["mtp"]'s tree) atomically, as `dtype` (float16: the shipped size)."""
-    from safetensors.numpy import save_file
-
-    flat = {"mtp." + ".".join(str(p.key) for p in path_): np.asarray(v, dtype)
-            for path_, v in jax.tree_util.tree_flatten_with_path(weights)[0]}
-    meta = {"kind": "mtp", "n_layers": json.dumps(mcfg.num_mtp_layers),
-            "window": json.dumps(mcfg.attention("sliding").window), "target": json.dumps(_target(target))}
-    meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(flat, str(tmp), metadata=meta)
-    tmp.replace(path)
-
-
-def _meta(path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "numpy") as f:
-        return f.metadata() or {}
+    arrays = {k: v.astype(dtype) for k, v in drafter_files.flatten("mtp.", weights).items()}
+    meta = {"n_layers": mcfg.num_mtp_layers, "window": mcfg.attention("sliding").window,
+            "target": drafter_files.target_meta(target), **(extra or {})}
+    drafter_files.save(path, arrays, "mtp", meta)
 
 
 def is_mtp_file(path) -> bool:
     """Whether `path` is an MTP drafter file (reads only the safetensors header)."""
-    try:
-        return _meta(path).get("kind") == "mtp"
-    except Exception:  # noqa: BLE001
-        return False
+    return drafter_files.kind(path) == "mtp"
 
 
 def check_target(path, cfg: ModelConfig) -> None:
-    want = json.loads(_meta(path).get("target", "{}"))
-    got = _target(cfg)
-    diff = {k: (want[k], got[k]) for k in ("hidden_size", "vocab_size", "num_layers") if k in want and want[k] != got[k]}
-    if diff:
-        raise InputError(f"MTP drafter {str(path)!r} was trained for another model: "
-                         + ", ".join(f"{k} {a} (this model: {b})" for k, (a, b) in diff.items()))
+    bad = drafter_files.target_mismatch(drafter_files.header(path), cfg)
+    if bad:
+        raise InputError(f"MTP drafter {str(path)!r} was trained for another model: " + ", ".join(bad))
 
 
 def load(path, target: ModelConfig, dtype=jnp.float32):
@@ -134,7 +108,7 @@ def load(path, target: ModelConfig, dtype=jnp.float32):
     if not is_mtp_file(path):
         raise InputError(f"{str(path)!r} is not an MTP drafter (python -m mimo_jax.train_mtp writes them)")
     check_target(path, target)
-    meta = _meta(path)
+    meta = drafter_files.header(path)
     mcfg = config_for(target, json.loads(meta["n_layers"]), json.loads(meta["window"]))
     shapes = model.param_shapes(mcfg, dtype)["mtp"]
     with safe_open(str(path), "numpy") as f:

@@ -3,7 +3,6 @@ the logits of their dequantized twin; orbax conversion round trips exactly; bad 
 import json
 import shutil
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np

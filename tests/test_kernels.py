@@ -1,5 +1,4 @@
 """Pallas int4 kernels == jnp dequantize + dot, in interpret mode on CPU; plus a Triton lowering check."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +6,7 @@ import numpy as np
 import pytest
 
 from mimo_jax import quant as Q
-from pallas_kernels.int4_matmul import (KernelConfig, default_grouped_config, int4_grouped_matmul, int4_matmul,
-                                       tile_schedule)
+from pallas_kernels.int4_matmul import (KernelConfig, default_grouped_config, tile_schedule)
 
 # bf16 activations and output against an f32 reference: ~2e-3 typical, 1e-2 bound
 TOL = 1e-2

@@ -7,7 +7,6 @@ transformers' own generate() gives the same assistant turn.
 """
 import importlib.util
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

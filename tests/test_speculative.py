@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimo_jax import block_drafter, model, mtp, speculative
+from mimo_jax import block_drafter, model, speculative
 from mimo_jax.config import load_config
 from mimo_jax.engine import Engine
 from drafters import FLAKY, ORACLE, WRONG
