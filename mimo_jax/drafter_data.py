@@ -253,16 +253,24 @@ def cache_key(*fields) -> str:
 def datasets(engine, a, model_tag: str, require_cache: bool = False) -> dict[str, Data]:
     """{"train": code + chat continuations (+ teacher-forced source windows)}: built once, then read from the
     cache. `a` holds the data flags (code_prompts, chat_prompts, source_windows, prompt_len, gen_len, gen_batch,
-    cache_dir); each part's file name hashes only what decides its content (not gen_batch: the batch changes how
+    cache_dir; data_seed, if set: other code prompts and source
+    windows, for a run that fine-tunes an earlier drafter on new data); each part's file name hashes only what decides its content (not gen_batch: the batch changes how
     fast, not what). require_cache: raise DataNotCached instead of generating."""
     tok, cfg, eos = engine.tokenizer, engine.cfg, tuple(engine.eos_ids)
     base = Path(a.cache_dir)
+    ds = getattr(a, "data_seed", 0)
+
+    def seed(s):  # data_seed 0: the seeds every earlier run used (and their cache files)
+        return s if ds == 0 else [s, ds]
+
+    def key(*fields):
+        return cache_key(*fields) if ds == 0 else cache_key(*fields, ds)
 
     def build(prompts, desc):
         return make_data(engine.params, cfg, prompts, a.gen_len, a.gen_batch, eos, desc)
 
-    code = cached(base / f"code_{cache_key(model_tag, a.code_prompts, a.prompt_len, a.gen_len, EVAL_FILES, 3)}.npz",
-                  lambda: build(code_prompts(tok, a.code_prompts, a.prompt_len, False, 0), "code data"), "code",
+    code = cached(base / f"code_{key(model_tag, a.code_prompts, a.prompt_len, a.gen_len, EVAL_FILES, 3)}.npz",
+                  lambda: build(code_prompts(tok, a.code_prompts, a.prompt_len, False, seed(0)), "code data"), "code",
                   require_cache)
     chat = cached(base / f"chat_{cache_key(model_tag, a.chat_prompts, a.gen_len, EVAL_TOPICS, 3)}.npz",
                   lambda: build(chat_prompts(tok, a.chat_prompts, False, 1), "chat data"), "chat", require_cache)
@@ -275,9 +283,9 @@ def datasets(engine, a, model_tag: str, require_cache: bool = False) -> dict[str
 
     parts = [code, chat]
     if a.source_windows:
-        parts.append(cached(base / f"source_{cache_key(model_tag, a.source_windows, t, EVAL_FILES, 3)}.npz",
+        parts.append(cached(base / f"source_{key(model_tag, a.source_windows, t, EVAL_FILES, 3)}.npz",
                             lambda: make_source_data(engine.params, cfg, code_prompts(tok, a.source_windows, t, False,
-                                                                                      7), a.gen_batch),
+                                                                                      seed(7)), a.gen_batch),
                             "source", require_cache))
     parts = [pad(p) for p in parts]
     return {"train": Data(*(np.concatenate([getattr(p, f) for p in parts])

@@ -44,6 +44,7 @@ from mimo_jax import block_drafter as bd
 from mimo_jax import model
 from mimo_jax.config import ModelConfig
 from mimo_jax.drafter_data import Data, DataNotCached, chat_prompts, code_prompts, datasets, draft_vocab
+from mimo_jax.errors import InputError
 
 
 # ---- training ----
@@ -177,12 +178,14 @@ def run_state(path: Path) -> dict:
 def train(engine, data: Data, d: bd.BlockConfig, vocab: np.ndarray, out: Path, steps: int, batch: int, anchors: int,
           lr: float, soft_weight: float = 0.5, decay: float = 4.0, seed: int = 0, resume: bool = False,
           save_every: int = 500, log=True, max_minutes: float = 0.0, plan_minutes: float = 0.0, finish: bool = False,
-          log_every: int = 10, clock=time.perf_counter):
+          log_every: int = 10, clock=time.perf_counter, init=None):
     """-> (weights, history of (step, loss, acceptance, lr) every log_every steps and at the last one). Writes
     out/last.safetensors every save_every steps and when it stops. The learning rate follows Schedule's progress
     (lr_at): over plan_minutes of training across calls (resume restores the seconds done), else over this
     call's max_minutes (or steps alone). max_minutes > 0 stops this call after that long; finish ends the plan
-    there. Time is clock() after each step (the progress of step s is where the run stood after step s - 1)."""
+    there. Time is clock() after each step (the progress of step s is where the run stood after step s - 1).
+    init: weights to start from (an earlier drafter's, same BlockConfig) instead of fresh ones; the optimizer and
+    the schedule start afresh (a resumed run's own weights take precedence)."""
     import optax
     from tqdm import tqdm
 
@@ -196,6 +199,8 @@ def train(engine, data: Data, d: bd.BlockConfig, vocab: np.ndarray, out: Path, s
     w = bd.init_weights(d, jax.random.PRNGKey(seed))
     # final_norm feeds the target's own head: start from the target's (a copy: w is donated)
     w["final_norm"] = jnp.array(tparams["final_norm"], jnp.float32, copy=True)
+    if init is not None:
+        w = jax.tree_util.tree_map(lambda a: jnp.array(a, jnp.float32, copy=True), init)
     opt_state, start, state = opt.init(w), 0, {"train_s": 0.0, "rng": None}
     last = out / "last.safetensors"
     if resume and last.is_file():
@@ -388,6 +393,11 @@ def main(argv=None) -> None:
     ap.add_argument("--draft_vocab", type=int, default=8192)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    ap.add_argument("--init", default=None, help="start from this drafter file's weights (fine-tuning; its shape "
+                    "and draft vocabulary replace --layers/--intermediate/--window/--block/--draft_vocab/"
+                    "--target_layers), with a fresh optimizer and schedule")
+    ap.add_argument("--data_seed", type=int, default=0, help="other training prompts and source windows than "
+                    "seed 0's (new data for a fine-tuning run)")
     ap.add_argument("--max_minutes", type=float, default=0.0, help="stop training after this long (0: no limit)")
     ap.add_argument("--deadline", type=float, default=0.0, help="unix time by which training stops (0: none); "
                     "a one-call GPU script leaves the evaluation its time this way")
@@ -405,6 +415,8 @@ def main(argv=None) -> None:
     out = Path(a.out)
     if a.model is not None and not Path(a.model).exists():
         ap.error(f"--model {a.model}: no such file or directory")
+    if a.init is not None and not Path(a.init).is_file():
+        ap.error(f"--init {a.init}: no such file")
     out.mkdir(parents=True, exist_ok=True)
 
     from mimo_jax.engine import Engine
@@ -428,6 +440,15 @@ def main(argv=None) -> None:
                                   num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                                   target_layers=target_layers(a.target_layers, cfg.num_layers))
     vocab = draft_vocab(data, d.draft_vocab, cfg.vocab_size)
+    init = None
+    if a.init:
+        try:
+            d, loaded, _ = bd.load(a.init, jnp.float32, target=cfg)
+        except InputError as e:  # not a block drafter, or one for another model
+            ap.error(f"--init: {e}")
+        init, vocab = loaded["w"], np.asarray(loaded["vocab"])
+        print(f"[--init {a.init}: {d.num_layers} layers, draft vocab {len(vocab)}, target layers "
+              f"{d.target_layers}]", file=sys.stderr)
     if a.resume and (out / "last.safetensors").is_file():  # the vocabulary the weights were trained with
         vocab = np.asarray(bd.load(out / "last.safetensors")[1]["vocab"])
     coverage = float(np.isin(data.labels[data.labels >= 0], vocab).mean())
@@ -443,7 +464,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     w, hist = train(engine, data, d, vocab, out, a.steps, a.batch, a.anchors, a.lr, a.soft_weight, a.decay,
                     seed=a.seed, resume=a.resume, max_minutes=max_minutes, plan_minutes=a.plan_minutes,
-                    finish=a.finish)
+                    finish=a.finish, init=init)
     train_s = time.perf_counter() - t0
     total_s = run_state(out / "last.safetensors")["train_s"] if (out / "last.safetensors").is_file() else 0.0
     info = {"train_steps": hist[-1][0] + 1 if hist else 0, "label_tokens_per_step": a.batch * a.anchors * a.block,

@@ -159,6 +159,23 @@ def test_resumed_calls_follow_one_plan(tmp_path, target, data):
     assert h_c == []
 
 
+def test_init_fine_tunes_given_weights(tmp_path, target, data):
+    """train(init=w) starts from w (its first loss is w's, below a fresh start's on the same first batch) and
+    leaves the caller's w intact (the trainer donates its own copy)."""
+    _, d = data
+    cfg, dc = target.cfg, dcfg(target.cfg)
+    vocab = drafter_data.draft_vocab(d, dc.draft_vocab, cfg.vocab_size)
+    kw = dict(batch=4, anchors=4, lr=3e-3, log=False, log_every=1)
+    w, h = train_drafter.train(target, d, dc, vocab, tmp_path / "a", steps=30, **kw)
+    before = [np.asarray(x).copy() for x in jax.tree_util.tree_leaves(w)]
+    _, fresh = train_drafter.train(target, d, dc, vocab, tmp_path / "b", steps=1, **kw)
+    _, tuned = train_drafter.train(target, d, dc, vocab, tmp_path / "c", steps=1, init=w, **kw)
+    assert tuned[0][1] < 0.9 * fresh[0][1], (tuned[0][1], fresh[0][1])
+    assert tuned[0][1] < h[0][1]
+    for a, b in zip(before, jax.tree_util.tree_leaves(w)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
 def test_schedule_progress_stop_and_finish():
     s = train_drafter.Schedule(steps=10 ** 6, plan_s=600, call_s=120, done_s=300)
     assert s.progress(0, 60) == pytest.approx(0.6) and not s.stop(119) and s.stop(120)
@@ -201,6 +218,15 @@ def test_command_line_end_to_end(tmp_path):
     train_drafter.main(args + later)
     state = train_drafter.run_state(out / "last.safetensors")
     assert state["step"] == 4 and state["train_s"] > done and state["rng"] is not None
+    # fine-tuning the result on other data: --init takes the file's shape and vocabulary, --data_seed new prompts
+    cached = set((tmp_path / "cache").iterdir())
+    tuned = tmp_path / "tuned"
+    train_drafter.main(args[:1] + [str(tuned)] + args[2:] + ["--init", str(out / "drafter.safetensors"),
+                                                            "--data_seed", "1", "--eval_prompts", "0"])
+    assert len(set((tmp_path / "cache").iterdir()) - cached) == 1  # new code data; chat data is seed-independent
+    assert bd.load(tuned / "drafter.safetensors")[0] == bd.load(out / "drafter.safetensors")[0]
+    with pytest.raises(SystemExit):
+        train_drafter.main(args + ["--init", str(tmp_path / "cache")])  # not a file: one line, exit 2
 
 
 def test_source_windows_label_only_the_greedy_chain(target):
