@@ -24,6 +24,11 @@
 #   middle  resumes /tmp/drafter_run from the cache (--require_cache) and trains until its deadline (~8.5 min).
 #   last    resumes, trains until TOTAL_S - EVAL_S (~6 min; --finish ends the learning-rate decay there), then
 #           runs bench_speculative.py on the result.
+# PHASE=tune (one call, after the GGUF's first half was carried as in call 0): fine-tunes the shipped drafter
+# (INIT, default mimo_jax/drafters/smollm2_135m_block.safetensors) on new data (DATA_SEED, default 1: other code
+# prompts and source windows; ~19M target tokens, ~3 min), with a fresh schedule annealed to 0 at the call's
+# deadline, then evaluates it like PHASE=one (the same held-out sets): each session's device time adds to the last.
+#   carry [".gg2"]  command: PHASE=tune bash benchmarks/train_drafter_gpu.sh carried $OUT
 # The schedule spans the calls: --plan_minutes PLAN_MIN is the training time planned over all of them; the seconds
 # done, step, optimizer state and sampler state are in /tmp/drafter_run/last.safetensors (~80 MB with Adam's
 # moments: over the 16 MiB a returned file may have, so it stays in /tmp). A middle or last call that finds its
@@ -56,8 +61,8 @@ gone() {
 }
 trap 'echo "FAILED (exit $?) at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/status"' ERR
 case "$PHASE" in
-  one|first|middle|last) ;;
-  *) echo "PHASE=$PHASE: one of one, first, middle, last"; exit 2 ;;
+  one|first|middle|last|tune) ;;
+  *) echo "PHASE=$PHASE: one of one, first, middle, last, tune"; exit 2 ;;
 esac
 RUN=${RUN_DIR:-/tmp/drafter_run}  # the trainer's state between calls
 DATA=${DATA_DIR:-/tmp/drafter_data}  # the generated data, cached
@@ -65,7 +70,7 @@ JOINED=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
 if [ "$GGUF" = carried ]; then
   GGUF=$JOINED
-  if [ "$PHASE" = one ] || [ "$PHASE" = first ]; then
+  if [ "$PHASE" = one ] || [ "$PHASE" = first ] || [ "$PHASE" = tune ]; then
     if ! python -c "import gguf" 2>/dev/null; then  # `pip install` alone went to another interpreter on the image
       WHL=$(ls .gg1/gguf-*.whl .gg2/gguf-*.whl /tmp/gguf-*.whl 2>/dev/null | head -1)
       python -m pip install --no-index --no-deps -q --target /tmp/site "$WHL"
@@ -92,6 +97,13 @@ if [ "$PHASE" = one ]; then
   DEADLINE=$(( T0 + ${TOTAL_S:-540} - ${EVAL_S:-170} ))
   TRAIN_OUT=$OUT
   RUN_FLAGS=(--code_prompts 16384 --chat_prompts 8192 --source_windows 16384 --steps 30000 --deadline "$DEADLINE")
+elif [ "$PHASE" = tune ]; then
+  INIT=${INIT:-mimo_jax/drafters/smollm2_135m_block.safetensors}
+  [ -s "$INIT" ] || { echo "no drafter $INIT to fine-tune"; exit 1; }
+  DEADLINE=$(( T0 + ${TOTAL_S:-560} - ${EVAL_S:-170} ))
+  TRAIN_OUT=$OUT
+  RUN_FLAGS=(--code_prompts 32768 --chat_prompts 13600 --source_windows 24576 --steps 1000000 --deadline "$DEADLINE"
+             --init "$INIT" --data_seed "${DATA_SEED:-1}" --lr 5e-4)  # half the first run's peak: a fine-tune
 else
   # data: ~25M target tokens (13600 = every training chat instruction); the time plan, not --steps, ends the run
   case "$PHASE" in
@@ -112,7 +124,7 @@ python -m mimo_jax.train_drafter --model "$GGUF" --out "$TRAIN_OUT" --cache_dir 
   | awk 'NR % 50 == 1 || !/it\/s|s\/it/' | tee "$OUT/train.log"
 if [ "$TRAIN_OUT" != "$OUT" ]; then cp "$RUN/drafter.safetensors" "$RUN/eval.json" "$OUT/"; fi
 phase "trained"
-if [ "$PHASE" = one ] || [ "$PHASE" = last ]; then
+if [ "$PHASE" = one ] || [ "$PHASE" = last ] || [ "$PHASE" = tune ]; then
   python benchmarks/bench_speculative.py --model "$GGUF" --drafter "$OUT/drafter.safetensors" --k 8 \
     --prompts "${BENCH_PROMPTS:-12}" --max_new_tokens "${BENCH_TOKENS:-256}" --png "$OUT/speculative.png" \
     --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
