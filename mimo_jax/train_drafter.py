@@ -266,68 +266,26 @@ def train(engine, data: Data, d: bd.BlockConfig, vocab: np.ndarray, out: Path, s
 
 # ---- evaluation ----
 
-def speculative_greedy(spec, ids: list[int], max_new: int):
-    """Greedy speculative generation with `spec` (an Engine with speculative_k and a drafter) -> (tokens,
-    accepted-length histogram, decode seconds after the first token). Engine's speculative stream, with the
-    drafter's target layers passed to the prompt pass (target_chunk(..., taps)), which that stream does not do
-    yet; one step is dispatched ahead of the host's read, as there."""
-    from mimo_jax import speculative
-
-    cfg, k, drafter, params = spec.cfg, spec.speculative_k, spec.drafter, spec.step_params
-    cache = spec.new_cache(spec.capacity(len(ids), max_new), ring_slack=k + 1)
-    chunks, feats = list(spec._chunks(ids)), []
-    for tokens, positions, _ in chunks:
-        f, logits, cache = speculative.target_chunk(spec.params, tokens, positions, cache, cfg, taps=drafter.taps)
-        feats.append(f)
-    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    out = [int(first[0])]
-    greedy = (jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0))
-    key = jax.random.PRNGKey(0)
-    dstate = drafter.init(params, cfg, k, spec.cache_dtype) if drafter.init is not None else {}
-    following = np.asarray(ids[1:] + out, np.int32)
-    if drafter.init is not None:
-        for (tokens, positions, n), f in zip(chunks, feats):
-            nxt = np.zeros(tokens.shape, np.int32)
-            nxt[0, :n] = following[int(positions[0]):int(positions[0]) + n]
-            dstate = speculative.drafter_chunk(params, f, jnp.asarray(nxt), positions, dstate, key, *greedy, cfg=cfg,
-                                               drafter=drafter, is_greedy=True)
-    state = {"cache": cache, "token": first, "position": jnp.int32(len(ids)), "mtp_cache": dstate,
-             "draft": jnp.zeros_like(first), "draft_logits": jnp.zeros((1, cfg.vocab_size), jnp.float32),
-             "draft_hidden": jnp.zeros((1, cfg.hidden_size), spec.cache_dtype)}
-    run = functools.partial(speculative.step, params, key=key, temperature=greedy[0], top_k=greedy[1],
-                            top_p=greedy[2], cfg=cfg, k=k, drafter=drafter, is_greedy=True)
-    hist, t1 = np.zeros(k + 1, int), time.perf_counter()
-    pending = run(state=state)
-    while True:
-        emitted, n, state = pending
-        if max_new - len(out) > 1:
-            pending = run(state=state)
-        emitted, n = np.asarray(emitted), int(n)
-        hist[n] += 1
-        out += emitted[0, :n + 1].tolist()
-        if len(out) >= max_new:
-            return out[:max_new], hist, time.perf_counter() - t1
-
-
-def evaluate(engine_plain, drafter_path, prompts: dict[str, list[list[int]]], k: int, max_new: int) -> dict:
-    """Greedy speculative decoding with the drafter vs plain decoding on held-out prompts: accepted drafts per
-    step by position, the accepted-length histogram, tok/s of both (and the outputs must match)."""
+def evaluate(engine, drafter_path, prompts: dict[str, list[list[int]]], k: int, max_new: int) -> dict:
+    """Greedy speculative decoding with the drafter file (a block drafter or MTP layers) vs plain decoding
+    (Engine.generate both) on held-out prompts: accepted drafts per step by position, the accepted-length
+    histogram, tok/s of both, and whether the texts are identical."""
     from mimo_jax.engine import Engine
 
-    spec = Engine(engine_plain.cfg, engine_plain.params, tokenizer=engine_plain.tokenizer,
-                  max_seq_len=engine_plain.max_seq_len, speculative_k=k, drafter=str(drafter_path))
+    spec = Engine(engine.cfg, engine.params, tokenizer=engine.tokenizer, max_seq_len=engine.max_seq_len,
+                  speculative_k=k, drafter=str(drafter_path))
     out = {}
     for name, ps in prompts.items():
-        hist, plain_s, spec_s, plain_n, spec_n, same = np.zeros(k + 1, int), 0.0, 0.0, 0, 0, True
-        engine_plain.warm_up(ps[0], max_new)
-        speculative_greedy(spec, ps[0], max_new)
+        hist, same, plain_s, spec_s, plain_n, spec_n = np.zeros(k + 1, int), True, 0.0, 0.0, 0, 0
+        engine.warm_up(ps[0], max_new)
+        spec.warm_up(ps[0], max_new)
         for p in ps:
-            a = engine_plain.generate(p, max_new, stop_at_eos=False)
-            b, h, b_s = speculative_greedy(spec, p, max_new)
-            same &= a.token_ids == b
-            hist += h
+            a = engine.generate(p, max_new, stop_at_eos=False)
+            g = spec.generate(p, max_new, stop_at_eos=False)
+            same &= a.token_ids == g.token_ids
+            hist += np.asarray(g.stats.accepted_hist, int)
             plain_s, plain_n = plain_s + a.stats.decode_s, plain_n + a.stats.new_tokens - 1
-            spec_s, spec_n = spec_s + b_s, spec_n + len(b) - 1
+            spec_s, spec_n = spec_s + g.stats.decode_s, spec_n + g.stats.new_tokens - 1
         out[name] = eval_summary(hist, len(ps), max_new, plain_n / max(plain_s, 1e-9), spec_n / max(spec_s, 1e-9),
                                  same)
     return out
@@ -476,9 +434,15 @@ def main(argv=None) -> None:
     final = out / "drafter.safetensors"
     bd.save(final, d, jax.tree_util.tree_map(lambda x: np.asarray(x, np.float16), w), vocab, cfg, {"training": info})
     print(f"[wrote {final} ({final.stat().st_size / 1e6:.1f} MB); {info}]", file=sys.stderr)
-    result = {"training": info, "block_config": dataclasses.asdict(d), "draft_vocab_coverage": coverage}
+    report(engine, final, out, {"training": info, "block_config": dataclasses.asdict(d),
+                                "draft_vocab_coverage": coverage}, a, t_start)
+
+
+def report(engine, drafter: Path, out: Path, result: dict, a, t_start: float) -> None:
+    """The end of a trainer's run: the held-out evaluation of the written drafter file (a.eval_prompts per set,
+    a.eval_tokens each, k = a.k; none for 0), printed, and result + it + the run's seconds as out/eval.json."""
     if a.eval_prompts:
-        result["eval"] = evaluate(engine, final, eval_prompts(engine.tokenizer, a.eval_prompts, a.prompt_len), a.k,
+        result["eval"] = evaluate(engine, drafter, eval_prompts(engine.tokenizer, a.eval_prompts, a.prompt_len), a.k,
                                   a.eval_tokens)
         print_eval(result["eval"], a.k)
     result["total_s"] = round(time.perf_counter() - t_start, 1)

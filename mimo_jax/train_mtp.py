@@ -32,7 +32,7 @@ import numpy as np
 from mimo_jax import model, mtp, mtp_drafter
 from mimo_jax.config import ModelConfig
 from mimo_jax.drafter_data import Data, DataNotCached, datasets
-from mimo_jax.train_drafter import Schedule, eval_prompts, eval_summary, lr_at, print_eval, target_pass
+from mimo_jax.train_drafter import Schedule, lr_at, report, target_pass
 
 
 def greedy_run(tokens, labels):
@@ -165,30 +165,6 @@ def train(engine, data: Data, out: Path, steps: int, batch: int, lr: float, laye
     return w, mcfg, hist
 
 
-def evaluate(engine, drafter_path, prompts: dict[str, list[list[int]]], k: int, max_new: int) -> dict:
-    """Greedy speculative decoding with the MTP file vs plain decoding (Engine.generate both): accepted drafts
-    per step by position, the histogram, tok/s, and whether the texts are identical."""
-    from mimo_jax.engine import Engine
-
-    spec = Engine(engine.cfg, engine.params, tokenizer=engine.tokenizer, max_seq_len=engine.max_seq_len,
-                  speculative_k=k, drafter=str(drafter_path))
-    out = {}
-    for name, ps in prompts.items():
-        hist, same, plain_s, spec_s, plain_n, spec_n = np.zeros(k + 1, int), True, 0.0, 0.0, 0, 0
-        engine.warm_up(ps[0], max_new)
-        spec.warm_up(ps[0], max_new)
-        for p in ps:
-            a = engine.generate(p, max_new, stop_at_eos=False)
-            g = spec.generate(p, max_new, stop_at_eos=False)
-            same &= a.token_ids == g.token_ids
-            hist += np.asarray(g.stats.accepted_hist, int)
-            plain_s, plain_n = plain_s + a.stats.decode_s, plain_n + a.stats.new_tokens - 1
-            spec_s, spec_n = spec_s + g.stats.decode_s, spec_n + g.stats.new_tokens - 1
-        out[name] = eval_summary(hist, len(ps), max_new, plain_n / max(plain_s, 1e-9), spec_n / max(spec_s, 1e-9),
-                                 same)
-    return out
-
-
 def main(argv=None) -> None:
     import argparse
 
@@ -250,13 +226,7 @@ def main(argv=None) -> None:
     final = out / "drafter.safetensors"
     mtp_drafter.save(final, w, mcfg, engine.cfg, {"training": info})
     print(f"[wrote {final} ({final.stat().st_size / 1e6:.1f} MB); {info}]", file=sys.stderr)
-    result = {"training": info}
-    if a.eval_prompts:
-        result["eval"] = evaluate(engine, final, eval_prompts(engine.tokenizer, a.eval_prompts, a.prompt_len), a.k,
-                                  a.eval_tokens)
-        print_eval(result["eval"], a.k)
-    result["total_s"] = round(time.perf_counter() - t_start, 1)
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    report(engine, final, out, {"training": info}, a, t_start)
 
 
 if __name__ == "__main__":

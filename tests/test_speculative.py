@@ -9,7 +9,7 @@ import pytest
 from mimo_jax import block_drafter, model, speculative
 from mimo_jax.config import load_config
 from mimo_jax.engine import Engine
-from drafters import FLAKY, ORACLE, WRONG
+from drafters import FLAKY, ORACLE, WRONG, speculative_greedy
 from sampling_stats import chi2_check, exact_dists
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -160,8 +160,8 @@ def test_forward_hidden_taps_intermediate_layers(tiny, layout):
 def test_multi_layer_block_drafter_greedy_equals_plain(tiny, tmp_path):
     """A block drafter conditioned on target layers 1 and 4 and the last (random weights, the taps' fc rows
     non-zero so they matter): greedy speculative output == plain greedy, through the verify pass's taps and the
-    prompt pass's (train_drafter.speculative_greedy); the file records the layers."""
-    from mimo_jax import train_drafter
+    prompt pass's (Engine.generate, and the reference loop tests/drafters.speculative_greedy); the file
+    records the layers."""
 
     cfg, params = tiny
     d = block_drafter.BlockConfig.for_target(cfg, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
@@ -176,5 +176,6 @@ def test_multi_layer_block_drafter_greedy_equals_plain(tiny, tmp_path):
     for seed in (0, 1):
         prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, 37).tolist()
         plain = engine(cfg, params).generate(prompt, max_new_tokens=40, stop_at_eos=False)
-        out, hist, _ = train_drafter.speculative_greedy(spec, prompt, 40)
+        out, hist, _ = speculative_greedy(spec, prompt, 40)
         assert out == plain.token_ids and hist.sum() > 5
+        assert spec.generate(prompt, max_new_tokens=40, stop_at_eos=False).token_ids == plain.token_ids

@@ -1,7 +1,6 @@
 """The drafter trainer on a tiny random-weight target: the loss falls, files round-trip, training raises the
 acceptance of greedy speculative decoding, a run resumed over several calls is the uninterrupted run, the command
 line runs end to end."""
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,23 +10,19 @@ import pytest
 
 from mimo_jax import block_drafter as bd
 from mimo_jax import drafter_data, model, train_drafter
-from mimo_jax.config import load_config
 from mimo_jax.engine import Engine
+from drafters import greedy_data, speculative_greedy, tiny_target
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
 def target():
-    cfg = load_config(CONFIGS / "tiny_llama.json")
-    params = model.init_params(cfg, jax.random.PRNGKey(3), jnp.float32)
-    return Engine(cfg, params, max_seq_len=256, prefill_chunk=32)
+    return tiny_target()
 
 
 @pytest.fixture(scope="module")
 def data(target):
-    prompts = [np.random.default_rng(i).integers(0, target.cfg.vocab_size, 12).tolist() for i in range(16)]
-    return prompts, drafter_data.make_data(target.params, target.cfg, prompts, gen_len=40, batch=8)
+    return greedy_data(target, 16)
 
 
 def dcfg(cfg, **kw):
@@ -118,7 +113,7 @@ def test_training_raises_acceptance(tmp_path, target, data):
         e = Engine(target.cfg, target.params, max_seq_len=256, prefill_chunk=32, speculative_k=4, drafter=str(path))
         hist = np.zeros(5)
         for p in prompts[:4]:
-            out, h, _ = train_drafter.speculative_greedy(e, p, 30)
+            out, h, _ = speculative_greedy(e, p, 30)
             assert out == target.generate(p, 30, stop_at_eos=False).token_ids
             hist += h
         return (hist * np.arange(5)).sum() / hist.sum()

@@ -2,7 +2,6 @@
 loss falls on a fixed batch, the file round-trips and attaches to the model, speculative greedy with it equals
 plain greedy, training raises its acceptance above the untrained layers', and the command line runs end to end."""
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,25 +9,21 @@ import numpy as np
 import optax
 import pytest
 
-from mimo_jax import drafter_data, model, mtp_drafter, train_mtp
-from mimo_jax.config import load_config
+from mimo_jax import mtp_drafter, train_mtp
 from mimo_jax.engine import Engine
+from drafters import greedy_data, tiny_target
 from mimo_jax.errors import InputError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
 def target():
-    cfg = load_config(CONFIGS / "tiny_llama.json")
-    params = model.init_params(cfg, jax.random.PRNGKey(3), jnp.float32)
-    return Engine(cfg, params, max_seq_len=256, prefill_chunk=32)
+    return tiny_target()
 
 
 @pytest.fixture(scope="module")
 def data(target):
-    prompts = [np.random.default_rng(i).integers(0, target.cfg.vocab_size, 12).tolist() for i in range(24)]
-    return prompts, drafter_data.make_data(target.params, target.cfg, prompts, gen_len=40, batch=8)
+    return greedy_data(target, 24)
 
 
 def test_greedy_run_counts_consecutive_greedy_tokens():
