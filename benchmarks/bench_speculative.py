@@ -58,6 +58,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max_new_tokens", type=int, default=128)
     ap.add_argument("--png", default="speculative.png")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--layout", default="auto", choices=("auto", "scan", "unrolled"), help="the engines' layer layout")
     a = ap.parse_args(argv)
 
     import jax
@@ -65,7 +66,7 @@ def main(argv=None) -> None:
     from mimo_jax import train_drafter
     from mimo_jax.engine import Engine
 
-    plain = Engine.from_pretrained(a.model, max_seq_len=1024)
+    plain = Engine.from_pretrained(a.model, max_seq_len=1024, layout=a.layout)
     prompts = train_drafter.eval_prompts(plain.tokenizer, a.prompts, a.prompt_len)
     results = train_drafter.evaluate(plain, a.drafter, prompts, a.k, a.max_new_tokens)
     device = jax.devices()[0].device_kind

@@ -176,7 +176,7 @@ class Engine:
         `attention`: "tp" = heads split where they divide, "replicated"); None = one device.
         layout: "scan" (layers stacked and scanned: one traced body per run), "unrolled" (model.unroll_layers:
         one buffer per layer weight, straight-line layers, q/k/v and gate/up fused where unsharded) or "auto"
-        (model.preferred_layout: unrolled for layers with GEMM-sized weights, e.g. MiMo; scan for small ones).
+        (model.preferred_layout: unrolled on CPU and for layers with GEMM-sized weights, e.g. MiMo; else scan).
         decode_steps: decode (or speculative) steps per dispatch (1 = one; more: a scan over steps, tokens reach
         the caller in chunks of that many steps)."""
         if layout not in LAYOUTS:
@@ -191,7 +191,8 @@ class Engine:
         self.cfg, self.tokenizer, self.mesh, self.attention, self.layout = cfg, tokenizer, mesh, attention, layout
         self.params = self._place(params)
         if layout == "auto":
-            layout = self.layout = model.preferred_layout(cfg)
+            platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+            layout = self.layout = model.preferred_layout(cfg, platform)
         if layout == "unrolled":
             self.params = model.unroll_layers(self.params, cfg)
         if quant.reads_experts_in_place():  # expert stacks the kernel could not index in place get padded

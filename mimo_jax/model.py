@@ -244,6 +244,8 @@ def unroll_layers(params: dict, cfg: ModelConfig, fuse: bool = True) -> dict:
     stacked weight (XLA materialised those before the GEMM: 17% of mid_mimo's step, BENCHMARKS.md). fuse:
     concatenate q/k/v and gate/up (unsharded plain weights only). The result holds new buffers for every
     non-expert layer weight: the stacked ones are freed once the caller drops `params` (Engine does)."""
+    if "unrolled" in params:  # already in this layout (an Engine built from another Engine's params)
+        return params
     plan, stacks = plan_of(cfg), list(params["layers"])
     per_layer = [None] * cfg.num_layers
     for i, slot in enumerate(layer_slots(plan)):
@@ -262,11 +264,15 @@ def unroll_layers(params: dict, cfg: ModelConfig, fuse: bool = True) -> dict:
             "unrolled": tuple(per_layer)}
 
 
-def preferred_layout(cfg: ModelConfig) -> str:
+def preferred_layout(cfg: ModelConfig, platform: str = "gpu") -> str:
     """"unrolled" when a layer holds a matrix XLA runs as a GEMM (>= 2^23 elements; smaller ones it runs as
     reductions, which read a scanned stack in place): the scan copies such a slice before the GEMM. Measured on
     an H200 (BENCHMARKS.md): mid_mimo 2.885 -> 2.012 ms/token unrolled; SmolLM2 shapes 1.395 (scan) vs
-    1.99 ms (unrolled: 33% of the step is CUDA-graph overhead between its 670 small kernels)."""
+    1.99 ms (unrolled: 33% of the step is CUDA-graph overhead between its 670 small kernels). On CPU always
+    "unrolled": no launch overhead to save, and the scan's per-layer weight slices cost (SmolLM2 f32, 2 cores,
+    BENCHMARKS.md session 6)."""
+    if platform == "cpu":
+        return "unrolled"
     shapes = [s for kind in set(cfg.layer_kinds) for s in jax.tree_util.tree_leaves(
         _split_experts(_layer_shapes(cfg, kind), kind)[0], is_leaf=lambda x: isinstance(x, tuple))]
     return "unrolled" if max(int(np.prod(s)) for s in shapes) >= 1 << 23 else "scan"

@@ -273,7 +273,7 @@ def evaluate(engine, drafter_path, prompts: dict[str, list[list[int]]], k: int, 
     from mimo_jax.engine import Engine
 
     spec = Engine(engine.cfg, engine.params, tokenizer=engine.tokenizer, max_seq_len=engine.max_seq_len,
-                  speculative_k=k, drafter=str(drafter_path))
+                  speculative_k=k, drafter=str(drafter_path), layout=engine.layout)
     out = {}
     for name, ps in prompts.items():
         hist, same, plain_s, spec_s, plain_n, spec_n = np.zeros(k + 1, int), True, 0.0, 0.0, 0, 0

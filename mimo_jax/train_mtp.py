@@ -206,7 +206,7 @@ def main(argv=None) -> None:
     from mimo_jax.engine import Engine
 
     t_start = time.perf_counter()
-    engine = Engine.from_pretrained(a.model, max_seq_len=1024)
+    engine = Engine.from_pretrained(a.model, max_seq_len=1024, layout="scan")  # init copies the stacked last layer
     tag = "bundled-smollm2"
     if a.model:
         m = Path(a.model).resolve()
