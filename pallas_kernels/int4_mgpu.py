@@ -40,12 +40,9 @@ with step i+1's conversion (wgmma_wait(1) + BlockSpec delay_release=1), an in-ke
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 N_SMS_DEFAULT = 132

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mimo_jax import quant as Q
-from pallas_kernels.int4_matmul import (KernelConfig, default_grouped_config, tile_schedule)
+from pallas_kernels.int4_matmul import (KernelConfig, _fold_decode, default_grouped_config, tile_schedule)
 
 # bf16 activations and output against an f32 reference: ~2e-3 typical, 1e-2 bound
 TOL = 1e-2
@@ -213,3 +213,113 @@ def test_zero_layers_after_a_stack_leave_every_layer_s_experts_unchanged():
         want = moe.experts(stack, (jnp.int32(layer),), x, weights, ids)
         got = moe.experts(padded, (jnp.int32(layer),), x, weights, ids)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- mxfp4 with the scale folded in
+
+def _bits(a):
+    return np.asarray(jax.lax.bitcast_convert_type(jnp.asarray(a, jnp.bfloat16), jnp.uint16))
+
+
+def test_fold_decode_is_exact_for_e_2_to_252_and_reads_e_below_2_as_zero():
+    """The folded decode adds e - 127 to the bf16 exponent bits: bit for bit e2m1(q) * 2^(e - 127) (sign of zero
+    included) for all 16 codes and e in [2, 252]; a group with e < 2 (every |w| < 2^-123) reads as zero."""
+    codes = jnp.arange(16, dtype=jnp.uint8)
+    p = jnp.broadcast_to((codes | (codes << 4))[:, None], (16, 256))  # both nibbles of row c hold code c
+    lo, hi = _fold_decode(p, jnp.arange(256, dtype=jnp.uint8)[None, :])
+    want = np.ldexp(np.asarray(Q.e2m1_to_float(codes), np.float64)[:, None], np.arange(256)[None, :] - 127)
+    exact = slice(2, 253)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(_bits(lo)[:, exact], _bits(want.astype(np.float32))[:, exact])
+    np.testing.assert_array_equal(_bits(hi), _bits(lo))
+    np.testing.assert_array_equal(_bits(lo)[:, :2], 0)
+
+
+def test_quantize_keeps_mxfp4_exponents_in_the_folded_range():
+    """quantize's e = floor(log2 amax) + 125 is <= 252 up to amax ~2^128, so the fold is exact on its output except
+    for groups with amax < 2^-123, which get e = 1 (the fold reads them as zero)."""
+    amax = np.array([1.5 * 2.0 ** 127, 1.0, 2.0 ** -123, 2.0 ** -124], np.float32)
+    w = jnp.asarray(np.repeat(amax[None, :], 32, axis=0))
+    np.testing.assert_array_equal(np.asarray(Q.quantize(w, "mxfp4", 32).scales), [[252, 125, 2, 1]])
+
+
+def _mxfp4_weight(codes, scales):
+    """A raw mxfp4 QuantizedWeight from codes [K, N] (0..15) and e8m0 bytes [K/32, N]."""
+    K, N = codes.shape
+    return Q.QuantizedWeight(Q.pack_codes(jnp.asarray(codes, jnp.uint8), 32), jnp.asarray(scales, jnp.uint8),
+                             None, "mxfp4", 32, (K, N))
+
+
+def _mx(key, shape):
+    """mxfp4 weights via the jitted quantize (same bits, one compile per shape: eager quantize costs ~3 s)."""
+    return Q.quantize_jit(jax.random.normal(jax.random.PRNGKey(key), shape, jnp.float32), fmt="mxfp4", group_size=32)
+
+
+_dequantize_f32 = jax.jit(lambda w: Q.dequantize(w, jnp.float32))
+
+
+@pytest.mark.parametrize("unroll,split", [(1, 2), (2, 1), (4, 2)])
+def test_fold_scale_matches_reference(unroll, split):
+    """fold_scale: dense (odd M over two row tiles), sorted rows with fused SiLU(g) * u * row_scale, and pair rows
+    (decode) with a skip id E, for shared dots of 1, 2 and 4 groups with and without split-K."""
+    E, K, N = 6, 256, 32  # 8 groups: every unroll * split divides them
+    cfg = KernelConfig(bm=16, bn=16, unroll=unroll, split_k=split, fold_scale=True)
+    qw = _mx(11, (K, N))
+    x = _x(12, 19, K)
+    ref = x.astype(jnp.float32) @ _dequantize_f32(qw)
+    assert _rel(Q.qmatmul(x, qw, impl="interpret", cfg=cfg), ref) < TOL
+
+    wg, wu = _mx(13, (E, K, N)), _mx(14, (E, K, N))
+    dg, du = _dequantize_f32(wg), _dequantize_f32(wu)
+    gsz = jnp.array([1, 0, 9, 3, 0, 1], jnp.int32)  # 14 rows of 16: two trailing zero rows
+    xs = x[:16]
+    rs = jax.random.uniform(jax.random.PRNGKey(15), (16,))
+    g = jax.lax.ragged_dot(xs.astype(jnp.float32), dg, gsz)
+    u = jax.lax.ragged_dot(xs.astype(jnp.float32), du, gsz)
+    h = Q.ragged_qmatmul_gate_up(xs, wg, wu, gsz, rs, impl="interpret", cfg=cfg)
+    assert _rel(h, jax.nn.silu(g) * u * rs[:, None]) < TOL and not np.asarray(h[14:]).any()
+
+    ids = jnp.array([5, 0, E, 2, 5], jnp.int32)
+    xp, pick, live = x[:5].astype(jnp.float32), jnp.minimum(ids, E - 1), (ids < E)[:, None]
+    gp = jnp.einsum("mk,mkn->mn", xp, dg[pick]) * live
+    up = jnp.einsum("mk,mkn->mn", xp, du[pick]) * live
+    hp = Q.pair_qmatmul_gate_up(x[:5], wg, wu, ids, impl="interpret", cfg=cfg)
+    assert _rel(hp, jax.nn.silu(gp) * up) < TOL and not np.asarray(hp[2]).any()
+
+
+def test_fold_scale_at_the_ends_of_its_exponent_range():
+    """Through the kernel: groups at e = 2 and at e = 252 match a float64 reference; groups at e = 0 or 1 come
+    out exactly zero (the documented flush), where the reference holds values ~2^-117."""
+    K, N = 128, 32
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (K, N))
+    w_codes = np.asarray(Q.e2m1_to_float(jnp.asarray(codes, jnp.uint8)), np.float64)
+    cfg = KernelConfig(bm=16, bn=16, fold_scale=True)  # unroll 1, no split: the case the others leave out
+    low = np.concatenate([np.full((K // 32, 16), 2), rng.integers(0, 2, (K // 32, 16))], axis=1)
+    for scales, x_exp in ((low, 8), (np.full((K // 32, N), 252), -24)):  # x keeps every sum a finite normal
+        x = (_x(16, 3, K).astype(jnp.float32) * 2.0 ** x_exp).astype(jnp.bfloat16)
+        ref = np.asarray(x, np.float64) @ np.ldexp(w_codes, np.repeat(scales, 32, axis=0) - 127)
+        out = Q.qmatmul(x, _mxfp4_weight(codes, scales), impl="interpret", cfg=cfg)
+        assert _rel(out[:, :16], ref[:, :16]) < TOL
+        if scales is low:
+            assert np.abs(ref[:, 16:]).min() > 0
+            np.testing.assert_array_equal(np.asarray(out[:, 16:], np.float32), 0.0)
+        else:
+            assert _rel(out, ref) < TOL
+
+
+def test_fold_scale_lowers_to_triton():
+    """The folded loop lowers to Triton IR with one group per dot and with 4 groups sharing a dot (a gathered
+    [64, bn] exponent tile): dense, and with split-K sorted rows with the fused epilogue and pair rows."""
+    qw = _mx(0, (256, 64))
+    we = _mx(1, (4, 256, 64))
+    x = _x(2, 9, 256)
+    gsz = jnp.array([3, 0, 4, 2], jnp.int32)
+    ids = jnp.array([3, 0, 4, 1, 2, 3, 0, 1, 2], jnp.int32)
+    lower = lambda f, *args: jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))  # noqa: E731
+    for unroll in (1, 4):
+        cfg = KernelConfig(bm=16, bn=32, unroll=unroll, fold_scale=True)
+        assert "triton" in lower(lambda x, w: Q.qmatmul(x, w, impl="pallas", cfg=cfg), x, qw).as_text()
+    cfg = KernelConfig(bm=16, bn=32, unroll=4, split_k=2, fold_scale=True)
+    lower(lambda x, w, g: Q.ragged_qmatmul_gate_up(x, w, w, g, jnp.ones((9,)), impl="pallas", cfg=cfg), x, we, gsz)
+    lower(lambda x, w, i: Q.pair_qmatmul_gate_up(x, w, w, i, impl="pallas", cfg=cfg), x, we, ids)
