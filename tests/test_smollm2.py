@@ -54,7 +54,7 @@ def dense(path):
 
 @pytest.fixture(scope="module")
 def int4(path):
-    return Engine.from_gguf(path, jnp.float32, keep_int4=True, max_seq_len=512)
+    return Engine.from_gguf(path, jnp.float32, keep_int4=True, max_seq_len=512, layout="scan")  # stacked: checked below
 
 
 def hf_logits(hf, ids):
