@@ -88,15 +88,23 @@ def assert_same_or_near_tie(hf, ids, ours, theirs):
 
 def test_int4_weights_are_kept_and_stacked(int4, dense):
     layer = int4.params["layers"][0]
+    cfg = dense.cfg
+    assert dense.layout == "unrolled"  # CPU's default: one buffer per layer, q/k/v and gate/up concatenated
+    d7 = dense.params["unrolled"][7]
+    nq, nk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    dense7 = {"wq": d7["attn"]["wqkv"][:, :nq], "wk": d7["attn"]["wqkv"][:, nq:nq + nk],
+              "wv": d7["attn"]["wqkv"][:, nq + nk:], "wo": d7["attn"]["wo"],
+              "w_gate": d7["mlp"]["w_gate_up"][:, :cfg.intermediate_size],
+              "w_up": d7["mlp"]["w_gate_up"][:, cfg.intermediate_size:], "w_down": d7["mlp"]["w_down"]}
     for sub, name in [("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("attn", "wo"),
                       ("mlp", "w_gate"), ("mlp", "w_up"), ("mlp", "w_down")]:
         w = layer[sub][name]
         assert isinstance(w, quant.QuantizedWeight) and w.fmt == "int4_asym" and w.group_size == 32
-        assert w.shape == dense.params["layers"][0][sub][name].shape  # [30, in, out]
+        assert w.shape == (cfg.num_layers,) + dense7[name].shape  # [30, in, out]
     # the bytes are not requantized: dequantizing gives the dense model's weights exactly (q/k rows un-permuted)
     for sub, name in [("attn", "wq"), ("attn", "wk"), ("mlp", "w_down")]:
         np.testing.assert_array_equal(np.asarray(quant.dequantize(layer[sub][name][7], jnp.float32)),
-                                      np.asarray(dense.params["layers"][0][sub][name][7]))
+                                      np.asarray(dense7[name]))
     assert not isinstance(int4.params["embed"], quant.QuantizedWeight)  # Q8_0, dequantized
     np.testing.assert_array_equal(np.asarray(int4.params["embed"]), np.asarray(dense.params["embed"]))
 
