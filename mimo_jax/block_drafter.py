@@ -246,9 +246,11 @@ def drafter_for(d: BlockConfig):
 
 # ---- files ----
 
-def save(path, d: BlockConfig, weights: dict, vocab, target: ModelConfig | None = None, extra: dict | None = None):
-    """Write a drafter (weights as stored, float16 by default for the shipped file) atomically."""
-    arrays = {**drafter_files.flatten("w.", weights), "vocab": np.asarray(vocab, np.int32)}
+def save(path, d: BlockConfig, weights: dict, vocab, target: ModelConfig | None = None, extra: dict | None = None,
+         arrays: dict | None = None):
+    """Write a drafter (weights as stored, float16 by default for the shipped file) atomically; arrays: more
+    tensors for the same file (a trainer's optimizer state)."""
+    arrays = {**drafter_files.flatten("w.", weights), "vocab": np.asarray(vocab, np.int32), **(arrays or {})}
     meta = {"block_config": dataclasses.asdict(d), **(extra or {})}
     if target is not None:
         meta["target"] = drafter_files.target_meta(target)

@@ -69,3 +69,19 @@ def kind(path) -> str | None:
         return header(path).get("kind")
     except Exception:  # noqa: BLE001 - any unreadable file is simply not a drafter file
         return None
+
+
+def opt_arrays(opt_state) -> dict:
+    """An optimizer state's leaves as "opt.<i>" arrays, saved beside the weights in a trainer's last.safetensors."""
+    return {f"opt.{i}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(opt_state))}
+
+
+def read_opt(path, like):
+    """The optimizer state saved by opt_arrays, in the structure of `like` (a fresh opt.init of the weights)."""
+    import jax.numpy as jnp
+    from safetensors import safe_open
+
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    with safe_open(str(path), "numpy") as f:
+        return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(f.get_tensor(f"opt.{i}"))
+                                                      for i in range(len(leaves))])

@@ -78,9 +78,11 @@ def init_weights(tparams, mcfg: ModelConfig, key) -> dict:
     return jax.tree_util.tree_unflatten(treedef, [make(p, s, k) for (p, s), k in zip(leaves, keys)])
 
 
-def save(path, weights: dict, mcfg: ModelConfig, target: ModelConfig, extra: dict | None = None, dtype=np.float16):
-    """Write the MTP layers (params["mtp"]'s tree) atomically, as `dtype` (float16: the shipped size)."""
-    arrays = {k: v.astype(dtype) for k, v in drafter_files.flatten("mtp.", weights).items()}
+def save(path, weights: dict, mcfg: ModelConfig, target: ModelConfig, extra: dict | None = None, dtype=np.float16,
+         arrays: dict | None = None):
+    """Write the MTP layers (params["mtp"]'s tree) atomically, as `dtype` (float16: the shipped size); arrays:
+    more tensors for the same file (a trainer's optimizer state)."""
+    arrays = {**{k: v.astype(dtype) for k, v in drafter_files.flatten("mtp.", weights).items()}, **(arrays or {})}
     meta = {"n_layers": mcfg.num_mtp_layers, "window": mcfg.attention("sliding").window,
             "target": drafter_files.target_meta(target), **(extra or {})}
     drafter_files.save(path, arrays, "mtp", meta)
@@ -91,8 +93,8 @@ def is_mtp_file(path) -> bool:
     return drafter_files.kind(path) == "mtp"
 
 
-def check_target(path, cfg: ModelConfig) -> None:
-    bad = drafter_files.target_mismatch(drafter_files.header(path), cfg)
+def check_target(path, cfg: ModelConfig, meta: dict | None = None) -> None:
+    bad = drafter_files.target_mismatch(drafter_files.header(path) if meta is None else meta, cfg)
     if bad:
         raise InputError(f"MTP drafter {str(path)!r} was trained for another model: " + ", ".join(bad))
 
@@ -107,8 +109,8 @@ def load(path, target: ModelConfig, dtype=jnp.float32):
         raise InputError(f"no MTP drafter file {str(path)!r}")
     if not is_mtp_file(path):
         raise InputError(f"{str(path)!r} is not an MTP drafter (python -m mimo_jax.train_mtp writes them)")
-    check_target(path, target)
     meta = drafter_files.header(path)
+    check_target(path, target, meta)
     mcfg = config_for(target, json.loads(meta["n_layers"]), json.loads(meta["window"]))
     shapes = model.param_shapes(mcfg, dtype)["mtp"]
     with safe_open(str(path), "numpy") as f:

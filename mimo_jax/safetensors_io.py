@@ -100,7 +100,8 @@ def write(path: Path, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Ca
         fh.write(len(raw).to_bytes(8, "little"))
         fh.write(raw)
         for name, shape, dtype, make in items:
-            a = np.ascontiguousarray(make())
+            a = np.asarray(make())
+            a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
             if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
                 raise ValueError(f"{name}: made {a.shape} {a.dtype}, declared {tuple(shape)} {np.dtype(dtype)}")
             fh.write(a.reshape(-1).view(np.uint8).data)

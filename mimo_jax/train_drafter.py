@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mimo_jax import block_drafter as bd
+from mimo_jax import drafter_files
 from mimo_jax import model
 from mimo_jax.config import ModelConfig
 from mimo_jax.drafter_data import Data, DataNotCached, chat_prompts, code_prompts, datasets, draft_vocab
@@ -139,38 +140,19 @@ class Schedule:
 
 
 def save_state(path: Path, d, w, vocab, opt_state, step: int, target: ModelConfig, extra=None):
-    from safetensors.numpy import save_file
-
-    leaves = jax.tree_util.tree_leaves(opt_state)
-    bd.save(path, d, w, vocab, target, {**(extra or {}), "step": step})
-    flat = {f"opt.{i}": np.asarray(x) for i, x in enumerate(leaves)}
-    from safetensors import safe_open
-
-    with safe_open(str(path), "numpy") as f:
-        meta = f.metadata()
-        flat.update({k: f.get_tensor(k) for k in f.keys()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(flat, str(tmp), metadata=meta)
-    tmp.replace(path)
+    """The run's state in one file, atomically: the drafter (weights as given), the optimizer state, the step."""
+    bd.save(path, d, w, vocab, target, {**(extra or {}), "step": step}, arrays=drafter_files.opt_arrays(opt_state))
 
 
 def load_opt_state(path: Path, opt_state):
-    from safetensors import safe_open
-
-    leaves, treedef = jax.tree_util.tree_flatten(opt_state)
-    with safe_open(str(path), "numpy") as f:
-        new = [jnp.asarray(f.get_tensor(f"opt.{i}")) for i in range(len(leaves))]
-        step = int(json.loads(f.metadata()["step"]))
-    return jax.tree_util.tree_unflatten(treedef, new), step
+    """-> (the optimizer state saved by save_state, in opt_state's structure; its step)."""
+    return drafter_files.read_opt(path, opt_state), int(json.loads(drafter_files.header(path)["step"]))
 
 
 def run_state(path: Path) -> dict:
     """What last.safetensors says of its run: step, train_s (training seconds over all calls so far; 0 in files
     written before it was stored), rng (the batch sampler's bit-generator state; None in older files)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "numpy") as f:
-        meta = f.metadata() or {}
+    meta = drafter_files.header(path)
     return {"step": int(json.loads(meta.get("step", "0"))), "train_s": float(json.loads(meta.get("train_s", "0"))),
             "rng": json.loads(meta["rng"]) if "rng" in meta else None}
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import model, mtp, mtp_drafter
+from mimo_jax import drafter_files, model, mtp, mtp_drafter
 from mimo_jax.config import ModelConfig
 from mimo_jax.drafter_data import Data, DataNotCached, datasets
 from mimo_jax.train_drafter import Schedule, lr_at, report, target_pass
@@ -87,27 +87,14 @@ def loss_fn(w, batch, tparams, mcfg: ModelConfig, depths: int, soft_weight: floa
 
 def save_state(path: Path, w, opt_state, step: int, mcfg, target, extra: dict):
     """float32 weights + optimizer state + step (+ extra) in one file, written atomically."""
-    from safetensors import safe_open
-    from safetensors.numpy import save_file
-
-    mtp_drafter.save(path, w, mcfg, target, {**extra, "step": step}, dtype=np.float32)
-    with safe_open(str(path), "numpy") as f:
-        meta, flat = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    flat.update({f"opt.{i}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(opt_state))})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(flat, str(tmp), metadata=meta)
-    tmp.replace(path)
+    mtp_drafter.save(path, w, mcfg, target, {**extra, "step": step}, dtype=np.float32,
+                     arrays=drafter_files.opt_arrays(opt_state))
 
 
 def load_state(path: Path, target: ModelConfig, opt_state):
-    from safetensors import safe_open
-
     _, w = mtp_drafter.load(path, target)
-    leaves, treedef = jax.tree_util.tree_flatten(opt_state)
-    with safe_open(str(path), "numpy") as f:
-        new = [jnp.asarray(f.get_tensor(f"opt.{i}")) for i in range(len(leaves))]
-        meta = f.metadata()
-    return w, jax.tree_util.tree_unflatten(treedef, new), int(json.loads(meta["step"])), \
+    meta = drafter_files.header(path)
+    return w, drafter_files.read_opt(path, opt_state), int(json.loads(meta["step"])), \
         float(json.loads(meta.get("train_s", "0")))
 
 
