@@ -11,11 +11,7 @@ With the "magic" nibble -> bf16 conversion the kernel dots with bf16(128 + q), b
 into the bit pattern of 128.0 (0x4300) -- no int->float conversion instruction -- and folds the 128 into
 the min term: x . w = s * dot + sum(x) * (m - 128 s). mxfp4 codes become bf16 by placing the e2m1
 exponent/mantissa bits into a bf16 pattern (a select handles the two subnormal codes); the e8m0 scale is
-a power of two applied to the partial. Opt-in (KernelConfig.fold_scale, not yet measured or routed): the
-exponent is added to the decoded bf16 exponent bits instead (`_fold_decode`, exact for e in [2, 252]), so
-there is no per-group partial: the dots accumulate straight into the accumulator and `unroll` groups share
-one dot of K = 16 * unroll per nibble half (x is permuted outside the kernel, `_chunk_halves`). The M = 1
-GEMV path does not fold.
+a power of two applied to the partial.
 
 Decode is weight streaming: every program reads a disjoint [K range, N tile] of the weight once. For small
 M the grid is (M tiles, N tiles, K splits) so that enough programs exist to keep HBM busy (split-K partials
@@ -45,10 +41,6 @@ class KernelConfig:
     num_stages: int = 3
     method: str = "asm"     # nibble -> bf16: "asm" (inline PTX, GPU only; interpret mode uses "magic_sub"),
                             # "magic" / "magic_sub" (bit trick in jnp) or "convert" (int -> float)
-    fold_scale: bool = False  # mxfp4 only (opt-in, unmeasured): fold each group's e8m0 exponent into the decoded
-                              # bf16 exponent bits, no per-group scale multiply; `unroll` groups then share one
-                              # dot of K = 16 * unroll per nibble half (`_k_loop_folded`). Ignored by the GEMV
-                              # path (bm = 1) and by the int4 formats.
 
 
 def _pow2(v: int) -> bool:
@@ -102,7 +94,9 @@ def _codes_to_bf16(c, fmt: str, method: str):
     """uint16 codes 0..15 -> the bf16 values the dot uses: 128 + q ("magic"), q - 8 / q ("magic_sub", int4_sym
     / int4_asym), q ("convert"); e2m1(q) for mxfp4."""
     if fmt == "mxfp4":
-        return _e2m1_bits(c, 0x3F00)
+        mag = c & 7
+        bits = jnp.where(mag >= 2, mag * 64 + 0x3F00, mag * 0x3F00) | ((c & 8) << 12)
+        return jax.lax.bitcast_convert_type(bits.astype(U16), BF16)
     if method in ("magic", "magic_sub"):
         v = jax.lax.bitcast_convert_type(c | 0x4300, BF16)  # exactly 128 + q
         if method == "magic_sub":
@@ -110,30 +104,6 @@ def _codes_to_bf16(c, fmt: str, method: str):
         return v
     return c.astype(F32).astype(BF16)
 
-
-def _e2m1_bits(c, eb):
-    """uint16 e2m1 codes 0..15 and eb = (e - 1) << 7 -> bf16 e2m1(c) * 2^(e - 127), assembled as bits (no
-    conversion, no multiply): magnitudes 2..7 are exponent/mantissa mag * 64 + eb, magnitude 1 (0.5) is eb
-    itself, 0 stays 0 whatever e; bit 3 is the sign. eb = 0x3F00 (e = 127) gives plain e2m1."""
-    mag = c & 7
-    bits = jnp.where(mag >= 2, mag * 64 + eb, mag * eb) | ((c & 8) << 12)
-    return jax.lax.bitcast_convert_type(bits.astype(U16), BF16)
-
-
-def _fold_decode(p, s):
-    """packed uint8 [r, bn] and e8m0 bytes s ([1, bn] or [r, bn], each row's group exponent) -> (low, high)
-    nibbles as bf16 e2m1 * 2^(e - 127), the scale folded into the exponent bits (no multiply).
-
-    Bit-exact for e in [2, 252]: the exponent fields of 0.5 .. 6 (126 .. 129) plus e - 127 stay in 1 .. 254.
-    quantize gives e <= 252 for every finite group below ~2^128 (e = floor(log2 amax) + 125). A group with
-    e < 2 (all |w| < 2^-123) reads as zero: its codes are masked off, since at e = 0 the 0.5 code would wrap
-    to -inf (the unfolded kernel reads e = 0 as zero too). e > 252 (|w| >= 2^125, imported checkpoints only)
-    is not supported: codes whose value overflows bf16 come out inf, NaN or wrapped."""
-    s16 = s.astype(U16)
-    keep = jnp.where(s16 >= 2, jnp.uint16(15), jnp.uint16(0))  # code mask: e < 2 groups read as zero
-    eb = (s16 << 7) - 0x80  # (e - 1) << 7; wraps for e = 0, whose codes are masked off
-    p16 = p.astype(U16)
-    return _e2m1_bits(p16 & keep, eb), _e2m1_bits((p16 >> 4) & keep, eb)
 
 
 # Marlin-style nibble -> bf16 on 32-bit registers, 4 packed bytes at a time: prmt spreads bytes b0,b1 (b2,b3)
@@ -191,8 +161,6 @@ def _group_partial(x_lo, x_hi, p, s, m, fmt: str, method: str):
 
 def _k_loop(x_ref, rows_at, rmask, w_at, n0, g_first, n_iter, cfg, fmt, gs, bm, accs_init):
     """The K loop over groups; w_at lists (packed, scales, mins or None, leading index) per weight."""
-    if _folds(fmt, cfg):
-        return _k_loop_folded(x_ref, rows_at, rmask, w_at, n0, g_first, n_iter, cfg, gs, bm, accs_init)
     half = gs // 2
 
     def body(i, accs):
@@ -209,62 +177,6 @@ def _k_loop(x_ref, rows_at, rmask, w_at, n0, g_first, n_iter, cfg, fmt, gs, bm, 
                 m = None if m_ref is None else m_ref[(*lead, pl.ds(g, 1), pl.ds(n0, cfg.bn))]
                 accs[j] = accs[j] + _group_partial(x_lo, x_hi, p, s, m, fmt, cfg.method)
         return tuple(accs)
-
-    return jax.lax.fori_loop(0, n_iter, body, accs_init)
-
-
-def _folds(fmt: str, cfg: KernelConfig) -> bool:
-    """Whether the dense/grouped kernels run the folded-scale mxfp4 loop (x then comes in `_chunk_halves` order)."""
-    return cfg.fold_scale and fmt == "mxfp4" and cfg.bm != 1
-
-
-def _kernel_x(x, fmt: str, gs: int, cfg: KernelConfig):
-    """x as the dense/grouped kernels read it: bf16, in `_chunk_halves` order for the folded loop."""
-    x = x.astype(BF16)
-    return _chunk_halves(x, gs, cfg.unroll) if _folds(fmt, cfg) else x
-
-
-def _chunk_halves(x, gs: int, unroll: int):
-    """x [M, K] -> the column order of `_k_loop_folded`: per chunk of `unroll` consecutive groups, the low halves
-    of its groups (K rows j < G/2, group after group), then their high halves. The packed rows of those groups
-    are contiguous already, so each half becomes one contiguous [bm, unroll * G/2] x tile against one
-    [unroll * G/2, bn] weight tile. Identity for unroll 1."""
-    if unroll == 1:
-        return x
-    M, K = x.shape
-    return x.reshape(M, K // (gs * unroll), unroll, 2, gs // 2).transpose(0, 1, 3, 2, 4).reshape(M, K)
-
-
-def _row_exponents(s_ref, lead, g0, row_group, n0, bn: int):
-    """e8m0 bytes for the rows of a chunk's packed tile: [1, bn] for a chunk of one group (broadcast by the
-    decode), else [U * G/2, bn] gathered with the row -> group vector row_group (g0 + r // (G/2)): a 2D load
-    with an index vector, no reshape or concatenation for the Triton lowering to reject."""
-    if row_group is None:
-        return s_ref[(*lead, pl.ds(g0, 1), pl.ds(n0, bn))]
-    return s_ref[(*lead, g0 + row_group, pl.ds(n0, bn))]
-
-
-def _k_loop_folded(x_ref, rows_at, rmask, w_at, n0, g_first, n_iter, cfg, gs, bm, accs_init):
-    """mxfp4 with fold_scale: the exponent is in the decoded weights, so no per-group partial or scale multiply;
-    U = cfg.unroll groups per iteration share one dot of K = U * G/2 per nibble half, accumulated straight into
-    acc. x is in `_chunk_halves` order; g_first is a multiple of U (check_shapes)."""
-    half, U = gs // 2, cfg.unroll
-    kw = U * half
-    # loop-invariant, built once: row r of a chunk's packed tile belongs to the chunk's group r // (G/2)
-    row_group = None if U == 1 else jax.lax.div(jnp.arange(kw, dtype=jnp.int32), jnp.int32(half))
-
-    def body(i, accs):
-        g0 = g_first + i * U
-        k0 = pl.multiple_of(g0 * gs, U * gs)
-        x_lo = plgpu.load(x_ref.at[pl.ds(rows_at, bm), pl.ds(k0, kw)], mask=rmask[:, None], other=0.0)
-        x_hi = plgpu.load(x_ref.at[pl.ds(rows_at, bm), pl.ds(k0 + kw, kw)], mask=rmask[:, None], other=0.0)
-        out = []
-        for acc, (p_ref, s_ref, _, lead) in zip(accs, w_at):
-            p = p_ref[(*lead, pl.ds(pl.multiple_of(g0 * half, kw), kw), pl.ds(n0, cfg.bn))]
-            lo, hi = _fold_decode(p, _row_exponents(s_ref, lead, g0, row_group, n0, cfg.bn))
-            out.append(acc + jnp.dot(x_lo, lo, preferred_element_type=F32)
-                       + jnp.dot(x_hi, hi, preferred_element_type=F32))
-        return tuple(out)
 
     return jax.lax.fori_loop(0, n_iter, body, accs_init)
 
@@ -352,7 +264,7 @@ def int4_matmul(x, packed, scales, mins, *, fmt: str, group_size: int, cfg: Kern
                                    groups_per_split=groups_per_split)
     else:
         grid = (pl.cdiv(M, cfg.bm), N // cfg.bn, cfg.split_k)
-        args = (_kernel_x(x, fmt, group_size, cfg), packed, scales) + ((mins,) if fmt == "int4_asym" else ())
+        args = (x.astype(BF16), packed, scales) + ((mins,) if fmt == "int4_asym" else ())
         kernel = functools.partial(_dense_kernel, fmt=fmt, gs=group_size, M=M, cfg=cfg,
                                    groups_per_split=groups_per_split)
     out = pl.pallas_call(
@@ -503,7 +415,7 @@ def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, gr
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         name=f"int4_grouped_{fmt}",
-    )(tiles, _kernel_x(x, fmt, group_size, cfg), *flat)
+    )(tiles, x.astype(BF16), *flat)
     if not split:
         return out
     return sum_partials(out, N, epilogue, row_scale).astype(x.dtype)
