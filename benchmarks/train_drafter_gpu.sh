@@ -26,7 +26,7 @@
 #           runs bench_speculative.py on the result.
 # PHASE=tune (one call, after the GGUF's first half was carried as in call 0): fine-tunes the shipped drafter
 # (INIT, default mimo_jax/drafters/smollm2_135m_block.safetensors) on new data (DATA_SEED, default 1: other code
-# prompts and source windows; ~19M target tokens, ~3 min), with a fresh schedule annealed to 0 at the call's
+# prompts, chat instructions and source windows; ~19M target tokens, ~3 min), with a fresh schedule annealed to 0 at the call's
 # deadline, then evaluates it like PHASE=one (the same held-out sets): each session's device time adds to the last.
 #   carry [".gg2"]  command: PHASE=tune bash benchmarks/train_drafter_gpu.sh carried $OUT
 # The schedule spans the calls: --plan_minutes PLAN_MIN is the training time planned over all of them; the seconds
@@ -102,7 +102,9 @@ elif [ "$PHASE" = tune ]; then
   [ -s "$INIT" ] || { echo "no drafter $INIT to fine-tune"; exit 1; }
   DEADLINE=$(( T0 + ${TOTAL_S:-560} - ${EVAL_S:-170} ))
   TRAIN_OUT=$OUT
-  RUN_FLAGS=(--code_prompts 32768 --chat_prompts 13600 --source_windows 24576 --steps 1000000 --deadline "$DEADLINE"
+  # data: 24576 code continuations, 27200 chat completions of new instructions (drafter_data.chat_instructions with
+  # a data_seed), 24576 teacher-forced stdlib windows (~19M target tokens)
+  RUN_FLAGS=(--code_prompts 24576 --chat_prompts 27200 --source_windows 24576 --steps 1000000 --deadline "$DEADLINE"
              --init "$INIT" --data_seed "${DATA_SEED:-1}" --lr 5e-4)  # half the first run's peak: a fine-tune
 else
   # data: ~25M target tokens (13600 = every training chat instruction); the time plan, not --steps, ends the run

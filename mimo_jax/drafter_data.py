@@ -3,7 +3,8 @@ source windows, and their on-disk cache.
 
   prompts  code: windows of the Python standard library's source files (present wherever Python is), minus a
            fixed held-out set of files (EVAL_FILES); chat: instructions built from templates x topics, minus
-           held-out topics (EVAL_TOPICS), in the model's chat template. Tokenized in batches (the tokenizer's
+           held-out topics (EVAL_TOPICS), in the model's chat template (data_seed != 0: other styles and
+           two-topic templates, sampled). Tokenized in batches (the tokenizer's
            encode_batch: its threads; the same ids as one text at a time).
   targets  the target's own greedy continuation of each prompt (batched, one jitted prefill + lax.scan decode),
            plus teacher-forced windows of training source (the target's greedy next token at every position).
@@ -64,6 +65,13 @@ MORE_TOPICS = ("cats", "dogs", "tea", "bicycles", "airplanes", "trains", "the py
                "nuclear energy", "batteries", "ancient Greece", "the Renaissance", "the industrial revolution",
                "world war one", "the cold war", "democracy", "human rights", "languages", "learning to code",
                "typing", "libraries", "museums", "birds", "whales", "ants", "trees", "flowers", "mushrooms")
+# data_seed != 0 only: instructions outside seed 0's set (new styles, and templates over two topics), sampled
+STYLES_MORE = (" Keep it under 100 words.", " Explain it like I am five.", " Use an example.", " Write it formally.",
+               " Make it funny.", " End with a one-line summary.", " Use bullet points.", " Answer in two sentences.")
+PAIR_TEMPLATES = ("How are {} and {} related?", "Write a short story that involves {} and {}.", "Compare {} and {}.",
+                  "What can {} teach us about {}?", "Write a poem about {} and {}.",
+                  "Explain {} to someone who loves {}.", "Plan a lesson that connects {} with {}.",
+                  "Write a news headline and a short article about {} and {}.")
 EVAL_TOPICS = ("dinosaurs", "hash tables", "the solar system", "bread baking", "the Olympic games", "rivers",
                "password security", "origami")
 
@@ -107,20 +115,41 @@ def code_prompts(tokenizer, n: int, length: int, held_out: bool, seed: int) -> l
     return out[:n]
 
 
-def chat_instructions(held_out: bool) -> list[str]:
+def chat_instructions(held_out: bool, data_seed: int = 0, n: int = 0) -> list[str]:
+    """Held-out: TEMPLATES x EVAL_TOPICS x STYLES. Training, data_seed 0: every training template x topic x style
+    (~13.7K). data_seed != 0: n distinct instructions none of which seed 0 has (a template with one of STYLES_MORE,
+    or a two-topic PAIR_TEMPLATE with any style), sampled by data_seed; never an EVAL_TOPIC."""
     if held_out:
         return [t.format(topic) + style for style in STYLES for topic in EVAL_TOPICS for t in TEMPLATES]
-    return [t.format(topic) + style for style in STYLES for topic in TOPICS + MORE_TOPICS
-            for t in TEMPLATES + MORE_TEMPLATES]
+    topics, templates = TOPICS + MORE_TOPICS, TEMPLATES + MORE_TEMPLATES
+    if data_seed == 0:
+        return [t.format(topic) + style for style in STYLES for topic in topics for t in templates]
+    rng, out, seen = np.random.default_rng([data_seed, 11]), [], set()
+    while len(out) < n:
+        if rng.random() < 0.5:
+            text = (templates[rng.integers(len(templates))].format(topics[rng.integers(len(topics))])
+                    + STYLES_MORE[rng.integers(len(STYLES_MORE))])
+        else:
+            a, b = rng.choice(len(topics), 2, replace=False)
+            styles = STYLES + STYLES_MORE
+            text = PAIR_TEMPLATES[rng.integers(len(PAIR_TEMPLATES))].format(topics[a], topics[b]) + styles[
+                rng.integers(len(styles))]
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
 
 
-def chat_prompts(tokenizer, n: int, held_out: bool, seed: int) -> list[list[int]]:
-    """At most len(chat_instructions) prompts (greedy repeats teach nothing), each one user message in the chat
-    template with the assistant turn opened (prompts.chat_ids, tokenized as a batch)."""
-    texts = chat_instructions(held_out)
-    order = np.random.default_rng(seed).permutation(len(texts))
-    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": texts[i]}], add_generation_prompt=True)
-                for i in order[:n]]
+def chat_prompts(tokenizer, n: int, held_out: bool, seed: int, data_seed: int = 0) -> list[list[int]]:
+    """n prompts (data_seed 0: at most len(chat_instructions), greedy repeats teach nothing), each one user message
+    in the chat template with the assistant turn opened (prompts.chat_ids, tokenized as a batch)."""
+    if data_seed:
+        texts = chat_instructions(held_out, data_seed, n)
+    else:
+        texts = chat_instructions(held_out)
+        texts = [texts[i] for i in np.random.default_rng(seed).permutation(len(texts))[:n]]
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
+                for t in texts]
     return encode_many(tokenizer, rendered)
 
 
@@ -253,9 +282,9 @@ def cache_key(*fields) -> str:
 def datasets(engine, a, model_tag: str, require_cache: bool = False) -> dict[str, Data]:
     """{"train": code + chat continuations (+ teacher-forced source windows)}: built once, then read from the
     cache. `a` holds the data flags (code_prompts, chat_prompts, source_windows, prompt_len, gen_len, gen_batch,
-    cache_dir; data_seed, if set: other code prompts and source
-    windows, for a run that fine-tunes an earlier drafter on new data); each part's file name hashes only what decides its content (not gen_batch: the batch changes how
-    fast, not what). require_cache: raise DataNotCached instead of generating."""
+    cache_dir; data_seed, if set: other code prompts, chat instructions and source windows, for a run that
+    fine-tunes an earlier drafter on new data); each part's file name hashes only what decides its content (not
+    gen_batch: the batch changes how fast, not what). require_cache: raise DataNotCached instead of generating."""
     tok, cfg, eos = engine.tokenizer, engine.cfg, tuple(engine.eos_ids)
     base = Path(a.cache_dir)
     ds = getattr(a, "data_seed", 0)
@@ -272,8 +301,8 @@ def datasets(engine, a, model_tag: str, require_cache: bool = False) -> dict[str
     code = cached(base / f"code_{key(model_tag, a.code_prompts, a.prompt_len, a.gen_len, EVAL_FILES, 3)}.npz",
                   lambda: build(code_prompts(tok, a.code_prompts, a.prompt_len, False, seed(0)), "code data"), "code",
                   require_cache)
-    chat = cached(base / f"chat_{cache_key(model_tag, a.chat_prompts, a.gen_len, EVAL_TOPICS, 3)}.npz",
-                  lambda: build(chat_prompts(tok, a.chat_prompts, False, 1), "chat data"), "chat", require_cache)
+    chat = cached(base / f"chat_{key(model_tag, a.chat_prompts, a.gen_len, EVAL_TOPICS, 3)}.npz",
+                  lambda: build(chat_prompts(tok, a.chat_prompts, False, 1, ds), "chat data"), "chat", require_cache)
     t = max(code.tokens.shape[1], chat.tokens.shape[1])
 
     def pad(d):

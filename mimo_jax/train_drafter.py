@@ -336,8 +336,8 @@ def main(argv=None) -> None:
     ap.add_argument("--init", default=None, help="start from this drafter file's weights (fine-tuning; its shape "
                     "and draft vocabulary replace --layers/--intermediate/--window/--block/--draft_vocab/"
                     "--target_layers), with a fresh optimizer and schedule")
-    ap.add_argument("--data_seed", type=int, default=0, help="other training prompts and source windows than "
-                    "seed 0's (new data for a fine-tuning run)")
+    ap.add_argument("--data_seed", type=int, default=0, help="other training code prompts, chat instructions and "
+                    "source windows than seed 0's (new data for a fine-tuning run)")
     ap.add_argument("--max_minutes", type=float, default=0.0, help="stop training after this long (0: no limit)")
     ap.add_argument("--deadline", type=float, default=0.0, help="unix time by which training stops (0: none); "
                     "a one-call GPU script leaves the evaluation its time this way")

@@ -118,3 +118,28 @@ def test_real_tokenizer_batches_give_the_same_ids():
     texts = drafter_data.chat_instructions(False)
     order = np.random.default_rng(1).permutation(len(texts))
     assert drafter_data.chat_prompts(tok, 20, False, 1) == [chat_ids(tok, texts[i]) for i in order[:20]]
+
+
+def test_data_seed_gives_new_chat_instructions():
+    seed0 = set(drafter_data.chat_instructions(False))
+    a = drafter_data.chat_instructions(False, 1, 600)
+    assert a == drafter_data.chat_instructions(False, 1, 600)  # deterministic
+    assert len(set(a)) == 600 and not seed0 & set(a) and set(a) != set(drafter_data.chat_instructions(False, 2, 600))
+    assert not [t for t in a if any(topic in t for topic in drafter_data.EVAL_TOPICS)]
+    assert any(t.split("?")[0].endswith(" related") for t in a)  # two-topic templates are among them
+    tok = BatchByteTokenizer()
+    assert drafter_data.chat_prompts(tok, 7, False, 1, 1) == [
+        tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])) for t in a[:7]]
+
+
+def test_data_seed_names_other_files_for_every_part(tmp_path, target, capsys):
+    first = drafter_data.datasets(target, flags(tmp_path), "tiny")["train"]
+    other = drafter_data.datasets(target, flags(tmp_path, data_seed=1), "tiny")["train"]
+    assert capsys.readouterr().err.count("generated in") == 6 and len(list(tmp_path.glob("*.npz"))) == 6
+    assert first.tokens.shape[0] == other.tokens.shape[0]
+    chat = slice(6, 10)  # code, chat, source in that order
+    def rows(d):
+        return [tuple(r[r >= 0]) for r in d.tokens[chat]]
+
+    assert rows(first) != rows(other) and rows(first) == rows(drafter_data.datasets(target, flags(tmp_path),
+                                                                                   "tiny")["train"])
