@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the block drafter for SmolLM2-135M on one GPU and evaluate it on the held-out sets (acceptance by
+# Train a drafter (block; PHASE=mtp: MTP layers) for SmolLM2-135M on one GPU and evaluate it on the held-out sets (acceptance by
 # position, accepted-length histogram, tok/s speculative vs plain, a PNG): in one device call (PHASE=one, the
 # default) or over several back-to-back calls on the same warm machine (PHASE=first, middle..., last).
 #   [PHASE=...] bash benchmarks/train_drafter_gpu.sh MODEL.gguf|carried OUTDIR [TRAINER FLAGS]
@@ -29,6 +29,9 @@
 # prompts, chat instructions and source windows; ~19M target tokens, ~3 min), with a fresh schedule annealed to 0 at the call's
 # deadline, then evaluates it like PHASE=one (the same held-out sets): each session's device time adds to the last.
 #   carry [".gg2"]  command: PHASE=tune bash benchmarks/train_drafter_gpu.sh carried $OUT
+# PHASE=mtp (one call; right after a tune call with the same DATA_SEED it reuses that call's data): trains the other
+# drafter kind, an MTP layer (train_mtp.py), and evaluates it the same way. After a tune call, nothing need be carried:
+#   carry []  command: PHASE=mtp DATA_SEED=4 bash benchmarks/train_drafter_gpu.sh carried $OUT
 # The schedule spans the calls: --plan_minutes PLAN_MIN is the training time planned over all of them; the seconds
 # done, step, optimizer state and sampler state are in /tmp/drafter_run/last.safetensors (~80 MB with Adam's
 # moments: over the 16 MiB a returned file may have, so it stays in /tmp). A middle or last call that finds its
@@ -61,8 +64,8 @@ gone() {
 }
 trap 'echo "FAILED (exit $?) at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/status"' ERR
 case "$PHASE" in
-  one|first|middle|last|tune) ;;
-  *) echo "PHASE=$PHASE: one of one, first, middle, last, tune"; exit 2 ;;
+  one|first|middle|last|tune|mtp) ;;
+  *) echo "PHASE=$PHASE: one of one, first, middle, last, tune, mtp"; exit 2 ;;
 esac
 RUN=${RUN_DIR:-/tmp/drafter_run}  # the trainer's state between calls
 DATA=${DATA_DIR:-/tmp/drafter_data}  # the generated data, cached
@@ -70,14 +73,14 @@ JOINED=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
 if [ "$GGUF" = carried ]; then
   GGUF=$JOINED
-  if [ "$PHASE" = one ] || [ "$PHASE" = first ] || [ "$PHASE" = tune ]; then
+  if [ "$PHASE" = one ] || [ "$PHASE" = first ] || [ "$PHASE" = tune ] || [ "$PHASE" = mtp ]; then
     if ! python -c "import gguf" 2>/dev/null; then  # `pip install` alone went to another interpreter on the image
       WHL=$(ls .gg1/gguf-*.whl .gg2/gguf-*.whl /tmp/gguf-*.whl 2>/dev/null | head -1)
       python -m pip install --no-index --no-deps -q --target /tmp/site "$WHL"
       export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
     A=.gg1/a; [ -s "$A" ] || A=/tmp/gg.a
-    cat "$A" .gg2/b > "$JOINED"
+    if [ -s .gg2/b ] || [ ! -s "$JOINED" ]; then cat "$A" .gg2/b > "$JOINED"; fi  # an earlier call's join stays
   fi
 fi
 if [ "$PHASE" = middle ] || [ "$PHASE" = last ]; then
@@ -91,6 +94,7 @@ python -c "import jax; print('devices:', jax.devices())" | tee -a "$OUT/status"
 phase "start ($PHASE)"
 # drafter: 2 layers conditioned on target layers 1, 15, 26 and the last one; 32 sequences x 48 anchors x 8 slots.
 MODEL_FLAGS=(--batch 32 --anchors 48 --layers 2 --intermediate 1024 --lr 1e-3 --target_layers auto --eval_prompts 0)
+TRAINER=mimo_jax.train_drafter
 if [ "$PHASE" = one ]; then
   # data: 16384 code continuations (64-token stdlib prompts, 256 greedy tokens), 8192 chat completions, 16384
   # teacher-forced stdlib windows (10.9M target tokens)
@@ -106,6 +110,15 @@ elif [ "$PHASE" = tune ]; then
   # a data_seed), 24576 teacher-forced stdlib windows (~19M target tokens)
   RUN_FLAGS=(--code_prompts 24576 --chat_prompts 27200 --source_windows 24576 --steps 1000000 --deadline "$DEADLINE"
              --init "$INIT" --data_seed "${DATA_SEED:-1}" --lr 5e-4)  # half the first run's peak: a fine-tune
+elif [ "$PHASE" = mtp ]; then
+  # the other drafter kind: one new MTP layer (MiMo's layout) chained 8 deep, trained 4 deep, on PHASE=tune's data
+  # flags (the same DATA_SEED after a tune call on this machine reads its cache: no data time)
+  DEADLINE=$(( T0 + ${TOTAL_S:-560} - ${EVAL_S:-170} ))
+  TRAIN_OUT=$OUT
+  TRAINER=mimo_jax.train_mtp
+  MODEL_FLAGS=(--batch 32 --layers 1 --depths 4 --lr 1e-3 --eval_prompts 0)
+  RUN_FLAGS=(--code_prompts 24576 --chat_prompts 27200 --source_windows 24576 --steps 1000000 --deadline "$DEADLINE"
+             --data_seed "${DATA_SEED:-1}")
 else
   # data: ~25M target tokens (13600 = every training chat instruction); the time plan, not --steps, ends the run
   case "$PHASE" in
@@ -121,12 +134,12 @@ else
     last) RUN_FLAGS+=(--resume --require_cache --finish) ;;
   esac
 fi
-python -m mimo_jax.train_drafter --model "$GGUF" --out "$TRAIN_OUT" --cache_dir "$DATA" --prompt_len 64 \
+python -m "$TRAINER" --model "$GGUF" --out "$TRAIN_OUT" --cache_dir "$DATA" --prompt_len 64 \
   --gen_len 256 --gen_batch "${GEN_BATCH:-1024}" "${MODEL_FLAGS[@]}" "${RUN_FLAGS[@]}" "$@" 2>&1 | tr '\r' '\n' \
   | awk 'NR % 50 == 1 || !/it\/s|s\/it/' | tee "$OUT/train.log"
 if [ "$TRAIN_OUT" != "$OUT" ]; then cp "$RUN/drafter.safetensors" "$RUN/eval.json" "$OUT/"; fi
 phase "trained"
-if [ "$PHASE" = one ] || [ "$PHASE" = last ] || [ "$PHASE" = tune ]; then
+if [ "$PHASE" = one ] || [ "$PHASE" = last ] || [ "$PHASE" = tune ] || [ "$PHASE" = mtp ]; then
   python benchmarks/bench_speculative.py --model "$GGUF" --drafter "$OUT/drafter.safetensors" --k 8 \
     --prompts "${BENCH_PROMPTS:-12}" --max_new_tokens "${BENCH_TOKENS:-256}" --png "$OUT/speculative.png" \
     --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"

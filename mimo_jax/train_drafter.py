@@ -304,6 +304,17 @@ def target_layers(spec: str, num_layers: int) -> tuple:
     return () if spec in ("none", "") else tuple(int(x) for x in spec.split(","))
 
 
+def time_budget(max_minutes: float, deadline: float) -> float:
+    """This call's training minutes: --max_minutes (0: no limit), cut to what is left before --deadline (unix time;
+    at least half a minute) when one is given."""
+    if not deadline:
+        return max_minutes
+    left = max((deadline - time.time()) / 60, 0.5)
+    max_minutes = min(max_minutes, left) if max_minutes > 0 else left
+    print(f"[training for at most {max_minutes:.2f} min (deadline)]", file=sys.stderr)
+    return max_minutes
+
+
 def main(argv=None) -> None:
     import argparse
 
@@ -394,11 +405,7 @@ def main(argv=None) -> None:
     coverage = float(np.isin(data.labels[data.labels >= 0], vocab).mean())
     print(f"[data: {len(data.tokens)} sequences, {data.generated} target tokens, ready in {data_s:.0f} s; draft vocab "
           f"{len(vocab)} covers {coverage:.3f} of them]", file=sys.stderr)
-    max_minutes = a.max_minutes
-    if a.deadline:
-        left = max((a.deadline - time.time()) / 60, 0.5)
-        max_minutes = min(max_minutes, left) if max_minutes > 0 else left
-        print(f"[training for at most {max_minutes:.2f} min (deadline)]", file=sys.stderr)
+    max_minutes = time_budget(a.max_minutes, a.deadline)
     if a.finish and not max_minutes > 0:
         ap.error("--finish needs --max_minutes or --deadline (the time at which this call ends the schedule)")
     t0 = time.perf_counter()

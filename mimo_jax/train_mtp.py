@@ -32,7 +32,7 @@ import numpy as np
 from mimo_jax import drafter_files, model, mtp, mtp_drafter
 from mimo_jax.config import ModelConfig
 from mimo_jax.drafter_data import Data, DataNotCached, datasets
-from mimo_jax.train_drafter import Schedule, lr_at, report, target_pass
+from mimo_jax.train_drafter import Schedule, lr_at, report, target_pass, time_budget
 
 
 def greedy_run(tokens, labels):
@@ -177,6 +177,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--max_minutes", type=float, default=0.0)
+    ap.add_argument("--deadline", type=float, default=0.0, help="unix time by which training stops (0: none)")
+    ap.add_argument("--data_seed", type=int, default=0, help="other training prompts and source windows than seed "
+                    "0's (train_drafter's flag: the same value reuses its cached data)")
     ap.add_argument("--require_cache", action="store_true")
     ap.add_argument("--eval_prompts", type=int, default=8)
     ap.add_argument("--eval_tokens", type=int, default=128)
@@ -205,7 +208,7 @@ def main(argv=None) -> None:
         sys.exit(3)
     t0 = time.perf_counter()
     w, mcfg, hist = train(engine, data, out, a.steps, a.batch, a.lr, a.layers, a.window, a.depths, a.soft_weight,
-                          a.decay, a.seed, a.resume, a.max_minutes)
+                          a.decay, a.seed, a.resume, time_budget(a.max_minutes, a.deadline))
     info = {"train_steps": hist[-1][0] + 1 if hist else 0, "train_s": round(time.perf_counter() - t0, 1),
             "label_tokens_per_step": a.batch * data.tokens.shape[1] * a.depths, "generated_tokens": data.generated,
             "device": jax.devices()[0].device_kind, "final_loss": hist[-1][1] if hist else None,
