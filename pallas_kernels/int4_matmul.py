@@ -40,7 +40,8 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     method: str = "asm"     # nibble -> bf16: "asm" (inline PTX, GPU only; interpret mode uses "magic_sub"),
-                            # "magic" / "magic_sub" (bit trick in jnp) or "convert" (int -> float)
+                            # "magic" / "magic_sub" (bit trick in jnp) or "convert" (int -> float); mxfp4 runs
+                            # its jnp decode for all of these except "e2m1_asm" (inline PTX, opt-in, `_e2m1_asm`)
 
 
 def _pow2(v: int) -> bool:
@@ -68,7 +69,8 @@ def default_config(M: int, K: int, N: int, group_size: int, n_sms: int = 132) ->
 
 
 def _for_backend(cfg: KernelConfig, interpret: bool) -> KernelConfig:
-    return dataclasses.replace(cfg, method="magic_sub") if interpret and cfg.method == "asm" else cfg
+    asm = cfg.method in ("asm", "e2m1_asm")
+    return dataclasses.replace(cfg, method="magic_sub") if interpret and asm else cfg
 
 
 def check_shapes(K: int, N: int, group_size: int, cfg: KernelConfig, what: str = "weight") -> None:
@@ -136,9 +138,69 @@ def _nibbles_asm(p, fmt: str):
     return out
 
 
+# mxfp4 (method "e2m1_asm"): e2m1 nibble -> bf16 by placing its bits as a bf16 subnormal-range pattern and one
+# bf16x2 multiply by 2^126 (no compare or select for the two subnormal codes: bf16 keeps them exact). Per half
+# of a register (one byte of $2, spread by prmt as in _NIBBLES_ASM): magnitude bits e1 e0 m go to bf16 bits 8..6
+# (exponent field e, mantissa m: the value e2m1 * 2^-126, a subnormal for e = 0), the sign to bit 15. Low
+# nibbles: bits 0..2 << 6 and bit 3 << 12, merged by one lop3 ((a | b) & mask: neither shift puts a bit into the
+# other's field); high nibbles: bits 4..6 << 2 and bit 7 << 8 (the second shift would reach bit 8, so it is
+# masked first). 5-6 instructions per 2 weights, against ~9 jnp ops per weight.
+_E2M1_ASM = """{
+.reg .b32 t0, t1, u0, u1, v0, v1, k, z;
+mov.b32 k, 0x7E807E80;
+mov.b32 z, 0x80008000;
+prmt.b32 t0, $2, 0, 0x4140;
+prmt.b32 t1, $2, 0, 0x4342;
+MERGE
+fma.rn.bf16x2 $0, t0, k, z;
+fma.rn.bf16x2 $1, t1, k, z;
+}"""
+_E2M1_MERGE = {
+    "lo": """shl.b32 u0, t0, 6;
+shl.b32 v0, t0, 12;
+shl.b32 u1, t1, 6;
+shl.b32 v1, t1, 12;
+lop3.b32 t0, u0, v0, 0x81C081C0, 0xA8;
+lop3.b32 t1, u1, v1, 0x81C081C0, 0xA8;""",
+    "hi": """shl.b32 u0, t0, 2;
+shl.b32 v0, t0, 8;
+and.b32 v0, v0, 0x80008000;
+shl.b32 u1, t1, 2;
+shl.b32 v1, t1, 8;
+and.b32 v1, v1, 0x80008000;
+lop3.b32 t0, u0, 0x01C001C0, v0, 0xEA;
+lop3.b32 t1, u1, 0x01C001C0, v1, 0xEA;""",
+}
+
+
+def _e2m1_asm(p):
+    """uint8 [r, c] -> (low, high) nibbles as bf16 e2m1 values (exact; the e8m0 scale is applied to the partial)."""
+    out = []
+    for half in ("lo", "hi"):
+        asm = _E2M1_ASM.replace("MERGE", _E2M1_MERGE[half])
+        (v,) = plgpu.elementwise_inline_asm(asm, args=[p], constraints="=r,=r,r", pack=4,
+                                            result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, BF16)])
+        out.append(v)
+    return out
+
+
+def e2m1_bits_reference(b0: int, b1: int, half: str) -> tuple[int, int]:
+    """What _e2m1_asm's integer steps make of two bytes spread into one 32-bit register (b0 in the low 16 bits,
+    b1 in the high), low or high nibbles: the two bf16 bit patterns before the multiply by 2^126. Tests check
+    them against quant.E2M1_VALUES for every pair (the PTX itself runs only on a GPU)."""
+    t = (b0 & 0xFF) | (b1 & 0xFF) << 16
+    if half == "lo":
+        r = ((t << 6) | (t << 12)) & 0x81C081C0
+    else:
+        r = ((t << 2) & 0x01C001C0) | ((t << 8) & 0x80008000)
+    return r & 0xFFFF, (r >> 16) & 0xFFFF
+
+
 def _group_partial(x_lo, x_hi, p, s, m, fmt: str, method: str):
     """One group: x_lo/x_hi [bm, G/2] bf16, p [G/2, bn] uint8, s/m [1, bn] -> f32 [bm, bn] contribution."""
-    if method == "asm" and fmt != "mxfp4":
+    if method == "e2m1_asm" and fmt == "mxfp4":
+        lo, hi = _e2m1_asm(p)
+    elif method == "asm" and fmt != "mxfp4":
         lo, hi = _nibbles_asm(p, fmt)
         method = "magic_sub"  # same values as magic_sub from here on
     else:
