@@ -1,13 +1,14 @@
 """A/B of the decode MoE's expert kernel: the same profile_step run with decode pairs on pallas_kernels.int4_m1
 (as routed for int4; mxfp4 pairs are routed to the grouped kernel, so for mxfp4 these two arms run the same
 kernel) and on the grouped int4_matmul kernel, in one process each, after a GPU check that the kernels agree with
-the f32 dequantize + dot reference at the decode shapes. For mxfp4 a third arm, "e2m1_asm": the grouped kernel
-with the opt-in PTX e2m1 decode (KernelConfig method "e2m1_asm"), whose check also demands exact weights
-(one-hot rows of x read single weights: any flushed subnormal code would show).
+the f32 dequantize + dot reference at the decode shapes. For mxfp4 a third arm, "jnp_decode": the grouped kernel
+with e2m1 decoded by jnp ops (KernelConfig method "magic_sub") instead of the PTX decode (`_e2m1_asm`, method
+"asm", the default), whose check also demands exact weights (one-hot rows of x read single weights: a flushed
+subnormal code would show).
 
     python benchmarks/ab_decode_experts.py --fmt mxfp4 [--config configs/mid_mimo.json] [profile_step flags]
 
-Prints the check's relative errors, then profile_step's tables ("routed", "grouped", for mxfp4 "e2m1_asm"); any
+Prints the check's relative errors, then profile_step's tables ("routed", "grouped", for mxfp4 "jnp_decode"); any
 flag this script does not know goes to profile_step.py.
 """
 from __future__ import annotations
@@ -41,14 +42,14 @@ def check(fmt: str, group: int) -> None:
         grouped = im.default_grouped_config(8, K, N, group, 64)
         arms = [("int4_m1", None), ("grouped", grouped)]
         if fmt == "mxfp4":
-            arms.append(("e2m1_asm", dataclasses.replace(grouped, method="e2m1_asm")))
+            arms.append(("jnp_decode", dataclasses.replace(grouped, method="magic_sub")))
             # one-hot rows: row r reads weight (k_r, n) alone, exact in bf16 (e2m1 * 2^k), for all n
             ks = jnp.array([0, 1, 31, 32, 100, 2047, 1000, 17], jnp.int32)
             onehot = jax.nn.one_hot(ks, K, dtype=jnp.bfloat16)
             exact = Q.dequantize(w, jnp.float32)[jnp.minimum(ids, 63), ks] * (ids < 64)[:, None]
-            y = jax.jit(lambda x, w, i: Q.pair_qmatmul(x, w, i, impl="pallas", cfg=arms[-1][1]))(onehot, w, ids)
+            y = jax.jit(lambda x, w, i: Q.pair_qmatmul(x, w, i, impl="pallas", cfg=grouped))(onehot, w, ids)
             wrong = int((np.asarray(y, np.float32) != np.asarray(exact)).sum())
-            print(f"check {fmt} K={K} N={N} e2m1_asm single weights: {wrong} of {exact.size} differ", flush=True)
+            print(f"check {fmt} K={K} N={N} grouped single weights: {wrong} of {exact.size} differ", flush=True)
             assert wrong == 0
         for name, cfg in arms:
             y = np.asarray(jax.jit(lambda x, w, i: Q.pair_qmatmul(x, w, i, impl="pallas", cfg=cfg))(x, w, ids),
@@ -83,13 +84,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fmt", default="mxfp4", choices=["int4_sym", "int4_asym", "mxfp4"])
     ap.add_argument("--config", default="configs/mid_mimo.json")
-    ap.add_argument("--side", default="both", choices=["both", "check", "routed", "grouped", "e2m1_asm"],
+    ap.add_argument("--side", default="both", choices=["both", "check", "routed", "grouped", "jnp_decode"],
                     help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
     group = 32 if args.fmt == "mxfp4" else 128
     step_args = ["--config", args.config, "--quant_experts", args.fmt, "--quant_group", str(group), *rest]
     if args.side == "both":  # one process each: none holds the GPU's memory while another runs
-        for side in ("check", "routed", "grouped", *(("e2m1_asm",) if args.fmt == "mxfp4" else ())):
+        for side in ("check", "routed", "grouped", *(("jnp_decode",) if args.fmt == "mxfp4" else ())):
             print(f"\n==== {side} ====", flush=True)
             subprocess.run([sys.executable, __file__, "--side", side, "--fmt", args.fmt, "--config", args.config,
                             *rest], check=True)
@@ -99,10 +100,10 @@ def main() -> None:
         return
     if args.side == "grouped":
         grouped_only()
-    elif args.side == "e2m1_asm":
+    elif args.side == "jnp_decode":
         if args.fmt != "mxfp4":
-            ap.error("--side e2m1_asm is an mxfp4 decode")
-        grouped_only("e2m1_asm")
+            ap.error("--side jnp_decode is an mxfp4 arm")
+        grouped_only("magic_sub")
     sys.argv = [str(ROOT / "benchmarks" / "profile_step.py"), *step_args, "--tag", f"{args.fmt}_{args.side}"]
     runpy.run_path(sys.argv[0], run_name="__main__")
 
