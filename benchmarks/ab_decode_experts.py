@@ -4,11 +4,11 @@ kernel) and on the grouped int4_matmul kernel, in one process each, after a GPU 
 the f32 dequantize + dot reference at the decode shapes. For mxfp4 a third arm, "jnp_decode": the grouped kernel
 with e2m1 decoded by jnp ops (KernelConfig method "magic_sub") instead of the PTX decode (`_e2m1_asm`, method
 "asm", the default), whose check also demands exact weights (one-hot rows of x read single weights: a flushed
-subnormal code would show).
+subnormal code would show), and a fourth, "m1": mxfp4 decode pairs routed to int4_m1 (int4_matmul.M1_FORMATS).
 
     python benchmarks/ab_decode_experts.py --fmt mxfp4 [--config configs/mid_mimo.json] [profile_step flags]
 
-Prints the check's relative errors, then profile_step's tables ("routed", "grouped", for mxfp4 "jnp_decode"); any
+Prints the check's relative errors, then profile_step's tables ("routed", "grouped", mxfp4: "jnp_decode", "m1"); any
 flag this script does not know goes to profile_step.py.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ def check(fmt: str, group: int) -> None:
 
     from mimo_jax import quant as Q
     from pallas_kernels import int4_matmul as im
+    from pallas_kernels.int4_m1 import default_m1_config, int4_m1_matmul
 
     ids = jnp.array([3, 17, 64, 40, 9, 63, 0, 22], jnp.int32)  # 64: a skipped pair (zero row)
     for K, N in ((4096, 2048), (2048, 4096)):
@@ -40,7 +41,7 @@ def check(fmt: str, group: int) -> None:
         ref = jnp.einsum("mk,mkn->mn", x.astype(jnp.float32),
                          Q.dequantize(w, jnp.float32)[jnp.minimum(ids, 63)]) * (ids < 64)[:, None]
         grouped = im.default_grouped_config(8, K, N, group, 64)
-        arms = [("int4_m1", None), ("grouped", grouped)]
+        arms = [("int4_m1", "m1"), ("grouped", grouped)]
         if fmt == "mxfp4":
             arms.append(("jnp_decode", dataclasses.replace(grouped, method="magic_sub")))
             # one-hot rows: row r reads weight (k_r, n) alone, exact in bf16 (e2m1 * 2^k), for all n
@@ -52,8 +53,13 @@ def check(fmt: str, group: int) -> None:
             print(f"check {fmt} K={K} N={N} grouped single weights: {wrong} of {exact.size} differ", flush=True)
             assert wrong == 0
         for name, cfg in arms:
-            y = np.asarray(jax.jit(lambda x, w, i: Q.pair_qmatmul(x, w, i, impl="pallas", cfg=cfg))(x, w, ids),
-                           np.float64)
+            if cfg == "m1":  # int4_m1 called directly (mxfp4 pairs are not routed to it)
+                m1 = default_m1_config(8, K, N, group, 1, layout="kn")
+                f = jax.jit(lambda x, w, i: int4_m1_matmul(x, (Q._weight_arrays(w),), jnp.minimum(i, 64), fmt=fmt,
+                                                           group_size=group, cfg=m1))
+            else:
+                f = jax.jit(lambda x, w, i: Q.pair_qmatmul(x, w, i, impl="pallas", cfg=cfg))
+            y = np.asarray(f(x, w, ids), np.float64)
             err = np.linalg.norm(y - np.asarray(ref)) / np.linalg.norm(np.asarray(ref))
             print(f"check {fmt} K={K} N={N} {name}: rel. err {err:.2e}, skipped row zero: {not y[2].any()}",
                   flush=True)
@@ -84,13 +90,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fmt", default="mxfp4", choices=["int4_sym", "int4_asym", "mxfp4"])
     ap.add_argument("--config", default="configs/mid_mimo.json")
-    ap.add_argument("--side", default="both", choices=["both", "check", "routed", "grouped", "jnp_decode"],
+    ap.add_argument("--side", default="both", choices=["both", "check", "routed", "grouped", "jnp_decode", "m1"],
                     help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
     group = 32 if args.fmt == "mxfp4" else 128
     step_args = ["--config", args.config, "--quant_experts", args.fmt, "--quant_group", str(group), *rest]
     if args.side == "both":  # one process each: none holds the GPU's memory while another runs
-        for side in ("check", "routed", "grouped", *(("jnp_decode",) if args.fmt == "mxfp4" else ())):
+        for side in ("check", "routed", "grouped", *(("jnp_decode", "m1") if args.fmt == "mxfp4" else ())):
             print(f"\n==== {side} ====", flush=True)
             subprocess.run([sys.executable, __file__, "--side", side, "--fmt", args.fmt, "--config", args.config,
                             *rest], check=True)
@@ -104,6 +110,12 @@ def main() -> None:
         if args.fmt != "mxfp4":
             ap.error("--side jnp_decode is an mxfp4 arm")
         grouped_only("magic_sub")
+    elif args.side == "m1":  # mxfp4 decode pairs routed to int4_m1 as int4's are
+        from pallas_kernels import int4_matmul as im
+
+        if args.fmt in im.M1_FORMATS:
+            ap.error(f"--side m1: {args.fmt} pairs already run int4_m1 (the routed arm)")
+        im.M1_FORMATS = (*im.M1_FORMATS, args.fmt)
     sys.argv = [str(ROOT / "benchmarks" / "profile_step.py"), *step_args, "--tag", f"{args.fmt}_{args.side}"]
     runpy.run_path(sys.argv[0], run_name="__main__")
 

@@ -24,8 +24,8 @@ Nibble -> bf16 (cfg.method), in registers by inline PTX (GPU) or jnp (interpret 
   "asm"    bf16(q - 8) (int4_sym) / bf16(q) (int4_asym) by prmt + lop3 + a bf16x2 fma (as int4_matmul);
   "magic"  bf16(128 + q) by prmt + lop3 only (one instruction fewer per two weights); the bias is folded into
            the f32 partial: x . w = s * (x . (128 + q)) + sum(x) * (m - 128 s), m = -8 s for int4_sym.
-mxfp4 codes become bf16 by placing the e2m1 sign / exponent / mantissa bits (int4_matmul._codes_to_bf16, integer
-ops in registers; method "asm" only) and the group's partial is scaled by 2^(e - 127).
+mxfp4 codes become bf16 by int4_matmul's PTX e2m1 decode (`_e2m1_asm`; jnp `_codes_to_bf16` in interpret mode;
+method "asm" only) and the group's partial is scaled by 2^(e - 127).
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.int4_matmul import (_NIBBLES_ASM, _codes_to_bf16, _largest_pow2_divisor, _pow2, flat_weights,
-                                       sum_partials)
+from pallas_kernels.int4_matmul import (_NIBBLES_ASM, _codes_to_bf16, _e2m1_asm, _largest_pow2_divisor, _pow2,
+                                       flat_weights, sum_partials)
 
 F32, BF16, U16 = jnp.float32, jnp.bfloat16, jnp.uint16
 ROWS = 16  # x rows per program: the tensor-core dot minimum
@@ -108,6 +108,8 @@ def check(K: int, N: int, group_size: int, cfg: M1Config, fmt: str) -> None:
 def _nibbles(p, fmt: str, method: str, interpret: bool):
     """uint8 tile -> (low, high) nibbles as bf16: q - 8 / q ("asm") or 128 + q ("magic"); e2m1(q) for mxfp4."""
     if fmt == "mxfp4":
+        if not interpret:
+            return tuple(_e2m1_asm(p))
         p16 = p.astype(U16)
         return _codes_to_bf16(p16 & 15, fmt, method), _codes_to_bf16(p16 >> 4, fmt, method)
     if interpret:

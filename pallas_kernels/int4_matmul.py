@@ -440,6 +440,14 @@ def row_tiles(row_experts):
     return jnp.stack([row_experts.astype(jnp.int32), r, r + 1])
 
 
+# Formats whose decode pairs (row_experts, no explicit config) run pallas_kernels.int4_m1 instead of this module's
+# grouped kernel. Measured on an H200, 8 pairs of 64 experts (BENCHMARKS.md): int4 gate/up 49.8 -> 40.4 us, down
+# 21.3 -> 21.0 us. mxfp4 stays here: int4_m1 at its group of 32 measured slower with the jnp e2m1 decode (gate/up
+# 87.7 vs 78.7 us, down 44.6 both); both kernels now decode e2m1 by PTX, not yet compared
+# (benchmarks/ab_decode_experts.py --fmt mxfp4, arm "m1").
+M1_FORMATS = ("int4_sym", "int4_asym")
+
+
 @functools.partial(jax.jit, static_argnames=("fmt", "group_size", "cfg", "interpret", "epilogue"))
 def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, group_size: int,
                         cfg: KernelConfig | None = None, interpret: bool = False, epilogue: str = "none",
@@ -454,11 +462,9 @@ def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, gr
     if K2 * 2 != K:
         raise ValueError(f"int4_grouped_matmul: x {x.shape} does not match expert weights [E={E}, K={K2 * 2}, "
                          f"N={N}]")
-    if row_experts is not None and cfg is None and fmt != "mxfp4" and epilogue != "silu_mul_scaled":
+    if row_experts is not None and cfg is None and fmt in M1_FORMATS and epilogue != "silu_mul_scaled":
         # pairs (decode): pallas_kernels.int4_m1 -- the same dot (x rows as A, mma.sync), each pair's program
-        # inside the aligned 16-row block of x that holds it, K split for ~2 weight tiles per SM. Measured on an
-        # H200, 8 pairs of 64 experts (BENCHMARKS.md): gate/up 49.8 -> 40.4 us, down 21.3 -> 21.0 us. mxfp4 stays
-        # here: int4_m1 at its group of 32 measured slower (gate/up 87.7 vs 78.7 us, down 44.6 both).
+        # inside the aligned 16-row block of x that holds it, K split for ~2 weight tiles per SM.
         from pallas_kernels.int4_m1 import default_m1_config, int4_m1_matmul
         m1 = default_m1_config(M, K, N, group_size, len(weights), layout="kn")
         return int4_m1_matmul(x, weights, row_experts, fmt=fmt, group_size=group_size, cfg=m1,

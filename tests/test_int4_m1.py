@@ -7,7 +7,7 @@ import pytest
 
 from mimo_jax import quant as Q
 from pallas_kernels.int4_m1 import M1Config, default_m1_config, int4_m1_matmul, to_nk
-from pallas_kernels.int4_matmul import KernelConfig
+from pallas_kernels.int4_matmul import M1_FORMATS, KernelConfig
 
 _GROUPED = KernelConfig(bm=16, bn=16)  # an explicit config: the grouped kernel
 TOL = 1e-2  # bf16 activations and output against an f32 reference
@@ -112,8 +112,8 @@ def test_lowers_to_triton(fmt):
     wg, wu, x, ids, _, _ = _case(fmt, gs, K=256, N=128)
     f = jax.jit(lambda x, a, b, i: Q.pair_qmatmul_gate_up(x, a, b, i, impl="pallas"))
     routed = f.trace(x, wg, wu, ids).lower(lowering_platforms=("cuda",)).as_text()
-    # mxfp4 measured slower on int4_m1 than on the grouped kernel (BENCHMARKS.md, session 5): not routed there.
-    assert ("int4_m1" in routed) == (fmt != "mxfp4")
+    # formats routed to int4_m1 by measurement (int4_matmul.M1_FORMATS; mxfp4 not yet, BENCHMARKS.md)
+    assert ("int4_m1" in routed) == (fmt in M1_FORMATS)
     for orient, layout in (("wx", "nk"), ("wx", "kn")):
         cfg = M1Config(orient=orient, layout=layout, bn=64, split_k=2, num_warps=4)
         jax.jit(lambda x, w, i: int4_m1_matmul(x, (w,), i, fmt=fmt, group_size=gs, cfg=cfg)) \
