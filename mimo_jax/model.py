@@ -114,7 +114,10 @@ def cache_shapes(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16
     return {"layers": stacked(plan_of(cfg), make)}
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "batch", "capacity", "dtype", "ring_slack"))
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16, ring_slack: int = 0) -> dict:
+    """Zeroed caches (cache_shapes): one compiled dispatch per shape, not one per layer buffer (every request
+    allocates them)."""
     shapes = cache_shapes(cfg, batch, capacity, dtype, ring_slack)
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
