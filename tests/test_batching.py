@@ -20,9 +20,10 @@ CAPACITY = 128  # the reference Engine's max_seq_len too: both attend over the s
 
 @pytest.fixture(scope="module")
 def tiny():
-    """tiny_mimo: full and sliding (window 8) layers, sinks, MoE, one MTP layer; an Engine with the batcher's
-    capacity."""
-    cfg = load_config(CONFIGS / "tiny_mimo.json").replace(num_mtp_layers=1)
+    """tiny_mimo's first 4 layers: full and sliding (window 8) layers, sinks, dense and MoE, one MTP layer (every
+    kind of cache and layer its 8 have, at half the compile time); an Engine with the batcher's capacity."""
+    cfg = load_config(CONFIGS / "tiny_mimo.json")
+    cfg = cfg.replace(num_mtp_layers=1, num_layers=4, layer_types=cfg.layer_types[:4], mlp_types=cfg.mlp_types[:4])
     params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
     return Engine(cfg, params, max_seq_len=CAPACITY, prefill_chunk=16)
 
