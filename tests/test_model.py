@@ -69,7 +69,8 @@ def test_unrolled_layout_equals_scan(name, fuse):
 def test_unrolled_engine_greedy_and_speculative_equal_scan():
     cfg, params, capacity = setup("tiny_mimo", seed=7)
     prompt = np.random.default_rng(8).integers(0, cfg.vocab_size, size=19).tolist()
-    ref = Engine(cfg, params, max_seq_len=capacity, prefill_chunk=16).generate(prompt, max_new_tokens=20).token_ids
+    ref = Engine(cfg, params, max_seq_len=capacity, prefill_chunk=16, layout="scan")  # (CPU's auto is unrolled)
+    ref = ref.generate(prompt, max_new_tokens=20).token_ids
     for k in (0, 3):
         e = Engine(cfg, params, max_seq_len=capacity, prefill_chunk=16, speculative_k=k, layout="unrolled")
         assert e.generate(prompt, max_new_tokens=20).token_ids == ref, k
