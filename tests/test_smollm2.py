@@ -36,10 +36,8 @@ def path():
 
 
 @pytest.fixture(scope="module")
-def hf(path):
-    torch.set_num_threads(2)
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                             dtype=torch.float32).eval()
+def hf(smollm2_transformers):  # loaded from `path` (conftest; shared with test_gguf_reader.py)
+    return smollm2_transformers
 
 
 @pytest.fixture(scope="module")
