@@ -66,7 +66,7 @@ def main():
     cfg = load_config(args.config).replace(num_mtp_layers=0)
     if args.layers:
         n = args.layers
-        cfg = cfg.replace(num_layers=n, layer_types=cfg.layer_types[:n], mlp_types=cfg.mlp_types[:n])
+        cfg = cfg.first_layers(n)
     params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
     expert_itemsize = None
     if args.quant_experts != "none":

@@ -51,13 +51,11 @@ def bench_config(args):
     cfg = load_config(ROOT / args.config)
     if args.quick:  # tiny: every kind of tensor, a few MB
         n = 3
-        cfg = cfg.replace(vocab_size=4096, hidden_size=512, num_layers=n, layer_types=cfg.layer_types[:n],
-                          mlp_types=cfg.mlp_types[:n], num_heads=4, num_kv_heads=2, swa_num_heads=4,
+        cfg = cfg.first_layers(n, vocab_size=4096, hidden_size=512, num_heads=4, num_kv_heads=2, swa_num_heads=4,
                           swa_num_kv_heads=2, intermediate_size=1024, moe_intermediate_size=256, num_experts=8,
                           num_experts_per_tok=2)
     if args.layers:
-        cfg = cfg.replace(num_layers=args.layers, layer_types=cfg.layer_types[:args.layers],
-                          mlp_types=cfg.mlp_types[:args.layers])
+        cfg = cfg.first_layers(args.layers)
     if args.experts:
         cfg = cfg.replace(num_experts=args.experts, num_experts_per_tok=min(cfg.num_experts_per_tok, args.experts))
     return cfg

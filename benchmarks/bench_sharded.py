@@ -153,8 +153,7 @@ def main():
     GROUP = args.group
     base = load_config(args.config)
     n = args.layers
-    cfg = base.replace(num_layers=n, layer_types=base.layer_types[:n], mlp_types=base.mlp_types[:n],
-                       num_mtp_layers=base.num_mtp_layers if args.engine else 0)
+    cfg = base.first_layers(n, num_mtp_layers=base.num_mtp_layers if args.engine else 0)
     mesh = sharding.make_mesh(args.devices)
     ceiling = read_ceiling() / 1e12
     params = random_params(cfg, mesh, args.attention)

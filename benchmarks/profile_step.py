@@ -237,7 +237,7 @@ def main():
     cfg = load_config(args.config)
     if args.layers:
         n = args.layers
-        cfg = cfg.replace(num_layers=n, layer_types=cfg.layer_types[:n], mlp_types=cfg.mlp_types[:n])
+        cfg = cfg.first_layers(n)
     if not args.k:
         cfg = cfg.replace(num_mtp_layers=0)
     mesh = sharding.make_mesh(args.devices) if args.devices > 1 else None

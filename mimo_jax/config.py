@@ -127,6 +127,11 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    def first_layers(self, n: int, **changes) -> "ModelConfig":
+        """The same model cut to its first n decoder layers (benchmarks at fewer layers, tests that need every
+        layer kind but not the depth); `changes` as in replace."""
+        return self.replace(num_layers=n, layer_types=self.layer_types[:n], mlp_types=self.mlp_types[:n], **changes)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

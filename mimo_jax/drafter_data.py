@@ -124,14 +124,13 @@ def chat_instructions(held_out: bool, data_seed: int = 0, n: int = 0) -> list[st
     topics, templates = TOPICS + MORE_TOPICS, TEMPLATES + MORE_TEMPLATES
     if data_seed == 0:
         return [t.format(topic) + style for style in STYLES for topic in topics for t in templates]
-    rng, out, seen = np.random.default_rng([data_seed, 11]), [], set()
+    rng, out, seen, styles = np.random.default_rng([data_seed, 11]), [], set(), STYLES + STYLES_MORE
     while len(out) < n:
         if rng.random() < 0.5:
             text = (templates[rng.integers(len(templates))].format(topics[rng.integers(len(topics))])
                     + STYLES_MORE[rng.integers(len(STYLES_MORE))])
         else:
             a, b = rng.choice(len(topics), 2, replace=False)
-            styles = STYLES + STYLES_MORE
             text = PAIR_TEMPLATES[rng.integers(len(PAIR_TEMPLATES))].format(topics[a], topics[b]) + styles[
                 rng.integers(len(styles))]
         if text not in seen:

@@ -109,7 +109,7 @@ def _nibbles(p, fmt: str, method: str, interpret: bool):
     """uint8 tile -> (low, high) nibbles as bf16: q - 8 / q ("asm") or 128 + q ("magic"); e2m1(q) for mxfp4."""
     if fmt == "mxfp4":
         if not interpret:
-            return tuple(_e2m1_asm(p))
+            return _e2m1_asm(p)
         p16 = p.astype(U16)
         return _codes_to_bf16(p16 & 15, fmt, method), _codes_to_bf16(p16 >> 4, fmt, method)
     if interpret:

@@ -183,19 +183,7 @@ def _e2m1_asm(p):
         (v,) = plgpu.elementwise_inline_asm(asm, args=[p], constraints="=r,=r,r", pack=4,
                                             result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, BF16)])
         out.append(v)
-    return out
-
-
-def e2m1_bits_reference(b0: int, b1: int, half: str) -> tuple[int, int]:
-    """What _e2m1_asm's integer steps make of two bytes spread into one 32-bit register (b0 in the low 16 bits,
-    b1 in the high), low or high nibbles: the two bf16 bit patterns before the multiply by 2^126. Tests check
-    them against quant.E2M1_VALUES for every pair (the PTX itself runs only on a GPU)."""
-    t = (b0 & 0xFF) | (b1 & 0xFF) << 16
-    if half == "lo":
-        r = ((t << 6) | (t << 12)) & 0x81C081C0
-    else:
-        r = ((t << 2) & 0x01C001C0) | ((t << 8) & 0x80008000)
-    return r & 0xFFFF, (r >> 16) & 0xFFFF
+    return tuple(out)
 
 
 def _group_partial(x_lo, x_hi, p, s, m, fmt: str, method: str):

@@ -11,12 +11,6 @@ import numpy as np  # noqa: E402
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
-def small_config(cfg):
-    """tiny_mimo's first 4 layers: every layer kind it has (full + dense, sliding + MoE, full + MoE), half the
-    layers to compile."""
-    return cfg.replace(num_layers=4, layer_types=cfg.layer_types[:4], mlp_types=cfg.mlp_types[:4])
-
-
 def main(process_id: int, port: str, out_dir: str):
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -27,7 +21,8 @@ def main(process_id: int, port: str, out_dir: str):
     from mimo_jax.engine import Engine
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = small_config(load_config(os.path.join(root, "configs", "tiny_mimo.json")))
+    # tiny_mimo's first 4 layers: every layer kind it has (full + dense, sliding + MoE, full + MoE)
+    cfg = load_config(os.path.join(root, "configs", "tiny_mimo.json")).first_layers(4)
     params = jax.device_get(model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32))  # same on every host
     assert jax.process_count() == 2 and len(jax.devices()) == 2 and len(jax.local_devices()) == 1
     engine = Engine(cfg, params, max_seq_len=64, prefill_chunk=16, mesh=sharding.make_mesh())

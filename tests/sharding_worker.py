@@ -23,8 +23,7 @@ def main():
     # 8 q / 8 kv heads on both attention types so that "tp" really splits heads 2, 4 and 8 ways (heads that do
     # not divide fall back to replicated attention, which the "replicated" runs cover). The first 4 of tiny_mimo's 8
     # layers: every layer kind it has (full + dense, sliding + MoE, full + MoE), half the layers to compile.
-    configs = {"wide": base.replace(num_heads=8, num_kv_heads=8, swa_num_heads=8, swa_num_kv_heads=8, num_layers=4,
-                                    layer_types=base.layer_types[:4], mlp_types=base.mlp_types[:4])}
+    configs = {"wide": base.first_layers(4, num_heads=8, num_kv_heads=8, swa_num_heads=8, swa_num_kv_heads=8)}
     out = {"devices": len(jax.devices()), "logits": {}, "greedy": {}}
     rng = np.random.default_rng(0)
     for name, cfg in configs.items():

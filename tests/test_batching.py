@@ -22,8 +22,7 @@ CAPACITY = 128  # the reference Engine's max_seq_len too: both attend over the s
 def tiny():
     """tiny_mimo's first 4 layers: full and sliding (window 8) layers, sinks, dense and MoE, one MTP layer (every
     kind of cache and layer its 8 have, at half the compile time); an Engine with the batcher's capacity."""
-    cfg = load_config(CONFIGS / "tiny_mimo.json")
-    cfg = cfg.replace(num_mtp_layers=1, num_layers=4, layer_types=cfg.layer_types[:4], mlp_types=cfg.mlp_types[:4])
+    cfg = load_config(CONFIGS / "tiny_mimo.json").first_layers(4, num_mtp_layers=1)
     params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
     return Engine(cfg, params, max_seq_len=CAPACITY, prefill_chunk=16)
 

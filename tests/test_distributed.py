@@ -31,8 +31,7 @@ def test_two_processes_match_one(tmp_path):
                                str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
              for i in range(2)]
     # the one-process reference, computed while the two processes start up and compile
-    cfg = load_config(ROOT / "configs" / "tiny_mimo.json")
-    cfg = cfg.replace(num_layers=4, layer_types=cfg.layer_types[:4], mlp_types=cfg.mlp_types[:4])  # the workers'
+    cfg = load_config(ROOT / "configs" / "tiny_mimo.json").first_layers(4)  # the workers'
     engine = Engine(cfg, model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32), max_seq_len=64,
                     prefill_chunk=16)
     ref = engine.score(list(range(1, 30)))

@@ -24,9 +24,7 @@ def small_vocab():
     """tiny_mimo with 8 tokens and a flattened embedding: every token pair has visible probability. Its first 2
     layers (full + dense, sliding + MoE): what is tested is how tokens are drawn from the logits, and each of the
     3000 generate calls runs the layers."""
-    cfg = load_config(CONFIGS / "tiny_mimo.json")
-    cfg = cfg.replace(vocab_size=8, num_mtp_layers=0, num_layers=2, layer_types=cfg.layer_types[:2],
-                      mlp_types=cfg.mlp_types[:2])
+    cfg = load_config(CONFIGS / "tiny_mimo.json").first_layers(2, vocab_size=8, num_mtp_layers=0)
     params = model.init_params(cfg, jax.random.PRNGKey(1), jnp.float32)
     return cfg, {**params, "embed": params["embed"] * 0.5}
 
@@ -70,8 +68,7 @@ def test_budget_take():
 def tiny():
     """tiny_mimo's first 4 layers (full and sliding attention, dense and MoE; its 2 MTP layers): budgets and finish
     reasons do not depend on the depth, and each test below compiles its engine's programs."""
-    cfg = load_config(CONFIGS / "tiny_mimo.json")
-    cfg = cfg.replace(num_layers=4, layer_types=cfg.layer_types[:4], mlp_types=cfg.mlp_types[:4])
+    cfg = load_config(CONFIGS / "tiny_mimo.json").first_layers(4)
     params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 21).tolist()
     reference = Engine(cfg, params, max_seq_len=128, prefill_chunk=16).generate(prompt, max_new_tokens=12)

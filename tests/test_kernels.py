@@ -125,12 +125,22 @@ def test_kernels_lower_to_triton(fmt):
             .trace(x, we, gsz).lower(lowering_platforms=("cuda",))
 
 
+def e2m1_bits_reference(b0: int, b1: int, half: str) -> tuple[int, int]:
+    """What int4_matmul._e2m1_asm's integer steps (its shifts and lop3 masks) make of two bytes spread into one
+    32-bit register (b0 in the low 16 bits, b1 in the high), low or high nibbles: the two bf16 bit patterns before
+    the multiply by 2^126."""
+    t = (b0 & 0xFF) | (b1 & 0xFF) << 16
+    if half == "lo":
+        r = ((t << 6) | (t << 12)) & 0x81C081C0
+    else:
+        r = ((t << 2) & 0x01C001C0) | ((t << 8) & 0x80008000)
+    return r & 0xFFFF, (r >> 16) & 0xFFFF
+
+
 def test_e2m1_asm_bit_steps_give_the_e2m1_values():
     """The integer steps of the mxfp4 PTX decode (method "asm", `_e2m1_asm`), for every pair of bytes sharing a
     register and both nibbles: bf16 bits that are e2m1(code) * 2^-126 exactly (the PTX then multiplies by 2^126;
     subnormal for codes 0, 1, 8, 9). The PTX itself is checked on a GPU (benchmarks/ab_decode_experts.py)."""
-    from pallas_kernels.int4_matmul import e2m1_bits_reference
-
     b0, b1 = (a.ravel().astype(np.uint32) for a in np.meshgrid(np.arange(256), np.arange(256)))
     e2m1 = np.concatenate([Q.E2M1_VALUES, -Q.E2M1_VALUES]).astype(np.float64)
     for half, shift in (("lo", 0), ("hi", 4)):

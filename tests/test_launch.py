@@ -42,9 +42,10 @@ def ckpt(tmp_path_factory):
 
 @pytest.mark.slow  # the tiny MoE config compiles for ~30 s on 2 cores (its first 4 layers here: about half that)
 def test_random_init_run_streams_and_reports(tmp_path):
-    cfg = json.loads((ROOT / "configs" / "tiny_mimo.json").read_text())
-    cfg.update(num_layers=4, layer_types=cfg["layer_types"][:4], mlp_types=cfg["mlp_types"][:4])
-    (tmp_path / "tiny_mimo_4.json").write_text(json.dumps(cfg))
+    from mimo_jax.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "tiny_mimo.json").first_layers(4)
+    (tmp_path / "tiny_mimo_4.json").write_text(json.dumps(cfg.to_dict()))
     r = launch("--config", str(tmp_path / "tiny_mimo_4.json"), "--random_init", "--prompt_ids", "1,2,3,4",
                "--max_new_tokens", "5")
     assert r.returncode == 0, r.stderr

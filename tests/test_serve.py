@@ -250,10 +250,8 @@ def spec_server(tmp_path_factory):
     """The engine and batcher `python -m mimo_jax.serve --config tiny_mimo.json --random_init --speculative_k 2
     ...` builds (no tokenizer: prompts are token ids, the text is the ids); tiny_mimo's first 4 layers (full and
     sliding, dense and MoE), half its layers to compile."""
-    cfg = json.loads((CONFIGS / "tiny_mimo.json").read_text())
-    cfg.update(num_layers=4, layer_types=cfg["layer_types"][:4], mlp_types=cfg["mlp_types"][:4])
     path = tmp_path_factory.mktemp("spec") / "tiny_mimo_4.json"
-    path.write_text(json.dumps(cfg))
+    path.write_text(json.dumps(load_config(CONFIGS / "tiny_mimo.json").first_layers(4).to_dict()))
     args = serve._args(["--config", str(path), "--random_init", "--speculative-k=2",
                         "--batch_size", "2", "--max_seq_len", "128", "--prefill_chunk", "16"])
     engine = serve.load_engine(args)

@@ -15,16 +15,11 @@ from sampling_stats import chi2_check, exact_dists
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def first_layers(cfg, n):
-    """cfg with only its first n layers (tiny_mimo's first 2: full + dense, sliding + MoE; first 4: + a second
-    sliding + MoE and a full + MoE layer): the properties below hold layer by layer, the compile time and the
-    per-call time grow with the layer count."""
-    return cfg.replace(num_layers=n, layer_types=cfg.layer_types[:n], mlp_types=cfg.mlp_types[:n])
-
-
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = first_layers(load_config(CONFIGS / "tiny_mimo.json"), 4)  # window 8, 2 MTP layers
+    # window 8, 2 MTP layers; the first 4 layers (full + dense, sliding + MoE, sliding + MoE, full + MoE): the
+    # properties below hold layer by layer, the compile and per-call time grow with the layer count
+    cfg = load_config(CONFIGS / "tiny_mimo.json").first_layers(4)
     return cfg, model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
 
 
@@ -93,7 +88,7 @@ def test_sampling_is_lossless(drafter, settings, tmp_path):
     first token, then the first speculative step) against p(t1) p(t2 | t1), and of the marginal of token 3
     (a later step) against the target's exact one; reject at p < 1e-3. A drafter that biases the output (e.g.
     always accepting), or a step drawing with the first token's key, fails this."""
-    cfg = first_layers(load_config(CONFIGS / "tiny_mimo.json").replace(vocab_size=16), 2)  # (6000 generate calls)
+    cfg = load_config(CONFIGS / "tiny_mimo.json").first_layers(2, vocab_size=16)  # (6000 generate calls)
     params = model.init_params(cfg, jax.random.PRNGKey(1), jnp.float32)
     params = {**params, "embed": params["embed"] * 0.5}
     if drafter == BLOCK:  # a draft vocabulary of 8 of the 16 tokens: q = 0 on the others
