@@ -30,7 +30,9 @@
 # deadline, then evaluates it like PHASE=one (the same held-out sets): each session's device time adds to the last.
 #   carry [".gg2"]  command: PHASE=tune bash benchmarks/train_drafter_gpu.sh carried $OUT
 # PHASE=mtp (one call; right after a tune call with the same DATA_SEED it reuses that call's data): trains the other
-# drafter kind, an MTP layer (train_mtp.py), and evaluates it the same way. After a tune call, nothing need be carried:
+# drafter kind, an MTP layer (train_mtp.py): fine-tunes the shipped one (MTP_INIT, default
+# mimo_jax/drafters/smollm2_135m_mtp.safetensors; MTP_INIT=none: from scratch, as session 8's first run), and
+# evaluates it the same way. After a tune call, nothing need be carried:
 #   carry []  command: PHASE=mtp DATA_SEED=4 bash benchmarks/train_drafter_gpu.sh carried $OUT
 # The schedule spans the calls: --plan_minutes PLAN_MIN is the training time planned over all of them; the seconds
 # done, step, optimizer state and sampler state are in /tmp/drafter_run/last.safetensors (~80 MB with Adam's
@@ -119,6 +121,12 @@ elif [ "$PHASE" = mtp ]; then
   MODEL_FLAGS=(--batch 32 --layers 1 --depths 4 --lr 1e-3 --eval_prompts 0)
   RUN_FLAGS=(--code_prompts 24576 --chat_prompts 27200 --source_windows 24576 --steps 1000000 --deadline "$DEADLINE"
              --data_seed "${DATA_SEED:-1}")
+  # fine-tune the shipped MTP drafter (MTP_INIT; MTP_INIT=none: a fresh layer) at half the peak learning rate
+  MTP_INIT=${MTP_INIT:-mimo_jax/drafters/smollm2_135m_mtp.safetensors}
+  if [ "$MTP_INIT" != none ]; then
+    [ -s "$MTP_INIT" ] || { echo "no MTP drafter $MTP_INIT to fine-tune (MTP_INIT=none trains a fresh one)"; exit 1; }
+    RUN_FLAGS+=(--init "$MTP_INIT" --lr 5e-4)
+  fi
 else
   # data: ~25M target tokens (13600 = every training chat instruction); the time plan, not --steps, ends the run
   case "$PHASE" in

@@ -139,18 +139,17 @@ def check_model_flags(source: Source, prompts) -> None:
 def check_drafter(cfg) -> None:
     """--drafter against the model: MTP layers present, or a block drafter or MTP file trained for a model of its
     shape."""
-    from mimo_jax import block_drafter
+    from mimo_jax import block_drafter, mtp_drafter
     from mimo_jax.errors import InputError
 
     k, choice = FLAGS.speculative_k, FLAGS.drafter
     if choice == "mtp" or (choice == "auto" and cfg.num_mtp_layers):
-        if not cfg.num_mtp_layers:
+        if not cfg.num_mtp_layers and mtp_drafter.shipped_for(cfg) is None:
             raise InputError(f"--speculative_k {k} --drafter mtp drafts with the model's MTP layers; this model "
-                             f"({cfg.model_type}) has none (--drafter block or PATH: a block drafter)")
+                             f"({cfg.model_type}) has none and the shipped MTP drafter was trained for another "
+                             f"model (--drafter block or PATH: a drafter file)")
         return
     path = block_drafter.SHIPPED if choice in ("auto", "block") else Path(choice)
-    from mimo_jax import mtp_drafter
-
     if mtp_drafter.is_mtp_file(path):
         mtp_drafter.check_target(path, cfg)  # InputError: trained for another model
         return

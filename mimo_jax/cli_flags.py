@@ -51,7 +51,7 @@ def _define():
                          "another.", **F)
     flags.DEFINE_integer("speculative_k", 0, "Draft k tokens per step and verify them in one pass (0 = off); the "
                          "drafter is --drafter's.", **F)
-    flags.DEFINE_string("drafter", "auto", "With --speculative_k: mtp (the model's MTP layers), block (the shipped "
+    flags.DEFINE_string("drafter", "auto", "With --speculative_k: mtp (the model's MTP layers; for the bundled SmolLM2 the shipped MTP layer trained for it), block (the shipped "
                         "block drafter, trained for the bundled SmolLM2), or PATH (a block drafter file written by "
                         "python -m mimo_jax.train_drafter, or MTP layers written by python -m mimo_jax.train_mtp). auto: mtp if the model has MTP layers, else block.", **F)
     flags.DEFINE_integer("decode_steps", 1, "Decode (or speculative) steps per dispatch: more than 1 runs them as one "

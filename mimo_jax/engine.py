@@ -170,7 +170,8 @@ class Engine:
                  drafter: str | speculative.Drafter = "auto", mesh=None, attention: str = "tp",
                  layout: str = "auto", decode_steps: int = 1):
         """drafter (used when speculative_k > 0): "auto" (the MTP layers if the model has them, else the shipped
-        block drafter if it was trained for this model), "mtp", "block" (the shipped one), a block drafter file
+        block drafter if it was trained for this model), "mtp" (the model's MTP layers; for a model without them,
+        the shipped MTP drafter file if it was trained for this model), "block" (the shipped one), a block drafter file
         (train_drafter.py writes them), a name in speculative.DRAFTERS, or a speculative.Drafter.
         mesh: a sharding.make_mesh(n) mesh to spread the model over (experts split, attention per
         `attention`: "tp" = heads split where they divide, "replicated"); None = one device.
@@ -184,6 +185,8 @@ class Engine:
         if decode_steps < 1:
             raise InputError(f"decode_steps must be >= 1, got {decode_steps}")
         self.decode_steps = decode_steps
+        if speculative_k and drafter == "mtp" and not cfg.num_mtp_layers and mtp_drafter.shipped_for(cfg):
+            drafter = mtp_drafter.SHIPPED  # no MTP layers of its own: the ones trained for this model's shape
         if speculative_k and not isinstance(drafter, speculative.Drafter) and mtp_drafter.is_mtp_file(drafter):
             # MTP layers from a file (train_mtp.py): added to (or replacing) the model's, then drafted as "mtp"
             cfg, params = mtp_drafter.attach(drafter, cfg, params, params["embed"].dtype)

@@ -21,6 +21,10 @@ from mimo_jax import drafter_files, model
 from mimo_jax.config import FULL, ModelConfig
 from mimo_jax.errors import InputError
 
+# MTP layers trained for the bundled SmolLM2 (train_mtp.py; BENCHMARKS.md): what drafter="mtp" drafts with on a
+# model that has no MTP layers of its own, when the file was trained for a model of its shape
+SHIPPED = Path(__file__).resolve().parent / "drafters" / "smollm2_135m_mtp.safetensors"
+
 
 def config_for(cfg: ModelConfig, n_layers: int, window: int) -> ModelConfig:
     """The target's config with n_layers MTP layers: unchanged if it has that many; a model without MTP layers
@@ -91,6 +95,13 @@ def save(path, weights: dict, mcfg: ModelConfig, target: ModelConfig, extra: dic
 def is_mtp_file(path) -> bool:
     """Whether `path` is an MTP drafter file (reads only the safetensors header)."""
     return drafter_files.kind(path) == "mtp"
+
+
+def shipped_for(cfg: ModelConfig) -> Path | None:
+    """The shipped MTP drafter file if it was trained for a model of cfg's shape, else None."""
+    if not is_mtp_file(SHIPPED):
+        return None
+    return None if drafter_files.target_mismatch(drafter_files.header(SHIPPED), cfg) else SHIPPED
 
 
 def check_target(path, cfg: ModelConfig, meta: dict | None = None) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 from mimo_jax import drafter_files, model, mtp, mtp_drafter
 from mimo_jax.config import ModelConfig
 from mimo_jax.drafter_data import Data, DataNotCached, datasets
+from mimo_jax.errors import InputError
 from mimo_jax.train_drafter import Schedule, lr_at, report, target_pass, time_budget
 
 
@@ -100,9 +101,11 @@ def load_state(path: Path, target: ModelConfig, opt_state):
 
 def train(engine, data: Data, out: Path, steps: int, batch: int, lr: float, layers: int = 1, window: int = 128,
           depths: int = 4, soft_weight: float = 0.5, decay: float = 4.0, seed: int = 0, resume: bool = False,
-          max_minutes: float = 0.0, save_every: int = 500, log: bool = True, log_every: int = 10):
+          max_minutes: float = 0.0, save_every: int = 500, log: bool = True, log_every: int = 10, init=None):
     """-> (MTP weights, their config, history of (step, loss, acceptance, lr)). The learning rate follows
-    train_drafter's schedule (warm-up, cosine to lr / 10 over --steps or max_minutes)."""
+    train_drafter's schedule (warm-up, cosine to lr / 10 over --steps or max_minutes). init: MTP weights to start
+    from (an earlier drafter file's, `layers` of them) instead of fresh ones; the optimizer and schedule start
+    fresh (a fine-tune)."""
     import optax
     from tqdm import tqdm
 
@@ -112,6 +115,11 @@ def train(engine, data: Data, out: Path, steps: int, batch: int, lr: float, laye
     opt = optax.chain(optax.clip_by_global_norm(1.0),
                       optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=0.01))
     w = mtp_drafter.init_weights(tparams, mcfg, jax.random.PRNGKey(seed))
+    if init is not None:
+        if jax.tree_util.tree_structure(init) != jax.tree_util.tree_structure(w) or any(
+                a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(init), jax.tree_util.tree_leaves(w))):
+            raise InputError(f"init: MTP weights of another shape than {n} layer(s) for this model")
+        w = jax.tree_util.tree_map(lambda a: jnp.array(a, jnp.float32, copy=True), init)
     opt_state, start, done_s = opt.init(w), 0, 0.0
     last = out / "last.safetensors"
     if resume and last.is_file():
@@ -184,12 +192,18 @@ def main(argv=None) -> None:
     ap.add_argument("--eval_prompts", type=int, default=8)
     ap.add_argument("--eval_tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--init", default=None, help="start from this MTP drafter file's weights (fine-tuning; its layer "
+                    "count replaces --layers; optimizer and schedule start fresh)")
     a = ap.parse_args(argv)
     if a.model is not None and not Path(a.model).exists():
         ap.error(f"--model {a.model}: no such file or directory")
     for name in ("steps", "batch", "layers", "window", "depths", "k"):
         if getattr(a, name) < 1:
             ap.error(f"--{name} must be >= 1, got {getattr(a, name)}")
+    if a.init is not None and not Path(a.init).is_file():
+        ap.error(f"--init {a.init}: no such file")
+    if a.init is not None and not mtp_drafter.is_mtp_file(a.init):
+        ap.error(f"--init {a.init}: not an MTP drafter file (python -m mimo_jax.train_mtp writes them)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -206,9 +220,17 @@ def main(argv=None) -> None:
     except DataNotCached as e:
         print(f"NO CACHED DATA: {e}", file=sys.stderr)
         sys.exit(3)
+    init, layers, window = None, a.layers, a.window
+    if a.init:
+        try:
+            icfg, init = mtp_drafter.load(a.init, engine.cfg)
+        except InputError as e:
+            ap.error(f"--init: {e}")
+        layers, window = icfg.num_mtp_layers, icfg.attention("sliding").window
+        print(f"[--init {a.init}: {layers} MTP layer(s), window {window}]", file=sys.stderr)
     t0 = time.perf_counter()
-    w, mcfg, hist = train(engine, data, out, a.steps, a.batch, a.lr, a.layers, a.window, a.depths, a.soft_weight,
-                          a.decay, a.seed, a.resume, time_budget(a.max_minutes, a.deadline))
+    w, mcfg, hist = train(engine, data, out, a.steps, a.batch, a.lr, layers, window, a.depths, a.soft_weight,
+                          a.decay, a.seed, a.resume, time_budget(a.max_minutes, a.deadline), init=init)
     info = {"train_steps": hist[-1][0] + 1 if hist else 0, "train_s": round(time.perf_counter() - t0, 1),
             "label_tokens_per_step": a.batch * data.tokens.shape[1] * a.depths, "generated_tokens": data.generated,
             "device": jax.devices()[0].device_kind, "final_loss": hist[-1][1] if hist else None,

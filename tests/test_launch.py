@@ -156,6 +156,8 @@ TINY = ("--config", "configs/tiny_llama.json", "--random_init", "--prompt_ids", 
     (["--max_seq_len", "100000"], ("--max_seq_len 100000", "max_position_embeddings (2048)")),
     (["--quant_experts", "int4_sym"], ("--quant_experts int4_sym", "has none")),
     (["--speculative_k", "4"], ("--speculative_k 4", "MTP layers", "has none")),
+    (["--speculative_k", "4", "--drafter", "mtp"], ("--drafter mtp", "has none", "shipped MTP drafter was trained for "
+                                                    "another model")),
     (["--num_devices", "10000"], ("--num_devices 10000: only", "XLA_FLAGS=--xla_force_host_platform_device_count=10000")),
     (["--num_devices", "0"], ("--num_devices must be >= 1",)),
     (["--config", "configs/tiny_mimo.json", "--quant_experts", "int4_asym"],
@@ -173,7 +175,6 @@ def test_flag_errors_before_loading(no_loading, capsys, args, fragments):
 @needs_smollm2
 @pytest.mark.parametrize("args, fragment", [
     (["--quant_experts", "mxfp4"], "this model (llama, 30 dense layers) has none"),
-    (["--speculative_k", "2", "--drafter", "mtp"], "MTP layers"),  # (plain --speculative_k uses the shipped drafter)
     (["--max_new_tokens", "4096"], "does not fit the context of 4096"),
     (["--max_seq_len", "9000"], "max_position_embeddings (8192)"),
 ])
@@ -182,6 +183,15 @@ def test_bundled_model_flag_errors_before_loading(no_loading, capsys, args, frag
     assert run_cli("--prompt", "hi", *args) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and fragment in err, err
+
+
+@needs_smollm2
+@pytest.mark.parametrize("drafter", ["mtp", "block", "auto"])
+def test_bundled_model_takes_both_shipped_drafters(no_loading, drafter):
+    """--drafter mtp / block / auto on the bundled SmolLM2 (no MTP layers of its own) pass the flag checks: the
+    shipped MTP and block drafter files were trained for it; the run goes on to load the model."""
+    with pytest.raises(AssertionError, match="loaded before the flags were checked"):
+        run_cli("--prompt", "hi", "--speculative_k", "8", "--drafter", drafter)
 
 
 @pytest.mark.parametrize("make, fragment", [

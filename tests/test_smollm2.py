@@ -155,3 +155,17 @@ def test_chat_template_path_matches_transformers(hf, hf_tokenizer, dense, questi
     if out.token_ids == theirs:
         assert out.text == hf_tokenizer.decode(theirs, skip_special_tokens=True)
     assert out.text.strip()
+
+
+@pytest.mark.parametrize("drafter", ["mtp", "block"])
+def test_shipped_drafters_greedy_equals_plain(path, dense, drafter):
+    """The two drafters shipped for this model (mimo_jax/drafters/: MTP layers attached to a model without them,
+    and the block drafter), f32 on CPU: speculative greedy gives plain greedy's tokens, and the trained drafter
+    is accepted on a code prompt (a file attached to the wrong layers or positions is accepted ~never)."""
+    spec = Engine.from_gguf(path, jnp.float32, max_seq_len=256, speculative_k=8, drafter=drafter)
+    assert spec.cfg.num_mtp_layers == (1 if drafter == "mtp" else 0)
+    ids = dense.encode(PROMPTS[1])
+    want = dense.generate(ids, max_new_tokens=40, stop_at_eos=False).token_ids
+    got = spec.generate(ids, max_new_tokens=40, stop_at_eos=False)
+    assert got.token_ids == want
+    assert got.stats.mean_accepted >= 1.0, got.stats.accepted_hist

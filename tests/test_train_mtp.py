@@ -117,6 +117,26 @@ def test_resume_continues_from_the_saved_step(tmp_path, target, data):
     assert [h[0] for h in hist] == [3, 4]
 
 
+def test_init_fine_tunes_the_given_weights(tmp_path, target, data):
+    """--init: training starts from a file's weights (its loss at the first step is the file's, not a fresh
+    layer's), and weights of another shape are refused."""
+    _, d = data
+    w, mcfg, hist = train_mtp.train(target, d, tmp_path / "a", steps=60, batch=8, lr=3e-3, window=32, depths=2,
+                                    log=False, log_every=1)
+    path = tmp_path / "a.safetensors"
+    mtp_drafter.save(path, w, mcfg, target.cfg)
+    _, init = mtp_drafter.load(path, target.cfg)
+    _, _, tuned = train_mtp.train(target, d, tmp_path / "b", steps=1, batch=8, lr=1e-3, window=32, depths=2,
+                                  log=False, log_every=1, init=init)
+    _, _, fresh = train_mtp.train(target, d, tmp_path / "c", steps=1, batch=8, lr=1e-3, window=32, depths=2,
+                                  log=False, log_every=1)
+    assert tuned[0][1] < fresh[0][1] - 0.5 and abs(tuned[0][1] - hist[-1][1]) < 0.5 * hist[-1][1], \
+        (tuned[0][1], fresh[0][1], hist[-1][1])
+    with pytest.raises(InputError, match="another shape"):
+        train_mtp.train(target, d, tmp_path / "d", steps=1, batch=8, lr=1e-3, layers=2, window=32, depths=2,
+                        log=False, init=init)
+
+
 def test_command_line_end_to_end(tmp_path):
     """python -m mimo_jax.train_mtp on the bundled SmolLM2 (one new MTP layer) with tiny sizes: data, two steps,
     the evaluation through --drafter's path (greedy identical to plain); bad flags exit 2 with one line. Skipped
