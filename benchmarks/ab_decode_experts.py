@@ -1,10 +1,9 @@
 """A/B of the decode MoE's expert kernel: the same profile_step run with decode pairs on pallas_kernels.int4_m1
-(as routed for int4; mxfp4 pairs are routed to the grouped kernel, so for mxfp4 these two arms run the same
-kernel) and on the grouped int4_matmul kernel, in one process each, after a GPU check that the kernels agree with
+(as routed: int4_matmul.M1_ROUTES; for mxfp4 only the down projection) and on the grouped int4_matmul kernel, in one process each, after a GPU check that the kernels agree with
 the f32 dequantize + dot reference at the decode shapes. For mxfp4 a third arm, "jnp_decode": the grouped kernel
 with e2m1 decoded by jnp ops (KernelConfig method "magic_sub") instead of the PTX decode (`_e2m1_asm`, method
 "asm", the default), whose check also demands exact weights (one-hot rows of x read single weights: a flushed
-subnormal code would show), and a fourth, "m1": mxfp4 decode pairs routed to int4_m1 (int4_matmul.M1_FORMATS).
+subnormal code would show), and a fourth, "m1": all mxfp4 decode pairs (gate/up too) routed to int4_m1.
 
     python benchmarks/ab_decode_experts.py --fmt mxfp4 [--config configs/mid_mimo.json] [profile_step flags]
 
@@ -53,7 +52,7 @@ def check(fmt: str, group: int) -> None:
             print(f"check {fmt} K={K} N={N} grouped single weights: {wrong} of {exact.size} differ", flush=True)
             assert wrong == 0
         for name, cfg in arms:
-            if cfg == "m1":  # int4_m1 called directly (mxfp4 pairs are not routed to it)
+            if cfg == "m1":  # int4_m1 called directly (whatever the routing)
                 m1 = default_m1_config(8, K, N, group, 1, layout="kn")
                 f = jax.jit(lambda x, w, i: int4_m1_matmul(x, (Q._weight_arrays(w),), jnp.minimum(i, 64), fmt=fmt,
                                                            group_size=group, cfg=m1))
@@ -113,9 +112,9 @@ def main() -> None:
     elif args.side == "m1":  # mxfp4 decode pairs routed to int4_m1 as int4's are
         from pallas_kernels import int4_matmul as im
 
-        if args.fmt in im.M1_FORMATS:
+        if im.M1_ROUTES.get(args.fmt) == (1, 2):
             ap.error(f"--side m1: {args.fmt} pairs already run int4_m1 (the routed arm)")
-        im.M1_FORMATS = (*im.M1_FORMATS, args.fmt)
+        im.M1_ROUTES = {**im.M1_ROUTES, args.fmt: (1, 2)}
     sys.argv = [str(ROOT / "benchmarks" / "profile_step.py"), *step_args, "--tag", f"{args.fmt}_{args.side}"]
     runpy.run_path(sys.argv[0], run_name="__main__")
 

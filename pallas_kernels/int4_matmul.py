@@ -428,12 +428,16 @@ def row_tiles(row_experts):
     return jnp.stack([row_experts.astype(jnp.int32), r, r + 1])
 
 
-# Formats whose decode pairs (row_experts, no explicit config) run pallas_kernels.int4_m1 instead of this module's
-# grouped kernel. Measured on an H200, 8 pairs of 64 experts (BENCHMARKS.md): int4 gate/up 49.8 -> 40.4 us, down
-# 21.3 -> 21.0 us. mxfp4 stays here: int4_m1 at its group of 32 measured slower with the jnp e2m1 decode (gate/up
-# 87.7 vs 78.7 us, down 44.6 both); both kernels now decode e2m1 by PTX, not yet compared
-# (benchmarks/ab_decode_experts.py --fmt mxfp4, arm "m1").
-M1_FORMATS = ("int4_sym", "int4_asym")
+# Decode pairs (row_experts, no explicit config) that run pallas_kernels.int4_m1 instead of this module's grouped
+# kernel: format -> the weights per call routed there (1: a down projection, 2: fused gate/up). Measured on an
+# H200, 8 pairs of 64 experts, mid_mimo decode (BENCHMARKS.md): int4 gate/up 49.8 -> 40.4 us, down 21.3 -> 21.0
+# us; mxfp4 (both kernels decoding e2m1 by PTX, session 8) gate/up 52.8 here vs 74.0 on int4_m1, down 32.8 here
+# vs 28.0 on int4_m1.
+M1_ROUTES = {"int4_sym": (1, 2), "int4_asym": (1, 2), "mxfp4": (1,)}
+
+
+def routes_to_m1(fmt: str, n_weights: int) -> bool:
+    return n_weights in M1_ROUTES.get(fmt, ())
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "group_size", "cfg", "interpret", "epilogue"))
@@ -450,7 +454,8 @@ def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, gr
     if K2 * 2 != K:
         raise ValueError(f"int4_grouped_matmul: x {x.shape} does not match expert weights [E={E}, K={K2 * 2}, "
                          f"N={N}]")
-    if row_experts is not None and cfg is None and fmt in M1_FORMATS and epilogue != "silu_mul_scaled":
+    if (row_experts is not None and cfg is None and routes_to_m1(fmt, len(weights))
+            and epilogue != "silu_mul_scaled"):
         # pairs (decode): pallas_kernels.int4_m1 -- the same dot (x rows as A, mma.sync), each pair's program
         # inside the aligned 16-row block of x that holds it, K split for ~2 weight tiles per SM.
         from pallas_kernels.int4_m1 import default_m1_config, int4_m1_matmul

@@ -7,7 +7,7 @@ import pytest
 
 from mimo_jax import quant as Q
 from pallas_kernels.int4_m1 import M1Config, default_m1_config, int4_m1_matmul, to_nk
-from pallas_kernels.int4_matmul import M1_FORMATS, KernelConfig
+from pallas_kernels.int4_matmul import KernelConfig, routes_to_m1
 
 _GROUPED = KernelConfig(bm=16, bn=16)  # an explicit config: the grouped kernel
 TOL = 1e-2  # bf16 activations and output against an f32 reference
@@ -73,15 +73,18 @@ def test_dense_matches_reference(fmt, layout, M):
 
 
 def test_decode_pairs_route_to_this_kernel():
-    """quant.pair_qmatmul(_gate_up) without a config runs int4_m1 (mxfp4, slower there, and explicit configs keep
-    int4_matmul)."""
+    """quant.pair_qmatmul(_gate_up) without a config runs int4_m1 (mxfp4: its down projection only, its fused
+    gate/up measured slower there; explicit configs keep int4_matmul)."""
     wg, wu, x, ids, g, u = _case("int4_sym", 64)
     jaxpr = str(jax.make_jaxpr(lambda x, a, b, i: Q.pair_qmatmul_gate_up(x, a, b, i, impl="interpret"))(x, wg, wu, ids))
     assert "int4_m1_xw_kn" in jaxpr
     assert _rel(Q.pair_qmatmul_gate_up(x, wg, wu, ids, impl="interpret"), jax.nn.silu(g) * u) < TOL
     wm = Q.quantize(jax.random.normal(jax.random.PRNGKey(6), (5, 64, 32)), "mxfp4", 32)
     jaxpr = str(jax.make_jaxpr(lambda x, w, i: Q.pair_qmatmul(x, w, i, impl="interpret"))(x[:, :64], wm, ids))
-    assert "int4_m1" not in jaxpr and "int4_grouped" in jaxpr
+    assert "int4_m1" in jaxpr and "int4_grouped_mxfp4" not in jaxpr  # (the kernel's name; the jit's is _matmul)
+    jaxpr = str(jax.make_jaxpr(lambda x, a, b, i: Q.pair_qmatmul_gate_up(x, a, b, i, impl="interpret"))(
+        x[:, :64], wm, wm, ids))
+    assert "int4_m1" not in jaxpr and "int4_grouped_mxfp4" in jaxpr
     jaxpr = str(jax.make_jaxpr(lambda x, w, i: Q.pair_qmatmul(x, w, i, impl="interpret", cfg=_GROUPED))(x, wg, ids))
     assert "int4_m1" not in jaxpr and "int4_grouped" in jaxpr
 
@@ -112,8 +115,13 @@ def test_lowers_to_triton(fmt):
     wg, wu, x, ids, _, _ = _case(fmt, gs, K=256, N=128)
     f = jax.jit(lambda x, a, b, i: Q.pair_qmatmul_gate_up(x, a, b, i, impl="pallas"))
     routed = f.trace(x, wg, wu, ids).lower(lowering_platforms=("cuda",)).as_text()
-    # formats routed to int4_m1 by measurement (int4_matmul.M1_FORMATS; mxfp4 not yet, BENCHMARKS.md)
-    assert ("int4_m1" in routed) == (fmt in M1_FORMATS)
+    down = jax.jit(lambda x, a, i: Q.pair_qmatmul(x, a, i, impl="pallas")).trace(x, wg, ids) \
+        .lower(lowering_platforms=("cuda",)).as_text()
+    # routed to int4_m1 by measurement (int4_matmul.M1_ROUTES: int4 both, mxfp4 the down projection only)
+    assert ("int4_m1" in routed) == routes_to_m1(fmt, 2) == (fmt != "mxfp4")
+    assert ("int4_m1" in down) == routes_to_m1(fmt, 1)
+    kernel = f"int4_grouped_{fmt}"  # the grouped kernel's name (the jit around either kernel is int4_grouped_matmul)
+    assert (kernel in routed) == (fmt == "mxfp4") and kernel not in down
     for orient, layout in (("wx", "nk"), ("wx", "kn")):
         cfg = M1Config(orient=orient, layout=layout, bn=64, split_k=2, num_warps=4)
         jax.jit(lambda x, w, i: int4_m1_matmul(x, (w,), i, fmt=fmt, group_size=gs, cfg=cfg)) \
