@@ -186,11 +186,11 @@ def prefill(params, state, rows: dict, *, cfg: ModelConfig, fresh: bool, k: int,
         ends = (jnp.arange(t) == last[:, None]) & rows["final"][:, None]
         following = jnp.where(ends, first[:, None], rows["following"])
         if drafter.uses_mtp:  # d_1 from layer 0's output at the last position (its logits only there)
-            out, _, dstate = jax.vmap(lambda h, nxt, pos, d: speculative.mtp_chain(params, h[None], nxt[None], pos, d,
-                                                                                    cfg))(
+            out, dstate = jax.vmap(lambda h, nxt, pos, d: speculative.mtp_chain(params, h[None], nxt[None], pos, d,
+                                                                                 cfg))(
                 normed, following, rows["positions"], dstate)
             out = out[jnp.arange(r), 0, last]
-            logits = model.head(params, out, cfg)
+            logits = mtp.draft_logits(params, out, cfg)
             extra = {"draft": batch_state.first_tokens(logits, keys[:, 1], *settings), "draft_logits": logits,
                      "draft_hidden": out}
         else:

@@ -187,10 +187,11 @@ class Engine:
         self.decode_steps = decode_steps
         if speculative_k and drafter == "mtp" and not cfg.num_mtp_layers and mtp_drafter.shipped_for(cfg):
             drafter = mtp_drafter.SHIPPED  # no MTP layers of its own: the ones trained for this model's shape
+        mtp_file = None
         if speculative_k and not isinstance(drafter, speculative.Drafter) and mtp_drafter.is_mtp_file(drafter):
             # MTP layers from a file (train_mtp.py): added to (or replacing) the model's, then drafted as "mtp"
             cfg, params = mtp_drafter.attach(drafter, cfg, params, params["embed"].dtype)
-            drafter = "mtp"
+            drafter, mtp_file = "mtp", drafter
         self.cfg, self.tokenizer, self.mesh, self.attention, self.layout = cfg, tokenizer, mesh, attention, layout
         self.params = self._place(params)
         if layout == "auto":
@@ -206,9 +207,13 @@ class Engine:
         self.cache_dtype = cache_dtype or params["embed"].dtype
         if speculative_k < 0:
             raise InputError(f"speculative_k must be >= 0, got {speculative_k}")
-        self.drafter_weights = None  # a block drafter's {"w", "vocab"}, passed to the step as params["drafter"]
+        # a block drafter's {"w", "vocab", "head"} or an MTP file's {"vocab", "head"}, passed to the step as
+        # params["drafter"]
+        self.drafter_weights = None
         if speculative_k:
             drafter, self.drafter_weights = speculative.resolve_drafter(drafter, cfg, params, self.cache_dtype)
+            if mtp_file is not None:
+                self.drafter_weights = mtp_drafter.drafter_weights(mtp_file, cfg, params)
         elif not isinstance(drafter, speculative.Drafter):
             drafter = speculative.DRAFTERS.get(drafter, speculative.MTP)
         self.speculative_k, self.drafter = speculative_k, drafter

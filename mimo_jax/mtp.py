@@ -31,13 +31,30 @@ def init_cache(cfg: ModelConfig, batch: int, dtype, ring_slack: int) -> dict:
 
 
 @jax.named_scope("drafter")
-def mtp_layer(params, j: int, hidden, tokens, positions, cache, cfg: ModelConfig):
-    """MTP layer j (static): hidden [B,T,H] normed, tokens [B,T] (the tokens one ahead of hidden), positions [T]
-    (those of hidden; -1 = padding) -> (normed output [B,T,H], logits [B,T,V] f32, cache)."""
+def mtp_block(params, j: int, hidden, tokens, positions, cache, cfg: ModelConfig):
+    """MTP layer j (static) without its logits: hidden [B,T,H] normed, tokens [B,T] (the tokens one ahead of
+    hidden), positions [T] (those of hidden; -1 = padding) -> (normed output [B,T,H], cache)."""
     p = jax.tree_util.tree_map(lambda a: a[j], params["mtp"])
     eps = cfg.rms_norm_eps
     e = rms_norm(model.embed(params, tokens), p["enorm"], eps)
     x = matmul(jnp.concatenate([e, rms_norm(hidden.astype(e.dtype), p["hnorm"], eps)], axis=-1), p["eh_proj"])
     x, cache = model.decoder_layer(p, x, positions, cache, (j,), (SLIDING, DENSE), cfg)
-    h = rms_norm(x, p["final_norm"], eps)
-    return h, model.head(params, h, cfg), cache
+    return rms_norm(x, p["final_norm"], eps), cache
+
+
+def draft_logits(params, h, cfg: ModelConfig):
+    """The MTP layers' logits of normed outputs h [..., H] -> f32 [..., V]: the shared lm_head, or, when the
+    drafter file brought a draft vocabulary (params["drafter"] = {"vocab": ids [Vd], "head": lm_head rows
+    [Vd, H]}), only those rows (the other tokens -inf: never drafted; a 152K-row head is read once per draft
+    position otherwise)."""
+    dw = params.get("drafter")
+    if dw is None or "vocab" not in dw:
+        return model.head(params, h, cfg)
+    sub = jnp.dot(h, dw["head"].T.astype(h.dtype), preferred_element_type=jnp.float32)
+    return jnp.full(sub.shape[:-1] + (cfg.vocab_size,), -jnp.inf, jnp.float32).at[..., dw["vocab"]].set(sub)
+
+
+def mtp_layer(params, j: int, hidden, tokens, positions, cache, cfg: ModelConfig):
+    """mtp_block and its logits -> (normed output [B,T,H], logits [B,T,V] f32, cache)."""
+    h, cache = mtp_block(params, j, hidden, tokens, positions, cache, cfg)
+    return h, draft_logits(params, h, cfg), cache

@@ -5,8 +5,9 @@ A model with MTP layers (MiMo) drafts with its own; a file replaces them (the sa
 attention shape the MTP block uses (`config_for`: the model's own heads, a window of the file's), and params["mtp"]
 the file's weights; after that the Engine's MTP paths (speculative.MTP, the batched step) run unchanged.
 
-File: safetensors, "mtp.<leaf path>" tensors stacked [n_layers, ...] as params["mtp"], metadata kind "mtp",
-n_layers, window, and the target's shape (hidden size, vocab, layers), checked on load.
+File: safetensors, "mtp.<leaf path>" tensors stacked [n_layers, ...] as params["mtp"], optionally "vocab" (the
+draft vocabulary: token ids the drafter proposes, so each draft position reads only those lm_head rows), metadata
+kind "mtp", n_layers, window, and the target's shape (hidden size, vocab, layers), checked on load.
 """
 from __future__ import annotations
 
@@ -83,10 +84,13 @@ def init_weights(tparams, mcfg: ModelConfig, key) -> dict:
 
 
 def save(path, weights: dict, mcfg: ModelConfig, target: ModelConfig, extra: dict | None = None, dtype=np.float16,
-         arrays: dict | None = None):
+         arrays: dict | None = None, vocab=None):
     """Write the MTP layers (params["mtp"]'s tree) atomically, as `dtype` (float16: the shipped size); arrays:
-    more tensors for the same file (a trainer's optimizer state)."""
+    more tensors for the same file (a trainer's optimizer state); vocab: token ids the drafter may propose (its
+    logits then cost only those lm_head rows: `draft_vocab`), None = every token."""
     arrays = {**{k: v.astype(dtype) for k, v in drafter_files.flatten("mtp.", weights).items()}, **(arrays or {})}
+    if vocab is not None:
+        arrays["vocab"] = np.asarray(vocab, np.int32)
     meta = {"n_layers": mcfg.num_mtp_layers, "window": mcfg.attention("sliding").window,
             "target": drafter_files.target_meta(target), **(extra or {})}
     drafter_files.save(path, arrays, "mtp", meta)
@@ -133,6 +137,30 @@ def load(path, target: ModelConfig, dtype=jnp.float32):
             return jnp.asarray(a, s.dtype)
         weights = jax.tree_util.tree_map_with_path(leaf, shapes)
     return mcfg, weights
+
+
+def draft_vocab(path, cfg: ModelConfig):
+    """The file's draft vocabulary (sorted token ids, int32) or None (the file proposes from every token).
+    InputError for ids outside cfg's vocabulary."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "numpy") as f:
+        if "vocab" not in f.keys():
+            return None
+        vocab = f.get_tensor("vocab")
+    if vocab.ndim != 1 or not len(vocab) or vocab.min() < 0 or vocab.max() >= cfg.vocab_size:
+        raise InputError(f"MTP drafter {str(path)!r}: its draft vocabulary is not a list of token ids below "
+                         f"{cfg.vocab_size}")
+    return jnp.asarray(np.sort(vocab), jnp.int32)
+
+
+def drafter_weights(path, cfg: ModelConfig, params: dict):
+    """What the speculative step takes as params["drafter"] for the file's MTP layers: {"vocab", "head": the
+    target lm_head's rows for it} when the file has a draft vocabulary (mtp.draft_logits), else None."""
+    from mimo_jax.block_drafter import head_rows
+
+    vocab = draft_vocab(path, cfg)
+    return None if vocab is None else {"vocab": vocab, "head": head_rows(params, cfg, vocab)}
 
 
 def attach(path, cfg: ModelConfig, params: dict, dtype) -> tuple[ModelConfig, dict]:

@@ -69,28 +69,27 @@ def mtp_chain(params, normed, tokens, positions, mtp_state, cfg):
     """Every MTP layer over the same positions t with true inputs: layer 0 reads the target's h_t, layer j > 0
     reads layer j-1's output at t-1 (what it reads at depth j of a chain), with carry[j-1] (layer j-1's output
     just before this chunk) for the first position; tokens are the ones at t+1. -> (layer 0's outputs
-    [B,T,H], its logits, the state with every cache written and carry[j] = layer j's output at the last real
-    position)."""
+    [B,T,H], the state with every cache written and carry[j] = layer j's output at the last real position).
+    No logits: the callers need layer 0's at one position only (mtp.draft_logits of that row)."""
     last = jnp.sum(positions >= 0) - 1
     kv, carry, outs = mtp_state["kv"], mtp_state["carry"], []
     hidden = normed
     for j in range(cfg.num_mtp_layers):
         if j:
             hidden = jnp.concatenate([carry[j - 1][:, None].astype(outs[-1].dtype), outs[-1][:, :-1]], axis=1)
-        h, logits, kv = mtp.mtp_layer(params, j, hidden, tokens, positions, kv, cfg)
+        h, kv = mtp.mtp_block(params, j, hidden, tokens, positions, kv, cfg)
         outs.append(h)
-        if j == 0:
-            logits0 = logits
     carry = jnp.stack([o[:, last] for o in outs]).astype(carry.dtype)
-    return outs[0], logits0, {"kv": kv, "carry": carry}
+    return outs[0], {"kv": kv, "carry": carry}
 
 
 def _mtp_refresh(params, state, normed, emitted, n_acc, key, settings, cfg, is_greedy):
     k1 = emitted.shape[1]
     positions = jnp.where(jnp.arange(k1) <= n_acc, state["position"] + jnp.arange(k1), -1).astype(jnp.int32)
-    hidden, logits, mtp_state = mtp_chain(params, normed, emitted, positions, state["mtp_cache"], cfg)
-    logits = logits[:, n_acc]
-    return _draw(key, logits, settings, is_greedy), logits, hidden[:, n_acc], mtp_state
+    hidden, mtp_state = mtp_chain(params, normed, emitted, positions, state["mtp_cache"], cfg)
+    hidden = hidden[:, n_acc]
+    logits = mtp.draft_logits(params, hidden, cfg)
+    return _draw(key, logits, settings, is_greedy), logits, hidden, mtp_state
 
 
 def mtp_init(params, cfg, k, dtype):
@@ -266,10 +265,11 @@ def mtp_chunk(params, normed, next_tokens, positions, mtp_cache, key, temperatur
               cfg: ModelConfig, is_greedy: bool):
     """The MTP layers over a prompt chunk (hidden at t, token at t+1; mtp_chain) -> (d_1, its logits, its
     hidden, the MTP state). key: d_1's own (only the last chunk's draw is kept)."""
-    hidden, logits, mtp_cache = mtp_chain(params, normed, next_tokens, positions, mtp_cache, cfg)
-    last = jnp.sum(positions >= 0) - 1
-    draft = _draw(key, logits[:, last], (temperature, top_k, top_p), is_greedy)
-    return draft, logits[:, last], hidden[:, last], mtp_cache
+    hidden, mtp_cache = mtp_chain(params, normed, next_tokens, positions, mtp_cache, cfg)
+    hidden = hidden[:, jnp.sum(positions >= 0) - 1]
+    logits = mtp.draft_logits(params, hidden, cfg)
+    draft = _draw(key, logits, (temperature, top_k, top_p), is_greedy)
+    return draft, logits, hidden, mtp_cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "drafter", "is_greedy"), donate_argnames="dstate")

@@ -31,7 +31,7 @@ import numpy as np
 
 from mimo_jax import drafter_files, model, mtp, mtp_drafter
 from mimo_jax.config import ModelConfig
-from mimo_jax.drafter_data import Data, DataNotCached, datasets
+from mimo_jax.drafter_data import Data, DataNotCached, datasets, draft_vocab
 from mimo_jax.errors import InputError
 from mimo_jax.train_drafter import Schedule, lr_at, report, target_pass, time_budget
 
@@ -192,6 +192,10 @@ def main(argv=None) -> None:
     ap.add_argument("--eval_prompts", type=int, default=8)
     ap.add_argument("--eval_tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--draft_vocab", type=int, default=0, help="tokens the drafter may propose (the target's most "
+                    "frequent labels in the data; each draft position then reads only their lm_head rows: for a "
+                    "152K-token head; on SmolLM2 8192 cost chat acceptance, BENCHMARKS.md). 0 = every token; an "
+                    "--init file's own vocabulary wins")
     ap.add_argument("--init", default=None, help="start from this MTP drafter file's weights (fine-tuning; its layer "
                     "count replaces --layers; optimizer and schedule start fresh)")
     a = ap.parse_args(argv)
@@ -200,6 +204,8 @@ def main(argv=None) -> None:
     for name in ("steps", "batch", "layers", "window", "depths", "k"):
         if getattr(a, name) < 1:
             ap.error(f"--{name} must be >= 1, got {getattr(a, name)}")
+    if a.draft_vocab < 0:
+        ap.error(f"--draft_vocab must be >= 0, got {a.draft_vocab}")
     if a.init is not None and not Path(a.init).is_file():
         ap.error(f"--init {a.init}: no such file")
     if a.init is not None and not mtp_drafter.is_mtp_file(a.init):
@@ -221,9 +227,14 @@ def main(argv=None) -> None:
         print(f"NO CACHED DATA: {e}", file=sys.stderr)
         sys.exit(3)
     init, layers, window = None, a.layers, a.window
+    vocab = None
+    if 0 < a.draft_vocab < engine.cfg.vocab_size:
+        vocab = draft_vocab(data, a.draft_vocab, engine.cfg.vocab_size)
     if a.init:
         try:
             icfg, init = mtp_drafter.load(a.init, engine.cfg)
+            own = mtp_drafter.draft_vocab(a.init, engine.cfg)
+            vocab = vocab if own is None else own
         except InputError as e:
             ap.error(f"--init: {e}")
         layers, window = icfg.num_mtp_layers, icfg.attention("sliding").window
@@ -236,7 +247,10 @@ def main(argv=None) -> None:
             "device": jax.devices()[0].device_kind, "final_loss": hist[-1][1] if hist else None,
             "train_acceptance": hist[-1][2] if hist else None, "layers": mcfg.num_mtp_layers, "depths": a.depths}
     final = out / "drafter.safetensors"
-    mtp_drafter.save(final, w, mcfg, engine.cfg, {"training": info})
+    if vocab is not None:
+        info["draft_vocab"] = len(vocab)
+        info["draft_vocab_coverage"] = round(float(np.isin(data.labels[data.labels >= 0], np.asarray(vocab)).mean()), 4)
+    mtp_drafter.save(final, w, mcfg, engine.cfg, {"training": info}, vocab=vocab)
     print(f"[wrote {final} ({final.stat().st_size / 1e6:.1f} MB); {info}]", file=sys.stderr)
     report(engine, final, out, {"training": info}, a, t_start)
 

@@ -123,13 +123,13 @@ def test_mtp_refresh_feeds_every_layer_true_inputs(tiny):
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, t)), jnp.int32)
     fresh = lambda: speculative.mtp_init(params, cfg, 4, jnp.float32)  # noqa: E731
     chain = jax.jit(speculative.mtp_chain, static_argnames="cfg")
-    _, _, whole = chain(params, normed, tokens, jnp.arange(t, dtype=jnp.int32), fresh(), cfg=cfg)
+    _, whole = chain(params, normed, tokens, jnp.arange(t, dtype=jnp.int32), fresh(), cfg=cfg)
     state, start = fresh(), 0
     for n in (11, 3, 1, 5, 2, 4, 4):  # positions per call; calls after the first hold k + 1 = 5 slots
         width = n if start == 0 else 5
         idx = np.minimum(start + np.arange(width), t - 1)
         pos = jnp.asarray(np.where(np.arange(width) < n, start + np.arange(width), -1), jnp.int32)
-        _, _, state = chain(params, normed[:, idx], tokens[:, idx], pos, state, cfg=cfg)
+        _, state = chain(params, normed[:, idx], tokens[:, idx], pos, state, cfg=cfg)
         start += n
     assert start == t
     np.testing.assert_allclose(np.asarray(state["carry"]), np.asarray(whole["carry"]), atol=1e-5)

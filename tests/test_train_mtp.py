@@ -93,20 +93,66 @@ def _acceptance(target, path, prompts, k=4, n=24):
     return float((hist * np.arange(k + 1)).sum() / hist.sum())
 
 
-def test_training_raises_acceptance_and_greedy_stays_exact(tmp_path, target, data):
-    prompts, d = data
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, target, data):
+    """(MTP weights trained 150 steps on `data`, their config, the run's directory)."""
+    _, d = data
+    out = tmp_path_factory.mktemp("trained")
+    w, mcfg, hist = train_mtp.train(target, d, out, steps=150, batch=8, lr=3e-3, layers=1, window=32, depths=3,
+                                    log=False)
+    assert hist
+    return w, mcfg, out
+
+
+def test_training_raises_acceptance_and_greedy_stays_exact(tmp_path, target, data, trained):
+    prompts, _ = data
+    w, mcfg2, out = trained
     untrained = tmp_path / "untrained.safetensors"
     mcfg = mtp_drafter.config_for(target.cfg, 1, 32)
     mtp_drafter.save(untrained, mtp_drafter.init_weights(target.params, mcfg, jax.random.PRNGKey(0)), mcfg,
                      target.cfg)
-    w, mcfg2, hist = train_mtp.train(target, d, tmp_path, steps=150, batch=8, lr=3e-3, layers=1, window=32,
-                                     depths=3, log=False)
-    assert mcfg2 == mcfg and hist and (tmp_path / "last.safetensors").is_file()
-    trained = tmp_path / "trained.safetensors"
-    mtp_drafter.save(trained, w, mcfg, target.cfg)
+    assert mcfg2 == mcfg and (out / "last.safetensors").is_file()
+    path = tmp_path / "trained.safetensors"
+    mtp_drafter.save(path, w, mcfg, target.cfg)
     seen = prompts[:4]  # prompts it trained on: the tiny random target's continuations are what it learned
-    before, after = _acceptance(target, untrained, seen), _acceptance(target, trained, seen)
+    before, after = _acceptance(target, untrained, seen), _acceptance(target, path, seen)
     assert after > before + 0.3, (before, after)
+
+
+def test_draft_vocabulary(tmp_path, target, data, trained):
+    """A file with a draft vocabulary: the drafter's logits are the lm_head's on those tokens and -inf on the rest;
+    speculative greedy still equals plain greedy, and with the tokens the target emits on those prompts in the
+    vocabulary the drafter is accepted as often as without one (the same weights)."""
+    from mimo_jax import drafter_data, mtp
+
+    prompts, d = data
+    w, mcfg, _ = trained
+    seen = prompts[:4]
+    full, small = tmp_path / "full.safetensors", tmp_path / "vocab.safetensors"
+    vocab = drafter_data.draft_vocab(d, target.cfg.vocab_size // 4, target.cfg.vocab_size)
+    mtp_drafter.save(full, w, mcfg, target.cfg, dtype=np.float32)
+    mtp_drafter.save(small, w, mcfg, target.cfg, dtype=np.float32, vocab=vocab[::-1])  # stored sorted on load
+    np.testing.assert_array_equal(np.asarray(mtp_drafter.draft_vocab(small, target.cfg)), vocab)
+    assert mtp_drafter.draft_vocab(full, target.cfg) is None
+
+    cfg, params = mtp_drafter.attach(small, target.cfg, target.params, jnp.float32)
+    h = jax.random.normal(jax.random.PRNGKey(2), (3, cfg.hidden_size))
+    ref = mtp.draft_logits(params, h, cfg)
+    got = mtp.draft_logits({**params, "drafter": mtp_drafter.drafter_weights(small, cfg, params)}, h, cfg)
+    inside = np.isin(np.arange(cfg.vocab_size), vocab)
+    np.testing.assert_allclose(np.asarray(got)[:, inside], np.asarray(ref)[:, inside], rtol=1e-5, atol=1e-5)
+    assert np.all(np.isneginf(np.asarray(got)[:, ~inside]))
+
+    spec = Engine(target.cfg, target.params, max_seq_len=256, speculative_k=4, drafter=str(small))
+    assert set(spec.step_params["drafter"]) == {"vocab", "head"}
+    emitted = {t for p in seen for t in target.generate(p, 24, stop_at_eos=False).token_ids}
+    assert emitted <= set(vocab.tolist())  # draft_vocab of their own continuations
+    accepted = _acceptance(target, full, seen)
+    assert accepted > 0 and _acceptance(target, small, seen) == accepted
+    none = tmp_path / "none.safetensors"  # a vocabulary without the tokens the target emits: never accepted
+    mtp_drafter.save(none, w, mcfg, target.cfg, dtype=np.float32,
+                     vocab=np.setdiff1d(np.arange(target.cfg.vocab_size), sorted(emitted))[:64])
+    assert _acceptance(target, none, seen) == 0.0
 
 
 def test_resume_continues_from_the_saved_step(tmp_path, target, data):
