@@ -28,6 +28,7 @@
 # (INIT, default mimo_jax/drafters/smollm2_135m_block.safetensors) on new data (DATA_SEED, default 1: other code
 # prompts, chat instructions and source windows; ~19M target tokens, ~3 min), with a fresh schedule annealed to 0 at the call's
 # deadline, then evaluates it like PHASE=one (the same held-out sets): each session's device time adds to the last.
+# DRAFT_VOCAB=N (optional) widens the drafter's vocabulary (its own list joined with the new data's N most frequent).
 #   carry [".gg2"]  command: PHASE=tune bash benchmarks/train_drafter_gpu.sh carried $OUT
 # PHASE=mtp (one call; right after a tune call with the same DATA_SEED it reuses that call's data): trains the other
 # drafter kind, an MTP layer (train_mtp.py): fine-tunes the shipped one (MTP_INIT, default
@@ -112,6 +113,8 @@ elif [ "$PHASE" = tune ]; then
   # a data_seed), 24576 teacher-forced stdlib windows (~19M target tokens)
   RUN_FLAGS=(--code_prompts 24576 --chat_prompts 27200 --source_windows 24576 --steps 1000000 --deadline "$DEADLINE"
              --init "$INIT" --data_seed "${DATA_SEED:-1}" --lr 5e-4)  # half the first run's peak: a fine-tune
+  # DRAFT_VOCAB=N widens the drafter's vocabulary to its own plus the new data's N most frequent tokens
+  if [ -n "${DRAFT_VOCAB:-}" ]; then RUN_FLAGS+=(--draft_vocab "$DRAFT_VOCAB"); fi
 elif [ "$PHASE" = mtp ]; then
   # the other drafter kind: one new MTP layer (MiMo's layout) chained 8 deep, trained 4 deep, on PHASE=tune's data
   # flags (the same DATA_SEED after a tune call on this machine reads its cache: no data time)

@@ -341,12 +341,14 @@ def main(argv=None) -> None:
     ap.add_argument("--intermediate", type=int, default=1536)
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--block", type=int, default=8)
-    ap.add_argument("--draft_vocab", type=int, default=8192)
+    ap.add_argument("--draft_vocab", type=int, default=None, help="tokens the drafter proposes: the target's N most "
+                    "frequent labels in the data (default 8192; with --init, the file's list, or, given, the file's "
+                    "list joined with the data's N most frequent: the weights do not depend on it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     ap.add_argument("--init", default=None, help="start from this drafter file's weights (fine-tuning; its shape "
-                    "and draft vocabulary replace --layers/--intermediate/--window/--block/--draft_vocab/"
-                    "--target_layers), with a fresh optimizer and schedule")
+                    "replaces --layers/--intermediate/--window/--block/--target_layers; its draft vocabulary is kept, "
+                    "widened by an explicit --draft_vocab), with a fresh optimizer and schedule")
     ap.add_argument("--data_seed", type=int, default=0, help="other training code prompts, chat instructions and "
                     "source windows than seed 0's (new data for a fine-tuning run)")
     ap.add_argument("--max_minutes", type=float, default=0.0, help="stop training after this long (0: no limit)")
@@ -368,6 +370,8 @@ def main(argv=None) -> None:
         ap.error(f"--model {a.model}: no such file or directory")
     if a.init is not None and not Path(a.init).is_file():
         ap.error(f"--init {a.init}: no such file")
+    if a.draft_vocab is not None and a.draft_vocab < 1:
+        ap.error(f"--draft_vocab must be >= 1, got {a.draft_vocab}")
     out.mkdir(parents=True, exist_ok=True)
 
     from mimo_jax.engine import Engine
@@ -387,7 +391,7 @@ def main(argv=None) -> None:
         sys.exit(3)
     data_s = time.perf_counter() - t0
     d = bd.BlockConfig.for_target(cfg, num_layers=a.layers, intermediate_size=a.intermediate, window=a.window,
-                                  block_size=a.block, draft_vocab=min(a.draft_vocab, cfg.vocab_size),
+                                  block_size=a.block, draft_vocab=min(a.draft_vocab or 8192, cfg.vocab_size),
                                   num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                                   target_layers=target_layers(a.target_layers, cfg.num_layers))
     vocab = draft_vocab(data, d.draft_vocab, cfg.vocab_size)
@@ -397,7 +401,9 @@ def main(argv=None) -> None:
             d, loaded, _ = bd.load(a.init, jnp.float32, target=cfg)
         except InputError as e:  # not a block drafter, or one for another model
             ap.error(f"--init: {e}")
-        init, vocab = loaded["w"], np.asarray(loaded["vocab"])
+        init, own = loaded["w"], np.asarray(loaded["vocab"])
+        vocab = own if a.draft_vocab is None else np.union1d(own, vocab).astype(np.int32)
+        d = dataclasses.replace(d, draft_vocab=len(vocab))
         print(f"[--init {a.init}: {d.num_layers} layers, draft vocab {len(vocab)}, target layers "
               f"{d.target_layers}]", file=sys.stderr)
     if a.resume and (out / "last.safetensors").is_file():  # the vocabulary the weights were trained with

@@ -2,6 +2,8 @@
 acceptance of greedy speculative decoding, a run resumed over several calls is the uninterrupted run, the command
 line runs end to end."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -213,13 +215,17 @@ def test_command_line_end_to_end(tmp_path):
     train_drafter.main(args + later)
     state = train_drafter.run_state(out / "last.safetensors")
     assert state["step"] == 4 and state["train_s"] > done and state["rng"] is not None
-    # fine-tuning the result on other data: --init takes the file's shape and vocabulary, --data_seed new prompts
+    # fine-tuning the result on other data: --init takes the file's shape and vocabulary (an explicit --draft_vocab
+    # widens it: the file's tokens and the new data's 1024 most frequent), --data_seed new prompts
     cached = set((tmp_path / "cache").iterdir())
     tuned = tmp_path / "tuned"
-    train_drafter.main(args[:1] + [str(tuned)] + args[2:] + ["--init", str(out / "drafter.safetensors"),
+    wide = [v if v != "512" else "1024" for v in args]
+    train_drafter.main(wide[:1] + [str(tuned)] + wide[2:] + ["--init", str(out / "drafter.safetensors"),
                                                             "--data_seed", "1", "--eval_prompts", "0"])
     assert len(set((tmp_path / "cache").iterdir()) - cached) == 2  # new code and chat data (no source windows here)
-    assert bd.load(tuned / "drafter.safetensors")[0] == bd.load(out / "drafter.safetensors")[0]
+    (d0, w0, _), (d1, w1, _) = bd.load(out / "drafter.safetensors"), bd.load(tuned / "drafter.safetensors")
+    assert dataclasses.replace(d1, draft_vocab=512) == d0 and d1.draft_vocab == len(w1["vocab"]) >= 1024
+    assert set(np.asarray(w0["vocab"]).tolist()) <= set(np.asarray(w1["vocab"]).tolist())
     with pytest.raises(SystemExit):
         train_drafter.main(args + ["--init", str(tmp_path / "cache")])  # not a file: one line, exit 2
 
