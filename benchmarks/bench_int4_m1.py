@@ -225,6 +225,8 @@ def pair_section(E, K, N, nw, n_sets, sweep_top):
             if sp >= 1 and (K // GS) % sp == 0 and K // GS // sp >= 1:
                 tries.append(dict(split_k=sp))
         tries += [dict(num_stages=s) for s in (2, 4, 6)]
+        tries += [dict(num_warps=w) for w in (2, 8) if w != base.num_warps]  # warps in flight per SM (session 4:
+        tries += [dict(bn=b) for b in (64, 256) if b != base.bn and N % b == 0]  # latency-bound, ~0.5 IPC)
         for over in tries:
             cfg = dataclasses.replace(base, **over)
             guard(f"{label} {over}", lambda: m1(f"{label} {over}", cfg))
