@@ -81,7 +81,8 @@ def test_speculative_step_compiles_once(tiny):
 
 
 @pytest.mark.parametrize("drafter,settings", [("mtp", (1.0, 0, 1.0)), ("mtp", (0.8, 5, 0.9)),
-                                              (ORACLE, (1.0, 0, 1.0)), (BLOCK, (0.8, 5, 0.9))],
+                                              ("mtp_vocab", (0.8, 5, 0.9)), (ORACLE, (1.0, 0, 1.0)),
+                                              (BLOCK, (0.8, 5, 0.9))],
                          ids=lambda v: getattr(v, "name", None))
 def test_sampling_is_lossless(drafter, settings, tmp_path):
     """Chi-square goodness of fit, over N = 1500 fixed seeds with k = 2, of the joint of tokens 1 and 2 (the
@@ -93,6 +94,11 @@ def test_sampling_is_lossless(drafter, settings, tmp_path):
     params = {**params, "embed": params["embed"] * 0.5}
     if drafter == BLOCK:  # a draft vocabulary of 8 of the 16 tokens: q = 0 on the others
         drafter = block_file(cfg, tmp_path, 8)
+    if drafter == "mtp_vocab":  # the model's own MTP layers from a file with a draft vocabulary of 8 of 16 tokens
+        from mimo_jax import mtp_drafter
+
+        drafter = str(tmp_path / "mtp.safetensors")
+        mtp_drafter.save(drafter, params["mtp"], cfg, cfg, dtype=np.float32, vocab=np.arange(0, 16, 2))
     temperature, top_k, top_p = settings
     prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
     p1, p2, p3 = exact_dists(cfg, params, prompt, (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p)), 3)
