@@ -134,45 +134,63 @@ def head_rows(tparams, cfg: ModelConfig, vocab):
     return jnp.take(tparams["lm_head"], vocab, axis=1).T
 
 
+def context_kv(w, d: BlockConfig, ctx, ctx_pos):
+    """The context's keys (RoPE'd at their positions) and values for every drafter layer: ctx [B,C,F*H] features
+    at ctx_pos [B,C] (-1: none) -> (k, v), each [L,B,C,nkv,hd] (stacked layers) or a tuple of L [B,C,nkv,hd]
+    (per-layer buffers, `unstack_layers`). They depend on the context alone, so a decode keeps them in its ring
+    (`write`) instead of projecting all `window` positions again every step."""
+    b, nkv, hd, dtype = ctx.shape[0], d.num_kv_heads, d.head_dim, w["fc"].dtype
+    c = rms_norm(jnp.dot(ctx.astype(dtype), w["fc"]), w["ctx_norm"], d.rms_norm_eps)  # [B,C,H]
+    cpos = jnp.maximum(ctx_pos, 0)
+
+    def one(p):
+        return (rope((c @ p["wk"]).reshape(b, -1, nkv, hd), cpos, d.rope_theta, hd),
+                (c @ p["wv"]).reshape(b, -1, nkv, hd))
+
+    if isinstance(w["layers"], (tuple, list)):
+        pairs = [one(p) for p in w["layers"]]
+        return tuple(k for k, _ in pairs), tuple(v for _, v in pairs)
+    return jax.vmap(one)(w["layers"])
+
+
 def block_logits(w, vocab, tparams, cfg: ModelConfig, d: BlockConfig, ctx, ctx_pos, token, position, block: int,
-                 head=None):
+                 head=None, ctx_kv=None):
     """The drafter's forward for A blocks sharing one context (training packs many blocks of a sequence; a
     decode step has A = 1). ctx [B,C,H] target normed hidden states at positions ctx_pos [B,C] (-1: none),
     token [B,A] at position [B,A] -> logits [B,A,block,Vd] f32 over the draft vocabulary; slot j predicts the
     token at position+j+1. Block a sees the context positions in [position_a - window, position_a). ctx holds
-    the features ([B,C,F*H], `features`)."""
+    the features ([B,C,F*H], `features`); ctx_kv: their `context_kv` if already computed (ctx is then unused)."""
     (b, a), h, eps = token.shape, d.hidden_size, d.rms_norm_eps
     nh, nkv, hd, dtype = d.num_heads, d.num_kv_heads, d.head_dim, w["fc"].dtype
-    c = rms_norm(jnp.dot(ctx.astype(dtype), w["fc"]), w["ctx_norm"], eps)  # [B,C,H]
+    ck, cv = ctx_kv if ctx_kv is not None else context_kv(w, d, ctx, ctx_pos)
     x = jnp.broadcast_to(w["mask"], (b, a, block, h))
     x = x.at[:, :, 0].set(model.embed(tparams, token).astype(dtype)).reshape(b * a, block, h)
     qpos = (position[..., None] + jnp.arange(block, dtype=jnp.int32)).reshape(b * a, block)
     anchor = position[..., None]  # [B,A,1]
     seen = (ctx_pos[:, None] >= 0) & (ctx_pos[:, None] < anchor) & (ctx_pos[:, None] >= anchor - d.window)
-    mask = jnp.concatenate([jnp.broadcast_to(seen[:, :, None], (b, a, block, ctx.shape[1])),
+    mask = jnp.concatenate([jnp.broadcast_to(seen[:, :, None], (b, a, block, ctx_pos.shape[1])),
                             jnp.ones((b, a, block, block), bool)], axis=-1).reshape(b * a, block, -1)
-    cpos = jnp.maximum(ctx_pos, 0)
 
     def per_block(t):  # [B, C, ...] -> [B*A, C, ...]: the context's keys/values, shared by the blocks
         return jnp.broadcast_to(t[:, None], (b, a) + t.shape[1:]).reshape((b * a,) + t.shape[1:])
 
-    def layer(x, p):
+    def layer(x, p_kv):
+        p, kc, vc = p_kv
         y = rms_norm(x, p["attn_norm"], eps)
-        # the context features join every layer's keys and values (computed once per sequence)
-        k = jnp.concatenate([per_block(rope((c @ p["wk"]).reshape(b, -1, nkv, hd), cpos, d.rope_theta, hd)),
+        # the context's keys and values join every layer's own (computed once per context position)
+        k = jnp.concatenate([per_block(kc.astype(dtype)),
                              rope((y @ p["wk"]).reshape(b * a, block, nkv, hd), qpos, d.rope_theta, hd)], axis=1)
-        v = jnp.concatenate([per_block((c @ p["wv"]).reshape(b, -1, nkv, hd)),
-                             (y @ p["wv"]).reshape(b * a, block, nkv, hd)], axis=1)
+        v = jnp.concatenate([per_block(vc.astype(dtype)), (y @ p["wv"]).reshape(b * a, block, nkv, hd)], axis=1)
         q = rope((y @ p["wq"]).reshape(b * a, block, nh, hd), qpos, d.rope_theta, hd)
         out = attend(q.reshape(b * a, block, nkv, nh // nkv, hd), k, v, mask, None, hd ** -0.5)
         x = x + out.reshape(b * a, block, nh * hd) @ p["wo"]
         return x + swiglu(p, rms_norm(x, p["mlp_norm"], eps)), None
 
     if isinstance(w["layers"], (tuple, list)):  # per-layer buffers (`unstack_layers`, inference): straight-line
-        for p in w["layers"]:
-            x, _ = layer(x, p)
+        for p_kv in zip(w["layers"], ck, cv):
+            x, _ = layer(x, p_kv)
     else:
-        x, _ = jax.lax.scan(layer, x, w["layers"])
+        x, _ = jax.lax.scan(layer, x, (w["layers"], ck, cv))
     out = rms_norm(x, w["final_norm"], eps).reshape(b, a, block, h)
     rows = (head if head is not None else head_rows(tparams, cfg, vocab)).astype(dtype)
     return jnp.einsum("bath,vh->batv", out, rows, preferred_element_type=jnp.float32)
@@ -189,28 +207,37 @@ def unstack_layers(w: dict) -> dict:
 # ---- the Drafter (speculative.py's protocol) ----
 
 def init_state(d: BlockConfig, batch: int, dtype) -> dict:
-    return {"ctx": jnp.zeros((batch, d.window, d.feature_size), dtype), "pos": jnp.full((batch, d.window), -1, jnp.int32)}
+    """The decode's context ring: each slot's keys and values per drafter layer ([L,B,window,nkv,hd]) and its
+    position (-1: empty)."""
+    kv = (d.num_layers, batch, d.window, d.num_kv_heads, d.head_dim)
+    return {"k": jnp.zeros(kv, dtype), "v": jnp.zeros(kv, dtype), "pos": jnp.full((batch, d.window), -1, jnp.int32)}
 
 
-def write(state: dict, hidden, positions) -> dict:
-    """Put features [1,T,F*H] at positions [T] (-1 = skip) into the ring (slot = position % window); of a chunk
-    longer than the ring only the last `window` positions are kept."""
-    size = state["ctx"].shape[1]
-    if hidden.shape[-1] != state["ctx"].shape[-1]:
-        raise ValueError(f"the block drafter conditions on {state['ctx'].shape[-1] // max(hidden.shape[-1], 1)} "
-                         f"target layers ({state['ctx'].shape[-1]} features) but was given {hidden.shape[-1]}: "
+def write(state: dict, w, d: BlockConfig, hidden, positions) -> dict:
+    """Project features [1,T,F*H] at positions [T] (-1 = skip) into context keys/values (`context_kv`) and put
+    them in the ring (slot = position % window); of a chunk longer than the ring only the last `window` positions
+    are kept."""
+    size = state["pos"].shape[1]
+    if hidden.shape[-1] != d.feature_size:
+        raise ValueError(f"the block drafter conditions on {len(d.target_layers) + 1} target layers "
+                         f"({d.feature_size} features) but was given {hidden.shape[-1]}: "
                          "the caller must run the target with taps=drafter.taps and pass "
                          "block_drafter.features(...) (speculative.target_chunk(..., taps=...))")
     keep = (positions >= 0) & (positions > jnp.max(positions) - size)
     slots = jnp.where(keep, positions % size, size)  # size: out of range, dropped
-    return {"ctx": state["ctx"].at[0, slots].set(hidden[0].astype(state["ctx"].dtype), mode="drop"),
+    k, v = (jnp.stack(t) if isinstance(t, tuple) else t for t in context_kv(w, d, hidden, positions[None]))
+    return {"k": state["k"].at[:, 0, slots].set(k[:, 0].astype(state["k"].dtype), mode="drop"),
+            "v": state["v"].at[:, 0, slots].set(v[:, 0].astype(state["v"].dtype), mode="drop"),
             "pos": state["pos"].at[0, slots].set(positions.astype(jnp.int32), mode="drop")}
 
 
 def _propose(params, state, key, settings, cfg, k, is_greedy, d: BlockConfig):
     ring, dw = state["mtp_cache"], params["drafter"]
-    sub = block_logits(dw["w"], dw["vocab"], params, cfg, d, ring["ctx"], ring["pos"], state["token"][:, None],
-                       state["position"][None, None], max(k, d.block_size), dw.get("head"))[:, 0, :k]  # [1, k, Vd]
+    kv = (ring["k"], ring["v"])  # [L,1,window,nkv,hd] each; per layer for per-layer weights
+    if isinstance(dw["w"]["layers"], (tuple, list)):
+        kv = tuple(tuple(t[i] for i in range(d.num_layers)) for t in kv)
+    sub = block_logits(dw["w"], dw["vocab"], params, cfg, d, None, ring["pos"], state["token"][:, None],
+                       state["position"][None, None], max(k, d.block_size), dw.get("head"), ctx_kv=kv)[:, 0, :k]
     q = jnp.full(sub.shape[:2] + (cfg.vocab_size,), -jnp.inf, jnp.float32).at[:, :, dw["vocab"]].set(sub)
     if is_greedy:
         drafts = dw["vocab"][jnp.argmax(sub, axis=-1)].astype(jnp.int32)
@@ -223,7 +250,8 @@ def _refresh(params, state, normed, emitted, n_acc, key, settings, cfg, is_greed
     """The verify pass's hidden states of the accepted positions P..P+n join the context ring."""
     k1 = normed.shape[1]
     positions = jnp.where(jnp.arange(k1) <= n_acc, state["position"] + jnp.arange(k1), -1)
-    return state["draft"], state["draft_logits"], state["draft_hidden"], write(state["mtp_cache"], normed, positions)
+    return (state["draft"], state["draft_logits"], state["draft_hidden"],
+            write(state["mtp_cache"], params["drafter"]["w"], d, normed, positions))
 
 
 def _init(params, cfg, k, dtype, d: BlockConfig):
@@ -231,7 +259,7 @@ def _init(params, cfg, k, dtype, d: BlockConfig):
 
 
 def _prefill(params, dstate, normed, next_tokens, positions, key, settings, cfg, is_greedy, d: BlockConfig):
-    return write(dstate, normed, positions)
+    return write(dstate, params["drafter"]["w"], d, normed, positions)
 
 
 @functools.lru_cache(maxsize=None)

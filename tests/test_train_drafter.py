@@ -173,6 +173,34 @@ def test_init_fine_tunes_given_weights(tmp_path, target, data):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_ring_keys_values_equal_the_forward_from_features(target, per_layer):
+    """A decode's ring keeps each context position's keys/values (block_drafter.write, in chunks that wrap the
+    ring) instead of features: the proposal's logits equal block_logits computing them from the features of the
+    positions the ring holds, for stacked (training) and per-layer (inference) weights."""
+    cfg = target.cfg
+    d = dataclasses.replace(dcfg(cfg), num_layers=2, window=16)
+    w = bd.init_weights(d, jax.random.PRNGKey(5))
+    if per_layer:
+        w = bd.unstack_layers(w)
+    vocab = jnp.arange(d.draft_vocab, dtype=jnp.int32)
+    feats = jax.random.normal(jax.random.PRNGKey(6), (1, 45, d.feature_size))
+    state, start = bd.init_state(d, 1, jnp.float32), 0
+    for n, width in ((11, 11), (3, 5), (1, 5), (5, 5), (20, 20), (5, 5)):  # 45 positions, padding slots -1
+        pos = jnp.asarray(np.where(np.arange(width) < n, start + np.arange(width), -1), jnp.int32)
+        state = bd.write(state, w, d, feats[:, np.minimum(start + np.arange(width), 44)], pos)
+        start += n
+    assert sorted(np.asarray(state["pos"][0]).tolist()) == list(range(45 - 16, 45))
+    token, position = jnp.array([[7]]), jnp.array([[45]])
+    kv = (state["k"], state["v"])
+    if per_layer:
+        kv = tuple(tuple(t[i] for i in range(2)) for t in kv)
+    got = bd.block_logits(w, vocab, target.params, cfg, d, None, state["pos"], token, position, 4, ctx_kv=kv)
+    ctx = feats[:, np.asarray(state["pos"][0])]  # the features of the positions in the ring's slot order
+    want = bd.block_logits(w, vocab, target.params, cfg, d, ctx, state["pos"], token, position, 4)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_schedule_progress_stop_and_finish():
     s = train_drafter.Schedule(steps=10 ** 6, plan_s=600, call_s=120, done_s=300)
     assert s.progress(0, 60) == pytest.approx(0.6) and not s.stop(119) and s.stop(120)
