@@ -284,11 +284,21 @@ def test_speculative_greedy_slots_equal_batch_one(tiny):
 
 
 @pytest.mark.slow
-def test_speculative_mtp_sampling_per_slot_equals_batch_one(tiny):
+@pytest.mark.parametrize("vocab", [False, True])
+def test_speculative_mtp_sampling_per_slot_equals_batch_one(tiny, tmp_path, vocab):
     """The MTP drafter, greedy and sampled slots in the same steps: a greedy slot gives plain greedy output, a
     sampled one exactly the tokens of the batch-1 speculative Engine with its seed (whose sampling is lossless:
-    test_speculative.py), each keyed by its own seed and positions."""
-    spec = Engine(tiny.cfg, tiny.params, max_seq_len=CAPACITY, prefill_chunk=16, speculative_k=2, drafter="mtp")
+    test_speculative.py), each keyed by its own seed and positions. vocab: the model's own MTP layers from a file
+    with a draft vocabulary (half the tokens; its lm_head rows under params["drafter"])."""
+    drafter = "mtp"
+    if vocab:
+        from mimo_jax import mtp_drafter
+
+        drafter = str(tmp_path / "mtp.safetensors")
+        mtp_drafter.save(drafter, tiny.params["mtp"], tiny.cfg, tiny.cfg, dtype=np.float32,
+                         vocab=np.arange(0, tiny.cfg.vocab_size, 2))
+    spec = Engine(tiny.cfg, tiny.params, max_seq_len=CAPACITY, prefill_chunk=16, speculative_k=2, drafter=drafter)
+    assert ("drafter" in spec.step_params) == vocab
     settings = [dict(temperature=0.0), dict(temperature=1.0, seed=3), dict(temperature=0.8, top_k=6, seed=4)]
     requests = [Request(prompt(6 + 13 * i, 50 + i), max_new_tokens=12 + 3 * i, stop_at_eos=False, **s)
                 for i, s in enumerate(settings)]
