@@ -134,10 +134,15 @@ def head_rows(tparams, cfg: ModelConfig, vocab):
     return jnp.take(tparams["lm_head"], vocab, axis=1).T
 
 
+def full_vocab(sub, vocab, vocab_size: int):
+    """Logits over a draft vocabulary [..., Vd] -> over the target's [..., V], -inf on the tokens outside it (q = 0:
+    never drafted, which keeps speculative sampling lossless)."""
+    return jnp.full(sub.shape[:-1] + (vocab_size,), -jnp.inf, jnp.float32).at[..., vocab].set(sub)
+
+
 def context_kv(w, d: BlockConfig, ctx, ctx_pos):
     """The context's keys (RoPE'd at their positions) and values for every drafter layer: ctx [B,C,F*H] features
-    at ctx_pos [B,C] (-1: none) -> (k, v), each [L,B,C,nkv,hd] (stacked layers) or a tuple of L [B,C,nkv,hd]
-    (per-layer buffers, `unstack_layers`). They depend on the context alone, so a decode keeps them in its ring
+    at ctx_pos [B,C] (-1: none) -> (k, v), each [L,B,C,nkv,hd] (stacked or per-layer weights alike). They depend on the context alone, so a decode keeps them in its ring
     (`write`) instead of projecting all `window` positions again every step."""
     b, nkv, hd, dtype = ctx.shape[0], d.num_kv_heads, d.head_dim, w["fc"].dtype
     c = rms_norm(jnp.dot(ctx.astype(dtype), w["fc"]), w["ctx_norm"], d.rms_norm_eps)  # [B,C,H]
@@ -149,7 +154,7 @@ def context_kv(w, d: BlockConfig, ctx, ctx_pos):
 
     if isinstance(w["layers"], (tuple, list)):
         pairs = [one(p) for p in w["layers"]]
-        return tuple(k for k, _ in pairs), tuple(v for _, v in pairs)
+        return jnp.stack([k for k, _ in pairs]), jnp.stack([v for _, v in pairs])
     return jax.vmap(one)(w["layers"])
 
 
@@ -187,8 +192,8 @@ def block_logits(w, vocab, tparams, cfg: ModelConfig, d: BlockConfig, ctx, ctx_p
         return x + swiglu(p, rms_norm(x, p["mlp_norm"], eps)), None
 
     if isinstance(w["layers"], (tuple, list)):  # per-layer buffers (`unstack_layers`, inference): straight-line
-        for p_kv in zip(w["layers"], ck, cv):
-            x, _ = layer(x, p_kv)
+        for i, p in enumerate(w["layers"]):
+            x, _ = layer(x, (p, ck[i], cv[i]))
     else:
         x, _ = jax.lax.scan(layer, x, (w["layers"], ck, cv))
     out = rms_norm(x, w["final_norm"], eps).reshape(b, a, block, h)
@@ -225,7 +230,7 @@ def write(state: dict, w, d: BlockConfig, hidden, positions) -> dict:
                          "block_drafter.features(...) (speculative.target_chunk(..., taps=...))")
     keep = (positions >= 0) & (positions > jnp.max(positions) - size)
     slots = jnp.where(keep, positions % size, size)  # size: out of range, dropped
-    k, v = (jnp.stack(t) if isinstance(t, tuple) else t for t in context_kv(w, d, hidden, positions[None]))
+    k, v = context_kv(w, d, hidden, positions[None])
     return {"k": state["k"].at[:, 0, slots].set(k[:, 0].astype(state["k"].dtype), mode="drop"),
             "v": state["v"].at[:, 0, slots].set(v[:, 0].astype(state["v"].dtype), mode="drop"),
             "pos": state["pos"].at[0, slots].set(positions.astype(jnp.int32), mode="drop")}
@@ -233,12 +238,10 @@ def write(state: dict, w, d: BlockConfig, hidden, positions) -> dict:
 
 def _propose(params, state, key, settings, cfg, k, is_greedy, d: BlockConfig):
     ring, dw = state["mtp_cache"], params["drafter"]
-    kv = (ring["k"], ring["v"])  # [L,1,window,nkv,hd] each; per layer for per-layer weights
-    if isinstance(dw["w"]["layers"], (tuple, list)):
-        kv = tuple(tuple(t[i] for i in range(d.num_layers)) for t in kv)
     sub = block_logits(dw["w"], dw["vocab"], params, cfg, d, None, ring["pos"], state["token"][:, None],
-                       state["position"][None, None], max(k, d.block_size), dw.get("head"), ctx_kv=kv)[:, 0, :k]
-    q = jnp.full(sub.shape[:2] + (cfg.vocab_size,), -jnp.inf, jnp.float32).at[:, :, dw["vocab"]].set(sub)
+                       state["position"][None, None], max(k, d.block_size), dw.get("head"),
+                       ctx_kv=(ring["k"], ring["v"]))[:, 0, :k]  # [1, k, Vd]
+    q = full_vocab(sub, dw["vocab"], cfg.vocab_size)
     if is_greedy:
         drafts = dw["vocab"][jnp.argmax(sub, axis=-1)].astype(jnp.int32)
     else:  # one key, k independent rows

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mimo_jax import model
+from mimo_jax.block_drafter import full_vocab
 from mimo_jax.config import DENSE, SLIDING, ModelConfig
 from mimo_jax.layers import rms_norm
 from mimo_jax.ops import matmul
@@ -51,7 +52,7 @@ def draft_logits(params, h, cfg: ModelConfig):
     if dw is None or "vocab" not in dw:
         return model.head(params, h, cfg)
     sub = jnp.dot(h, dw["head"].T.astype(h.dtype), preferred_element_type=jnp.float32)
-    return jnp.full(sub.shape[:-1] + (cfg.vocab_size,), -jnp.inf, jnp.float32).at[..., dw["vocab"]].set(sub)
+    return full_vocab(sub, dw["vocab"], cfg.vocab_size)
 
 
 def mtp_layer(params, j: int, hidden, tokens, positions, cache, cfg: ModelConfig):

@@ -192,10 +192,8 @@ def test_ring_keys_values_equal_the_forward_from_features(target, per_layer):
         start += n
     assert sorted(np.asarray(state["pos"][0]).tolist()) == list(range(45 - 16, 45))
     token, position = jnp.array([[7]]), jnp.array([[45]])
-    kv = (state["k"], state["v"])
-    if per_layer:
-        kv = tuple(tuple(t[i] for i in range(2)) for t in kv)
-    got = bd.block_logits(w, vocab, target.params, cfg, d, None, state["pos"], token, position, 4, ctx_kv=kv)
+    got = bd.block_logits(w, vocab, target.params, cfg, d, None, state["pos"], token, position, 4,
+                          ctx_kv=(state["k"], state["v"]))
     ctx = feats[:, np.asarray(state["pos"][0])]  # the features of the positions in the ring's slot order
     want = bd.block_logits(w, vocab, target.params, cfg, d, ctx, state["pos"], token, position, 4)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
