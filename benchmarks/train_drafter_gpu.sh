@@ -4,15 +4,19 @@
 # default) or over several back-to-back calls on the same warm machine (PHASE=first, middle..., last).
 #   [PHASE=...] bash benchmarks/train_drafter_gpu.sh MODEL.gguf|carried OUTDIR [TRAINER FLAGS]
 #
-# "carried": the 98 MB GGUF travels in two halves, .gg1/a + .gg2/b (each with the gguf wheel), more than one
-# call's 64 MiB carry: an earlier call carries .gg1 and copies it to /tmp; the next carries .gg2 and this script
-# joins the halves into /tmp/SmolLM2-135M-Instruct.Q4_1.gguf (the first half from .gg1/a, else /tmp/gg.a) and
-# installs the wheel into /tmp/site when `import gguf` fails. Later phases find both in /tmp.
+# "carried": the 98 MB GGUF travels in parts, .gg1/a + .gg2/b [+ .gg3/c] (.gg1 and .gg2 with the gguf wheel), more
+# than one call's 64 MiB carry (with the shipped drafters in the tree, 3 parts of ~33 MB): earlier calls carry .gg1
+# (and .gg3) and copy them to /tmp (gg.a, gg.c); the next carries .gg2 and this script joins the parts into
+# /tmp/SmolLM2-135M-Instruct.Q4_1.gguf (the first from .gg1/a, else /tmp/gg.a; the third from .gg3/c, else
+# /tmp/gg.c, when there is one) and installs the wheel into /tmp/site when `import gguf` fails. Later phases find
+# both in /tmp. Split: F=...Q4_1.gguf; head -c 32787478 $F > .gg1/a; tail -c +32787479 $F | head -c 32787478 >
+# .gg2/b; tail -c +65574957 $F > .gg3/c (md5 of the join a1231443440b107ff29f02bdb38c9d0a).
 #
 # Multi-call run, exact device commands (run tool, kind "nvidia-h200" on every call: the rates below are an H200's,
 # and the source windows' teacher-forced pass holds [1024 x 320 x 49152] f32 logits, 60 GiB; back to back, the
 # machine warm: its /tmp survives between calls, nothing else does):
 #   call 0  carry [".gg1"]  command: cp .gg1/a /tmp/gg.a && cp .gg1/gguf-*.whl /tmp/ && ls -l /tmp/gg.a
+#   (3 parts: then carry [".gg3"]  command: cp .gg3/c /tmp/gg.c)
 #   call 1  carry [".gg2"]  command: PHASE=first PLAN_MIN=19 bash benchmarks/train_drafter_gpu.sh carried $OUT
 #   call 2  carry []        command: PHASE=middle PLAN_MIN=19 bash benchmarks/train_drafter_gpu.sh carried $OUT
 #   call 3  carry []        command: PHASE=last PLAN_MIN=19 bash benchmarks/train_drafter_gpu.sh carried $OUT
@@ -83,7 +87,9 @@ if [ "$GGUF" = carried ]; then
       export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
     A=.gg1/a; [ -s "$A" ] || A=/tmp/gg.a
-    if [ -s .gg2/b ] || [ ! -s "$JOINED" ]; then cat "$A" .gg2/b > "$JOINED"; fi  # an earlier call's join stays
+    C=.gg3/c; [ -s "$C" ] || C=/tmp/gg.c  # a third part when the tree's own files leave less room per carry
+    [ -s "$C" ] || C=
+    if [ -s .gg2/b ] || [ ! -s "$JOINED" ]; then cat "$A" .gg2/b $C > "$JOINED"; fi  # an earlier call's join stays
   fi
 fi
 if [ "$PHASE" = middle ] || [ "$PHASE" = last ]; then
