@@ -47,7 +47,7 @@
 # Every call writes OUT/status (phases reached, devices), OUT/train.log, OUT/drafter.safetensors (float16 weights
 # as of this call's end: ship the last one as mimo_jax/drafters/smollm2_135m_block.safetensors) and OUT/eval.json
 # (training figures); the last (and PHASE=one) adds OUT/bench.json, OUT/bench.log, OUT/speculative.png.
-# Environment: PHASE, PLAN_MIN (default 19), TOTAL_S (wall budget of this call: 540 for one, 560 otherwise),
+# Environment: PHASE, PLAN_MIN (default 19), MTP_DEPTHS (PHASE=mtp: chain depths trained, default 4), TOTAL_S (wall budget of this call: 540 for one, 560 otherwise),
 # EVAL_S (kept for the evaluation: 170), END_S (kept after training in first/middle calls: 25), GEN_BATCH (1024),
 # BENCH_PROMPTS / BENCH_TOKENS (the evaluation's size), RUN_DIR / DATA_DIR (instead of /tmp/drafter_run and
 # /tmp/drafter_data). Extra trainer flags override the ones below (every call of a run must pass the same data
@@ -127,7 +127,7 @@ elif [ "$PHASE" = mtp ]; then
   DEADLINE=$(( T0 + ${TOTAL_S:-560} - ${EVAL_S:-170} ))
   TRAIN_OUT=$OUT
   TRAINER=mimo_jax.train_mtp
-  MODEL_FLAGS=(--batch 32 --layers 1 --depths 4 --lr 1e-3 --eval_prompts 0)
+  MODEL_FLAGS=(--batch 32 --layers 1 --depths "${MTP_DEPTHS:-4}" --lr 1e-3 --eval_prompts 0)  # MTP_DEPTHS: chain depths trained
   RUN_FLAGS=(--code_prompts 24576 --chat_prompts 27200 --source_windows 24576 --steps 1000000 --deadline "$DEADLINE"
              --data_seed "${DATA_SEED:-1}")
   # fine-tune the shipped MTP drafter (MTP_INIT; MTP_INIT=none: a fresh layer) at half the peak learning rate
