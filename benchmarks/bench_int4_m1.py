@@ -2,6 +2,7 @@
 pallas_kernels/int4_m1.py (weight layout kn / nk, x or W^T as the dot's A operand, nibble method), on one GPU.
 
     python benchmarks/bench_int4_m1.py [--deadline 250] [--json PATH]     # on the GPU
+    python benchmarks/bench_int4_m1.py --mxfp4_only [--deadline 120]      # mxfp4 pairs: folded scales vs per group
     python benchmarks/bench_int4_m1.py --smoke                            # CPU, interpret mode, tiny shapes
 
 In one process: the HBM read ceiling (jnp.sum over 4 GiB of bf16), then per shape every variant is checked
@@ -233,6 +234,61 @@ def pair_section(E, K, N, nw, n_sets, sweep_top):
     return res
 
 
+# --------------------------------------------------------------------------- mxfp4 pairs (folded scales)
+
+def mxfp4_section(E, K, N, nw, n_sets):
+    """MXFP4 (e2m1, e8m0 per 32) at the decode pair shapes: what int4_grouped_matmul routes today, the grouped
+    kernel, and int4_m1 with 1 group per dot (the scale on the f32 partial) vs fold = 2/4/8 groups per dot (the
+    power-of-two scales applied to the bf16 weights)."""
+    gs = 32
+    shape = f"mxfp4 8/{E} {'gate+up' if nw == 2 else 'down'} {K}x{N}"
+    log(f"## {shape}: {nw} weight(s) per expert, 8 pairs per call, {n_sets} disjoint expert sets")
+    ws = [Q.quantize(0.02 * jax.random.normal(jax.random.PRNGKey(K + N + j), (E, K, N)), "mxfp4", gs)
+          for j in range(nw)]
+    kn = [w.packed for w in ws]
+    nk = [jax.block_until_ready(to_nk(p)) for p in kn]
+    perm = np.asarray(jax.random.permutation(jax.random.PRNGKey(7), E))
+    id_sets = [jnp.asarray(perm[8 * i:8 * i + 8], jnp.int32) for i in range(n_sets)]
+    x = jax.random.normal(jax.random.PRNGKey(3), (8, K), jnp.float32).astype(jnp.bfloat16)
+    nb = nw * 8 * (K * N // 2 + K // gs * N) + 8 * K * 2 + 8 * N * 2
+    epi = "silu_mul" if nw == 2 else "none"
+    ids0 = id_sets[0]
+    outs = [jnp.einsum("mk,mkn->mn", x.astype(jnp.float32), Q.dequantize(w, jnp.float32)[ids0]) for w in ws]
+    ref = jax.nn.silu(outs[0]) * outs[1] if nw == 2 else outs[0]
+
+    def run(label, fn, weights, extra=""):
+        if time_left() < 10:
+            log(f"  skipped {label}: deadline")
+            return None
+        f = jax.jit(fn)
+        e = rel_err(f(x, ids0, weights), ref)
+        log(f"  check {label:34s} rel err {e:.2e} {'ok' if e < 1e-2 else 'BAD'}")
+        if not e < 1e-2:
+            RESULTS.append(dict(shape=shape, label=label, bad=e))
+            return None
+        t, by, wall = gpu_time(f, [(x, ids, weights) for ids in id_sets])
+        return record(shape, label, t, nb, by, wall, extra)
+
+    w_kn = tuple((kn[j], ws[j].scales, None) for j in range(nw))
+    grouped = K4.default_grouped_config(8, K, N, gs, E)
+    guard("routed", lambda: run("routed (int4_grouped_matmul default)", lambda x, ids, w: K4.int4_grouped_matmul(
+        x, None, w, fmt="mxfp4", group_size=gs, epilogue=epi, row_experts=ids, interpret=STATE["interpret"]),
+        w_kn, "m1" if K4.routes_to_m1("mxfp4", nw) else "grouped"))
+    guard("grouped", lambda: run("grouped kernel", lambda x, ids, w: K4.int4_grouped_matmul(
+        x, None, w, fmt="mxfp4", group_size=gs, epilogue=epi, row_experts=ids, cfg=grouped,
+        interpret=STATE["interpret"]), w_kn, str(grouped)))
+    variants = [("xw", "kn", 128, 4, f) for f in (1, 2, 4, 8)] + [("xw", "nk", 128, 4, f) for f in (1, 4)] + \
+               [("xw", "nk", 64, 4, f) for f in (1, 4)] + [("wx", "nk", 64, 2, f) for f in (1, 4)]
+    for orient, layout, bn, warps, fold in variants:
+        cfg = default_m1_config(8, K, N, gs, nw, orient=orient, layout=layout, bn=bn, num_warps=warps)
+        cfg = dataclasses.replace(cfg, fold=fold if (K // gs // cfg.split_k) % fold == 0 else 1)
+        label = f"m1 {orient} {layout} bn{bn} w{warps} fold {cfg.fold}"
+        w = tuple(((nk if layout == "nk" else kn)[j], ws[j].scales, None) for j in range(nw))
+        guard(label, lambda: run(label, lambda x, ids, w: int4_m1_matmul(
+            x, w, ids, fmt="mxfp4", group_size=gs, cfg=cfg, epilogue=epi, interpret=STATE["interpret"]),
+            w, f"split {cfg.split_k}"))
+
+
 # --------------------------------------------------------------------------- dense M = 1
 
 def dense_section(K, N, labels):
@@ -327,6 +383,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU: interpret mode, tiny shapes (script check only)")
     ap.add_argument("--deadline", type=float, default=250.0, help="seconds; later variants are skipped")
     ap.add_argument("--sweep_top", type=int, default=2)
+    ap.add_argument("--mxfp4_only", action="store_true", help="only the mxfp4 pair shapes (folded scales)")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_int4_m1.json"))
     a = ap.parse_args()
     STATE.update(json=a.json, interpret=a.smoke, deadline=a.deadline)
@@ -340,6 +397,10 @@ def main():
         pair_section(16, 256, 128, 2, 2, 1)
         dense_section(256, 128, list(VARIANTS)[:2])
         small_checks(list(VARIANTS)[3:4])
+        mxfp4_section(16, 256, 128, 2, 2)
+    elif a.mxfp4_only:
+        guard("mxfp4 gate+up", lambda: mxfp4_section(64, 4096, 2048, 2, 8))
+        guard("mxfp4 down", lambda: mxfp4_section(64, 2048, 4096, 1, 8))
     else:
         gu = pair_section(64, 4096, 2048, 2, 8, a.sweep_top)
         guard("down", lambda: pair_section(64, 2048, 4096, 1, 8, a.sweep_top))

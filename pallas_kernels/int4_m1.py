@@ -26,6 +26,12 @@ Nibble -> bf16 (cfg.method), in registers by inline PTX (GPU) or jnp (interpret 
            the f32 partial: x . w = s * (x . (128 + q)) + sum(x) * (m - 128 s), m = -8 s for int4_sym.
 mxfp4 codes become bf16 by int4_matmul's PTX e2m1 decode (`_e2m1_asm`; jnp `_codes_to_bf16` in interpret mode;
 method "asm" only) and the group's partial is scaled by 2^(e - 127).
+
+cfg.fold = F > 1 (mxfp4 only): F groups per dot. An e8m0 scale is a power of two, so the decoded bf16 weights can
+take it exactly (a bf16 multiply, short of subnormals) before one dot over F x 32 K rows: F times fewer, larger dots
+and no per-group scaling of the [16, bn] f32 accumulator (with 32-wide groups that scaling is ~1 f32 op per weight,
+4x int4 g128's share). x comes permuted so that its columns line up with the packed rows of F groups: all groups'
+low halves, then all high halves (`fold_x`).
 """
 from __future__ import annotations
 
@@ -64,6 +70,15 @@ class M1Config:
     split_k: int = 1        # programs along K (f32 partials summed, epilogue applied, by one XLA fusion)
     num_warps: int = 4
     num_stages: int = 3
+    fold: int = 1           # mxfp4: groups per dot, their power-of-two scales applied to the bf16 weights
+
+
+def fold_x(x, group_size: int):
+    """x [M, K] -> [M, K] with each group's first halves first (group order), then its second halves: column
+    g * G/2 + j is x[:, g * G + j] and column K/2 + g * G/2 + j is x[:, g * G + G/2 + j], i.e. the order of the
+    packed rows (byte row g * G/2 + j holds rows g * G + j and g * G + G/2 + j)."""
+    M, K = x.shape
+    return x.reshape(M, K // group_size, 2, group_size // 2).transpose(0, 2, 1, 3).reshape(M, K)
 
 
 def default_m1_config(rows: int, K: int, N: int, group_size: int, n_weights: int = 1, n_sms: int = 132,
@@ -101,6 +116,12 @@ def check(K: int, N: int, group_size: int, cfg: M1Config, fmt: str) -> None:
     if (K // group_size) % cfg.split_k:
         raise ValueError(f"int4_m1: weight (K={K}, N={N}): {K // group_size} groups not divisible by "
                          f"split_k={cfg.split_k}")
+    if cfg.fold != 1:
+        if fmt != "mxfp4" or not _pow2(cfg.fold):
+            raise ValueError(f"int4_m1: fold={cfg.fold} needs mxfp4 (power-of-two scales) and a power of two")
+        if (K // group_size // cfg.split_k) % cfg.fold:
+            raise ValueError(f"int4_m1: weight (K={K}, N={N}): {K // group_size // cfg.split_k} groups per split "
+                             f"not divisible by fold={cfg.fold}")
 
 
 # --------------------------------------------------------------------------- in-register dequant
@@ -204,6 +225,38 @@ def _kernel(ids_ref, x_ref, *refs, fmt, gs, E, cfg, n_weights, epilogue, pairs, 
             new.append(accs[j] + part)
         return tuple(new)
 
+    F = cfg.fold
+    kx = x_ref.shape[1] // 2  # fold > 1: x arrives as fold_x(x), the groups' second halves from column K/2
+
+    def body_fold(i, accs):  # F groups per dot, each group's e8m0 scale applied to its bf16 weight rows
+        g = g_first + i * F
+        kb = pl.multiple_of(g * half, half * F)  # packed row of the chunk = its column in either half of x
+        x_lo = plgpu.load(x_ref.at[pl.ds(c0, ROWS), pl.ds(kb, F * half)], mask=xmask, other=0.0)
+        x_hi = plgpu.load(x_ref.at[pl.ds(c0, ROWS), pl.ds(kx + kb, F * half)], mask=xmask, other=0.0)
+        if wx:
+            x_lo, x_hi = x_lo.T, x_hi.T
+        new = []
+        for j in range(n_weights):
+            p_ref, s_ref = wrefs[per * j], wrefs[per * j + 1]
+            if cfg.layout == "nk":
+                p = p_ref[e, pl.ds(n0, bn), pl.ds(kb, F * half)]  # [bn, F G/2]
+                p = p if wx else p.T
+            else:
+                p = p_ref[e, pl.ds(kb, F * half), pl.ds(n0, bn)]  # [F G/2, bn]
+                p = p.T if wx else p
+            lo, hi = _nibbles(p, fmt, cfg.method, interpret)
+            sc = jax.lax.bitcast_convert_type(s_ref[e, pl.ds(g, F), pl.ds(n0, bn)].astype(U16) << 7, BF16)
+            if wx:  # [bn, F G/2]: column f * G/2 + r takes group f's scale
+                rows = jnp.broadcast_to(sc.T[:, :, None], (bn, F, half)).reshape(bn, F * half)
+                d = (jnp.dot(lo * rows, x_lo, preferred_element_type=F32)
+                     + jnp.dot(hi * rows, x_hi, preferred_element_type=F32))
+            else:   # [F G/2, bn]: row f * G/2 + r takes group f's scale
+                rows = jnp.broadcast_to(sc[:, None, :], (F, half, bn)).reshape(F * half, bn)
+                d = (jnp.dot(x_lo, lo * rows, preferred_element_type=F32)
+                     + jnp.dot(x_hi, hi * rows, preferred_element_type=F32))
+            new.append(accs[j] + d)
+        return tuple(new)
+
     shape = (bn, ROWS) if wx else (ROWS, bn)
 
     def store(out_at, v):
@@ -218,7 +271,8 @@ def _kernel(ids_ref, x_ref, *refs, fmt, gs, E, cfg, n_weights, epilogue, pairs, 
     @pl.when(e < E)
     def _compute():
         init = tuple(jnp.zeros(shape, F32) for _ in range(n_weights))
-        accs = jax.lax.fori_loop(0, per_split, body, init)
+        accs = (jax.lax.fori_loop(0, per_split // F, body_fold, init) if F > 1
+                else jax.lax.fori_loop(0, per_split, body, init))
         if split:
             for out_at, acc in zip(outs, accs):
                 store(out_at, acc)
@@ -266,7 +320,7 @@ def int4_m1_matmul(x, weights, row_experts=None, *, fmt: str, group_size: int, c
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         name=f"int4_m1_{cfg.orient}_{cfg.layout}_{fmt}",
-    )(ids, x.astype(BF16), *flat)
+    )(ids, (fold_x(x, group_size) if cfg.fold > 1 else x).astype(BF16), *flat)
     if not split:
         return out
     return sum_partials(out, N, epilogue).astype(x.dtype)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mimo_jax import quant as Q
-from pallas_kernels.int4_m1 import M1Config, default_m1_config, int4_m1_matmul, to_nk
+from pallas_kernels.int4_m1 import M1Config, default_m1_config, fold_x, int4_m1_matmul, to_nk
 from pallas_kernels.int4_matmul import KernelConfig, routes_to_m1
 
 _GROUPED = KernelConfig(bm=16, bn=16)  # an explicit config: the grouped kernel
@@ -63,6 +63,36 @@ def test_mxfp4_pairs_match_reference(orient, layout, split):
     assert _rel(h, jax.nn.silu(g) * u) < TOL and not np.asarray(h[2]).any()
 
 
+@pytest.mark.parametrize("orient,layout,split,fold,K", [
+    ("xw", "kn", 1, 2, 192), ("xw", "nk", 3, 2, 192), ("wx", "nk", 1, 2, 192), ("wx", "kn", 2, 4, 256),
+    ("xw", "kn", 1, 8, 256),
+])
+def test_mxfp4_folded_scales_match_reference(orient, layout, split, fold, K):
+    """fold > 1: several 32-wide groups per dot, their e8m0 scales applied to the bf16 weights (exact for powers
+    of two): the same products as the per-group path, with a skip id, single weight and fused SiLU(g) * u."""
+    wg, wu, x, ids, g, u = _case("mxfp4", 32, K=K)
+    cfg = M1Config(orient=orient, layout=layout, bn=16, split_k=split, fold=fold)
+    run = lambda w, c=cfg, **kw: int4_m1_matmul(x, w, ids, fmt="mxfp4", group_size=32, cfg=c, interpret=True, **kw)
+    y = run((_arrays(wg, layout),))
+    assert _rel(y, g) < TOL and not np.asarray(y[2]).any()
+    per_group = run((_arrays(wg, layout),), c=M1Config(orient=orient, layout=layout, bn=16, split_k=split))
+    assert _rel(y, per_group) < 1e-2
+    h = run((_arrays(wg, layout), _arrays(wu, layout)), epilogue="silu_mul")
+    assert _rel(h, jax.nn.silu(g) * u) < TOL and not np.asarray(h[2]).any()
+
+
+def test_fold_x_lines_columns_up_with_packed_rows():
+    """Packed byte row g * G/2 + j holds K rows g * G + j (low nibble) and g * G + G/2 + j (high nibble):
+    fold_x puts x's matching columns at g * G/2 + j and K/2 + g * G/2 + j."""
+    K, G = 96, 32
+    x = jnp.arange(2 * K, dtype=jnp.float32).reshape(2, K)
+    f = np.asarray(fold_x(x, G))
+    for g in range(K // G):
+        for j in range(G // 2):
+            assert f[1, g * G // 2 + j] == x[1, g * G + j]
+            assert f[1, K // 2 + g * G // 2 + j] == x[1, g * G + G // 2 + j]
+
+
 @pytest.mark.parametrize("fmt,layout,M", [("int4_sym", "kn", 1), ("int4_asym", "nk", 3), ("int4_sym", "nk", 17)])
 def test_dense_matches_reference(fmt, layout, M):
     w = Q.quantize(jax.random.normal(jax.random.PRNGKey(4), (256, 64)), fmt, 128)
@@ -103,6 +133,13 @@ def test_rejects_what_it_does_not_handle():
     with pytest.raises(ValueError, match="mxfp4 takes method 'asm'"):
         int4_m1_matmul(x, (_arrays(wg, "kn"),), ids, fmt="mxfp4", group_size=64, cfg=M1Config(method="magic", bn=16),
                        interpret=True)
+    with pytest.raises(ValueError, match="fold=2 needs mxfp4"):
+        int4_m1_matmul(x, (_arrays(wg, "kn"),), ids, fmt="int4_sym", group_size=64, cfg=M1Config(bn=16, fold=2),
+                       interpret=True)
+    wm, _, _, _, _, _ = _case("mxfp4", 32)  # 6 groups
+    with pytest.raises(ValueError, match="not divisible by fold=4"):
+        int4_m1_matmul(x, (_arrays(wm, "kn"),), ids, fmt="mxfp4", group_size=32, cfg=M1Config(bn=16, fold=4),
+                       interpret=True)
     with pytest.raises(ValueError, match="bn=32"):
         int4_m1_matmul(x, (_arrays(wg, "kn"),), ids, fmt="int4_sym", group_size=64, cfg=M1Config(bn=32),
                        interpret=True)
@@ -122,7 +159,8 @@ def test_lowers_to_triton(fmt):
     assert ("int4_m1" in down) == routes_to_m1(fmt, 1)
     kernel = f"int4_grouped_{fmt}"  # the grouped kernel's name (the jit around either kernel is int4_grouped_matmul)
     assert (kernel in routed) == (fmt == "mxfp4") and kernel not in down
-    for orient, layout in (("wx", "nk"), ("wx", "kn")):
-        cfg = M1Config(orient=orient, layout=layout, bn=64, split_k=2, num_warps=4)
+    folds = ((("xw", "kn", 4), ("wx", "nk", 2)) if fmt == "mxfp4" else ())  # mxfp4's folded-scale variant too
+    for orient, layout, fold in (("wx", "nk", 1), ("wx", "kn", 1)) + folds:
+        cfg = M1Config(orient=orient, layout=layout, bn=64, split_k=2, num_warps=4, fold=fold)
         jax.jit(lambda x, w, i: int4_m1_matmul(x, (w,), i, fmt=fmt, group_size=gs, cfg=cfg)) \
             .trace(x, _arrays(wg, layout), ids).lower(lowering_platforms=("cuda",))
