@@ -161,6 +161,21 @@ def m1_cfg(label, rows, K, N, nw, **over):
 
 # --------------------------------------------------------------------------- pair (decode MoE) shapes
 
+def run_pairs(shape, x, id_sets, ref, nb, label, fn, weights, extra=""):
+    """Check fn(x, ids, weights) against ref on the first expert set, then time it rotating over all sets."""
+    if time_left() < 10:
+        log(f"  skipped {label}: deadline")
+        return None
+    f = jax.jit(fn)
+    e = rel_err(f(x, id_sets[0], weights), ref)
+    log(f"  check {label:34s} rel err {e:.2e} {'ok' if e < 1e-2 else 'BAD'}")
+    if not e < 1e-2:
+        RESULTS.append(dict(shape=shape, label=label, bad=e))
+        return None
+    t, by, wall = gpu_time(f, [(x, ids, weights) for ids in id_sets])
+    return record(shape, label, t, nb, by, wall, extra)
+
+
 def pair_section(E, K, N, nw, n_sets, sweep_top):
     shape = f"pairs 8/{E} {'gate+up' if nw == 2 else 'down'} {K}x{N}"
     log(f"## {shape}: {nw} weight(s) per expert, 8 pairs per call, {n_sets} disjoint expert sets")
@@ -181,19 +196,7 @@ def pair_section(E, K, N, nw, n_sets, sweep_top):
         outs.append(jnp.einsum("mk,mkn->mn", x.astype(jnp.float32), Q.dequantize(w, jnp.float32)))
     ref = jax.nn.silu(outs[0]) * outs[1] if nw == 2 else outs[0]
 
-    def run(label, fn, weights, extra=""):
-        if time_left() < 10:
-            log(f"  skipped {label}: deadline")
-            return None
-        f = jax.jit(fn)
-        e = rel_err(f(x, ids0, weights), ref)
-        ok = e < 1e-2
-        log(f"  check {label:34s} rel err {e:.2e} {'ok' if ok else 'BAD'}")
-        if not ok:
-            RESULTS.append(dict(shape=shape, label=label, bad=e))
-            return None
-        t, by, wall = gpu_time(f, [(x, ids, weights) for ids in id_sets])
-        return record(shape, label, t, nb, by, wall, extra)
+    run = functools.partial(run_pairs, shape, x, id_sets, ref, nb)
 
     today_w = tuple((kn[j], sc[j], None) for j in range(nw))
     res = {}
@@ -256,18 +259,7 @@ def mxfp4_section(E, K, N, nw, n_sets):
     outs = [jnp.einsum("mk,mkn->mn", x.astype(jnp.float32), Q.dequantize(w, jnp.float32)[ids0]) for w in ws]
     ref = jax.nn.silu(outs[0]) * outs[1] if nw == 2 else outs[0]
 
-    def run(label, fn, weights, extra=""):
-        if time_left() < 10:
-            log(f"  skipped {label}: deadline")
-            return None
-        f = jax.jit(fn)
-        e = rel_err(f(x, ids0, weights), ref)
-        log(f"  check {label:34s} rel err {e:.2e} {'ok' if e < 1e-2 else 'BAD'}")
-        if not e < 1e-2:
-            RESULTS.append(dict(shape=shape, label=label, bad=e))
-            return None
-        t, by, wall = gpu_time(f, [(x, ids, weights) for ids in id_sets])
-        return record(shape, label, t, nb, by, wall, extra)
+    run = functools.partial(run_pairs, shape, x, id_sets, ref, nb)
 
     w_kn = tuple((kn[j], ws[j].scales, None) for j in range(nw))
     grouped = K4.default_grouped_config(8, K, N, gs, E)
