@@ -93,7 +93,10 @@ def default_m1_config(rows: int, K: int, N: int, group_size: int, n_weights: int
     while (rows * (N // bn) * n_weights * split < 2 * n_sms and groups % (split * 2) == 0
            and groups // (split * 2) >= 2):
         split *= 2
-    return dataclasses.replace(cfg, bn=bn, split_k=split)
+    fold = cfg.fold  # groups per dot (mxfp4): the largest power of two <= the request dividing a split's groups
+    while fold > 1 and (groups // split) % fold:
+        fold //= 2
+    return dataclasses.replace(cfg, bn=bn, split_k=split, fold=fold)
 
 
 def to_nk(packed):

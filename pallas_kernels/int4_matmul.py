@@ -434,6 +434,9 @@ def row_tiles(row_experts):
 # us; mxfp4 (both kernels decoding e2m1 by PTX, session 8) gate/up 52.8 here vs 74.0 on int4_m1, down 32.8 here
 # vs 28.0 on int4_m1.
 M1_ROUTES = {"int4_sym": (1, 2), "int4_asym": (1, 2), "mxfp4": (1,)}
+# MXFP4 groups per dot on the int4_m1 route (int4_m1's cfg.fold: the e8m0 scales applied to the bf16 weights);
+# 1 = a dot and an f32 rescale per 32-wide group. Unmeasured on a GPU so far: `bench_int4_m1.py --mxfp4_only`.
+M1_FOLD = {"mxfp4": 1}
 
 
 def routes_to_m1(fmt: str, n_weights: int) -> bool:
@@ -459,7 +462,7 @@ def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, gr
         # pairs (decode): pallas_kernels.int4_m1 -- the same dot (x rows as A, mma.sync), each pair's program
         # inside the aligned 16-row block of x that holds it, K split for ~2 weight tiles per SM.
         from pallas_kernels.int4_m1 import default_m1_config, int4_m1_matmul
-        m1 = default_m1_config(M, K, N, group_size, len(weights), layout="kn")
+        m1 = default_m1_config(M, K, N, group_size, len(weights), layout="kn", fold=M1_FOLD.get(fmt, 1))
         return int4_m1_matmul(x, weights, row_experts, fmt=fmt, group_size=group_size, cfg=m1,
                               interpret=interpret, epilogue=epilogue)
     cfg = _for_backend(cfg or default_grouped_config(M, K, N, group_size, E), interpret)

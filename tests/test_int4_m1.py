@@ -119,11 +119,28 @@ def test_decode_pairs_route_to_this_kernel():
     assert "int4_m1" not in jaxpr and "int4_grouped" in jaxpr
 
 
+def test_mxfp4_routed_with_folded_scales(monkeypatch):
+    """Routing mxfp4 pairs (gate/up and down) to int4_m1 with folded scales, as a measurement may decide
+    (int4_matmul.M1_ROUTES / M1_FOLD), keeps the decode MoE's products."""
+    from pallas_kernels import int4_matmul
+    monkeypatch.setitem(int4_matmul.M1_ROUTES, "mxfp4", (1, 2))
+    monkeypatch.setitem(int4_matmul.M1_FOLD, "mxfp4", 4)
+    wg, wu, x, ids, g, u = _case("mxfp4", 32, K=256)
+    jaxpr = str(jax.make_jaxpr(lambda x, a, b, i: Q.pair_qmatmul_gate_up(x, a, b, i, impl="interpret"))(x, wg, wu, ids))
+    assert "int4_m1" in jaxpr and "permutation=(0, 2, 1, 3)" in jaxpr  # x permuted by fold_x: the folded path
+    assert _rel(Q.pair_qmatmul_gate_up(x, wg, wu, ids, impl="interpret"), jax.nn.silu(g) * u) < TOL
+    assert _rel(Q.pair_qmatmul(x, wg, ids, impl="interpret"), g) < TOL
+
+
 def test_default_config_for_the_decode_shapes():
     """8 pairs: gate/up (2 weights, K=4096 N=2048) and down (K=2048 N=4096) both split K in 2 (measured best)."""
     assert default_m1_config(8, 4096, 2048, 128, 2).split_k == 2
     assert default_m1_config(8, 2048, 4096, 128, 1).split_k == 2
     assert default_m1_config(1, 4096, 16384, 128, 1).split_k == 4
+    # mxfp4's groups per dot: as asked where a split's groups divide, else the largest power of two that does
+    assert default_m1_config(8, 2048, 4096, 32, 1, fold=4).fold == 4  # 64 groups, split 2
+    assert default_m1_config(8, 96, 64, 32, 1, fold=4).fold == 1      # 3 groups
+    assert default_m1_config(8, 2048, 4096, 32, 1).fold == 1
 
 
 def test_rejects_what_it_does_not_handle():
