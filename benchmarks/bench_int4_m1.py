@@ -241,7 +241,7 @@ def pair_section(E, K, N, nw, n_sets, sweep_top):
 
 def mxfp4_section(E, K, N, nw, n_sets):
     """MXFP4 (e2m1, e8m0 per 32) at the decode pair shapes: what int4_grouped_matmul routes today, the grouped
-    kernel, and int4_m1 with 1 group per dot (the scale on the f32 partial) vs fold = 2/4/8 groups per dot (the
+    kernel (1, 2, 4 groups per dot), and int4_m1 with 1 group per dot (the scale on the f32 partial) vs fold = 2/4/8 groups per dot (the
     power-of-two scales applied to the bf16 weights)."""
     gs = 32
     shape = f"mxfp4 8/{E} {'gate+up' if nw == 2 else 'down'} {K}x{N}"
@@ -269,6 +269,12 @@ def mxfp4_section(E, K, N, nw, n_sets):
     guard("grouped", lambda: run("grouped kernel", lambda x, ids, w: K4.int4_grouped_matmul(
         x, None, w, fmt="mxfp4", group_size=gs, epilogue=epi, row_experts=ids, cfg=grouped,
         interpret=STATE["interpret"]), w_kn, str(grouped)))
+    for fold in (2, 4):
+        gcfg = dataclasses.replace(grouped, fold=K4.fit_fold(fold, K // gs // grouped.split_k // grouped.unroll))
+        guard(f"grouped fold {fold}", lambda: run(f"grouped kernel fold {gcfg.fold}",
+                                                  lambda x, ids, w: K4.int4_grouped_matmul(
+            x, None, w, fmt="mxfp4", group_size=gs, epilogue=epi, row_experts=ids, cfg=gcfg,
+            interpret=STATE["interpret"]), w_kn, str(gcfg)))
     variants = [("xw", "kn", 128, 4, f) for f in (1, 2, 4, 8)] + [("xw", "nk", 128, 4, f) for f in (1, 4)] + \
                [("xw", "nk", 64, 4, f) for f in (1, 4)] + [("wx", "nk", 64, 2, f) for f in (1, 4)]
     for orient, layout, bn, warps, fold in variants:

@@ -31,7 +31,7 @@ cfg.fold = F > 1 (mxfp4 only): F groups per dot. An e8m0 scale is a power of two
 take it exactly (a bf16 multiply, short of subnormals) before one dot over F x 32 K rows: F times fewer, larger dots
 and no per-group scaling of the [16, bn] f32 accumulator (with 32-wide groups that scaling is ~1 f32 op per weight,
 4x int4 g128's share). x comes permuted so that its columns line up with the packed rows of F groups: all groups'
-low halves, then all high halves (`fold_x`).
+low halves, then all high halves (int4_matmul's `fold_x` / `folded_partial`, shared with the grouped kernel).
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.int4_matmul import (_NIBBLES_ASM, _codes_to_bf16, _e2m1_asm, _largest_pow2_divisor, _pow2,
-                                       flat_weights, sum_partials)
+                                       check_fold, fit_fold, flat_weights, fold_x, folded_partial,
+                                       sum_partials)
 
 F32, BF16, U16 = jnp.float32, jnp.bfloat16, jnp.uint16
 ROWS = 16  # x rows per program: the tensor-core dot minimum
@@ -73,14 +74,6 @@ class M1Config:
     fold: int = 1           # mxfp4: groups per dot, their power-of-two scales applied to the bf16 weights
 
 
-def fold_x(x, group_size: int):
-    """x [M, K] -> [M, K] with each group's first halves first (group order), then its second halves: column
-    g * G/2 + j is x[:, g * G + j] and column K/2 + g * G/2 + j is x[:, g * G + G/2 + j], i.e. the order of the
-    packed rows (byte row g * G/2 + j holds rows g * G + j and g * G + G/2 + j)."""
-    M, K = x.shape
-    return x.reshape(M, K // group_size, 2, group_size // 2).transpose(0, 2, 1, 3).reshape(M, K)
-
-
 def default_m1_config(rows: int, K: int, N: int, group_size: int, n_weights: int = 1, n_sms: int = 132,
                       **kw) -> M1Config:
     """K split until there are ~2 weight tiles per SM: rows (pairs, or 16-row blocks) x N tiles x weights x splits.
@@ -93,10 +86,8 @@ def default_m1_config(rows: int, K: int, N: int, group_size: int, n_weights: int
     while (rows * (N // bn) * n_weights * split < 2 * n_sms and groups % (split * 2) == 0
            and groups // (split * 2) >= 2):
         split *= 2
-    fold = cfg.fold  # groups per dot (mxfp4): the largest power of two <= the request dividing a split's groups
-    while fold > 1 and (groups // split) % fold:
-        fold //= 2
-    return dataclasses.replace(cfg, bn=bn, split_k=split, fold=fold)
+    # groups per dot (mxfp4): the largest power of two <= the request dividing a split's groups
+    return dataclasses.replace(cfg, bn=bn, split_k=split, fold=fit_fold(cfg.fold, groups // split))
 
 
 def to_nk(packed):
@@ -119,12 +110,7 @@ def check(K: int, N: int, group_size: int, cfg: M1Config, fmt: str) -> None:
     if (K // group_size) % cfg.split_k:
         raise ValueError(f"int4_m1: weight (K={K}, N={N}): {K // group_size} groups not divisible by "
                          f"split_k={cfg.split_k}")
-    if cfg.fold != 1:
-        if fmt != "mxfp4" or not _pow2(cfg.fold):
-            raise ValueError(f"int4_m1: fold={cfg.fold} needs mxfp4 (power-of-two scales) and a power of two")
-        if (K // group_size // cfg.split_k) % cfg.fold:
-            raise ValueError(f"int4_m1: weight (K={K}, N={N}): {K // group_size // cfg.split_k} groups per split "
-                             f"not divisible by fold={cfg.fold}")
+    check_fold(cfg.fold, fmt, K // group_size // cfg.split_k, f"int4_m1: weight (K={K}, N={N})")
 
 
 # --------------------------------------------------------------------------- in-register dequant
@@ -247,16 +233,7 @@ def _kernel(ids_ref, x_ref, *refs, fmt, gs, E, cfg, n_weights, epilogue, pairs, 
             else:
                 p = p_ref[e, pl.ds(kb, F * half), pl.ds(n0, bn)]  # [F G/2, bn]
                 p = p.T if wx else p
-            lo, hi = _nibbles(p, fmt, cfg.method, interpret)
-            sc = jax.lax.bitcast_convert_type(s_ref[e, pl.ds(g, F), pl.ds(n0, bn)].astype(U16) << 7, BF16)
-            if wx:  # [bn, F G/2]: column f * G/2 + r takes group f's scale
-                rows = jnp.broadcast_to(sc.T[:, :, None], (bn, F, half)).reshape(bn, F * half)
-                d = (jnp.dot(lo * rows, x_lo, preferred_element_type=F32)
-                     + jnp.dot(hi * rows, x_hi, preferred_element_type=F32))
-            else:   # [F G/2, bn]: row f * G/2 + r takes group f's scale
-                rows = jnp.broadcast_to(sc[:, None, :], (F, half, bn)).reshape(F * half, bn)
-                d = (jnp.dot(x_lo, lo * rows, preferred_element_type=F32)
-                     + jnp.dot(x_hi, hi * rows, preferred_element_type=F32))
+            d = folded_partial(x_lo, x_hi, p, s_ref[e, pl.ds(g, F), pl.ds(n0, bn)], not interpret, wx)
             new.append(accs[j] + d)
         return tuple(new)
 

@@ -43,6 +43,8 @@ class KernelConfig:
     method: str = "asm"     # nibble -> bf16: "asm" (inline PTX, GPU only; interpret mode uses "magic_sub";
                             # mxfp4: `_e2m1_asm`, except on the M = 1 GEMV path), "magic" / "magic_sub" (bit
                             # trick in jnp) or "convert" (int -> float); mxfp4 decodes in jnp for all but "asm"
+    fold: int = 1           # mxfp4: groups per dot, their power-of-two scales applied to the bf16 weights
+                            # (`folded_partial`; x permuted by `fold_x`); not on the M = 1 GEMV path
 
 
 def _pow2(v: int) -> bool:
@@ -73,6 +75,23 @@ def _for_backend(cfg: KernelConfig, interpret: bool) -> KernelConfig:
     return dataclasses.replace(cfg, method="magic_sub") if interpret and cfg.method == "asm" else cfg
 
 
+def fit_fold(fold: int, groups: int) -> int:
+    """The largest power of two <= fold that divides groups (a K range's groups)."""
+    while fold > 1 and groups % fold:
+        fold //= 2
+    return max(fold, 1)
+
+
+def check_fold(fold: int, fmt: str, groups: int, what: str) -> None:
+    """fold > 1 (groups per dot) needs mxfp4's power-of-two scales and must divide the groups of a K range."""
+    if fold == 1:
+        return
+    if fmt != "mxfp4" or not _pow2(fold):
+        raise ValueError(f"{what}: fold={fold} needs mxfp4 (power-of-two scales) and a power of two")
+    if groups % fold:
+        raise ValueError(f"{what}: {groups} groups per split not divisible by fold={fold}")
+
+
 def check_shapes(K: int, N: int, group_size: int, cfg: KernelConfig, what: str = "weight") -> None:
     if N % 16:
         raise ValueError(f"{what} shape (K={K}, N={N}): the Pallas kernel needs N a multiple of 16")
@@ -85,9 +104,9 @@ def check_shapes(K: int, N: int, group_size: int, cfg: KernelConfig, what: str =
         raise ValueError(f"{what} shape (K={K}, N={N}): block (bm={cfg.bm}, bn={cfg.bn}) must be powers "
                          f"of two, bm >= 16, bn dividing N")
     groups = K // group_size
-    if groups % (cfg.split_k * cfg.unroll):
+    if groups % (cfg.split_k * cfg.unroll * cfg.fold):
         raise ValueError(f"{what} shape (K={K}, N={N}): {groups} groups of {group_size} not divisible by "
-                         f"split_k*unroll = {cfg.split_k}*{cfg.unroll}")
+                         f"split_k*unroll*fold = {cfg.split_k}*{cfg.unroll}*{cfg.fold}")
 
 
 # --------------------------------------------------------------------------- in-register dequant
@@ -211,9 +230,58 @@ def _group_partial(x_lo, x_hi, p, s, m, fmt: str, method: str):
     return d * sf + xs * c
 
 
+def fold_x(x, group_size: int):
+    """x [M, K] -> [M, K] with each group's first halves first (group order), then its second halves: column
+    g * G/2 + j is x[:, g * G + j] and column K/2 + g * G/2 + j is x[:, g * G + G/2 + j], i.e. the order of the
+    packed rows (byte row g * G/2 + j holds rows g * G + j and g * G + G/2 + j)."""
+    M, K = x.shape
+    return x.reshape(M, K // group_size, 2, group_size // 2).transpose(0, 2, 1, 3).reshape(M, K)
+
+
+def folded_partial(x_lo, x_hi, p, s, ptx: bool, wx: bool = False):
+    """F mxfp4 groups in one dot pair: x_lo/x_hi [bm, F G/2] bf16 (columns as `fold_x` orders them), p the packed
+    rows of the F groups [F G/2, bn] uint8, s their e8m0 scales [F, bn] -> f32 [bm, bn]. Each group's scale, a
+    power of two, multiplies its decoded bf16 weights (exact short of subnormals) before the dot. wx: the
+    transposed orientation (p [bn, F G/2], x_lo/x_hi [F G/2, bm] -> [bn, bm]). ptx: the e2m1 decode by inline PTX
+    (GPU), else jnp."""
+    if ptx:
+        lo, hi = _e2m1_asm(p)
+    else:
+        p16 = p.astype(U16)
+        lo, hi = _codes_to_bf16(p16 & 15, "mxfp4", "convert"), _codes_to_bf16(p16 >> 4, "mxfp4", "convert")
+    sc = jax.lax.bitcast_convert_type(s.astype(U16) << 7, BF16)  # 2^(e - 127)
+    F, bn = s.shape
+    if wx:  # column f * G/2 + r takes group f's scale
+        rows = jnp.broadcast_to(sc.T[:, :, None], (bn, F, p.shape[1] // F)).reshape(p.shape)
+        return (jnp.dot(lo * rows, x_lo, preferred_element_type=F32)
+                + jnp.dot(hi * rows, x_hi, preferred_element_type=F32))
+    rows = jnp.broadcast_to(sc[:, None, :], (F, p.shape[0] // F, bn)).reshape(p.shape)  # row f * G/2 + r: group f
+    return jnp.dot(x_lo, lo * rows, preferred_element_type=F32) + jnp.dot(x_hi, hi * rows, preferred_element_type=F32)
+
+
 def _k_loop(x_ref, rows_at, rmask, w_at, n0, g_first, n_iter, cfg, fmt, gs, bm, accs_init):
-    """The K loop over groups; w_at lists (packed, scales, mins or None, leading index) per weight."""
+    """The K loop over groups (cfg.fold > 1: over chunks of fold groups; x permuted by fold_x); w_at lists
+    (packed, scales, mins or None, leading index) per weight."""
     half = gs // 2
+    if cfg.fold > 1:
+        F, kx = cfg.fold, x_ref.shape[1] // 2
+
+        def body_fold(i, accs):
+            accs = list(accs)
+            for u in range(cfg.unroll):
+                g = g_first + (i * cfg.unroll + u) * F
+                kb = pl.multiple_of(g * half, half * F)  # the chunk's packed row = its column in either half of x
+                x_lo = plgpu.load(x_ref.at[pl.ds(rows_at, bm), pl.ds(kb, F * half)], mask=rmask[:, None],
+                                  other=0.0)
+                x_hi = plgpu.load(x_ref.at[pl.ds(rows_at, bm), pl.ds(kx + kb, F * half)], mask=rmask[:, None],
+                                  other=0.0)
+                for j, (p_ref, s_ref, _, lead) in enumerate(w_at):
+                    p = p_ref[(*lead, pl.ds(kb, F * half), pl.ds(n0, cfg.bn))]
+                    s = s_ref[(*lead, pl.ds(g, F), pl.ds(n0, cfg.bn))]
+                    accs[j] = accs[j] + folded_partial(x_lo, x_hi, p, s, cfg.method == "asm")
+            return tuple(accs)
+
+        return jax.lax.fori_loop(0, n_iter // F, body_fold, accs_init)
 
     def body(i, accs):
         accs = list(accs)
@@ -307,6 +375,9 @@ def int4_matmul(x, packed, scales, mins, *, fmt: str, group_size: int, cfg: Kern
         raise ValueError(f"int4_matmul: bm=1 (the GEMV path) needs M = 1, got x {x.shape}")
     check_shapes(K, N, group_size, dataclasses.replace(cfg, bm=16) if gemv else cfg)
     groups_per_split = K // group_size // cfg.split_k
+    check_fold(cfg.fold, fmt, groups_per_split // cfg.unroll, "int4_matmul")
+    if gemv and cfg.fold > 1:
+        raise ValueError("int4_matmul: fold > 1 is not on the M = 1 GEMV path (bm=1)")
     out_dtype = F32 if cfg.split_k > 1 else x.dtype
     out_shape = (cfg.split_k, M, N) if cfg.split_k > 1 else (M, N)
     if gemv:
@@ -316,7 +387,8 @@ def int4_matmul(x, packed, scales, mins, *, fmt: str, group_size: int, cfg: Kern
                                    groups_per_split=groups_per_split)
     else:
         grid = (pl.cdiv(M, cfg.bm), N // cfg.bn, cfg.split_k)
-        args = (x.astype(BF16), packed, scales) + ((mins,) if fmt == "int4_asym" else ())
+        xin = fold_x(x, group_size) if cfg.fold > 1 else x
+        args = (xin.astype(BF16), packed, scales) + ((mins,) if fmt == "int4_asym" else ())
         kernel = functools.partial(_dense_kernel, fmt=fmt, gs=group_size, M=M, cfg=cfg,
                                    groups_per_split=groups_per_split)
     out = pl.pallas_call(
@@ -437,6 +509,7 @@ M1_ROUTES = {"int4_sym": (1, 2), "int4_asym": (1, 2), "mxfp4": (1,)}
 # MXFP4 groups per dot on the int4_m1 route (int4_m1's cfg.fold: the e8m0 scales applied to the bf16 weights);
 # 1 = a dot and an f32 rescale per 32-wide group. Unmeasured on a GPU so far: `bench_int4_m1.py --mxfp4_only`.
 M1_FOLD = {"mxfp4": 1}
+GROUPED_FOLD = {"mxfp4": 1}  # the same on the grouped kernel's default config (gate/up, verify, prefill)
 
 
 def routes_to_m1(fmt: str, n_weights: int) -> bool:
@@ -465,8 +538,13 @@ def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, gr
         m1 = default_m1_config(M, K, N, group_size, len(weights), layout="kn", fold=M1_FOLD.get(fmt, 1))
         return int4_m1_matmul(x, weights, row_experts, fmt=fmt, group_size=group_size, cfg=m1,
                               interpret=interpret, epilogue=epilogue)
-    cfg = _for_backend(cfg or default_grouped_config(M, K, N, group_size, E), interpret)
+    if cfg is None:
+        cfg = default_grouped_config(M, K, N, group_size, E)
+        groups = K // group_size // cfg.split_k // cfg.unroll
+        cfg = dataclasses.replace(cfg, fold=fit_fold(GROUPED_FOLD.get(fmt, 1), groups))
+    cfg = _for_backend(cfg, interpret)
     check_shapes(K, N, group_size, cfg, what="expert weight")
+    check_fold(cfg.fold, fmt, K // group_size // cfg.split_k // cfg.unroll, "int4_grouped_matmul")
     tiles = row_tiles(row_experts) if row_experts is not None else tile_schedule(group_sizes, M, cfg.bm)
     flat = flat_weights(weights, fmt)
     if epilogue == "silu_mul_scaled":
@@ -481,7 +559,7 @@ def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, gr
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         name=f"int4_grouped_{fmt}",
-    )(tiles, x.astype(BF16), *flat)
+    )(tiles, (fold_x(x, group_size) if cfg.fold > 1 else x).astype(BF16), *flat)
     if not split:
         return out
     return sum_partials(out, N, epilogue, row_scale).astype(x.dtype)

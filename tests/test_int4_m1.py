@@ -119,17 +119,26 @@ def test_decode_pairs_route_to_this_kernel():
     assert "int4_m1" not in jaxpr and "int4_grouped" in jaxpr
 
 
-def test_mxfp4_routed_with_folded_scales(monkeypatch):
+def test_mxfp4_routed_with_folded_scales(monkeypatch, request):
     """Routing mxfp4 pairs (gate/up and down) to int4_m1 with folded scales, as a measurement may decide
-    (int4_matmul.M1_ROUTES / M1_FOLD), keeps the decode MoE's products."""
+    (int4_matmul.M1_ROUTES / M1_FOLD / GROUPED_FOLD), keeps the decode MoE's products. The routes are read when
+    a jit traces: caches are cleared around each change."""
     from pallas_kernels import int4_matmul
+    request.addfinalizer(jax.clear_caches)
+    jax.clear_caches()
     monkeypatch.setitem(int4_matmul.M1_ROUTES, "mxfp4", (1, 2))
     monkeypatch.setitem(int4_matmul.M1_FOLD, "mxfp4", 4)
-    wg, wu, x, ids, g, u = _case("mxfp4", 32, K=256)
+    monkeypatch.setitem(int4_matmul.GROUPED_FOLD, "mxfp4", 4)
+    wg, wu, x, ids, g, u = _case("mxfp4", 32, K=512)  # 16 groups: the grouped default splits K 8 ways, fold fits 2
     jaxpr = str(jax.make_jaxpr(lambda x, a, b, i: Q.pair_qmatmul_gate_up(x, a, b, i, impl="interpret"))(x, wg, wu, ids))
     assert "int4_m1" in jaxpr and "permutation=(0, 2, 1, 3)" in jaxpr  # x permuted by fold_x: the folded path
     assert _rel(Q.pair_qmatmul_gate_up(x, wg, wu, ids, impl="interpret"), jax.nn.silu(g) * u) < TOL
     assert _rel(Q.pair_qmatmul(x, wg, ids, impl="interpret"), g) < TOL
+    monkeypatch.setitem(int4_matmul.M1_ROUTES, "mxfp4", ())  # the grouped kernel's default config, folded
+    jax.clear_caches()
+    jaxpr = str(jax.make_jaxpr(lambda x, a, b, i: Q.pair_qmatmul_gate_up(x, a, b, i, impl="interpret"))(x, wg, wu, ids))
+    assert "int4_grouped_mxfp4" in jaxpr and "permutation=(0, 2, 1, 3)" in jaxpr
+    assert _rel(Q.pair_qmatmul_gate_up(x, wg, wu, ids, impl="interpret"), jax.nn.silu(g) * u) < TOL
 
 
 def test_default_config_for_the_decode_shapes():

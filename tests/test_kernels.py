@@ -38,6 +38,8 @@ CASES = [  # fmt, group, M, K, N, kernel config
     ("int4_sym", 64, 1, 256, 64, KernelConfig(bm=1, bn=32, split_k=2)),  # M = 1 GEMV path
     ("int4_asym", 32, 1, 128, 32, KernelConfig(bm=1, bn=32)),
     ("mxfp4", 32, 1, 128, 32, KernelConfig(bm=1, bn=16, split_k=4)),
+    ("mxfp4", 32, 3, 256, 32, KernelConfig(bn=32, split_k=2, fold=4)),  # 4 groups per dot, scales on the weights
+    ("mxfp4", 32, 37, 256, 16, KernelConfig(bm=16, bn=16, unroll=2, fold=2)),
 ]
 
 
@@ -78,6 +80,40 @@ def test_grouped_kernel_matches_ragged_dot(fmt, gs, split):
     rs = jax.random.uniform(jax.random.PRNGKey(6), (M,))
     h = Q.ragged_qmatmul_gate_up(x, we, wu, gsz, rs, impl="interpret", cfg=cfg)
     assert _rel(h, jax.nn.silu(ref) * refu * rs[:, None]) < TOL
+
+
+@pytest.mark.parametrize("split,unroll,fold", [(1, 1, 4), (2, 1, 2), (1, 2, 2)])
+def test_grouped_mxfp4_folded_scales_match_ragged_dot(split, unroll, fold):
+    """fold > 1: several mxfp4 groups per dot (their e8m0 scales applied to the bf16 weights): the same products as
+    the reference and as one group per dot, sorted rows and the fused gate/up with row scales."""
+    E, K, N = 6, 256, 32
+    gsz = jnp.array([1, 0, 19, 3, 0, 1], jnp.int32)
+    M = 26
+    we, wu = _weights(3, (E, K, N), "mxfp4", 32), _weights(5, (E, K, N), "mxfp4", 32)
+    x = _x(4, M, K)
+    ref = jax.lax.ragged_dot(x.astype(jnp.float32), Q.dequantize(we, jnp.float32), gsz)
+    refu = jax.lax.ragged_dot(x.astype(jnp.float32), Q.dequantize(wu, jnp.float32), gsz)
+    cfg = KernelConfig(bm=16, bn=16, unroll=unroll, split_k=split, fold=fold)
+    out = Q.ragged_qmatmul(x, we, gsz, impl="interpret", cfg=cfg)
+    assert _rel(out, ref) < TOL
+    one = Q.ragged_qmatmul(x, we, gsz, impl="interpret", cfg=KernelConfig(bm=16, bn=16, unroll=unroll, split_k=split))
+    assert _rel(out, one) < TOL
+    np.testing.assert_array_equal(np.asarray(out[24:], np.float32), 0.0)
+    rs = jax.random.uniform(jax.random.PRNGKey(6), (M,))
+    h = Q.ragged_qmatmul_gate_up(x, we, wu, gsz, rs, impl="interpret", cfg=cfg)
+    assert _rel(h, jax.nn.silu(ref) * refu * rs[:, None]) < TOL
+
+
+def test_fold_is_refused_where_it_does_not_apply():
+    """fold > 1 needs mxfp4's power-of-two scales, groups it divides, and not the M = 1 GEMV path."""
+    x = _x(0, 2, 128)
+    with pytest.raises(ValueError, match="fold=2 needs mxfp4"):
+        Q.qmatmul(x, _weights(0, (128, 32), "int4_sym", 32), impl="interpret", cfg=KernelConfig(bn=32, fold=2))
+    qm = _weights(0, (128, 32), "mxfp4", 32)  # 4 groups
+    with pytest.raises(ValueError, match="not divisible"):
+        Q.qmatmul(x, qm, impl="interpret", cfg=KernelConfig(bn=32, split_k=2, fold=4))
+    with pytest.raises(ValueError, match="GEMV"):
+        Q.qmatmul(x[:1], qm, impl="interpret", cfg=KernelConfig(bm=1, bn=32, fold=2))
 
 
 def test_grouped_single_token_top_k():
@@ -122,6 +158,11 @@ def test_kernels_lower_to_triton(fmt):
     assert "triton" in low.as_text()
     for row_scale in (None, jnp.ones((9,))):
         jax.jit(lambda x, w, g: Q.ragged_qmatmul_gate_up(x, w, w, g, row_scale, impl="pallas")) \
+            .trace(x, we, gsz).lower(lowering_platforms=("cuda",))
+    if fmt == "mxfp4":  # the folded-scale variant (4 groups per dot) too
+        cfg = KernelConfig(bn=64, split_k=2, fold=4)
+        jax.jit(lambda x, w: Q.qmatmul(x, w, impl="pallas", cfg=cfg)).trace(x, qw).lower(lowering_platforms=("cuda",))
+        jax.jit(lambda x, w, g: Q.ragged_qmatmul_gate_up(x, w, w, g, None, impl="pallas", cfg=cfg)) \
             .trace(x, we, gsz).lower(lowering_platforms=("cuda",))
 
 
