@@ -241,8 +241,8 @@ def pair_section(E, K, N, nw, n_sets, sweep_top):
 
 def mxfp4_section(E, K, N, nw, n_sets):
     """MXFP4 (e2m1, e8m0 per 32) at the decode pair shapes: what int4_grouped_matmul routes today, the grouped
-    kernel (1, 2, 4 groups per dot), and int4_m1 with 1 group per dot (the scale on the f32 partial) vs fold = 2/4/8 groups per dot (the
-    power-of-two scales applied to the bf16 weights)."""
+    kernel (1, 2, 4 groups per dot), and int4_m1 with 1 group per dot (the scale on the f32 partial) vs fold =
+    2/4/8 groups per dot (the power-of-two scales applied to the bf16 weights)."""
     gs = 32
     shape = f"mxfp4 8/{E} {'gate+up' if nw == 2 else 'down'} {K}x{N}"
     log(f"## {shape}: {nw} weight(s) per expert, 8 pairs per call, {n_sets} disjoint expert sets")
@@ -278,8 +278,7 @@ def mxfp4_section(E, K, N, nw, n_sets):
     variants = [("xw", "kn", 128, 4, f) for f in (1, 2, 4, 8)] + [("xw", "nk", 128, 4, f) for f in (1, 4)] + \
                [("xw", "nk", 64, 4, f) for f in (1, 4)] + [("wx", "nk", 64, 2, f) for f in (1, 4)]
     for orient, layout, bn, warps, fold in variants:
-        cfg = default_m1_config(8, K, N, gs, nw, orient=orient, layout=layout, bn=bn, num_warps=warps)
-        cfg = dataclasses.replace(cfg, fold=fold if (K // gs // cfg.split_k) % fold == 0 else 1)
+        cfg = default_m1_config(8, K, N, gs, nw, orient=orient, layout=layout, bn=bn, num_warps=warps, fold=fold)
         label = f"m1 {orient} {layout} bn{bn} w{warps} fold {cfg.fold}"
         w = tuple(((nk if layout == "nk" else kn)[j], ws[j].scales, None) for j in range(nw))
         guard(label, lambda: run(label, lambda x, ids, w: int4_m1_matmul(

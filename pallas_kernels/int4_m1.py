@@ -179,12 +179,12 @@ def _kernel(ids_ref, x_ref, *refs, fmt, gs, E, cfg, n_weights, epilogue, pairs, 
             xs = xs[None, :] if wx else xs[:, None]
         return (lo.T, hi.T, xs) if wx else (lo, hi, xs)
 
-    def w_tile(p_ref, g):
-        kb = pl.multiple_of(g * half, half)
+    def w_tile(p_ref, g, n=1):  # the packed rows of n groups from group g, in the orientation's layout
+        kb = pl.multiple_of(g * half, half * n)
         if cfg.layout == "nk":
-            p = p_ref[e, pl.ds(n0, bn), pl.ds(kb, half)]      # [bn, G/2]
+            p = p_ref[e, pl.ds(n0, bn), pl.ds(kb, n * half)]      # [bn, n G/2]
             return p if wx else p.T
-        p = p_ref[e, pl.ds(kb, half), pl.ds(n0, bn)]          # [G/2, bn]
+        p = p_ref[e, pl.ds(kb, n * half), pl.ds(n0, bn)]          # [n G/2, bn]
         return p.T if wx else p
 
     def col(v):  # a per-column [bn] vector, broadcast against the accumulator
@@ -227,13 +227,8 @@ def _kernel(ids_ref, x_ref, *refs, fmt, gs, E, cfg, n_weights, epilogue, pairs, 
         new = []
         for j in range(n_weights):
             p_ref, s_ref = wrefs[per * j], wrefs[per * j + 1]
-            if cfg.layout == "nk":
-                p = p_ref[e, pl.ds(n0, bn), pl.ds(kb, F * half)]  # [bn, F G/2]
-                p = p if wx else p.T
-            else:
-                p = p_ref[e, pl.ds(kb, F * half), pl.ds(n0, bn)]  # [F G/2, bn]
-                p = p.T if wx else p
-            d = folded_partial(x_lo, x_hi, p, s_ref[e, pl.ds(g, F), pl.ds(n0, bn)], not interpret, wx)
+            d = folded_partial(x_lo, x_hi, w_tile(p_ref, g, F), s_ref[e, pl.ds(g, F), pl.ds(n0, bn)], not interpret,
+                               wx)
             new.append(accs[j] + d)
         return tuple(new)
 

@@ -104,9 +104,9 @@ def check_shapes(K: int, N: int, group_size: int, cfg: KernelConfig, what: str =
         raise ValueError(f"{what} shape (K={K}, N={N}): block (bm={cfg.bm}, bn={cfg.bn}) must be powers "
                          f"of two, bm >= 16, bn dividing N")
     groups = K // group_size
-    if groups % (cfg.split_k * cfg.unroll * cfg.fold):
+    if groups % (cfg.split_k * cfg.unroll):
         raise ValueError(f"{what} shape (K={K}, N={N}): {groups} groups of {group_size} not divisible by "
-                         f"split_k*unroll*fold = {cfg.split_k}*{cfg.unroll}*{cfg.fold}")
+                         f"split_k*unroll = {cfg.split_k}*{cfg.unroll}")
 
 
 # --------------------------------------------------------------------------- in-register dequant
