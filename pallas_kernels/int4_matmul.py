@@ -503,13 +503,15 @@ def row_tiles(row_experts):
 # Decode pairs (row_experts, no explicit config) that run pallas_kernels.int4_m1 instead of this module's grouped
 # kernel: format -> the weights per call routed there (1: a down projection, 2: fused gate/up). Measured on an
 # H200, 8 pairs of 64 experts, mid_mimo decode (BENCHMARKS.md): int4 gate/up 49.8 -> 40.4 us, down 21.3 -> 21.0
-# us; mxfp4 (both kernels decoding e2m1 by PTX, session 8) gate/up 52.8 here vs 74.0 on int4_m1, down 32.8 here
-# vs 28.0 on int4_m1.
-M1_ROUTES = {"int4_sym": (1, 2), "int4_asym": (1, 2), "mxfp4": (1,)}
-# MXFP4 groups per dot on the int4_m1 route (int4_m1's cfg.fold: the e8m0 scales applied to the bf16 weights);
-# 1 = a dot and an f32 rescale per 32-wide group. Unmeasured on a GPU so far: `bench_int4_m1.py --mxfp4_only`.
-M1_FOLD = {"mxfp4": 1}
-GROUPED_FOLD = {"mxfp4": 1}  # the same on the grouped kernel's default config (gate/up, verify, prefill)
+# us; mxfp4 with 4 groups per dot (session 10, `bench_int4_m1.py --mxfp4_only`): gate/up 54.6 us on the grouped
+# kernel (one group per dot) -> 44.2 on int4_m1, down 29.5 -> 24.7.
+M1_ROUTES = {"int4_sym": (1, 2), "int4_asym": (1, 2), "mxfp4": (1, 2)}
+# MXFP4 groups per dot (cfg.fold: the e8m0 scales applied to the bf16 weights, one dot pair per F x 32 K rows;
+# 1 = a dot and an f32 rescale per 32-wide group). Measured (session 10, stored kn layout): int4_m1 fold 1/2/4/8
+# gate/up 73.7 / 65.8 / 44.2 / 53.2 us, down 29.4 / 27.6 / 24.7 / 28.0; grouped kernel fold 1/2/4 gate/up
+# 54.7 / 68.1 / 48.6, down 34.9 / 27.8 / 26.1.
+M1_FOLD = {"mxfp4": 4}
+GROUPED_FOLD = {"mxfp4": 4}  # the same on the grouped kernel's default config (verify, prefill)
 
 
 def routes_to_m1(fmt: str, n_weights: int) -> bool:

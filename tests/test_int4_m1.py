@@ -103,8 +103,8 @@ def test_dense_matches_reference(fmt, layout, M):
 
 
 def test_decode_pairs_route_to_this_kernel():
-    """quant.pair_qmatmul(_gate_up) without a config runs int4_m1 (mxfp4: its down projection only, its fused
-    gate/up measured slower there; explicit configs keep int4_matmul)."""
+    """quant.pair_qmatmul(_gate_up) without a config runs int4_m1 (mxfp4 too, with folded scales since session
+    10's measurement); explicit configs keep int4_matmul."""
     wg, wu, x, ids, g, u = _case("int4_sym", 64)
     jaxpr = str(jax.make_jaxpr(lambda x, a, b, i: Q.pair_qmatmul_gate_up(x, a, b, i, impl="interpret"))(x, wg, wu, ids))
     assert "int4_m1_xw_kn" in jaxpr
@@ -114,7 +114,7 @@ def test_decode_pairs_route_to_this_kernel():
     assert "int4_m1" in jaxpr and "int4_grouped_mxfp4" not in jaxpr  # (the kernel's name; the jit's is _matmul)
     jaxpr = str(jax.make_jaxpr(lambda x, a, b, i: Q.pair_qmatmul_gate_up(x, a, b, i, impl="interpret"))(
         x[:, :64], wm, wm, ids))
-    assert "int4_m1" not in jaxpr and "int4_grouped_mxfp4" in jaxpr
+    assert "int4_m1" in jaxpr and "int4_grouped_mxfp4" not in jaxpr
     jaxpr = str(jax.make_jaxpr(lambda x, w, i: Q.pair_qmatmul(x, w, i, impl="interpret", cfg=_GROUPED))(x, wg, ids))
     assert "int4_m1" not in jaxpr and "int4_grouped" in jaxpr
 
@@ -173,18 +173,18 @@ def test_rejects_what_it_does_not_handle():
 
 @pytest.mark.parametrize("fmt", ["int4_sym", "int4_asym", "mxfp4"])
 def test_lowers_to_triton(fmt):
-    """The routed decode path (int4 only) and the wx / nk variants (every format) lower to Triton IR on CPU."""
+    """The routed decode path and the wx / nk variants (every format) lower to Triton IR on CPU."""
     gs = 32 if fmt == "mxfp4" else 64
     wg, wu, x, ids, _, _ = _case(fmt, gs, K=256, N=128)
     f = jax.jit(lambda x, a, b, i: Q.pair_qmatmul_gate_up(x, a, b, i, impl="pallas"))
     routed = f.trace(x, wg, wu, ids).lower(lowering_platforms=("cuda",)).as_text()
     down = jax.jit(lambda x, a, i: Q.pair_qmatmul(x, a, i, impl="pallas")).trace(x, wg, ids) \
         .lower(lowering_platforms=("cuda",)).as_text()
-    # routed to int4_m1 by measurement (int4_matmul.M1_ROUTES: int4 both, mxfp4 the down projection only)
-    assert ("int4_m1" in routed) == routes_to_m1(fmt, 2) == (fmt != "mxfp4")
-    assert ("int4_m1" in down) == routes_to_m1(fmt, 1)
+    # routed to int4_m1 by measurement (int4_matmul.M1_ROUTES: gate/up and down, every format)
+    assert ("int4_m1" in routed) == routes_to_m1(fmt, 2) is True
+    assert ("int4_m1" in down) == routes_to_m1(fmt, 1) is True
     kernel = f"int4_grouped_{fmt}"  # the grouped kernel's name (the jit around either kernel is int4_grouped_matmul)
-    assert (kernel in routed) == (fmt == "mxfp4") and kernel not in down
+    assert kernel not in routed and kernel not in down
     folds = ((("xw", "kn", 4), ("wx", "nk", 2)) if fmt == "mxfp4" else ())  # mxfp4's folded-scale variant too
     for orient, layout, fold in (("wx", "nk", 1), ("wx", "kn", 1)) + folds:
         cfg = M1Config(orient=orient, layout=layout, bn=64, split_k=2, num_warps=4, fold=fold)
