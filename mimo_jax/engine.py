@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import model, mtp_drafter, quant, sampling, sharding, speculative
+from mimo_jax import model, mtp_drafter, ops, quant, sampling, sharding, speculative
 from mimo_jax.config import ModelConfig
 from mimo_jax.errors import InputError
 
@@ -194,11 +194,13 @@ class Engine:
             drafter, mtp_file = "mtp", drafter
         self.cfg, self.tokenizer, self.mesh, self.attention, self.layout = cfg, tokenizer, mesh, attention, layout
         self.params = self._place(params)
+        platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
         if layout == "auto":
-            platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
             layout = self.layout = model.preferred_layout(cfg, platform)
         if layout == "unrolled":
             self.params = model.unroll_layers(self.params, cfg)
+        if platform == "gpu" and mesh is None:  # small dense weights "out, in" (measured on one GPU: ops.OutInWeight)
+            self.params = ops.out_in_layout(self.params)
         if quant.reads_experts_in_place():  # expert stacks the kernel could not index in place get padded
             self.params = {**self.params, "layers": jax.tree_util.tree_map(
                 quant.pad_to_fit_kernel, self.params["layers"], is_leaf=lambda a: isinstance(a, quant.QuantizedWeight))}

@@ -6,6 +6,8 @@ the XLA dequantize+dot path elsewhere (quant.py).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,10 +37,69 @@ def _use_gemv(x, w) -> bool:
     return rows == 1 and GEMV_ELEMENTS[0] <= K * N < GEMV_ELEMENTS[1] and supported(rows, K, N)
 
 
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class OutInWeight:
+    """A dense weight stored "out, in": t is [..., N, K] for the product x [..., K] -> [..., N].
+
+    Why (measured on an H200, `benchmarks/gemv_forms.py`, session 10): XLA runs a one-token product with a small
+    weight (< 2^23 elements) as a multiply that writes the f32 product [K, N] to memory plus a column reduction
+    that reads it back; with the weight stored [N, K] the reduction runs over the minor axis and XLA fuses the
+    multiply into it (a SmolLM2-shaped MLP layer 17.0 -> 10.5 us, 8 -> 6 kernels)."""
+    t: jax.Array
+
+    def tree_flatten(self):
+        return (self.t,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    @property
+    def shape(self):
+        return (*self.t.shape[:-2], self.t.shape[-1], self.t.shape[-2])
+
+    @property
+    def dtype(self):
+        return self.t.dtype
+
+    @property
+    def ndim(self):
+        return self.t.ndim
+
+
+# Dense weights turned "out, in" by `out_in_layout` (the decode step on one GPU): the projections of attention
+# and of a dense MLP, with fewer than OUT_IN_ELEMENTS elements per layer (larger ones XLA runs as GEMMs, which
+# read either layout at full speed).
+OUT_IN_KEYS = ("wq", "wk", "wv", "wo", "wqkv", "w_gate", "w_up", "w_down", "w_gate_up")
+OUT_IN_ELEMENTS = 1 << 23
+
+
+def out_in_layout(params: dict) -> dict:
+    """params with every plain dense weight of the target's layers (params["layers"], or ["unrolled"]) named in
+    OUT_IN_KEYS and smaller than OUT_IN_ELEMENTS per layer stored as OutInWeight (stacks [L, K, N] -> [L, N, K]).
+    MoE blocks (a dict with a router: their expert stacks share the names), quantized weights and weights already
+    converted are left as they are. Returns new containers; the products are unchanged."""
+    def walk(node, key=None):
+        if isinstance(node, dict):
+            return node if "router" in node else {k: walk(v, k) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(walk(v) for v in node)
+        if (key in OUT_IN_KEYS and isinstance(node, jax.Array) and node.ndim >= 2
+                and int(np.prod(node.shape[-2:])) < OUT_IN_ELEMENTS):
+            return OutInWeight(jnp.swapaxes(node, -1, -2))
+        return node
+
+    layers = "unrolled" if "unrolled" in params else "layers"  # (unrolled: "layers" keeps only expert stacks)
+    return {k: walk(v) if k == layers else v for k, v in params.items()}
+
+
 def matmul(x, w):
     """x [..., K] @ w [K, N] -> [..., N] in x's dtype (f32 accumulation)."""
     if isinstance(w, quant.QuantizedWeight):
         return quant.qmatmul(x, w)
+    if isinstance(w, OutInWeight):
+        return jnp.einsum("...k,nk->...n", x, w.t.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
     if _use_gemv(x, w):
         from pallas_kernels.gemv import gemv
 

@@ -76,6 +76,43 @@ def test_unrolled_engine_greedy_and_speculative_equal_scan():
         assert e.generate(prompt, max_new_tokens=20).token_ids == ref, k
 
 
+@pytest.mark.parametrize("name", ["tiny_mimo", "tiny_llama"])
+@pytest.mark.parametrize("layout", ["scan", "unrolled"])
+def test_out_in_weights_compute_the_same(name, layout):
+    """ops.out_in_layout (small dense weights stored [N, K], what the Engine does on one GPU) keeps the logits
+    of chunked prefill + decode; MoE expert stacks, routers and non-layer weights are left as they are."""
+    from mimo_jax import ops
+
+    cfg, params, capacity = setup(name, seed=9)
+    base = params if layout == "scan" else model.unroll_layers(params, cfg)
+    conv = ops.out_in_layout(base)
+    leaves = jax.tree_util.tree_leaves(conv, is_leaf=lambda a: isinstance(a, ops.OutInWeight))
+    moved = [w for w in leaves if isinstance(w, ops.OutInWeight)]
+    assert moved and all(w.t.shape[-2:] == w.shape[-2:][::-1] for w in moved)
+    layers = conv["layers"] if layout == "scan" else conv["unrolled"]
+    for mlp in (m for m in jax.tree_util.tree_leaves(layers, is_leaf=lambda d: isinstance(d, dict) and "router" in d)
+                if isinstance(m, dict)):
+        assert not any(isinstance(v, ops.OutInWeight) for v in mlp.values())  # the MoE block untouched
+    assert conv["embed"] is base["embed"] and ops.out_in_layout(conv)["layers"] is not None  # idempotent
+    ids = np.random.default_rng(10).integers(0, cfg.vocab_size, size=2 * 8 + 5).tolist()
+    ref = chunked_forward(cfg, base, ids, capacity, 5, 8)
+    got = chunked_forward(cfg, conv, ids, capacity, 5, 8)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+
+
+def test_out_in_engine_greedy_and_speculative_equal_plain_layout():
+    from mimo_jax import ops
+
+    cfg, params, capacity = setup("tiny_mimo", seed=11)  # (MTP layers: the speculative step drafts with them)
+    prompt = np.random.default_rng(12).integers(0, cfg.vocab_size, size=13).tolist()
+    ref = Engine(cfg, params, max_seq_len=capacity, prefill_chunk=16, layout="scan").generate(
+        prompt, max_new_tokens=16).token_ids
+    for k in (0, 3):
+        e = Engine(cfg, ops.out_in_layout(params), max_seq_len=capacity, prefill_chunk=16, speculative_k=k,
+                   layout="scan")
+        assert e.generate(prompt, max_new_tokens=16).token_ids == ref, k
+
+
 def test_engine_greedy_equals_argmax_of_full_forward():
     cfg, params, capacity = setup("tiny_mimo", seed=3)
     engine = Engine(cfg, params, max_seq_len=capacity, prefill_chunk=16)
