@@ -73,10 +73,6 @@ class OutInWeight:
 # read either layout at full speed).
 OUT_IN_KEYS = ("wq", "wk", "wv", "wo", "wqkv", "w_gate", "w_up", "w_down", "w_gate_up")
 OUT_IN_ELEMENTS = 1 << 23
-# Products of 2..OUT_IN_REDUCE_ROWS rows with an OutInWeight (a speculative verify) written as multiply + sum
-# over the minor axis: as a dot, XLA makes it a GEMM that needs the layer's slice of a scanned stack copied out
-# first (SmolLM2's k = 8 verify: 9 weight copies per layer, 30% of the step's kernel time, session 10).
-OUT_IN_REDUCE_ROWS = 16
 
 
 def out_in_layout(params: dict) -> dict:
@@ -103,12 +99,6 @@ def matmul(x, w):
     if isinstance(w, quant.QuantizedWeight):
         return quant.qmatmul(x, w)
     if isinstance(w, OutInWeight):
-        rows = int(np.prod(x.shape[:-1]))
-        if 1 < rows <= OUT_IN_REDUCE_ROWS:  # verify-sized: a row reduction reads the scanned stack in place
-            # (rows flattened: jax 0.10's XLA CPU miscompiles sum(x[..., None, :] * w, -1) for x [1, 8, K] in its
-            # YNNPACK fusion, while w * x and this form are right; tests/test_model.py's out-in tests catch it)
-            y = jnp.sum(x.reshape(rows, 1, -1).astype(jnp.float32) * w.t.astype(jnp.float32)[None], axis=-1)
-            return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
         return jnp.einsum("...k,nk->...n", x, w.t.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
     if _use_gemv(x, w):
         from pallas_kernels.gemv import gemv
