@@ -75,14 +75,35 @@ OUT_IN_KEYS = ("wq", "wk", "wv", "wo", "wqkv", "w_gate", "w_up", "w_down", "w_ga
 OUT_IN_ELEMENTS = 1 << 23
 
 
-def out_in_layout(params: dict) -> dict:
+# out_in_layout(fuse=True) concatenates these first (one product for q/k/v, one for gate/up; the unrolled layout
+# does it already). The Engine's choice, OUT_IN_FUSE, stays off until measured on a GPU: with the scan's stacks, XLA
+# already reads k and v (and gate and up) in one multi-output reduction, so it saves the q kernel at most.
+FUSE_GROUPS = (("wqkv", ("wq", "wk", "wv")), ("w_gate_up", ("w_gate", "w_up")))
+OUT_IN_FUSE = False
+
+
+def _fuse(node: dict) -> dict:
+    out = dict(node)
+    for name, parts in FUSE_GROUPS:
+        ws = [node.get(k) for k in parts]
+        if all(isinstance(w, jax.Array) and len(w.sharding.device_set) == 1 for w in ws):
+            for k in parts:
+                del out[k]
+            out[name] = jnp.concatenate(ws, axis=-1)
+    return out
+
+
+def out_in_layout(params: dict, fuse: bool = False) -> dict:
     """params with every plain dense weight of the target's layers (params["layers"], or ["unrolled"]) named in
-    OUT_IN_KEYS and smaller than OUT_IN_ELEMENTS per layer stored as OutInWeight (stacks [L, K, N] -> [L, N, K]).
-    MoE blocks (a dict with a router: their expert stacks share the names), quantized weights and weights already
-    converted are left as they are. Returns new containers; the products are unchanged."""
+    OUT_IN_KEYS and smaller than OUT_IN_ELEMENTS per layer stored as OutInWeight (stacks [L, K, N] -> [L, N, K]);
+    fuse: q/k/v and gate/up concatenated first (FUSE_GROUPS). MoE blocks (a dict with a router: their expert
+    stacks share the names), quantized weights and weights already converted are left as they are. Returns new
+    containers; the products are unchanged."""
     def walk(node, key=None):
         if isinstance(node, dict):
-            return node if "router" in node else {k: walk(v, k) for k, v in node.items()}
+            if "router" in node:
+                return node
+            return {k: walk(v, k) for k, v in (_fuse(node) if fuse else node).items()}
         if isinstance(node, (list, tuple)):
             return type(node)(walk(v) for v in node)
         if (key in OUT_IN_KEYS and isinstance(node, jax.Array) and node.ndim >= 2

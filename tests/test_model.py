@@ -77,18 +77,21 @@ def test_unrolled_engine_greedy_and_speculative_equal_scan():
 
 
 @pytest.mark.parametrize("name", ["tiny_mimo", "tiny_llama"])
-@pytest.mark.parametrize("layout", ["scan", "unrolled"])
-def test_out_in_weights_compute_the_same(name, layout):
+@pytest.mark.parametrize("layout,fuse", [("scan", False), ("unrolled", False), ("scan", True)])
+def test_out_in_weights_compute_the_same(name, layout, fuse):
     """ops.out_in_layout (small dense weights stored [N, K], what the Engine does on one GPU) keeps the logits
     of chunked prefill + decode; MoE expert stacks, routers and non-layer weights are left as they are."""
     from mimo_jax import ops
 
     cfg, params, capacity = setup(name, seed=9)
     base = params if layout == "scan" else model.unroll_layers(params, cfg)
-    conv = ops.out_in_layout(base)
+    conv = ops.out_in_layout(base, fuse=fuse)
     leaves = jax.tree_util.tree_leaves(conv, is_leaf=lambda a: isinstance(a, ops.OutInWeight))
     moved = [w for w in leaves if isinstance(w, ops.OutInWeight)]
     assert moved and all(w.t.shape[-2:] == w.shape[-2:][::-1] for w in moved)
+    if fuse:  # q/k/v and a dense layer's gate/up concatenated, then stored out-in
+        attn = conv["layers"][0]["attn"] if isinstance(conv["layers"][0], dict) else conv["layers"][0][0]["attn"]
+        assert isinstance(attn["wqkv"], ops.OutInWeight) and "wq" not in attn
     layers = conv["layers"] if layout == "scan" else conv["unrolled"]
     for mlp in (m for m in jax.tree_util.tree_leaves(layers, is_leaf=lambda d: isinstance(d, dict) and "router" in d)
                 if isinstance(m, dict)):
