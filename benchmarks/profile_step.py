@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import model, sharding
+from mimo_jax import model, ops, sharding
 from mimo_jax.config import MOE, load_config
 from mimo_jax.engine import Engine
 
@@ -233,6 +233,8 @@ def main():
     ap.add_argument("--decode_steps", default="1", help="steps per dispatch (Engine decode_steps), comma separated: "
                     "each value is a run")
     ap.add_argument("--keep_hlo", action="store_true", help="copy each step's optimized HLO to --out")
+    ap.add_argument("--out_in", default="default", help="small dense weights' layout (mimo_jax.ops), comma separated, "
+                    "each a run: default (the Engine's knobs), off, on, fuse, fold, fuse+fold")
     args = ap.parse_args()
     cfg = load_config(args.config)
     if args.layers:
@@ -253,8 +255,12 @@ def main():
                "ceiling_GBps": ceiling / 1e9}
     drafter = random_block_drafter(cfg, args.block_layers) if args.drafter == "block" else args.drafter
     ks = ([args.k] if args.spec_only else [0, args.k]) if args.k else [0]
-    runs = [(layout, k, int(s)) for layout in args.layout.split(",") for k in ks for s in args.decode_steps.split(",")]
-    for layout, k, per_dispatch in runs:
+    runs = [(layout, o, k, int(s)) for layout in args.layout.split(",") for o in args.out_in.split(",") for k in ks
+            for s in args.decode_steps.split(",")]
+    knobs = (ops.OUT_IN_ELEMENTS, ops.OUT_IN_FUSE, ops.OUT_IN_FOLD_NORMS)
+    for layout, out_in, k, per_dispatch in runs:
+        ops.OUT_IN_ELEMENTS, ops.OUT_IN_FUSE, ops.OUT_IN_FOLD_NORMS = knobs if out_in == "default" else (
+            0 if out_in == "off" else knobs[0], "fuse" in out_in, "fold" in out_in)
         for stale in glob.glob(os.path.join(_DUMP, "*.txt")):  # each run's kernels are named from its own dumps
             os.remove(stale)
         engine = Engine(cfg, params, max_seq_len=4096, prefill_chunk=64, mesh=mesh, attention=args.attention,
@@ -267,9 +273,10 @@ def main():
                          if MOE in cfg.mlp_types else None)
             nbytes = step_bytes(cfg, itemsize, cap, k + 1, e_uniform, ring=k + 1, expert_itemsize=expert_itemsize)
         floor = nbytes / (ceiling * args.devices)
-        print(f"-- {layout}: {'plain decode' if k == 0 else f'speculative step k={k}'}, {per_dispatch} step(s) per dispatch (cache bucket {cap}, "
+        print(f"-- {layout}{'' if out_in == 'default' else ', out-in ' + out_in}: {'plain decode' if k == 0 else f'speculative step k={k}'}, {per_dispatch} step(s) per dispatch (cache bucket {cap}, "
               f"{nbytes / 1e6:.1f} MB per step over {args.devices} device(s))")
-        key = ("plain" if k == 0 else f"spec_k{k}") + ("" if layout == "auto" else f"_{layout}")
+        key = (("plain" if k == 0 else f"spec_k{k}") + ("" if layout == "auto" else f"_{layout}")
+               + ("" if out_in == "default" else f"_outin_{out_in}"))
         summary[key + (f"_x{per_dispatch}" if per_dispatch > 1 else "")] = profile(
             engine, ids, args.new_tokens, r"decode" if k == 0 else r"step", cfg.num_layers, floor,
             tempfile.mkdtemp(prefix="trace_"), args.wall_only, args.top)

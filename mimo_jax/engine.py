@@ -200,7 +200,7 @@ class Engine:
         if layout == "unrolled":
             self.params = model.unroll_layers(self.params, cfg)
         if platform == "gpu" and mesh is None:  # small dense weights "out, in" (measured on one GPU: ops.OutInWeight)
-            self.params = ops.out_in_layout(self.params, fuse=ops.OUT_IN_FUSE)
+            self.params = ops.out_in_layout(self.params, fuse=ops.OUT_IN_FUSE, fold_norms=ops.OUT_IN_FOLD_NORMS)
         if quant.reads_experts_in_place():  # expert stacks the kernel could not index in place get padded
             self.params = {**self.params, "layers": jax.tree_util.tree_map(
                 quant.pad_to_fit_kernel, self.params["layers"], is_leaf=lambda a: isinstance(a, quant.QuantizedWeight))}

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimo_jax import ops
 from mimo_jax.config import DENSE, FULL, SLIDING, ModelConfig
 from mimo_jax.layers import attention, rms_norm, swiglu
 from mimo_jax.moe import EXPERT_KEYS, moe
@@ -122,18 +123,25 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16, 
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+def _pre_norm(x, scale, eps):
+    """RMSNorm, or (ops.FoldedNorm: its scale lives in the weights that read it) the pending form ops.Normed."""
+    if isinstance(scale, ops.FoldedNorm):
+        return ops.Normed(x, ops.rms_scale(x, eps))
+    return rms_norm(x, scale, eps)
+
+
 def decoder_layer(p, x, positions, cache, index, kind, cfg: ModelConfig, experts=None):
     """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). For a MoE layer, `experts` is the run's
     whole expert stack and `index` this layer's place in it (moe.experts reads only the experts it needs)."""
     attn_kind, mlp_kind = kind
     with jax.named_scope("norm"):
-        h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+        h = _pre_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     with jax.named_scope("attention"):
         a, cache = attention(p["attn"], h, positions, cache, index, cfg.attention(attn_kind))
     with jax.named_scope("residual"):
         x = x + a
     with jax.named_scope("norm"):
-        h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+        h = _pre_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     if mlp_kind == DENSE:
         with jax.named_scope("mlp"):
             y = swiglu(p["mlp"], h)

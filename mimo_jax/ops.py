@@ -68,6 +68,50 @@ class OutInWeight:
         return self.t.ndim
 
 
+@jax.tree_util.register_pytree_node_class
+class FoldedNorm:
+    """An RMSNorm whose scale out_in_layout(fold_norms=True) folded into the OutInWeights that read its output:
+    the layer hands on Normed(x, r) and each product computes (x @ (scale * W)) * r, so no kernel writes the
+    normalized activations. No leaves (a scan over stacked layers carries it as structure)."""
+
+    def tree_flatten(self):
+        return (), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls()
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class Normed:
+    """Activations x [..., K] whose RMSNorm is pending: x * r (r [..., 1], f32) times a scale that was folded into
+    the weights (FoldedNorm). Only `matmul` with an OutInWeight consumes it."""
+    x: jax.Array
+    r: jax.Array
+
+    def tree_flatten(self):
+        return (self.x, self.r), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    @property
+    def shape(self):
+        return self.x.shape
+
+    @property
+    def dtype(self):
+        return self.x.dtype
+
+
+def rms_scale(x, eps):
+    """1 / RMS(x) over the last axis, f32 [..., 1] (what layers.rms_norm multiplies x by)."""
+    xf = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
 # Dense weights turned "out, in" by `out_in_layout` (the decode step on one GPU): the projections of attention
 # and of a dense MLP, with fewer than OUT_IN_ELEMENTS elements per layer (larger ones XLA runs as GEMMs, which
 # read either layout at full speed).
@@ -80,6 +124,11 @@ OUT_IN_ELEMENTS = 1 << 23
 # already reads k and v (and gate and up) in one multi-output reduction, so it saves the q kernel at most.
 FUSE_GROUPS = (("wqkv", ("wq", "wk", "wv")), ("w_gate_up", ("w_gate", "w_up")))
 OUT_IN_FUSE = False
+# out_in_layout(fold_norms=True): each pre-norm's scale folded into the out-in weights that read it (FoldedNorm). The
+# Engine's choice stays off until measured on a GPU: with out-in weights XLA writes the normalized activations in
+# a kernel of its own (2 per layer, ~1.35 us each on SmolLM2, session 10) instead of fusing them into the products.
+OUT_IN_FOLD_NORMS = False
+NORM_READERS = (("attn_norm", "attn", ("wq", "wk", "wv", "wqkv")), ("mlp_norm", "mlp", ("w_gate", "w_up", "w_gate_up")))
 
 
 def _fuse(node: dict) -> dict:
@@ -93,21 +142,41 @@ def _fuse(node: dict) -> dict:
     return out
 
 
-def out_in_layout(params: dict, fuse: bool = False) -> dict:
+def _goes_out_in(w) -> bool:
+    return isinstance(w, jax.Array) and w.ndim >= 2 and int(np.prod(w.shape[-2:])) < OUT_IN_ELEMENTS
+
+
+def _fold_norms(layer: dict) -> dict:
+    """A layer's pre-norm scales multiplied into the rows of the weights that read the normalized activations,
+    where all of them go out-in (a MoE block's router and experts read the real ones: its norm stays)."""
+    out = dict(layer)
+    for norm, sub, names in NORM_READERS:
+        block, scale = layer.get(sub), layer.get(norm)
+        if not isinstance(block, dict) or "router" in block or not isinstance(scale, jax.Array):
+            continue
+        ws = {k: block[k] for k in names if k in block}
+        if ws and all(_goes_out_in(w) for w in ws.values()):
+            out[sub] = {**block, **{k: w * scale[..., :, None].astype(w.dtype) for k, w in ws.items()}}
+            out[norm] = FoldedNorm()
+    return out
+
+
+def out_in_layout(params: dict, fuse: bool = False, fold_norms: bool = False) -> dict:
     """params with every plain dense weight of the target's layers (params["layers"], or ["unrolled"]) named in
     OUT_IN_KEYS and smaller than OUT_IN_ELEMENTS per layer stored as OutInWeight (stacks [L, K, N] -> [L, N, K]);
-    fuse: q/k/v and gate/up concatenated first (FUSE_GROUPS). MoE blocks (a dict with a router: their expert
+    fuse: q/k/v and gate/up concatenated first (FUSE_GROUPS); fold_norms: pre-norm scales folded into the weights
+    that read them (FoldedNorm; the layer then hands on Normed activations). MoE blocks (a dict with a router: their expert
     stacks share the names), quantized weights and weights already converted are left as they are. Returns new
     containers; the products are unchanged."""
     def walk(node, key=None):
         if isinstance(node, dict):
             if "router" in node:
                 return node
+            node = _fold_norms(node) if fold_norms and "attn" in node else node
             return {k: walk(v, k) for k, v in (_fuse(node) if fuse else node).items()}
         if isinstance(node, (list, tuple)):
             return type(node)(walk(v) for v in node)
-        if (key in OUT_IN_KEYS and isinstance(node, jax.Array) and node.ndim >= 2
-                and int(np.prod(node.shape[-2:])) < OUT_IN_ELEMENTS):
+        if key in OUT_IN_KEYS and _goes_out_in(node):
             return OutInWeight(jnp.swapaxes(node, -1, -2))
         return node
 
@@ -117,6 +186,11 @@ def out_in_layout(params: dict, fuse: bool = False) -> dict:
 
 def matmul(x, w):
     """x [..., K] @ w [K, N] -> [..., N] in x's dtype (f32 accumulation)."""
+    if isinstance(x, Normed):  # (x.x @ (scale * W)) * r: the norm's scale is in w (FoldedNorm)
+        if not isinstance(w, OutInWeight):
+            raise TypeError(f"Normed activations need an OutInWeight (the norm's scale folded in), got {type(w).__name__}")
+        y = jnp.einsum("...k,nk->...n", x.x, w.t.astype(x.x.dtype), preferred_element_type=jnp.float32)
+        return (y * x.r).astype(x.dtype)
     if isinstance(w, quant.QuantizedWeight):
         return quant.qmatmul(x, w)
     if isinstance(w, OutInWeight):

@@ -77,21 +77,26 @@ def test_unrolled_engine_greedy_and_speculative_equal_scan():
 
 
 @pytest.mark.parametrize("name", ["tiny_mimo", "tiny_llama"])
-@pytest.mark.parametrize("layout,fuse", [("scan", False), ("unrolled", False), ("scan", True)])
-def test_out_in_weights_compute_the_same(name, layout, fuse):
+@pytest.mark.parametrize("layout,fuse,fold", [("scan", False, False), ("unrolled", False, False), ("scan", True, False),
+                                             ("scan", False, True), ("unrolled", False, True), ("scan", True, True)])
+def test_out_in_weights_compute_the_same(name, layout, fuse, fold):
     """ops.out_in_layout (small dense weights stored [N, K], what the Engine does on one GPU) keeps the logits
     of chunked prefill + decode; MoE expert stacks, routers and non-layer weights are left as they are."""
     from mimo_jax import ops
 
     cfg, params, capacity = setup(name, seed=9)
     base = params if layout == "scan" else model.unroll_layers(params, cfg)
-    conv = ops.out_in_layout(base, fuse=fuse)
+    conv = ops.out_in_layout(base, fuse=fuse, fold_norms=fold)
     leaves = jax.tree_util.tree_leaves(conv, is_leaf=lambda a: isinstance(a, ops.OutInWeight))
     moved = [w for w in leaves if isinstance(w, ops.OutInWeight)]
     assert moved and all(w.t.shape[-2:] == w.shape[-2:][::-1] for w in moved)
     if fuse:  # q/k/v and a dense layer's gate/up concatenated, then stored out-in
         attn = conv["layers"][0]["attn"] if isinstance(conv["layers"][0], dict) else conv["layers"][0][0]["attn"]
         assert isinstance(attn["wqkv"], ops.OutInWeight) and "wq" not in attn
+    first = (conv["layers"][0] if isinstance(conv["layers"][0], dict) else conv["layers"][0][0]) if layout == "scan" \
+        else conv["unrolled"][0]
+    assert isinstance(first["attn_norm"], ops.FoldedNorm) == fold  # (a MoE block's mlp_norm is never folded)
+    assert isinstance(first["mlp_norm"], ops.FoldedNorm) == (fold and "router" not in first["mlp"])
     layers = conv["layers"] if layout == "scan" else conv["unrolled"]
     for mlp in (m for m in jax.tree_util.tree_leaves(layers, is_leaf=lambda d: isinstance(d, dict) and "router" in d)
                 if isinstance(m, dict)):
@@ -103,7 +108,8 @@ def test_out_in_weights_compute_the_same(name, layout, fuse):
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
-def test_out_in_engine_greedy_and_speculative_equal_plain_layout():
+@pytest.mark.parametrize("fuse_fold", [False, True])
+def test_out_in_engine_greedy_and_speculative_equal_plain_layout(fuse_fold):
     from mimo_jax import ops
 
     cfg, params, capacity = setup("tiny_mimo", seed=11)  # (MTP layers: the speculative step drafts with them)
@@ -111,7 +117,7 @@ def test_out_in_engine_greedy_and_speculative_equal_plain_layout():
     ref = Engine(cfg, params, max_seq_len=capacity, prefill_chunk=16, layout="scan").generate(
         prompt, max_new_tokens=16).token_ids
     for k in (0, 3):
-        e = Engine(cfg, ops.out_in_layout(params), max_seq_len=capacity, prefill_chunk=16, speculative_k=k,
+        e = Engine(cfg, ops.out_in_layout(params, fuse=fuse_fold, fold_norms=fuse_fold), max_seq_len=capacity, prefill_chunk=16, speculative_k=k,
                    layout="scan")
         assert e.generate(prompt, max_new_tokens=16).token_ids == ref, k
 
