@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimo_jax import engine as engine_module
 from mimo_jax import model, ops, sharding
 from mimo_jax.config import MOE, load_config
 from mimo_jax.engine import Engine
@@ -235,7 +236,11 @@ def main():
     ap.add_argument("--keep_hlo", action="store_true", help="copy each step's optimized HLO to --out")
     ap.add_argument("--out_in", default="default", help="small dense weights' layout (mimo_jax.ops), comma separated, "
                     "each a run: default (the Engine's knobs), off, on, fuse, fold, fuse+fold")
+    ap.add_argument("--spec_layout", default=None, choices=("same", "unrolled"),
+                    help="the speculative step's own layout under a scan Engine (mimo_jax.engine.SPEC_LAYOUT)")
     args = ap.parse_args()
+    if args.spec_layout:
+        engine_module.SPEC_LAYOUT = args.spec_layout
     cfg = load_config(args.config)
     if args.layers:
         n = args.layers
@@ -273,10 +278,11 @@ def main():
                          if MOE in cfg.mlp_types else None)
             nbytes = step_bytes(cfg, itemsize, cap, k + 1, e_uniform, ring=k + 1, expert_itemsize=expert_itemsize)
         floor = nbytes / (ceiling * args.devices)
-        print(f"-- {layout}{'' if out_in == 'default' else ', out-in ' + out_in}: {'plain decode' if k == 0 else f'speculative step k={k}'}, {per_dispatch} step(s) per dispatch (cache bucket {cap}, "
+        spec_tag = f", step layout {args.spec_layout}" if args.spec_layout and k else ""
+        print(f"-- {layout}{'' if out_in == 'default' else ', out-in ' + out_in}{spec_tag}: {'plain decode' if k == 0 else f'speculative step k={k}'}, {per_dispatch} step(s) per dispatch (cache bucket {cap}, "
               f"{nbytes / 1e6:.1f} MB per step over {args.devices} device(s))")
         key = (("plain" if k == 0 else f"spec_k{k}") + ("" if layout == "auto" else f"_{layout}")
-               + ("" if out_in == "default" else f"_outin_{out_in}"))
+               + ("" if out_in == "default" else f"_outin_{out_in}") + (f"_step_{args.spec_layout}" if spec_tag else ""))
         summary[key + (f"_x{per_dispatch}" if per_dispatch > 1 else "")] = profile(
             engine, ids, args.new_tokens, r"decode" if k == 0 else r"step", cfg.num_layers, floor,
             tempfile.mkdtemp(prefix="trace_"), args.wall_only, args.top)

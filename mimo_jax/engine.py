@@ -162,6 +162,11 @@ def _bucket(n: int, largest: int, smallest: int = 16) -> int:
 
 
 LAYOUTS = ("auto", "scan", "unrolled")
+# The layout of the speculative step's own params when the Engine's layout is "scan": "same" (the Engine's), or
+# "unrolled" (a second, unrolled copy of the non-expert layer weights for the step: a verify's GEMMs then read
+# each layer's own buffers instead of a copy of the scanned slice, 30% of SmolLM2's k = 8 step on an H200,
+# session 10). "same" until measured (`profile_step.py --spec_layout unrolled`).
+SPEC_LAYOUT = "same"
 
 
 class Engine:
@@ -197,13 +202,12 @@ class Engine:
         platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
         if layout == "auto":
             layout = self.layout = model.preferred_layout(cfg, platform)
+        spec_params = (model.unroll_layers(self.params, cfg) if speculative_k and layout == "scan"
+                       and SPEC_LAYOUT == "unrolled" else None)
         if layout == "unrolled":
             self.params = model.unroll_layers(self.params, cfg)
-        if platform == "gpu" and mesh is None:  # small dense weights "out, in" (measured on one GPU: ops.OutInWeight)
-            self.params = ops.out_in_layout(self.params, fuse=ops.OUT_IN_FUSE, fold_norms=ops.OUT_IN_FOLD_NORMS)
-        if quant.reads_experts_in_place():  # expert stacks the kernel could not index in place get padded
-            self.params = {**self.params, "layers": jax.tree_util.tree_map(
-                quant.pad_to_fit_kernel, self.params["layers"], is_leaf=lambda a: isinstance(a, quant.QuantizedWeight))}
+        self.params = self._for_device(self.params, platform)
+        self._spec_params = None if spec_params is None else self._for_device(spec_params, platform)  # None: params
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 4096))
         self.prefill_chunk = prefill_chunk
         self.cache_dtype = cache_dtype or params["embed"].dtype
@@ -223,9 +227,18 @@ class Engine:
     @property
     def step_params(self):
         """The params the speculative step takes: the target's, plus a block drafter's weights under "drafter"."""
-        return self.params if self.drafter_weights is None else {**self.params, "drafter": self.drafter_weights}
+        params = self.params if self._spec_params is None else self._spec_params
+        return params if self.drafter_weights is None else {**params, "drafter": self.drafter_weights}
 
     # ---- construction ----
+    def _for_device(self, params, platform):
+        if platform == "gpu" and self.mesh is None:  # small dense weights "out, in" (measured: ops.OutInWeight)
+            params = ops.out_in_layout(params, fuse=ops.OUT_IN_FUSE, fold_norms=ops.OUT_IN_FOLD_NORMS)
+        if quant.reads_experts_in_place():  # expert stacks the kernel could not index in place get padded
+            params = {**params, "layers": jax.tree_util.tree_map(
+                quant.pad_to_fit_kernel, params["layers"], is_leaf=lambda a: isinstance(a, quant.QuantizedWeight))}
+        return params
+
     def _place(self, tree):
         """Put a params or cache pytree on the mesh (each device gets only its slice), or leave it as is."""
         if self.mesh is None:

@@ -122,6 +122,22 @@ def test_out_in_engine_greedy_and_speculative_equal_plain_layout(fuse_fold):
         assert e.generate(prompt, max_new_tokens=16).token_ids == ref, k
 
 
+def test_speculative_step_with_its_own_unrolled_params(monkeypatch):
+    """engine.SPEC_LAYOUT = "unrolled": a scan Engine's speculative step runs on an unrolled copy of the layers
+    (prefill and the caches stay the scan's) and produces plain greedy's tokens (MTP drafter)."""
+    from mimo_jax import engine as engine_mod
+
+    cfg, params, capacity = setup("tiny_mimo", seed=13)
+    prompt = np.random.default_rng(14).integers(0, cfg.vocab_size, size=21).tolist()
+    ref = Engine(cfg, params, max_seq_len=capacity, prefill_chunk=16, layout="scan").generate(
+        prompt, max_new_tokens=18).token_ids
+    monkeypatch.setattr(engine_mod, "SPEC_LAYOUT", "unrolled")
+    e = Engine(cfg, params, max_seq_len=capacity, prefill_chunk=16, speculative_k=3, layout="scan")
+    assert "unrolled" in e.step_params and "unrolled" not in e.params
+    assert e.generate(prompt, max_new_tokens=18).token_ids == ref
+    assert "unrolled" not in Engine(cfg, params, max_seq_len=capacity, layout="scan").step_params  # plain: no copy
+
+
 def test_engine_greedy_equals_argmax_of_full_forward():
     cfg, params, capacity = setup("tiny_mimo", seed=3)
     engine = Engine(cfg, params, max_seq_len=capacity, prefill_chunk=16)
