@@ -126,12 +126,15 @@ def _goes_out_in(w) -> bool:
     return isinstance(w, jax.Array) and w.ndim >= 2 and int(np.prod(w.shape[-2:])) < OUT_IN_ELEMENTS
 
 
-def _fold_norms(layer: dict) -> dict:
+def _fold_norms(layer: dict, fuse: bool) -> dict:
     """A layer's pre-norm scales multiplied into the rows of the weights that read the normalized activations,
-    where all of them go out-in (a MoE block's router and experts read the real ones: its norm stays)."""
+    where all of them go out-in (a MoE block's router and experts read the real ones: its norm stays). fuse: the
+    blocks are fused first, so the check sees the matrices that will be stored."""
     out = dict(layer)
     for norm, sub, names in NORM_READERS:
         block, scale = layer.get(sub), layer.get(norm)
+        if fuse and isinstance(block, dict) and "router" not in block:
+            block = _fuse(block)
         if not isinstance(block, dict) or "router" in block or not isinstance(scale, jax.Array):
             continue
         ws = {k: block[k] for k in names if k in block}
@@ -145,14 +148,14 @@ def out_in_layout(params: dict, fuse: bool = False, fold_norms: bool = False) ->
     """params with every plain dense weight of the target's layers (params["layers"], or ["unrolled"]) named in
     OUT_IN_KEYS and smaller than OUT_IN_ELEMENTS per layer stored as OutInWeight (stacks [L, K, N] -> [L, N, K]);
     fuse: q/k/v and gate/up concatenated first (FUSE_GROUPS); fold_norms: pre-norm scales folded into the weights
-    that read them (FoldedNorm; the layer then hands on Normed activations). MoE blocks (a dict with a router: their expert
-    stacks share the names), quantized weights and weights already converted are left as they are. Returns new
-    containers; the products are unchanged."""
+    that read them (FoldedNorm; the layer then hands on Normed activations). MoE blocks (a dict with a router:
+    their expert stacks share the names), quantized weights and weights already converted are left as they are.
+    Returns new containers; the products are unchanged."""
     def walk(node, key=None):
         if isinstance(node, dict):
             if "router" in node:
                 return node
-            node = _fold_norms(node) if fold_norms and "attn" in node else node
+            node = _fold_norms(node, fuse) if fold_norms and "attn" in node else node
             return {k: walk(v, k) for k, v in (_fuse(node) if fuse else node).items()}
         if isinstance(node, (list, tuple)):
             return type(node)(walk(v) for v in node)
