@@ -108,6 +108,22 @@ def test_out_in_weights_compute_the_same(name, layout, fuse, fold):
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
+def test_out_in_folds_a_norm_only_where_its_readers_go_out_in(monkeypatch):
+    """A norm is folded only when every matrix reading it is stored out-in: with fuse, the fused one decides
+    (small parts whose concatenation is over the limit keep their norm, else the layer would fail to trace)."""
+    from mimo_jax import ops
+
+    monkeypatch.setattr(ops, "OUT_IN_ELEMENTS", 100)
+    one = lambda *s: jnp.ones(s, jnp.float32)  # noqa: E731
+    layer = {"attn_norm": one(8), "mlp_norm": one(8), "attn": {"wq": one(8, 8), "wk": one(8, 4), "wv": one(8, 4)},
+             "mlp": {"w_gate": one(8, 4), "w_up": one(8, 4), "w_down": one(4, 8)}}
+    fused = ops.out_in_layout({"layers": [layer]}, fuse=True, fold_norms=True)["layers"][0]
+    assert not isinstance(fused["attn_norm"], ops.FoldedNorm) and not isinstance(fused["attn"]["wqkv"], ops.OutInWeight)
+    assert isinstance(fused["mlp_norm"], ops.FoldedNorm) and isinstance(fused["mlp"]["w_gate_up"], ops.OutInWeight)
+    apart = ops.out_in_layout({"layers": [layer]}, fold_norms=True)["layers"][0]
+    assert isinstance(apart["attn_norm"], ops.FoldedNorm) and isinstance(apart["attn"]["wq"], ops.OutInWeight)
+
+
 @pytest.mark.parametrize("fuse_fold", [False, True])
 def test_out_in_engine_greedy_and_speculative_equal_plain_layout(fuse_fold):
     from mimo_jax import ops
