@@ -3,6 +3,12 @@
     python benchmarks/profile_step.py --config configs/smollm2_135m.json
     python benchmarks/profile_step.py --config configs/mid_mimo.json --quant_experts int4_sym --k 8
     python benchmarks/profile_step.py --config configs/mimo_v2_flash.json --layers 48 --devices 2 --k 8
+    python benchmarks/profile_step.py --config configs/smollm2_135m.json --out_in on,fuse,fold --decode_steps 8
+    python benchmarks/profile_step.py --config configs/smollm2_135m.json --k 8 --drafter block --spec_only \
+        --layout scan --spec_layout unrolled
+
+--out_in and --spec_layout set mimo_jax.ops / mimo_jax.engine knobs before each Engine is built (small dense
+weights "out, in", q/k/v fused, norms folded; the speculative step's own unrolled layers) to compare variants.
 
 The step runs through the Engine (the path a user takes), warmed up with the exact request shape, timed
 without the profiler, then profiled. Every GPU kernel of the decode module is attributed to a group by the
