@@ -45,7 +45,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.int4_matmul import (_NIBBLES_ASM, _codes_to_bf16, _e2m1_asm, _largest_pow2_divisor, _pow2,
                                        check_fold, fit_fold, flat_weights, fold_x, folded_partial,
-                                       sum_partials)
+                                       folded_x_halves, sum_partials)
 
 F32, BF16, U16 = jnp.float32, jnp.bfloat16, jnp.uint16
 ROWS = 16  # x rows per program: the tensor-core dot minimum
@@ -214,14 +214,12 @@ def _kernel(ids_ref, x_ref, *refs, fmt, gs, E, cfg, n_weights, epilogue, pairs, 
             new.append(accs[j] + part)
         return tuple(new)
 
-    F = cfg.fold
-    kx = x_ref.shape[1] // 2  # fold > 1: x arrives as fold_x(x), the groups' second halves from column K/2
+    F = cfg.fold  # fold > 1: x arrives as fold_x(x)
 
     def body_fold(i, accs):  # F groups per dot, each group's e8m0 scale applied to its bf16 weight rows
         g = g_first + i * F
         kb = pl.multiple_of(g * half, half * F)  # packed row of the chunk = its column in either half of x
-        x_lo = plgpu.load(x_ref.at[pl.ds(c0, ROWS), pl.ds(kb, F * half)], mask=xmask, other=0.0)
-        x_hi = plgpu.load(x_ref.at[pl.ds(c0, ROWS), pl.ds(kx + kb, F * half)], mask=xmask, other=0.0)
+        x_lo, x_hi = folded_x_halves(x_ref, pl.ds(c0, ROWS), xmask, kb, F * half)
         if wx:
             x_lo, x_hi = x_lo.T, x_hi.T
         new = []

@@ -238,6 +238,14 @@ def fold_x(x, group_size: int):
     return x.reshape(M, K // group_size, 2, group_size // 2).transpose(0, 2, 1, 3).reshape(M, K)
 
 
+def folded_x_halves(x_ref, rows, mask, kb: int, width: int):
+    """The two column ranges of a `fold_x`-ordered x that meet packed rows [kb, kb + width): the groups' first
+    halves from column kb, their second halves from column K/2 + kb (rows past the mask read as 0)."""
+    kx = x_ref.shape[1] // 2
+    return (plgpu.load(x_ref.at[rows, pl.ds(kb, width)], mask=mask, other=0.0),
+            plgpu.load(x_ref.at[rows, pl.ds(kx + kb, width)], mask=mask, other=0.0))
+
+
 def folded_partial(x_lo, x_hi, p, s, ptx: bool, wx: bool = False):
     """F mxfp4 groups in one dot pair: x_lo/x_hi [bm, F G/2] bf16 (columns as `fold_x` orders them), p the packed
     rows of the F groups [F G/2, bn] uint8, s their e8m0 scales [F, bn] -> f32 [bm, bn]. Each group's scale, a
@@ -264,17 +272,14 @@ def _k_loop(x_ref, rows_at, rmask, w_at, n0, g_first, n_iter, cfg, fmt, gs, bm, 
     (packed, scales, mins or None, leading index) per weight."""
     half = gs // 2
     if cfg.fold > 1:
-        F, kx = cfg.fold, x_ref.shape[1] // 2
+        F = cfg.fold
 
         def body_fold(i, accs):
             accs = list(accs)
             for u in range(cfg.unroll):
                 g = g_first + (i * cfg.unroll + u) * F
                 kb = pl.multiple_of(g * half, half * F)  # the chunk's packed row = its column in either half of x
-                x_lo = plgpu.load(x_ref.at[pl.ds(rows_at, bm), pl.ds(kb, F * half)], mask=rmask[:, None],
-                                  other=0.0)
-                x_hi = plgpu.load(x_ref.at[pl.ds(rows_at, bm), pl.ds(kx + kb, F * half)], mask=rmask[:, None],
-                                  other=0.0)
+                x_lo, x_hi = folded_x_halves(x_ref, pl.ds(rows_at, bm), rmask[:, None], kb, F * half)
                 for j, (p_ref, s_ref, _, lead) in enumerate(w_at):
                     p = p_ref[(*lead, pl.ds(kb, F * half), pl.ds(n0, cfg.bn))]
                     s = s_ref[(*lead, pl.ds(g, F), pl.ds(n0, cfg.bn))]
