@@ -7,8 +7,8 @@ a multiply that writes the f32 product [K, N] to memory and a column reduction t
 (`profile_step.py` on SmolLM2, session 10). This times a SmolLM2-shaped MLP chain (RMSNorm, gate/up, SiLU, down,
 residual) as a `lax.scan` over stacked weights, one token, in several forms, and counts the kernels XLA emits in
 the loop body:
-  - kn:        the model's form today, weights [K, N], jnp.dot;
-  - nk:        weights stored [N, K] (the reduction runs over the minor axis: a row reduction), jnp.einsum;
+  - kn:        weights [K, N] through ops.matmul (jnp.dot);
+  - nk:        weights stored [N, K] (ops.OutInWeight: the reduction runs over the minor axis, a row reduction);
   - *_dot:     the same with `xla_gpu_gemm_rewrite_size_threshold=0` (keeps a real GEMM instead of multiply+reduce).
 Prints us per layer against the layer's bytes over the read ceiling measured in this run.
 """
@@ -22,43 +22,35 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from ceiling import read_ceiling
 
-F32 = jnp.float32
-
-
-def rms(x, w):
-    x32 = x.astype(F32)
-    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-6) * w.astype(F32)).astype(x.dtype)
-
-
-def product(x, w, layout):
-    if layout == "kn":
-        return jnp.dot(x, w, preferred_element_type=F32).astype(x.dtype)
-    return jnp.einsum("mk,nk->mn", x, w, preferred_element_type=F32).astype(x.dtype)
+from mimo_jax import ops
+from mimo_jax.layers import rms_norm
 
 
 def chain(layout):
+    """The MLP chain through the model's own pieces: layers.rms_norm, ops.matmul (an ops.OutInWeight for "nk")."""
     def layer(h, p):
-        x = rms(h, p["norm"])
-        g, u = product(x, p["gate"], layout), product(x, p["up"], layout)
-        return h + product(jax.nn.silu(g) * u, p["down"], layout), None
+        x = rms_norm(h, p["norm"], 1e-6)
+        w = p if layout == "kn" else {k: ops.OutInWeight(v) for k, v in p.items() if k != "norm"}
+        g, u = ops.matmul(x, w["gate"]), ops.matmul(x, w["up"])
+        return h + ops.matmul(jax.nn.silu(g) * u, w["down"]), None
 
     return jax.jit(lambda h, params: jax.lax.scan(layer, h, params)[0])
 
 
-def weights(L, d, f, layout, key=0):
+def weights(L, d, f, key=0):
+    """Stacked [L, K, N] bf16 weights of the chain, and its norm scales."""
     ks = jax.random.split(jax.random.PRNGKey(key), 3)
-    shape = (lambda k, n: (L, k, n)) if layout == "kn" else (lambda k, n: (L, n, k))
-    mk = lambda k_, s: jax.random.normal(k_, s, jnp.bfloat16) * 0.03  # noqa: E731
-    return {"norm": jnp.ones((L, d), jnp.bfloat16), "gate": mk(ks[0], shape(d, f)), "up": mk(ks[1], shape(d, f)),
-            "down": mk(ks[2], shape(f, d))}
+    mk = lambda k_, s: jax.random.normal(k_, s, jnp.bfloat16) * 0.03
+    return {"norm": jnp.ones((L, d), jnp.bfloat16), "gate": mk(ks[0], (L, d, f)), "up": mk(ks[1], (L, d, f)),
+            "down": mk(ks[2], (L, f, d))}
 
 
 def body_kernels(hlo: str) -> int:
@@ -87,7 +79,7 @@ def main():
     for name, layout, opts in (("kn", "kn", None), ("nk", "nk", None),
                                ("kn_dot", "kn", {"xla_gpu_gemm_rewrite_size_threshold": 0}),
                                ("nk_dot", "nk", {"xla_gpu_gemm_rewrite_size_threshold": 0})):
-        p = weights(L, d, f, "kn")
+        p = weights(L, d, f)
         if layout == "nk":  # the same matrices, stored transposed
             p = {k: (v if v.ndim == 2 else jnp.swapaxes(v, 1, 2)) for k, v in p.items()}
         try:
