@@ -164,9 +164,10 @@ def _bucket(n: int, largest: int, smallest: int = 16) -> int:
 LAYOUTS = ("auto", "scan", "unrolled")
 # The layout of the speculative step's own params when the Engine's layout is "scan": "same" (the Engine's), or
 # "unrolled" (a second, unrolled copy of the non-expert layer weights for the step: a verify's GEMMs then read
-# each layer's own buffers instead of a copy of the scanned slice, 30% of SmolLM2's k = 8 step on an H200,
-# session 10). "same" until measured (`profile_step.py --spec_layout unrolled`).
-SPEC_LAYOUT = "same"
+# each layer's own buffers instead of a copy of the scanned slice). Measured on one H200 (SmolLM2 shapes, k = 8,
+# block drafter, 4 steps per dispatch, session 11): same 1.559 ms/step (kernel time 1.875 ms, 1015 kernels),
+# unrolled 1.209 ms (1.398 ms, 720 kernels). Costs a second copy of those weights (scan models are small ones).
+SPEC_LAYOUT = "unrolled"
 
 
 class Engine:
@@ -207,7 +208,8 @@ class Engine:
         if layout == "unrolled":
             self.params = model.unroll_layers(self.params, cfg)
         self.params = self._for_device(self.params, platform)
-        self._spec_params = None if spec_params is None else self._for_device(spec_params, platform)  # None: params
+        self._spec_params = (None if spec_params is None  # None: the step takes self.params
+                             else self._for_device(spec_params, platform, fold_norms=False))
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 4096))
         self.prefill_chunk = prefill_chunk
         self.cache_dtype = cache_dtype or params["embed"].dtype
@@ -231,9 +233,11 @@ class Engine:
         return params if self.drafter_weights is None else {**params, "drafter": self.drafter_weights}
 
     # ---- construction ----
-    def _for_device(self, params, platform):
+    def _for_device(self, params, platform, fold_norms=None):
+        """fold_norms None: ops.OUT_IN_FOLD_NORMS."""
         if platform == "gpu" and self.mesh is None:  # small dense weights "out, in" (measured: ops.OutInWeight)
-            params = ops.out_in_layout(params, fuse=ops.OUT_IN_FUSE, fold_norms=ops.OUT_IN_FOLD_NORMS)
+            fold = ops.OUT_IN_FOLD_NORMS if fold_norms is None else fold_norms
+            params = ops.out_in_layout(params, fuse=ops.OUT_IN_FUSE, fold_norms=fold)
         if quant.reads_experts_in_place():  # expert stacks the kernel could not index in place get padded
             params = {**params, "layers": jax.tree_util.tree_map(
                 quant.pad_to_fit_kernel, params["layers"], is_leaf=lambda a: isinstance(a, quant.QuantizedWeight))}

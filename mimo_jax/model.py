@@ -241,7 +241,7 @@ def _fusable(*weights) -> bool:
 def _fuse_projections(layer: dict) -> dict:
     """q/k/v into one [H, Nq+Nk+Nv] matrix, gate/up into one [H, 2I]: one GEMM each instead of three / two."""
     attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
-    if _fusable(attn["wq"], attn["wk"], attn["wv"]):
+    if "wq" in attn and _fusable(attn["wq"], attn["wk"], attn["wv"]):  # (no "wq": fused already)
         attn["wqkv"] = jnp.concatenate([attn.pop("wq"), attn.pop("wk"), attn.pop("wv")], axis=-1)
     if "w_gate" in mlp and mlp["w_gate"].ndim == 2 and _fusable(mlp["w_gate"], mlp["w_up"]):
         mlp["w_gate_up"] = jnp.concatenate([mlp.pop("w_gate"), mlp.pop("w_up")], axis=-1)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimo_jax import model
+from mimo_jax import model, ops
 from mimo_jax.config import load_config
 from mimo_jax.engine import Engine
 from mimo_jax.plan import Loop, Run, layer_slots, make_plan
@@ -152,6 +152,20 @@ def test_speculative_step_with_its_own_unrolled_params(monkeypatch):
     assert "unrolled" in e.step_params and "unrolled" not in e.params
     assert e.generate(prompt, max_new_tokens=18).token_ids == ref
     assert "unrolled" not in Engine(cfg, params, max_seq_len=capacity, layout="scan").step_params  # plain: no copy
+
+
+def test_gpu_params_fold_norms_in_the_plain_step_only():
+    """On one GPU the Engine stores small dense weights out-in with the norms folded (ops.OUT_IN_FOLD_NORMS) for
+    its own params, and without folding for the speculative step's unrolled copy (measured slower at T = 9)."""
+    cfg, params, capacity = setup("tiny_llama", seed=15)
+    e = Engine(cfg, params, max_seq_len=capacity, layout="scan")
+    is_folded = lambda t: any(isinstance(x, ops.FoldedNorm) for x in jax.tree_util.tree_leaves(
+        t, is_leaf=lambda a: isinstance(a, ops.FoldedNorm)))
+    plain = e._for_device(e.params, "gpu")
+    step = e._for_device(model.unroll_layers(e.params, cfg), "gpu", fold_norms=False)
+    assert is_folded(plain) == ops.OUT_IN_FOLD_NORMS and not is_folded(step)
+    assert any(isinstance(x, ops.OutInWeight) for x in jax.tree_util.tree_leaves(
+        step, is_leaf=lambda a: isinstance(a, ops.OutInWeight)))
 
 
 def test_engine_greedy_equals_argmax_of_full_forward():
