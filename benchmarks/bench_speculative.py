@@ -68,7 +68,8 @@ def main(argv=None) -> None:
 
     plain = Engine.from_pretrained(a.model, max_seq_len=1024, layout=a.layout)
     prompts = train_drafter.eval_prompts(plain.tokenizer, a.prompts, a.prompt_len)
-    results = train_drafter.evaluate(plain, a.drafter, prompts, a.k, a.max_new_tokens)
+    spec = Engine.from_pretrained(a.model, max_seq_len=1024, layout=a.layout, speculative_k=a.k, drafter=a.drafter)
+    results = train_drafter.evaluate(plain, a.drafter, prompts, a.k, a.max_new_tokens, spec=spec)
     device = jax.devices()[0].device_kind
     print(f"device {device}, drafter {a.drafter}, k={a.k}, {a.prompts} prompts x {a.max_new_tokens} tokens per set, "
           f"greedy")

@@ -248,14 +248,18 @@ def train(engine, data: Data, d: bd.BlockConfig, vocab: np.ndarray, out: Path, s
 
 # ---- evaluation ----
 
-def evaluate(engine, drafter_path, prompts: dict[str, list[list[int]]], k: int, max_new: int) -> dict:
+def evaluate(engine, drafter_path, prompts: dict[str, list[list[int]]], k: int, max_new: int, spec=None) -> dict:
     """Greedy speculative decoding with the drafter file (a block drafter or MTP layers) vs plain decoding
     (Engine.generate both) on held-out prompts: accepted drafts per step by position, the accepted-length
-    histogram, tok/s of both, and whether the texts are identical."""
+    histogram, tok/s of both, and whether the texts are identical. spec: the speculative Engine (k drafts of
+    that drafter) if the caller built it from the checkpoint (on a GPU the plain Engine's params are already in
+    its decode layout, folded norms included, which the speculative step does not use); None: one built on
+    engine.params."""
     from mimo_jax.engine import Engine
 
-    spec = Engine(engine.cfg, engine.params, tokenizer=engine.tokenizer, max_seq_len=engine.max_seq_len,
-                  speculative_k=k, drafter=str(drafter_path), layout=engine.layout)
+    if spec is None:
+        spec = Engine(engine.cfg, engine.params, tokenizer=engine.tokenizer, max_seq_len=engine.max_seq_len,
+                      speculative_k=k, drafter=str(drafter_path), layout=engine.layout)
     out = {}
     for name, ps in prompts.items():
         hist, same, plain_s, spec_s, plain_n, spec_n = np.zeros(k + 1, int), True, 0.0, 0.0, 0, 0
