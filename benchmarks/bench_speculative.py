@@ -59,6 +59,8 @@ def main(argv=None) -> None:
     ap.add_argument("--png", default="speculative.png")
     ap.add_argument("--json", default=None)
     ap.add_argument("--layout", default="auto", choices=("auto", "scan", "unrolled"), help="the engines' layer layout")
+    ap.add_argument("--decode_steps", type=int, default=0, help="steps per dispatch of both engines (0: the Engine's "
+                    "default for the platform)")
     a = ap.parse_args(argv)
 
     import jax
@@ -66,13 +68,15 @@ def main(argv=None) -> None:
     from mimo_jax import train_drafter
     from mimo_jax.engine import Engine
 
-    plain = Engine.from_pretrained(a.model, max_seq_len=1024, layout=a.layout)
+    steps = a.decode_steps or None
+    plain = Engine.from_pretrained(a.model, max_seq_len=1024, layout=a.layout, decode_steps=steps)
     prompts = train_drafter.eval_prompts(plain.tokenizer, a.prompts, a.prompt_len)
-    spec = Engine.from_pretrained(a.model, max_seq_len=1024, layout=a.layout, speculative_k=a.k, drafter=a.drafter)
+    spec = Engine.from_pretrained(a.model, max_seq_len=1024, layout=a.layout, speculative_k=a.k, drafter=a.drafter,
+                                  decode_steps=steps)
     results = train_drafter.evaluate(plain, a.drafter, prompts, a.k, a.max_new_tokens, spec=spec)
     device = jax.devices()[0].device_kind
     print(f"device {device}, drafter {a.drafter}, k={a.k}, {a.prompts} prompts x {a.max_new_tokens} tokens per set, "
-          f"greedy")
+          f"greedy, {plain.decode_steps} step(s) per dispatch")
     for name, r in results.items():
         print(f"{name:5s} accepted/step {r['mean_accepted']:.2f} of {a.k} | by position "
               f"{' '.join(f'{x:.2f}' for x in r['acceptance_by_position'])} | hist {r['accepted_hist']} | "

@@ -187,7 +187,7 @@ def load(source: Source):
     dtype = None if FLAGS.dtype == "auto" else jnp.dtype(FLAGS.dtype)  # None: the engine's auto_dtype()
     kwargs = dict(max_seq_len=context_length(source.cfg), speculative_k=FLAGS.speculative_k, drafter=FLAGS.drafter,
                   mesh=sharding.make_mesh(FLAGS.num_devices) if FLAGS.num_devices > 1 else None,
-                  attention=FLAGS.attention, decode_steps=FLAGS.decode_steps)
+                  attention=FLAGS.attention, decode_steps=FLAGS.decode_steps or None)
     quant = None if FLAGS.quant_experts == "none" else FLAGS.quant_experts
     if source.kind == "checkpoint":  # experts quantized while streaming onto their devices (loader.py)
         return Engine.from_pretrained(source.path, dtype=dtype, quant_experts=quant, quant_group=FLAGS.quant_group,

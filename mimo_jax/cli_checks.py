@@ -79,7 +79,7 @@ def check_flags() -> None:
          f"--max_seq_len must be >= 2 (a prompt token and a new one), got {FLAGS.max_seq_len}")
     need(FLAGS.quant_group >= 1, f"--quant_group must be >= 1, got {FLAGS.quant_group}")
     need(FLAGS.speculative_k >= 0, f"--speculative_k must be >= 0 (0 = off), got {FLAGS.speculative_k}")
-    need(FLAGS.decode_steps >= 1, f"--decode_steps must be >= 1, got {FLAGS.decode_steps}")
+    need(FLAGS.decode_steps >= 0, f"--decode_steps must be >= 0 (0 = auto), got {FLAGS.decode_steps}")
     if FLAGS.drafter not in ("auto", "mtp", "block"):
         from mimo_jax import block_drafter, mtp_drafter
 

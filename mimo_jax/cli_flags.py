@@ -54,9 +54,9 @@ def _define():
     flags.DEFINE_string("drafter", "auto", "With --speculative_k: mtp (the model's MTP layers; for the bundled SmolLM2 the shipped MTP layer trained for it), block (the shipped "
                         "block drafter, trained for the bundled SmolLM2), or PATH (a block drafter file written by "
                         "python -m mimo_jax.train_drafter, or MTP layers written by python -m mimo_jax.train_mtp). auto: mtp if the model has MTP layers, else block.", **F)
-    flags.DEFINE_integer("decode_steps", 1, "Decode (or speculative) steps per dispatch: more than 1 runs them as one "
+    flags.DEFINE_integer("decode_steps", 0, "Decode (or speculative) steps per dispatch: more than 1 runs them as one "
                          "scan on the device, so the host dispatches and reads once per chunk of tokens (streamed "
-                         "output arrives in chunks).", **F)
+                         "output arrives in chunks). 0 = auto: 4 on a GPU, 1 on CPU.", **F)
     flags.DEFINE_bool("version", False, "Print the version and exit.", **F)
 
 

@@ -168,13 +168,17 @@ LAYOUTS = ("auto", "scan", "unrolled")
 # block drafter, 4 steps per dispatch, session 11): same 1.559 ms/step (kernel time 1.875 ms, 1015 kernels),
 # unrolled 1.209 ms (1.398 ms, 720 kernels). Costs a second copy of those weights (scan models are small ones).
 SPEC_LAYOUT = "unrolled"
+# Steps per dispatch when the caller gives none, by platform. A GPU: 4 (one H200, session 11: SmolLM2 shapes plain
+# 1.183 -> 0.842 ms/token, speculative k = 8 1.980 -> 1.209 ms/step; the host's dispatch and read-back of each
+# step cost more than the step). CPU: 1 (a step is ~24 ms; tokens stream one by one).
+DECODE_STEPS = {"gpu": 4}
 
 
 class Engine:
     def __init__(self, cfg: ModelConfig, params, tokenizer=None, max_seq_len: int | None = None,
                  prefill_chunk: int = 512, cache_dtype=None, speculative_k: int = 0,
                  drafter: str | speculative.Drafter = "auto", mesh=None, attention: str = "tp",
-                 layout: str = "auto", decode_steps: int = 1):
+                 layout: str = "auto", decode_steps: int | None = None):
         """drafter (used when speculative_k > 0): "auto" (the MTP layers if the model has them, else the shipped
         block drafter if it was trained for this model), "mtp" (the model's MTP layers; for a model without them,
         the shipped MTP drafter file if it was trained for this model), "block" (the shipped one), a block drafter file
@@ -185,12 +189,11 @@ class Engine:
         one buffer per layer weight, straight-line layers, q/k/v and gate/up fused where unsharded) or "auto"
         (model.preferred_layout: unrolled on CPU and for layers with GEMM-sized weights, e.g. MiMo; else scan).
         decode_steps: decode (or speculative) steps per dispatch (1 = one; more: a scan over steps, tokens reach
-        the caller in chunks of that many steps)."""
+        the caller in chunks of that many steps); None: DECODE_STEPS for the platform (4 on a GPU, else 1)."""
         if layout not in LAYOUTS:
             raise InputError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
-        if decode_steps < 1:
+        if decode_steps is not None and decode_steps < 1:
             raise InputError(f"decode_steps must be >= 1, got {decode_steps}")
-        self.decode_steps = decode_steps
         if speculative_k and drafter == "mtp" and not cfg.num_mtp_layers and mtp_drafter.shipped_for(cfg):
             drafter = mtp_drafter.SHIPPED  # no MTP layers of its own: the ones trained for this model's shape
         mtp_file = None
@@ -201,6 +204,7 @@ class Engine:
         self.cfg, self.tokenizer, self.mesh, self.attention, self.layout = cfg, tokenizer, mesh, attention, layout
         self.params = self._place(params)
         platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+        self.decode_steps = decode_steps or DECODE_STEPS.get(platform, 1)
         if layout == "auto":
             layout = self.layout = model.preferred_layout(cfg, platform)
         spec_params = (model.unroll_layers(self.params, cfg) if speculative_k and layout == "scan"

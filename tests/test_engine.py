@@ -13,6 +13,7 @@ from mimo_jax import engine as engine_module
 from mimo_jax import model, speculative
 from mimo_jax.config import load_config
 from mimo_jax.engine import Budget, Engine
+from mimo_jax.errors import InputError
 from sampling_stats import chi2_check, exact_dists
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -138,6 +139,19 @@ def test_budget_speculative_chunked(tiny, monkeypatch, budget):
     assert out.stats.spec_steps == needed and out.stats.accepted_hist[K] == needed
     # a chunk of 2 steps emits at least 2 tokens: the next is dispatched ahead while more than 2 remain
     assert len(chunks) >= -(-needed // 2) and len(chunks) <= -(-needed // 2) + 1
+
+
+def test_decode_steps_default_comes_from_the_platform(tiny, monkeypatch):
+    """decode_steps None: engine.DECODE_STEPS for the platform (4 on a GPU, 1 elsewhere); same tokens."""
+    cfg, params, prompt, reference = tiny
+    assert Engine(cfg, params, max_seq_len=64).decode_steps == engine_module.DECODE_STEPS.get(
+        jax.devices()[0].platform, 1)
+    monkeypatch.setitem(engine_module.DECODE_STEPS, jax.devices()[0].platform, 3)
+    chunks = counting(monkeypatch, engine_module, "_decode_steps")
+    out = run(cfg, params, prompt, 0, max_new_tokens=8, decode_steps=None)
+    assert out.token_ids == reference[:8] and len(chunks) == 3  # ceil(7 / 3)
+    with pytest.raises(InputError, match="decode_steps"):
+        Engine(cfg, params, max_seq_len=64, decode_steps=0)
 
 
 def test_chunked_sampling_matches_one_step_per_dispatch(tiny):
