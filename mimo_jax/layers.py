@@ -23,20 +23,16 @@ def rms_norm(x, weight, eps):
 
 
 def rope(x, positions, theta: float, rope_dim: int):
-    """Rotate-half RoPE on the first rope_dim dims of each head; x [B, T, heads, D], positions [T] or [B, T].
-
-    Written on the two halves as an axis of 2 (a reverse and a sign, no concatenation) so that XLA fuses it into
-    whatever reads the result (the attention scores, the cache write) instead of running it as its own kernel."""
-    half = rope_dim // 2
+    """Rotate-half RoPE on the first rope_dim dims of each head; x [B, T, heads, D], positions [T] or [B, T]."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, rope_dim, 2, dtype=jnp.float32) / rope_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [T, half] or [B, T, half]
-    freqs = freqs[None, :, None, None, :] if positions.ndim == 1 else freqs[:, :, None, None, :]
-    cos, sin = jnp.cos(freqs).astype(x.dtype), jnp.sin(freqs).astype(x.dtype)  # [B|1, T, 1, 1, half]
-    rot = x if rope_dim == x.shape[-1] else x[..., :rope_dim]
-    pairs = rot.reshape(*rot.shape[:-1], 2, half)  # (first half, second half)
-    rotated = pairs[..., ::-1, :] * jnp.asarray([[-1], [1]], x.dtype)  # (-second half, first half)
-    out = (pairs * cos + rotated * sin).reshape(rot.shape)
-    return out if rope_dim == x.shape[-1] else jnp.concatenate([out, x[..., rope_dim:]], axis=-1)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    emb = emb[None, :, None, :] if positions.ndim == 1 else emb[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    rot, rest = x[..., :rope_dim], x[..., rope_dim:]
+    half = rope_dim // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
 
 
 def swiglu(p, x):

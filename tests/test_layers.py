@@ -52,31 +52,3 @@ def test_model_decode_with_reduce_attention(monkeypatch, name):
         logits, cache = step(params, jnp.asarray([[ids[i]]]), jnp.asarray([i], jnp.int32), cache, cfg)
         rows.append(np.asarray(logits[0, 0]))
     np.testing.assert_allclose(np.stack(rows), ref[20:], atol=2e-4, rtol=2e-4)
-
-
-def _rope_reference(x, positions, theta, rope_dim):
-    """Rotate-half RoPE written out with concatenations (transformers' rotate_half)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, rope_dim, 2, dtype=jnp.float32) / rope_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    emb = emb[None, :, None, :] if positions.ndim == 1 else emb[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
-    rot, rest = x[..., :rope_dim], x[..., rope_dim:]
-    half = rope_dim // 2
-    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
-    return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("d,rope_dim", [(64, 64), (192, 64), (16, 8)])
-@pytest.mark.parametrize("per_row", [False, True])
-def test_rope_equals_rotate_half(dtype, d, rope_dim, per_row):
-    """layers.rope (halves as an axis of 2: a reverse and a sign) == the concatenation form, bit for bit; full and
-    partial RoPE, shared and per-row positions (with a padding position)."""
-    x = jax.random.normal(jax.random.PRNGKey(d), (2, 5, 3, d), jnp.float32).astype(dtype)
-    positions = jnp.asarray([[3, 4, 5, 6, -1], [100, 101, 102, 103, 104]] if per_row else [7, 8, 9, 10, 11], jnp.int32)
-    got = layers.rope(x, positions, 10000.0, rope_dim)
-    ref = _rope_reference(x, positions, 10000.0, rope_dim)
-    assert got.shape == x.shape and got.dtype == x.dtype
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
-    assert not np.array_equal(np.asarray(got, np.float32), np.asarray(x, np.float32))
