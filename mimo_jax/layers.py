@@ -48,9 +48,10 @@ def swiglu(p, x):
 # operand through the dynamic slice of the stacked cache, while a dot (a GEMM fusion) needs that slice copied
 # first and re-reads nothing per query row. One H200, session 11: SmolLM2 shapes (q 576 / 5184 elements) plain
 # decode 0.875 -> 0.804 ms/token, k = 8 step 1.215 -> 1.093 ms (720 -> 482 kernels); mid_mimo (12288 / 110592)
-# plain 1.565 -> 1.581, k = 8 step 2.482 -> 2.762: dots there. 0: dots always. CPU: dots always
-# (jax.lax.platform_dependent).
-REDUCE_ATTENTION_MAX_Q = 8192
+# plain 1.565 -> 1.581, k = 8 step 2.482 -> 2.762: dots there. The threshold is the largest size measured to win
+# (sizes between 5184 and 12288, e.g. MiMo-V2-Flash's 32 heads per GPU at decode, 6144, are unmeasured: dots).
+# 0: dots always. CPU: dots always (jax.lax.platform_dependent).
+REDUCE_ATTENTION_MAX_Q = 5184
 
 
 def _scores_dot(q, k):
