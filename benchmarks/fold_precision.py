@@ -20,13 +20,14 @@ PREFILL, VERIFY, TOTAL = 24, 9, 40
 
 
 def load_plain(path):
-    """The checkpoint's params as loaded (the Engine converts its own on a GPU: conversion off for this load)."""
-    keep = ops.OUT_IN_ELEMENTS
-    ops.OUT_IN_ELEMENTS = 0
+    """The checkpoint's params as loaded (the Engine converts its own on a GPU: no out-in, no fusing for this
+    load)."""
+    keep = ops.OUT_IN_ELEMENTS, ops.OUT_IN_FUSE
+    ops.OUT_IN_ELEMENTS, ops.OUT_IN_FUSE = 0, False
     try:
         e = Engine.from_pretrained(path, dtype=jnp.float32, layout="scan")
     finally:
-        ops.OUT_IN_ELEMENTS = keep
+        ops.OUT_IN_ELEMENTS, ops.OUT_IN_FUSE = keep
     return e.cfg, e.params, e.tokenizer
 
 

@@ -88,12 +88,9 @@ def attend(q, k, v, mask, sink, scale, reduce: bool | None = None):
     A row with nothing visible (padding) returns zeros. reduce: the products as multiplies and reductions (True),
     as dots (False), or None: reductions on a GPU when q.size <= REDUCE_ATTENTION_MAX_Q, else dots.
     """
-    if reduce is None:
-        scores = _scores_dot
-        mix = _mix_dot
-        if q.size <= REDUCE_ATTENTION_MAX_Q:
-            scores = functools.partial(_on_gpu, _scores_reduce, _scores_dot)
-            mix = functools.partial(_on_gpu, _mix_reduce, _mix_dot)
+    if reduce is None and q.size <= REDUCE_ATTENTION_MAX_Q:
+        scores = functools.partial(_on_gpu, _scores_reduce, _scores_dot)
+        mix = functools.partial(_on_gpu, _mix_reduce, _mix_dot)
     else:
         scores, mix = (_scores_reduce, _mix_reduce) if reduce else (_scores_dot, _mix_dot)
     s = scores(q, k) * scale

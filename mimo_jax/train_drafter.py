@@ -252,9 +252,9 @@ def evaluate(engine, drafter_path, prompts: dict[str, list[list[int]]], k: int, 
     """Greedy speculative decoding with the drafter file (a block drafter or MTP layers) vs plain decoding
     (Engine.generate both) on held-out prompts: accepted drafts per step by position, the accepted-length
     histogram, tok/s of both, and whether the texts are identical. spec: the speculative Engine (k drafts of
-    that drafter) if the caller built it from the checkpoint (on a GPU the plain Engine's params are already in
-    its decode layout, folded norms included, which the speculative step does not use); None: one built on
-    engine.params."""
+    that drafter) if the caller built it from the checkpoint (on a GPU the plain Engine's params are already
+    converted for its own step, with folded norms when ops.OUT_IN_FOLD_NORMS is on, which the speculative step's
+    copy does not use); None: one built on engine.params."""
     from mimo_jax.engine import Engine
 
     if spec is None:
