@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import drafter_files, model
+from mimo_jax import drafter_files, model, ops
 from mimo_jax.config import FULL, ModelConfig
 from mimo_jax.errors import InputError
 
@@ -53,6 +53,25 @@ def _last_layer(tparams):
     return jax.tree_util.tree_map(lambda a: a[-1], item) if isinstance(item, dict) else None
 
 
+def _plain(layer, shapes):
+    """A target layer as model.forward's plain layout stores it: a GPU Engine's "out, in" weights
+    (ops.OutInWeight) turned back, fused q/k/v and gate/up (ops.FUSE_GROUPS) split by the MTP layer's shapes."""
+    if not isinstance(layer, dict):
+        return layer
+    out = {}
+    for k, v in layer.items():
+        if isinstance(v, ops.OutInWeight):
+            v = jnp.swapaxes(v.t, -1, -2)
+        out[k] = _plain(v, shapes.get(k, {}) if isinstance(shapes, dict) else {})
+    for name, parts in ops.FUSE_GROUPS:
+        if name in out and all(p in shapes for p in parts):
+            widths = [shapes[p].shape[-1] for p in parts]
+            if sum(widths) == out[name].shape[-1]:
+                cuts = np.cumsum(widths)[:-1].tolist()
+                out.update(zip(parts, jnp.split(out.pop(name), cuts, axis=-1)))
+    return out
+
+
 def init_weights(tparams, mcfg: ModelConfig, key) -> dict:
     """Starting MTP weights (float32): the model's own MTP layers if it has them; else random (model.init_params'
     recipe) with the block and final norm copied from the target's last layer where the shapes match (a dense
@@ -62,7 +81,7 @@ def init_weights(tparams, mcfg: ModelConfig, key) -> dict:
     shapes = model.param_shapes(mcfg, jnp.float32)["mtp"]
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     keys = jax.random.split(key, len(leaves))
-    last = _last_layer(tparams)
+    last = _plain(_last_layer(tparams), shapes)
 
     def make(path, s, k):
         names = tuple(p.key for p in path)

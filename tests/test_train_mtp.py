@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from mimo_jax import mtp_drafter, train_mtp
+from mimo_jax import model, mtp_drafter, ops, train_mtp
 from mimo_jax.engine import Engine
 from drafters import greedy_data, tiny_target
 from mimo_jax.errors import InputError
@@ -40,6 +40,21 @@ def test_config_for_a_model_without_mtp_layers(target):
                                                                      f.rope_dim)
     with pytest.raises(InputError, match="2 layers"):
         mtp_drafter.config_for(m.replace(num_mtp_layers=1), 2, 32)
+
+
+def test_init_copies_the_last_layer_from_a_gpu_engines_layout(target):
+    """A GPU Engine stores small dense weights "out, in" with q/k/v and gate/up fused (ops.out_in_layout): the MTP
+    layer's start copies the same last layer from them as from the plain stacked layout (train_mtp's Engine is
+    "scan"; session 12's GPU run failed on the converted weights)."""
+    mcfg = mtp_drafter.config_for(target.cfg, 1, 32)
+    params = model.init_params(target.cfg, jax.random.PRNGKey(3), jnp.float32)  # stacked layers
+    plain = mtp_drafter.init_weights(params, mcfg, jax.random.PRNGKey(0))
+    last = jax.tree_util.tree_map(lambda a: a[-1], params["layers"][-1])
+    for group, name in (("attn", "wq"), ("attn", "wk"), ("attn", "wo"), ("mlp", "w_up"), ("mlp", "w_down")):
+        np.testing.assert_array_equal(plain[group][name][0], last[group][name])
+    for fuse in (False, True):
+        converted = mtp_drafter.init_weights(ops.out_in_layout(params, fuse=fuse), mcfg, jax.random.PRNGKey(0))
+        jax.tree_util.tree_map(np.testing.assert_array_equal, converted, plain)
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(target, data):
