@@ -246,16 +246,19 @@ def test_offsets_fit_kernel_flags_stacks_the_32_bit_indexing_would_wrap():
 
 def test_pad_to_fit_kernel_pads_only_the_stacks_that_would_wrap():
     """A stack of exactly 2^32 bytes (Flash's [8 layers x 128 experts] per device on 2 GPUs) gets one zero layer,
-    so the lowering switches to 64-bit offsets; one that fits, or whose padding would cost > 25%, is unchanged."""
+    so the lowering switches to 64-bit offsets; Flash's [7 repeats x 1 layer x 128 experts] run gets two (+29%);
+    one that fits, or whose padding would cost > 50%, is unchanged."""
     S = jax.ShapeDtypeStruct
 
-    def stack(layers):
-        return Q.QuantizedWeight(S((layers, 128, 1024, 4096), jnp.uint8), S((layers, 128, 16, 4096), jnp.float16),
+    def stack(*lead):
+        return Q.QuantizedWeight(S(lead + (128, 1024, 4096), jnp.uint8), S(lead + (128, 16, 4096), jnp.float16),
                                  None, "int4_sym", 128, (2048, 4096))
 
-    padded = jax.eval_shape(Q.pad_to_fit_kernel, stack(8))
-    assert padded.packed.shape[0] == padded.scales.shape[0] == 9 and Q.offsets_fit_kernel(padded.packed)
-    for layers in (4, 6, 9):  # fits (2^31 elements), padding would add 33%, > 2^32 bytes
+    for lead, padded_to in (((8,), 9), ((7, 1), 9), ((6,), 9)):
+        padded = jax.eval_shape(Q.pad_to_fit_kernel, stack(*lead))
+        assert padded.packed.shape[0] == padded.scales.shape[0] == padded_to and Q.offsets_fit_kernel(padded.packed)
+        assert padded.packed.shape[1:] == stack(*lead).packed.shape[1:]
+    for layers in (4, 5, 9):  # fits (2^31 elements), padding would add 80%, > 2^32 bytes
         assert jax.eval_shape(Q.pad_to_fit_kernel, stack(layers)).packed.shape[0] == layers
 
 
