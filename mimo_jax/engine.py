@@ -178,7 +178,7 @@ class Engine:
     def __init__(self, cfg: ModelConfig, params, tokenizer=None, max_seq_len: int | None = None,
                  prefill_chunk: int = 512, cache_dtype=None, speculative_k: int = 0,
                  drafter: str | speculative.Drafter = "auto", mesh=None, attention: str = "tp",
-                 layout: str = "auto", decode_steps: int | None = None):
+                 layout: str = "auto", decode_steps: int | None = None, fold_norms: bool | None = None):
         """drafter (used when speculative_k > 0): "auto" (the MTP layers if the model has them, else the shipped
         block drafter if it was trained for this model), "mtp" (the model's MTP layers; for a model without them,
         the shipped MTP drafter file if it was trained for this model), "block" (the shipped one), a block drafter file
@@ -189,7 +189,10 @@ class Engine:
         one buffer per layer weight, straight-line layers, q/k/v and gate/up fused where unsharded) or "auto"
         (model.preferred_layout: unrolled on CPU and for layers with GEMM-sized weights, e.g. MiMo; else scan).
         decode_steps: decode (or speculative) steps per dispatch (1 = one; more: a scan over steps, tokens reach
-        the caller in chunks of that many steps); None: DECODE_STEPS for the platform (4 on a GPU, else 1)."""
+        the caller in chunks of that many steps); None: DECODE_STEPS for the platform (4 on a GPU, else 1).
+        fold_norms: on one GPU, fold the pre-norm scales into the plain step's weights (ops.out_in_layout); None:
+        ops.OUT_IN_FOLD_NORMS. Speculative generation never folds (its own params); the drafter trainers pass False
+        so their target runs with the numerics the speculative step verifies with."""
         if layout not in LAYOUTS:
             raise InputError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
         if decode_steps is not None and decode_steps < 1:
@@ -211,7 +214,7 @@ class Engine:
                        and SPEC_LAYOUT == "unrolled" else None)
         if layout == "unrolled":
             self.params = model.unroll_layers(self.params, cfg)
-        self.params = self._for_device(self.params, platform)
+        self.params = self._for_device(self.params, platform, fold_norms=fold_norms)
         self._spec_params = (None if spec_params is None  # None: the step takes self.params
                              else self._for_device(spec_params, platform, fold_norms=False))
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 4096))
@@ -482,8 +485,9 @@ class Stream:
         t0 = time.perf_counter()
         cache = e.new_cache(e.capacity(len(self.ids), self.max_new_tokens), ring_slack=k + 1)
         chunks, normed = list(e._chunks(self.ids)), []
+        params = e.step_params  # the prompt pass too: the steps' own params (the plain step's may be folded)
         for tokens, positions, _ in chunks:
-            h, logits, cache = speculative.target_chunk(e.params, tokens, positions, cache, cfg, taps=drafter.taps)
+            h, logits, cache = speculative.target_chunk(params, tokens, positions, cache, cfg, taps=drafter.taps)
             normed.append(h)
         position = len(self.ids)
         # the first token's position key is split: one half draws it, the other the prefill's draft d_1
@@ -494,7 +498,6 @@ class Stream:
         state = {"cache": cache, "token": first, "position": jnp.int32(position), "mtp_cache": {},
                  "draft": jnp.zeros_like(first), "draft_logits": jnp.zeros((1, cfg.vocab_size), jnp.float32),
                  "draft_hidden": jnp.zeros((1, cfg.hidden_size), e.cache_dtype)}
-        params = e.step_params
         if drafter.init is not None:
             dstate = e._place(drafter.init(params, cfg, k, e.cache_dtype))
             following = np.asarray(self.ids[1:] + [first_id], np.int32)  # the token after each prompt position

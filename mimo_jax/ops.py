@@ -103,13 +103,14 @@ OUT_IN_ELEMENTS = 1 << 23
 # does it already). fold_norms=True: each pre-norm's scale folded into the out-in weights that read it (FoldedNorm),
 # so the normalized activations are not written by a kernel of their own. Measured on one H200 (SmolLM2 shapes,
 # scan, 8 steps per dispatch, session 11): out-in alone 0.990 ms/token, + fuse 0.872, + fold 0.922, + both 0.840.
-# The Engine fuses. It does not fold: on the real SmolLM2 (bf16) the shipped drafters accepted fewer chat drafts
-# against a folded target (block drafter 1.68-1.73 -> 1.42 per step, MTP 2.09 -> 1.72; code unchanged), although
-# its logits are as close to f32 as the unfolded ones (BENCHMARKS.md session 11); the drafters were trained on
-# the unfolded target.
+# The Engine fuses and folds, for the plain step only: speculative generation (its prompt pass and its steps) runs
+# on its own unfolded params (engine.SPEC_LAYOUT). With the prompt pass folded, the shipped drafters accepted fewer
+# chat drafts on the real SmolLM2 (bf16; block 1.68 -> 1.42-1.52 per step, MTP 2.09 -> 1.72), although the folded
+# logits are as close to f32 as the unfolded ones; with the prompt pass on the step's params: 1.68, unchanged
+# (BENCHMARKS.md sessions 11-12). Plain step at 4 per dispatch: 0.817 -> 0.777 ms/token with the fold.
 FUSE_GROUPS = (("wqkv", ("wq", "wk", "wv")), ("w_gate_up", ("w_gate", "w_up")))
 OUT_IN_FUSE = True
-OUT_IN_FOLD_NORMS = False
+OUT_IN_FOLD_NORMS = True
 NORM_READERS = (("attn_norm", "attn", ("wq", "wk", "wv", "wqkv")), ("mlp_norm", "mlp", ("w_gate", "w_up", "w_gate_up")))
 
 

@@ -381,7 +381,7 @@ def main(argv=None) -> None:
     from mimo_jax.engine import Engine
 
     t_start = time.perf_counter()
-    engine = Engine.from_pretrained(a.model, max_seq_len=1024)
+    engine = Engine.from_pretrained(a.model, max_seq_len=1024, fold_norms=False)  # the verify's numerics
     cfg = engine.cfg
     tag = "bundled-smollm2"
     if a.model:

@@ -216,7 +216,8 @@ def main(argv=None) -> None:
     from mimo_jax.engine import Engine
 
     t_start = time.perf_counter()
-    engine = Engine.from_pretrained(a.model, max_seq_len=1024, layout="scan")  # init copies the stacked last layer
+    # scan: init copies the stacked last layer; unfolded: the numerics the speculative step verifies with
+    engine = Engine.from_pretrained(a.model, max_seq_len=1024, layout="scan", fold_norms=False)
     tag = "bundled-smollm2"
     if a.model:
         m = Path(a.model).resolve()

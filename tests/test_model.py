@@ -139,9 +139,10 @@ def test_out_in_engine_greedy_and_speculative_equal_plain_layout(fuse_fold):
 
 
 def test_speculative_step_with_its_own_unrolled_params(monkeypatch):
-    """engine.SPEC_LAYOUT = "unrolled": a scan Engine's speculative step runs on an unrolled copy of the layers
-    (prefill and the caches stay the scan's) and produces plain greedy's tokens (MTP drafter)."""
-    from mimo_jax import engine as engine_mod
+    """engine.SPEC_LAYOUT = "unrolled": a scan Engine's speculative generation runs on an unrolled copy of the
+    layers, its prompt pass too (so the plain step's folded norms never reach it: session 12), with the scan's
+    cache layout, and produces plain greedy's tokens (MTP drafter)."""
+    from mimo_jax import engine as engine_mod, speculative
 
     cfg, params, capacity = setup("tiny_mimo", seed=13)
     prompt = np.random.default_rng(14).integers(0, cfg.vocab_size, size=21).tolist()
@@ -150,7 +151,10 @@ def test_speculative_step_with_its_own_unrolled_params(monkeypatch):
     monkeypatch.setattr(engine_mod, "SPEC_LAYOUT", "unrolled")
     e = Engine(cfg, params, max_seq_len=capacity, prefill_chunk=16, speculative_k=3, layout="scan")
     assert "unrolled" in e.step_params and "unrolled" not in e.params
+    prompt_pass, seen = speculative.target_chunk, []
+    monkeypatch.setattr(speculative, "target_chunk", lambda p, *a, **kw: seen.append("unrolled" in p) or prompt_pass(p, *a, **kw))
     assert e.generate(prompt, max_new_tokens=18).token_ids == ref
+    assert seen == [True, True]  # 21 prompt tokens: two chunks of 16, both on the step's params
     assert "unrolled" not in Engine(cfg, params, max_seq_len=capacity, layout="scan").step_params  # plain: no copy
 
 
@@ -166,6 +170,19 @@ def test_gpu_params_fold_norms_in_the_plain_step_only():
     assert is_folded(plain) == ops.OUT_IN_FOLD_NORMS and not is_folded(step)
     assert any(isinstance(x, ops.OutInWeight) for x in jax.tree_util.tree_leaves(
         step, is_leaf=lambda a: isinstance(a, ops.OutInWeight)))
+    assert not is_folded(e._for_device(e.params, "gpu", fold_norms=False))
+
+
+def test_engine_fold_norms_argument_reaches_the_plain_params(monkeypatch):
+    """Engine(fold_norms=False) (the drafter trainers' target) converts its own params unfolded; None: the knob."""
+    cfg, params, capacity = setup("tiny_llama", seed=15)
+    seen = []
+    convert = Engine._for_device
+    monkeypatch.setattr(Engine, "_for_device", lambda self, p, platform, fold_norms=None: seen.append(fold_norms)
+                        or convert(self, p, platform, fold_norms))
+    Engine(cfg, params, max_seq_len=capacity, layout="scan", fold_norms=False)
+    Engine(cfg, params, max_seq_len=capacity, layout="scan")
+    assert seen == [False, None]
 
 
 def test_engine_greedy_equals_argmax_of_full_forward():
