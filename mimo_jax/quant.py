@@ -303,24 +303,25 @@ def _local_shape(a) -> tuple:
 
 
 def pad_to_fit_kernel(w, max_overhead: float = 0.5):
-    """An expert stack (QuantizedWeight [lead, ..., E, K, N]) whose per-device packed array falls in the range
-    offsets_fit_kernel refuses (> 2^31 elements, <= 2^32 bytes) padded with zero layers along its first axis until
-    it holds > 2^32 bytes: the Pallas lowering then indexes it with 64-bit offsets and the kernel reads it in place
-    (a MiMo-V2-Flash stack of [8 layers x 128 experts] per device is exactly 2^32 bytes; sliced per layer instead,
-    the copies cost 5.6 ms of a 17.4 ms step on 2 x H200; its run later became [7 repeats x 1 full layer x 128
-    experts], which needs 2 zero repeats (+29%): refused by the 25% bound of then, its copies made the step 19.7 ms
-    instead of ~12). Padding costs memory only (the zero layers are never read); a slice copies a whole layer's
-    experts every step. Layer indices are unchanged (the padding comes after the real layers). Returned as is when
-    it fits, has no layer axis, or padding would add > max_overhead."""
+    """An expert stack (QuantizedWeight [lead, ..., E, K, N]) with a per-device array (packed codes, scales or
+    mins) in the range offsets_fit_kernel refuses (> 2^31 elements, <= 2^32 bytes) padded with the fewest zero
+    layers along its first axis after which every array fits: the Pallas lowering then indexes the grown array with
+    64-bit offsets and the kernel reads the stack in place (a MiMo-V2-Flash stack of [8 layers x 128 experts] per
+    device is exactly 2^32 bytes; sliced per layer instead, the copies cost 5.6 ms of a 17.4 ms step on 2 x H200;
+    its run later became [7 repeats x 1 full layer x 128 experts], which needs 2 zero repeats (+29%): refused by
+    the 25% bound of then, its copies made the step 19.7 ms instead of 12.1). Padding costs memory only (the zero
+    layers are never read); a slice copies a whole layer's experts every step. Layer indices are unchanged (the
+    padding comes after the real layers). Returned as is when it fits, has no layer axis, or padding would add
+    more than max_overhead of its layers."""
     if not isinstance(w, QuantizedWeight) or w.packed.ndim < 4:
         return w
-    shape = _local_shape(w.packed)
-    size = int(np.prod(shape))  # uint8: elements = bytes
-    if offsets_fit_kernel(jax.ShapeDtypeStruct(shape, w.packed.dtype)):
+    structs = [jax.ShapeDtypeStruct(_local_shape(a), a.dtype) for a in _weight_arrays(w) if a is not None]
+    if offsets_fit_kernel(structs):
         return w
-    per_layer = size // shape[0]
-    extra = (2 ** 32 - size) // per_layer + 1
-    if extra * per_layer > max_overhead * size:
+    layers = structs[0].shape[0]
+    grown = lambda n: [jax.ShapeDtypeStruct((layers + n,) + s.shape[1:], s.dtype) for s in structs]  # noqa: E731
+    extra = next((n for n in range(1, int(max_overhead * layers) + 1) if offsets_fit_kernel(grown(n))), None)
+    if extra is None:
         return w
 
     def pad(a):
