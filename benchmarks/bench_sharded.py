@@ -24,44 +24,54 @@ from jax.sharding import NamedSharding
 
 from mimo_jax import model, quant, sharding
 from mimo_jax.config import MOE, load_config
+from mimo_jax.quantize_model import _is_expert, quantized_struct
 
 from ceiling import read_ceiling
 
 GROUP = 128
 
 
-def abstract_params(cfg):
+def abstract_params(cfg, fmt: str = "int4_sym"):
+    """The params' shapes with every routed-expert stack as the QuantizedWeight quantizing it to `fmt` gives
+    (groups of GROUP; MXFP4: 32)."""
+    group = 32 if fmt == "mxfp4" else GROUP
+
     def to_q(path, s):
-        keys = [p.key for p in path if hasattr(p, "key")]
-        if keys[0] == "layers" and keys[-1] in ("w_gate", "w_up", "w_down") and len(s.shape) >= 4:
-            *lead, k, n = s.shape
-            return quant.QuantizedWeight(jax.ShapeDtypeStruct((*lead, k // 2, n), jnp.uint8),
-                                         jax.ShapeDtypeStruct((*lead, k // GROUP, n), jnp.float16), None,
-                                         "int4_sym", GROUP, (k, n))
-        return s
+        return quantized_struct(s, fmt, group) if _is_expert(path, s) else s
     return jax.tree_util.tree_map_with_path(to_q, model.param_shapes(cfg, jnp.bfloat16))
 
 
-def random_params(cfg, mesh, attention):
-    shapes = abstract_params(cfg)
+def random_params(cfg, mesh, attention, fmt: str = "int4_sym"):
+    """Random params made on their devices (each device only its shard): random 4-bit codes, expert scales of
+    one magnitude (float16 0.004; MXFP4's e8m0 2^-7, so e2m1 codes up to 6 give weights up to ~0.05)."""
+    shapes = abstract_params(cfg, fmt)
     specs = sharding.specs(shapes, cfg, mesh, attention)
-    leaves, treedef = jax.tree_util.tree_flatten(shapes)
-    out_shardings = jax.tree_util.tree_unflatten(treedef, [NamedSharding(mesh, s) for s in
-                                                           jax.tree_util.tree_leaves(specs)])
+    is_q = lambda a: isinstance(a, quant.QuantizedWeight)  # noqa: E731
+    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=is_q)
+    spec_leaves = jax.tree_util.tree_flatten(specs, is_leaf=is_q)[0]
+
+    def on_mesh(spec):
+        return NamedSharding(mesh, spec)
+
+    out_shardings = jax.tree_util.tree_unflatten(treedef, [
+        jax.tree_util.tree_map(on_mesh, sp) if is_q(sp) else on_mesh(sp) for sp in spec_leaves])
+
+    def dense(s, k):
+        if len(s.shape) == 1:
+            return jnp.ones(s.shape, s.dtype)
+        return (s.shape[-2] ** -0.5 * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype)
+
+    def expert(w, k):
+        scales = (jnp.full(w.scales.shape, 127 - 7, jnp.uint8) if w.fmt == "mxfp4"
+                  else jnp.full(w.scales.shape, 0.004, w.scales.dtype))
+        mins = None if w.mins is None else jnp.full(w.mins.shape, -0.03, w.mins.dtype)
+        return quant.QuantizedWeight(jax.random.bits(k, w.packed.shape, jnp.uint8), scales, mins, w.fmt,
+                                     w.group_size, w.kn, w.dtype)
 
     def make(key):
         keys = jax.random.split(key, len(leaves))
-        vals = []
-        for s, k in zip(leaves, keys):
-            if s.dtype == jnp.uint8:
-                vals.append(jax.random.bits(k, s.shape, jnp.uint8))
-            elif s.dtype == jnp.float16:
-                vals.append(jnp.full(s.shape, 0.004, jnp.float16))
-            else:
-                scale = 1.0 if len(s.shape) < 2 else s.shape[-2] ** -0.5
-                vals.append((1.0 + 0.0 * jax.random.normal(k, s.shape, jnp.float32) if len(s.shape) == 1 else
-                             scale * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype))
-        return jax.tree_util.tree_unflatten(treedef, vals)
+        return jax.tree_util.tree_unflatten(treedef, [expert(s, k) if is_q(s) else dense(s, k)
+                                                      for s, k in zip(leaves, keys)])
 
     return jax.jit(make, out_shardings=out_shardings)(jax.random.PRNGKey(0))
 

@@ -200,19 +200,26 @@ def random_block_drafter(cfg, layers: int) -> str:
 
 def build(args, cfg, mesh):
     dtype = jnp.dtype(args.dtype)
-    if mesh is not None:  # random int4 experts generated on their devices (bench_sharded)
+    fmt = mesh_format(args, mesh)
+    group = 32 if fmt == "mxfp4" else args.quant_group
+    per_weight = None if fmt == "none" else 0.5 + {"int4_sym": 2, "int4_asym": 4, "mxfp4": 1}[fmt] / group
+    if mesh is not None:  # random 4-bit experts generated on their devices (bench_sharded)
         import bench_sharded
 
         bench_sharded.GROUP = args.quant_group
-        return bench_sharded.random_params(cfg, mesh, args.attention), 0.5 + 2 / args.quant_group
+        return bench_sharded.random_params(cfg, mesh, args.attention, fmt), per_weight
     params = model.init_params(cfg, jax.random.PRNGKey(0), dtype)
-    if args.quant_experts == "none":
+    if fmt == "none":
         return params, None
     from mimo_jax.quantize_model import quantize_experts
 
-    group = 32 if args.quant_experts == "mxfp4" else args.quant_group
-    scale = {"int4_sym": 2, "int4_asym": 4, "mxfp4": 1}[args.quant_experts]
-    return quantize_experts(params, args.quant_experts, args.quant_group), 0.5 + scale / group
+    return quantize_experts(params, fmt, args.quant_group), per_weight
+
+
+def mesh_format(args, mesh) -> str:
+    """The experts' format: --quant_experts; under a mesh "none" means int4_sym (random codes made on the devices:
+    a bf16 Flash does not fit 2 GPUs)."""
+    return "int4_sym" if mesh is not None and args.quant_experts == "none" else args.quant_experts
 
 
 def main():
@@ -260,7 +267,7 @@ def main():
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
     tag = args.tag or Path(args.config).stem
     print(f"== {tag}: {jax.devices()[0].device_kind} x{args.devices}, jax {jax.__version__}, {cfg.num_layers} "
-          f"layers, {args.dtype}, experts {args.quant_experts if mesh is None else 'int4_sym (random)'}; "
+          f"layers, {args.dtype}, experts {mesh_format(args, mesh)}{' (random codes)' if mesh is not None else ''}; "
           f"read ceiling {ceiling / 1e9:.0f} GB/s per device (measured now)")
     summary = {"tag": tag, "device": jax.devices()[0].device_kind, "devices": args.devices, "jax": jax.__version__,
                "ceiling_GBps": ceiling / 1e9}
