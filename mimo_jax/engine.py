@@ -242,7 +242,7 @@ class Engine:
     # ---- construction ----
     def _for_device(self, params, platform, fold_norms=None):
         """fold_norms None: ops.OUT_IN_FOLD_NORMS."""
-        if platform == "gpu" and self.mesh is None:  # small dense weights "out, in" (measured: ops.OutInWeight)
+        if platform == "gpu" and (self.mesh is None or ops.OUT_IN_ON_MESH):  # small dense weights "out, in"
             fold = ops.OUT_IN_FOLD_NORMS if fold_norms is None else fold_norms
             params = ops.out_in_layout(params, fuse=ops.OUT_IN_FUSE, fold_norms=fold)
         if quant.reads_experts_in_place():  # expert stacks the kernel could not index in place get padded

@@ -108,6 +108,11 @@ OUT_IN_ELEMENTS = 1 << 23
 # chat drafts on the real SmolLM2 (bf16; block 1.68 -> 1.42-1.52 per step, MTP 2.09 -> 1.72), although the folded
 # logits are as close to f32 as the unfolded ones; with the prompt pass on the step's params: 1.68, unchanged
 # (BENCHMARKS.md sessions 11-12). Plain step at 4 per dispatch: 0.817 -> 0.777 ms/token with the fold.
+# Under a mesh (tensor-parallel attention, GSPMD) the same layout is OUT_IN_ON_MESH: off until measured. The
+# MiMo-V2-Flash step on 2 x H200 (session 12's optimized HLO) runs each sliding layer's k and v products, [4096,
+# 768] and [4096, 512] per GPU, as exactly the multiply that writes f32 [K, N] plus a column reduction: 27.7 of
+# the 45 us of attention kernels per layer and GPU. A/B: benchmarks/knobs.py ops.OUT_IN_ON_MESH=1 -- ...
+OUT_IN_ON_MESH = False
 FUSE_GROUPS = (("wqkv", ("wq", "wk", "wv")), ("w_gate_up", ("w_gate", "w_up")))
 OUT_IN_FUSE = True
 OUT_IN_FOLD_NORMS = True

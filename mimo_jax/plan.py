@@ -95,8 +95,9 @@ def stacked(plan: tuple[Item, ...], make):
 # ---- reading a parameter / cache leaf's place in the plan (shared by the loaders, sharding, quantization) ----
 
 def path_keys(path) -> tuple:
-    """A jax.tree_util key path as plain keys: ("layers", 2, 0, "mlp", "w_gate"); list / node indices stay ints."""
-    return tuple(p.key if hasattr(p, "key") else p.idx for p in path)
+    """A jax.tree_util key path as plain keys: ("layers", 2, 0, "mlp", "w_gate"); list / node indices stay ints;
+    a dataclass field (ops.OutInWeight's "t") is its name."""
+    return tuple(p.key if hasattr(p, "key") else p.idx if hasattr(p, "idx") else p.name for p in path)
 
 
 def stack_axes(keys: tuple) -> int:

@@ -73,10 +73,15 @@ def specs(tree, cfg: ModelConfig, mesh: Mesh, attention: str = "tp"):
         keys = path_keys(path)
         while isinstance(keys[-1], int):  # an array inside a QuantizedWeight: packed / scales / mins
             keys = keys[:-1]
+        out_in = keys[-1] == "t"  # ops.OutInWeight: the weight stored [..., N, K], its last two axes swapped
+        if out_in:
+            keys = keys[:-1]
         lead = stack_axes(keys)
         logical = TABLE.get((keys[-1], leaf.ndim - lead))
         if logical is None:
             return P()
+        if out_in:
+            logical = (*logical[:-2], logical[-1], logical[-2])
         kind = leaf_kind(plan, keys)
         axes = _mesh_axes(cfg, n, kind[0] if kind else FULL, attention)
         return P(*([None] * lead), *(axes[a] if a else None for a in logical))

@@ -48,7 +48,33 @@ def main():
                 spec = Engine(cfg, params, max_seq_len=128, prefill_chunk=16, mesh=sharding.make_mesh(n),
                               speculative_k=4)
                 out["greedy"][f"{name}/{n}/speculative"] = spec.generate(prompt, 24).token_ids == ref_greedy
+        out["out_in_mesh"] = out_in_on_mesh(cfg, params, ids, ref_logits, prompt, ref_greedy)
     print("RESULT " + json.dumps(out))
+
+
+def out_in_on_mesh(cfg, params, ids, ref_logits, prompt, ref_greedy):
+    """The GPU's small-weights-"out, in" conversion (ops.OUT_IN_ON_MESH, off by default) on a 2-device
+    tensor-parallel mesh: the converted params keep their shards transposed, the sharding table names the same
+    specs for them (re-placing moves nothing), and logits / greedy equal the single-device run."""
+    from mimo_jax import ops
+
+    ops.OUT_IN_ON_MESH = True
+    try:
+        e = Engine(cfg, params, max_seq_len=128, prefill_chunk=16, mesh=sharding.make_mesh(2), attention="tp",
+                   layout="unrolled")
+        e.params = e._for_device(e.params, "gpu")
+    finally:
+        ops.OUT_IN_ON_MESH = False
+    is_w = lambda a: isinstance(a, ops.OutInWeight)  # noqa: E731
+    converted = [w.t for w in jax.tree_util.tree_leaves(e.params, is_leaf=is_w) if is_w(w)]
+    placed = e._place(e.params)
+    same = all(a.sharding.is_equivalent_to(b.sharding, a.ndim) for a, b in
+               zip(jax.tree_util.tree_leaves(e.params), jax.tree_util.tree_leaves(placed)))
+    split = sum(len({str(s.index) for s in t.addressable_shards}) > 1 for t in converted)
+    got = e.score(ids)
+    return {"converted": len(converted), "split": split, "specs_match": same,
+            "logits": float(np.max(np.abs(got - ref_logits)) / np.max(np.abs(ref_logits))),
+            "greedy": e.generate(prompt, 24).token_ids == ref_greedy}
 
 
 if __name__ == "__main__":

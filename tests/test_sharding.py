@@ -36,5 +36,13 @@ def test_sharded_greedy_identical(result):
     assert all(result["greedy"].values()), {k: v for k, v in result["greedy"].items() if not v}
 
 
+def test_out_in_weights_on_a_mesh_equal_single_device(result):
+    """ops.OUT_IN_ON_MESH: attention's small weights stored "out, in" on a 2-device TP mesh stay split (the table
+    transposes their specs) and give the single device's logits and greedy tokens."""
+    r = result["out_in_mesh"]
+    assert r["converted"] > 0 and r["split"] > 0 and r["specs_match"], r
+    assert r["logits"] < 1e-5 and r["greedy"], r
+
+
 def test_experts_are_split_by_expert():
     assert TABLE[("w_gate", 3)][0] == "experts" and TABLE[("w_down", 3)][0] == "experts"
