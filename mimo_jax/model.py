@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import ops
+from mimo_jax import ops, sharding
 from mimo_jax.config import DENSE, FULL, SLIDING, ModelConfig
 from mimo_jax.layers import attention, rms_norm, swiglu
 from mimo_jax.moe import EXPERT_KEYS, moe
@@ -301,7 +301,13 @@ def _run_unrolled(per_layer, expert_stacks, layer_caches, x, positions, cfg: Mod
 
 
 def embed(params, tokens):
-    return jnp.take(params["embed"], tokens, axis=0)
+    """Embedding rows for tokens [...] -> [..., H]; on a mesh whose size divides the vocabulary (the sharding
+    table splits the table by rows then) through sharding.vocab_embed: one psum, not a gather of the table."""
+    table = params["embed"]
+    n = sharding.expert_axis_size()
+    if sharding.VOCAB_EMBED_LOCAL and n > 1 and table.shape[0] % n == 0:
+        return sharding.vocab_embed(table, tokens)
+    return jnp.take(table, tokens, axis=0)
 
 
 def forward_hidden(params, tokens, positions, cache, cfg: ModelConfig, kernels: str = "xla", taps: tuple = ()):

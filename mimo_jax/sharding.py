@@ -117,3 +117,28 @@ def ep_experts(local_experts, stack, index, x, weights, ids):
 
     return jax.shard_map(local, in_specs=({k: expert_spec for k in stack}, P(), P(), P(), P()), out_specs=P(),
                          check_vma=False)(stack, tuple(index), x, weights, ids)
+
+
+# model.embed on a mesh: each device's own rows + one psum (vocab_embed). Not yet timed on GPUs: it replaces the
+# partitioner's per-step all-gather of the whole table (1.25 GB on MiMo-V2-Flash, 2 x H200); False = that gather
+# (an A/B: benchmarks/knobs.py sharding.VOCAB_EMBED_LOCAL=0 -- ...).
+VOCAB_EMBED_LOCAL = True
+
+
+def vocab_embed(table, tokens):
+    """Rows of a vocab-split embedding table [V, H] (the table's ("vocab", None) spec) for tokens [...]: each device
+    looks up the tokens in its own rows, zeros elsewhere, and one psum of [..., H] joins them. Left to the
+    partitioner, a one-token lookup all-gathered the whole table every step (MiMo-V2-Flash on 2 x H200: 1.25 GB,
+    ~1.2 ms of a 12 ms step; session 12's optimized HLO). Negative ids count from the end, as jnp.take's do;
+    ids out of range give zeros."""
+    vocab = table.shape[0]
+
+    def local(table, tokens):
+        rows = table.shape[0]
+        ids = jnp.where(tokens < 0, tokens + vocab, tokens) - jax.lax.axis_index(AXIS) * rows
+        mine = (ids >= 0) & (ids < rows)
+        x = jnp.take(table, jnp.where(mine, ids, 0), axis=0)
+        return jax.lax.psum(jnp.where(mine[..., None], x, jnp.zeros((), x.dtype)), AXIS)
+
+    return jax.shard_map(local, in_specs=(P(AXIS, None), P()), out_specs=P(), check_vma=False)(table, tokens)
+

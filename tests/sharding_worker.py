@@ -49,7 +49,26 @@ def main():
                               speculative_k=4)
                 out["greedy"][f"{name}/{n}/speculative"] = spec.generate(prompt, 24).token_ids == ref_greedy
         out["out_in_mesh"] = out_in_on_mesh(cfg, params, ids, ref_logits, prompt, ref_greedy)
+    out["embed"] = vocab_split_embed()
     print("RESULT " + json.dumps(out))
+
+
+def vocab_split_embed():
+    """model.embed on a vocab-split table (2 and 8 devices): through sharding.vocab_embed (a shard_map, no gather
+    of the table), equal to jnp.take for ids across the shards, negative ids included."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    res = {}
+    table = np.random.default_rng(1).standard_normal((64, 12)).astype(np.float32)
+    tokens = np.array([[0, 7, 8, 31, 32, 63, -1, -64]], np.int32)
+    for n in (2, 8):
+        mesh = sharding.make_mesh(n)
+        placed = jax.device_put(table, NamedSharding(mesh, P(sharding.AXIS, None)))
+        with jax.set_mesh(mesh):
+            routed = "shard_map" in str(jax.make_jaxpr(model.embed)({"embed": placed}, tokens))
+            got = np.asarray(jax.jit(model.embed)({"embed": placed}, tokens))
+        res[str(n)] = routed and bool(np.array_equal(got, np.take(table, tokens, axis=0)))
+    return res
 
 
 def out_in_on_mesh(cfg, params, ids, ref_logits, prompt, ref_greedy):

@@ -44,5 +44,10 @@ def test_out_in_weights_on_a_mesh_equal_single_device(result):
     assert r["logits"] < 1e-5 and r["greedy"], r
 
 
+def test_vocab_split_embedding_looks_up_locally(result):
+    """model.embed on a mesh: each device's own rows and one psum (sharding.vocab_embed), == jnp.take."""
+    assert result["embed"] == {"2": True, "8": True}
+
+
 def test_experts_are_split_by_expert():
     assert TABLE[("w_gate", 3)][0] == "experts" and TABLE[("w_down", 3)][0] == "experts"
