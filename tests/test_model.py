@@ -108,6 +108,26 @@ def test_out_in_weights_compute_the_same(name, layout, fuse, fold):
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("layout", ["scan", "unrolled"])
+def test_out_in_router_computes_the_same(monkeypatch, layout):
+    """ops.OUT_IN_ROUTER: a MoE block's router stored out-in as well (its expert stacks untouched) keeps the logits
+    and the routing of chunked prefill + decode."""
+    from mimo_jax import ops
+
+    monkeypatch.setattr(ops, "OUT_IN_ROUTER", True)
+    cfg, params, capacity = setup("tiny_mimo", seed=9)
+    base = params if layout == "scan" else model.unroll_layers(params, cfg)
+    conv = ops.out_in_layout(base)
+    blocks = [m for m in jax.tree_util.tree_leaves(conv, is_leaf=lambda d: isinstance(d, dict) and "router" in d)
+              if isinstance(m, dict) and "router" in m]
+    assert blocks and all(isinstance(b["router"], ops.OutInWeight) for b in blocks)
+    assert not any(isinstance(b.get(k), ops.OutInWeight) for b in blocks for k in ("w_gate", "w_up", "w_down"))
+    ids = np.random.default_rng(10).integers(0, cfg.vocab_size, size=2 * 8 + 5).tolist()
+    ref = chunked_forward(cfg, base, ids, capacity, 5, 8)
+    got = chunked_forward(cfg, conv, ids, capacity, 5, 8)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+
+
 def test_out_in_folds_a_norm_only_where_its_readers_go_out_in(monkeypatch):
     """A norm is folded only when every matrix reading it is stored out-in: with fuse, the fused one decides
     (small parts whose concatenation is over the limit keep their norm, else the layer would fail to trace)."""
