@@ -7,6 +7,7 @@ own (batched decoding: every slot at its own position; a row of -1 leaves that r
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -22,13 +23,36 @@ def rms_norm(x, weight, eps):
     return weight * xf.astype(x.dtype)
 
 
-def rope(x, positions, theta: float, rope_dim: int):
-    """Rotate-half RoPE on the first rope_dim dims of each head; x [B, T, heads, D], positions [T] or [B, T]."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Positions:
+    """Positions ([T] or [B, T]) with their RoPE tables, computed once per forward pass (model.forward_hidden):
+    computed inside the scan over layers, XLA recomputed cos and sin in two kernels per layer (SmolLM2 on an H200:
+    60 of a decode step's 582 kernels, session 12's optimized HLO). tables: (theta, rope_dim) -> (cos, sin) as
+    `rope_tables` returns them. `attention` takes these or plain positions."""
+    ids: jax.Array
+    tables: dict
+
+
+def rope_tables(positions, theta: float, rope_dim: int, dtype):
+    """(cos, sin) [1 or B, T, 1, rope_dim] of rotate-half RoPE at positions [T] or [B, T], in dtype."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, rope_dim, 2, dtype=jnp.float32) / rope_dim))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     emb = emb[None, :, None, :] if positions.ndim == 1 else emb[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def with_rope_tables(positions, specs, dtype) -> Positions:
+    """positions with the RoPE tables of every (theta, rope_dim) among the attention specs."""
+    keys = sorted({(s.rope_theta, s.rope_dim) for s in specs})
+    return Positions(positions, {k: rope_tables(positions, *k, dtype) for k in keys})
+
+
+def rope(x, positions, theta: float, rope_dim: int, tables=None):
+    """Rotate-half RoPE on the first rope_dim dims of each head; x [B, T, heads, D], positions [T] or [B, T];
+    tables: their (cos, sin) already computed (rope_tables in x's dtype)."""
+    cos, sin = tables if tables is not None else rope_tables(positions, theta, rope_dim, x.dtype)
     rot, rest = x[..., :rope_dim], x[..., rope_dim:]
     half = rope_dim // 2
     rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
@@ -144,8 +168,12 @@ def attention(p, x, positions, cache, index, spec: AttentionSpec):
     v = v.reshape(b, t, hkv, spec.v_head_dim)
     if spec.value_scale != 1.0:
         v = v * jnp.asarray(spec.value_scale, v.dtype)
-    q = rope(q, positions, spec.rope_theta, spec.rope_dim)
-    k = rope(k, positions, spec.rope_theta, spec.rope_dim)
+    tables = None
+    if isinstance(positions, Positions):  # (model.forward_hidden: the tables computed once for every layer)
+        positions, tables = positions.ids, positions.tables.get((spec.rope_theta, spec.rope_dim))
+        tables = tables if tables is not None and tables[0].dtype == q.dtype else None
+    q = rope(q, positions, spec.rope_theta, spec.rope_dim, tables)
+    k = rope(k, positions, spec.rope_theta, spec.rope_dim, tables)
     k, v = k.astype(cache["k"].dtype), v.astype(cache["v"].dtype)
     rows_pos = positions if positions.ndim == 2 else positions[None]  # [B or 1, T]
     start = rows_pos[:, 0]  # -1: a row with nothing to write (an inactive slot)

@@ -23,7 +23,7 @@ import numpy as np
 
 from mimo_jax import ops, sharding
 from mimo_jax.config import DENSE, FULL, SLIDING, ModelConfig
-from mimo_jax.layers import attention, rms_norm, swiglu
+from mimo_jax.layers import attention, rms_norm, swiglu, with_rope_tables
 from mimo_jax.moe import EXPERT_KEYS, moe
 from mimo_jax.plan import Loop, Run, layer_slots, make_plan, stacked
 
@@ -324,11 +324,12 @@ def forward_hidden(params, tokens, positions, cache, cfg: ModelConfig, kernels: 
 
         if fused_decode.unsupported(cfg, params, cache) is None:
             return fused_decode.forward_hidden(params, tokens, positions, cache, cfg, kernels == "interpret")
+    x = embed(params, tokens)
+    positions = with_rope_tables(positions, [cfg.attention(k) for k in sorted(set(cfg.layer_types))], x.dtype)
     if "unrolled" in params:
-        x, layers, got = _run_unrolled(params["unrolled"], params["layers"], cache["layers"], embed(params, tokens),
-                                       positions, cfg, taps)
+        x, layers, got = _run_unrolled(params["unrolled"], params["layers"], cache["layers"], x, positions, cfg, taps)
     else:
-        x, layers, got = run_layers(params["layers"], cache["layers"], embed(params, tokens), positions, cfg, taps)
+        x, layers, got = run_layers(params["layers"], cache["layers"], x, positions, cfg, taps)
     return (x, {**cache, "layers": layers}) + ((got,) if taps else ())
 
 
