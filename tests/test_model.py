@@ -256,3 +256,21 @@ def test_flash_plan_traces_few_bodies():
     plan = model.plan_of(cfg)
     bodies = sum(1 if isinstance(i, Run) else len(i.runs) for i in plan)
     assert bodies <= 5 and any(isinstance(i, Loop) and i.repeats == 7 for i in plan)
+
+
+def test_scan_unroll_computes_the_same(monkeypatch):
+    """model.SCAN_UNROLL (layers per scan iteration; 3 layers at 2 per iteration leave a remainder): the lowered
+    step changes, its logits do not."""
+    cfg, params, capacity = setup("tiny_llama", seed=21)
+    tokens, positions = jnp.asarray([[3, 1, 4, 1, 5]], jnp.int32), jnp.arange(5, dtype=jnp.int32)
+
+    def run(unroll):
+        monkeypatch.setattr(model, "SCAN_UNROLL", unroll)
+        fwd = jax.jit(lambda p, c: model.forward_hidden(p, tokens, positions, c, cfg))  # a new trace per setting
+        cache = model.init_cache(cfg, 1, capacity, jnp.float32)
+        return np.asarray(fwd(params, cache)[0]), fwd.lower(params, cache).as_text()
+
+    (one, text1), (two, text2) = run(1), run(2)
+    assert text1 != text2
+    np.testing.assert_allclose(two, one, rtol=1e-6, atol=1e-6)
+
