@@ -108,10 +108,9 @@ def test_out_in_weights_compute_the_same(name, layout, fuse, fold):
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("layout", ["scan", "unrolled"])
-def test_out_in_router_computes_the_same(monkeypatch, layout):
+def test_out_in_router_computes_the_same(monkeypatch, layout="unrolled"):
     """ops.OUT_IN_ROUTER: a MoE block's router stored out-in as well (its expert stacks untouched) keeps the logits
-    and the routing of chunked prefill + decode."""
+    and the routing of chunked prefill + decode (in the unrolled layout, MiMo's on a GPU)."""
     from mimo_jax import ops
 
     monkeypatch.setattr(ops, "OUT_IN_ROUTER", True)
