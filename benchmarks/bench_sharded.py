@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 
 from mimo_jax import model, quant, sharding
 from mimo_jax.config import MOE, load_config
-from mimo_jax.quantize_model import _is_expert, quantized_struct
+from mimo_jax.quantize_model import _is_expert, check_format, quantized_struct
 
 from ceiling import read_ceiling
 
@@ -34,7 +34,7 @@ GROUP = 128
 def abstract_params(cfg, fmt: str = "int4_sym"):
     """The params' shapes with every routed-expert stack as the QuantizedWeight quantizing it to `fmt` gives
     (groups of GROUP; MXFP4: 32)."""
-    group = 32 if fmt == "mxfp4" else GROUP
+    fmt, group = check_format(fmt, GROUP)
 
     def to_q(path, s):
         return quantized_struct(s, fmt, group) if _is_expert(path, s) else s

@@ -199,9 +199,10 @@ def random_block_drafter(cfg, layers: int) -> str:
 
 
 def build(args, cfg, mesh):
+    from mimo_jax.quantize_model import check_format, quantize_experts
+
     dtype = jnp.dtype(args.dtype)
-    fmt = mesh_format(args, mesh)
-    group = 32 if fmt == "mxfp4" else args.quant_group
+    fmt, group = check_format(mesh_format(args, mesh), args.quant_group)
     per_weight = None if fmt == "none" else 0.5 + {"int4_sym": 2, "int4_asym": 4, "mxfp4": 1}[fmt] / group
     if mesh is not None:  # random 4-bit experts generated on their devices (bench_sharded)
         import bench_sharded
@@ -211,8 +212,6 @@ def build(args, cfg, mesh):
     params = model.init_params(cfg, jax.random.PRNGKey(0), dtype)
     if fmt == "none":
         return params, None
-    from mimo_jax.quantize_model import quantize_experts
-
     return quantize_experts(params, fmt, args.quant_group), per_weight
 
 

@@ -310,8 +310,7 @@ def embed(params, tokens):
     """Embedding rows for tokens [...] -> [..., H]; on a mesh whose size divides the vocabulary (the sharding
     table splits the table by rows then) through sharding.vocab_embed: one psum, not a gather of the table."""
     table = params["embed"]
-    n = sharding.expert_axis_size()
-    if sharding.VOCAB_EMBED_LOCAL and n > 1 and table.shape[0] % n == 0:
+    if sharding.VOCAB_EMBED_LOCAL and sharding.splits_vocab(table.shape[0], sharding.expert_axis_size()):
         return sharding.vocab_embed(table, tokens)
     return jnp.take(table, tokens, axis=0)
 

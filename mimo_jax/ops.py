@@ -167,7 +167,7 @@ def out_in_layout(params: dict, fuse: bool = False, fold_norms: bool = False) ->
         if isinstance(node, dict):
             if "router" in node:  # a MoE block: its expert stacks share the dense names; only the router may turn
                 router = node["router"]
-                convert = OUT_IN_ROUTER and isinstance(router, jax.Array) and _goes_out_in(router)
+                convert = OUT_IN_ROUTER and _goes_out_in(router)
                 return {**node, "router": OutInWeight(jnp.swapaxes(router, -1, -2))} if convert else node
             node = _fold_norms(node, fuse) if fold_norms and "attn" in node else node
             return {k: walk(v, k) for k, v in (_fuse(node) if fuse else node).items()}

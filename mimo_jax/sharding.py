@@ -60,7 +60,12 @@ def _mesh_axes(cfg: ModelConfig, n: int, attn_kind: str, attention: str) -> dict
         raise ConfigError(f"{cfg.num_experts} experts do not split over {n} devices")
     return {"q_heads": AXIS if tp else None, "kv_heads": AXIS if tp else None,
             "ffn": AXIS if cfg.intermediate_size % n == 0 else None,
-            "vocab": AXIS if cfg.vocab_size % n == 0 else None, "experts": AXIS}
+            "vocab": AXIS if splits_vocab(cfg.vocab_size, n) else None, "experts": AXIS}
+
+
+def splits_vocab(vocab_size: int, n: int) -> bool:
+    """Whether the table splits the embedding rows and lm_head columns over n devices."""
+    return n > 1 and vocab_size % n == 0
 
 
 def specs(tree, cfg: ModelConfig, mesh: Mesh, attention: str = "tp"):
