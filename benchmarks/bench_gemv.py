@@ -130,8 +130,11 @@ def main():
     ap.add_argument("--ms", default="1,9")
     ap.add_argument("--small", action="store_true", help="only the small layers' shapes (SmolLM2, routers), with the "
                     "padded-row and f32 forms of XLA's dot")
+    ap.add_argument("--pads", default=None, help="comma separated row counts: also time XLA's dot with x padded to "
+                    "that many rows (default: 2,16 with --small, else none)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
+    pads = tuple(map(int, a.pads.split(","))) if a.pads else ((2, 16) if a.small else ())
     ceiling = read_ceiling()
     print(f"device {jax.devices()[0].device_kind}; jax {jax.__version__}; {time.strftime('%Y-%m-%d')}; "
           f"read ceiling {ceiling / 1e12:.3f} TB/s", flush=True)
@@ -142,7 +145,7 @@ def main():
         if (a.quick and name not in QUICK) or (a.small and name not in SMALL):
             continue
         for M in map(int, a.ms.split(",")):
-            r = bench_one(M, K, N, ceiling, variants(M, K, N) if a.sweep else [], (2, 16) if a.small else ())
+            r = bench_one(M, K, N, ceiling, variants(M, K, N) if a.sweep else [], pads)
             out["rows"].append({"shape": name, "K": K, "N": N, "M": M, **r})
 
             def cell(k):
@@ -152,7 +155,7 @@ def main():
             print(f"| {name} | {K}x{N} | {M} | {cell('xla')} | {cell('xla_cublas')} | {cell('pallas')} | "
                   f"{bp} {cell(bp) if bp != 'pallas' else ''} | {r.get('pallas', {}).get('rel_err', float('nan')):.1e} |",
                   flush=True)
-            if a.small:
+            if pads:
                 print("    " + ", ".join(f"{k} {cell(k)}" for k in r if k.startswith("xla_")), flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     with open(Path(a.out) / "bench_gemv.json", "w") as f:

@@ -113,10 +113,11 @@ OUT_IN_ELEMENTS = 1 << 23
 # 768] and [4096, 512] per GPU, as exactly the multiply that writes f32 [K, N] plus a column reduction: 27.7 of
 # the 45 us of attention kernels per layer and GPU. A/B: benchmarks/knobs.py ops.OUT_IN_ON_MESH=1 -- ...
 OUT_IN_ON_MESH = False
-# A MoE block's router ([H, E] float32) stored out-in too: OUT_IN_ROUTER, off until measured. Flash's step (same
-# HLO) computes each router product as a multiply writing f32 [4096, 256] plus a column reduction: ~12 us per layer
-# and GPU (0.58 ms of a 12 ms step).
-OUT_IN_ROUTER = False
+# A MoE block's router ([H, E] float32) stored out-in too (OUT_IN_ROUTER). XLA ran each router product as a
+# multiply writing f32 [H, E] plus a column reduction (MiMo-V2-Flash on 2 x H200, session 12's HLO: ~12 us per layer
+# and GPU). Measured on one H200 (session 13, mid_mimo int4, plain decode, 4 per dispatch): router 75 -> 26 us per
+# step, 1.571 -> 1.526 ms/token. (Under a mesh only with OUT_IN_ON_MESH.)
+OUT_IN_ROUTER = True
 FUSE_GROUPS = (("wqkv", ("wq", "wk", "wv")), ("w_gate_up", ("w_gate", "w_up")))
 OUT_IN_FUSE = True
 OUT_IN_FOLD_NORMS = True

@@ -72,18 +72,19 @@ def vocab_split_embed():
 
 
 def out_in_on_mesh(cfg, params, ids, ref_logits, prompt, ref_greedy):
-    """The GPU's small-weights-"out, in" conversion (ops.OUT_IN_ON_MESH, OUT_IN_ROUTER: off by default) on a 2-device
+    """The GPU's small-weights-"out, in" conversion (ops.OUT_IN_ON_MESH, off by default, with OUT_IN_ROUTER) on a 2-device
     tensor-parallel mesh: the converted params keep their shards transposed, the sharding table names the same
     specs for them (re-placing moves nothing), and logits / greedy equal the single-device run."""
     from mimo_jax import ops
 
+    saved = ops.OUT_IN_ON_MESH, ops.OUT_IN_ROUTER
     ops.OUT_IN_ON_MESH = ops.OUT_IN_ROUTER = True
     try:
         e = Engine(cfg, params, max_seq_len=128, prefill_chunk=16, mesh=sharding.make_mesh(2), attention="tp",
                    layout="unrolled")
         e.params = e._for_device(e.params, "gpu")
     finally:
-        ops.OUT_IN_ON_MESH = ops.OUT_IN_ROUTER = False
+        ops.OUT_IN_ON_MESH, ops.OUT_IN_ROUTER = saved
     is_w = lambda a: isinstance(a, ops.OutInWeight)  # noqa: E731
     converted = [w.t for w in jax.tree_util.tree_leaves(e.params, is_leaf=is_w) if is_w(w)]
     placed = e._place(e.params)
