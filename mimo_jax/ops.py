@@ -22,6 +22,11 @@ from mimo_jax import quant
 # there a Pallas operand is a materialised slice of the stack (a copy per layer; XLA's dot reads the stack in
 # place), and the kernel (~4 us) is no faster than XLA's multiply + reduce pair (1.395 -> 1.908 ms measured).
 GEMV_ELEMENTS = (1 << 23, 1 << 26)
+# Of those, the wide ones (N > K: MiMo's q/k/v) run as XLA's dot (a Triton GEMM) on x padded to GEMV_PAD_ROWS
+# rows (0: the kernel). One H200, session 13: `bench_gemv.py --quick --ms 1 --pads 8,16`: 4096 x 14848 33.5 / 34.4 us
+# padded to 8 / 16 rows (82 / 80% of the ceiling) vs 36.9 us in the kernel (74%), while narrow ones lose padded
+# (8192 x 4096: 33.4 / 26.1 vs 26.6 us); mid_mimo int4 plain decode 1.528 -> 1.496 (8) / 1.493 ms (16).
+GEMV_PAD_ROWS = 16
 
 
 def _use_gemv(x, w) -> bool:
@@ -196,7 +201,12 @@ def matmul(x, w):
     if _use_gemv(x, w):
         from pallas_kernels.gemv import gemv
 
-        return gemv(x.reshape(1, -1), w).reshape(*x.shape[:-1], w.shape[1])
+        K, N = w.shape
+        if GEMV_PAD_ROWS > 1 and N > K:
+            xp = jnp.pad(x.reshape(1, K), ((0, GEMV_PAD_ROWS - 1), (0, 0)))
+            y = jnp.dot(xp, w.astype(x.dtype), preferred_element_type=jnp.float32)[:1]
+            return y.astype(x.dtype).reshape(*x.shape[:-1], N)
+        return gemv(x.reshape(1, -1), w).reshape(*x.shape[:-1], N)
     return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 

@@ -69,3 +69,24 @@ def test_gemv_lowers_for_the_gpu():
         args = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16), jax.ShapeDtypeStruct((K, N), jnp.bfloat16))
         text = jax.jit(lambda x, w: gemv(x, w)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert "gemv_bf16" in text
+
+
+@pytest.mark.parametrize("K,N", [(64, 192), (192, 64)])
+def test_gemv_route_pads_wide_products_for_xla(monkeypatch, K, N):
+    """Where the GEMV route applies (a GPU), a wide product (N > K) runs as XLA's dot on x padded to
+    ops.GEMV_PAD_ROWS rows, the same values; a narrow one stays on the kernel (interpret mode here)."""
+    monkeypatch.setattr(ops, "_use_gemv", lambda x, w: True)
+    monkeypatch.setattr(ops, "GEMV_PAD_ROWS", 16)
+    x, w, ref = _case(1, K, N)
+    x3 = x.reshape(1, 1, K)
+    if N > K:
+        assert _rel(ops.matmul(x3, w).reshape(1, N), ref) < TOL
+        text = jax.jit(ops.matmul).lower(x3, w).as_text()
+        assert "16x" in text and "gemv_bf16" not in text
+    else:
+        import pallas_kernels.gemv as G
+
+        calls = []
+        monkeypatch.setattr(G, "gemv", lambda x, w: calls.append(x.shape) or gemv(x, w, interpret=True))
+        assert _rel(ops.matmul(x3, w).reshape(1, N), ref) < TOL
+        assert calls == [(1, K)]
