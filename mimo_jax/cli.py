@@ -159,6 +159,9 @@ def _generate() -> None:
 
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                    num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    from mimo_jax import compile_cache
+
+    compile_cache.enable_or_warn(FLAGS.compilation_cache)  # before anything compiles
     source = read_source()
     check_model_flags(source, prompts)
     chat = FLAGS.chat if FLAGS.chat is not None else source.has_chat_template

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from absl import flags
 
+from mimo_jax.compile_cache import DEFAULT_DIR
+
 FLAGS = flags.FlagValues()  # our own: importing this module defines nothing in absl's global FLAGS
 _HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 
@@ -57,6 +59,9 @@ def _define():
     flags.DEFINE_integer("decode_steps", 0, "Decode (or speculative) steps per dispatch: more than 1 runs them as one "
                          "scan on the device, so the host dispatches and reads once per chunk of tokens (streamed "
                          "output arrives in chunks). 0 = auto: 4 on a GPU, 1 on CPU.", **F)
+    flags.DEFINE_string("compilation_cache", DEFAULT_DIR, "Directory of the compiled programs kept "
+                        "between runs (JAX's persistent compilation cache): later runs start without recompiling and "
+                        "run the same programs, so a greedy run gives the same text every time. Empty = off.", **F)
     flags.DEFINE_bool("version", False, "Print the version and exit.", **F)
 
 

@@ -36,6 +36,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from mimo_jax import compile_cache
 from mimo_jax.batching import Batcher, Request
 from mimo_jax.errors import InputError
 
@@ -413,6 +414,8 @@ def _args(argv):
     p.add_argument("--quant_group", type=int, default=128)
     p.add_argument("--served_model_name", help="the model id clients send (default: the checkpoint's name)")
     p.add_argument("--seed", type=int, default=0, help="random-init seed")
+    p.add_argument("--compilation_cache", default=compile_cache.DEFAULT_DIR, help="directory of compiled programs "
+                   "kept between runs (as mimo-jax --compilation_cache; empty = off)")
     def underscores(a):  # --max-seq-len=4 -> --max_seq_len=4
         name, eq, value = a.partition("=")
         return "--" + name[2:].replace("-", "_") + eq + value if a.startswith("--") else a
@@ -456,6 +459,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     args = _args(sys.argv[1:] if argv is None else argv)
+    compile_cache.enable_or_warn(args.compilation_cache)
     try:
         engine = load_engine(args)
         batcher = Batcher(engine, args.batch_size, engine.max_seq_len, prefill_rows=args.prefill_rows or None,

@@ -138,7 +138,7 @@ def no_loading(monkeypatch):
 def run_cli(*args):
     from mimo_jax import cli
 
-    return cli.run(["mimo-jax", *args])
+    return cli.run(["mimo-jax", "--compilation_cache=", *args])  # (on, it would cache every later test's programs)
 
 
 TINY = ("--config", "configs/tiny_llama.json", "--random_init", "--prompt_ids", "1,2,3")  # 2048 positions, dense
