@@ -6,7 +6,8 @@ greedy SmolLM2 run gave different logits in one process of three, and the real m
 between two launches (BENCHMARKS.md, session 13). Turning autotuning off or XLA's deterministic-ops mode fixes
 that but doubled mid_mimo's decode step (1.50 -> 3.2-3.4 ms). With the compiled programs (and XLA's per-fusion
 autotuning results) kept on disk, every later process on the machine runs the same programs: the same numbers
-run to run, and no recompilation at start-up."""
+run to run, and no recompilation at start-up. (JAX writes an entry in place: a process killed in the middle of
+a write leaves a short file, which later runs report as a warning and recompile; deleting the directory clears it.)"""
 from __future__ import annotations
 
 import os
