@@ -29,6 +29,31 @@ GEMV_ELEMENTS = (1 << 23, 1 << 26)
 GEMV_PAD_ROWS = 16
 
 
+# Under a mesh (GSPMD-sharded weights: the GEMV kernel does not apply) a one-token product of a weight with
+# >= GEMV_ELEMENTS[0] elements as XLA's dot on x padded to MESH_PAD_ROWS rows (0: the one-row dot). Measured
+# only per product so far (`bench_gemv.py --quick --ms 1 --pads 8,16`, one H200, the per-GPU shapes of
+# MiMo-V2-Flash on 2 GPUs): q/k/v 4096 x 7424 25.1 -> 20.6 us, o 4096 x 4096 17.0 -> 12.6 us at 8 rows, i.e.
+# ~9 us per layer and GPU; off until a 2-GPU step measures it (knob_sweep.sh ops.MESH_PAD_ROWS=8).
+MESH_PAD_ROWS = 0
+
+
+def _pads_on_mesh(x, w) -> bool:
+    from mimo_jax import sharding
+
+    if MESH_PAD_ROWS <= 1 or jax.default_backend() != "gpu" or sharding.expert_axis_size() == 1:
+        return False
+    return (isinstance(w, jax.Array) and w.ndim == 2 and w.dtype == jnp.bfloat16 and x.dtype == jnp.bfloat16
+            and int(np.prod(x.shape[:-1])) == 1 and w.shape[0] * w.shape[1] >= GEMV_ELEMENTS[0])
+
+
+def _padded_dot(x, w, rows: int):
+    """x [..., K] with one row in all, as XLA's dot on x padded to `rows` rows (a GEMM, not a one-row dot)."""
+    K, N = w.shape
+    xp = jnp.pad(x.reshape(1, K), ((0, rows - 1), (0, 0)))
+    y = jnp.dot(xp, w.astype(x.dtype), preferred_element_type=jnp.float32)[:1]
+    return y.astype(x.dtype).reshape(*x.shape[:-1], N)
+
+
 def _use_gemv(x, w) -> bool:
     from mimo_jax import sharding  # the mesh decides: a GSPMD-sharded weight must stay on XLA's dot
     from pallas_kernels.gemv import supported
@@ -203,10 +228,10 @@ def matmul(x, w):
 
         K, N = w.shape
         if GEMV_PAD_ROWS > 1 and N > K:
-            xp = jnp.pad(x.reshape(1, K), ((0, GEMV_PAD_ROWS - 1), (0, 0)))
-            y = jnp.dot(xp, w.astype(x.dtype), preferred_element_type=jnp.float32)[:1]
-            return y.astype(x.dtype).reshape(*x.shape[:-1], N)
+            return _padded_dot(x, w, GEMV_PAD_ROWS)
         return gemv(x.reshape(1, -1), w).reshape(*x.shape[:-1], N)
+    if _pads_on_mesh(x, w):
+        return _padded_dot(x, w, MESH_PAD_ROWS)
     return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 

@@ -90,3 +90,16 @@ def test_gemv_route_pads_wide_products_for_xla(monkeypatch, K, N):
         monkeypatch.setattr(G, "gemv", lambda x, w: calls.append(x.shape) or gemv(x, w, interpret=True))
         assert _rel(ops.matmul(x3, w).reshape(1, N), ref) < TOL
         assert calls == [(1, K)]
+
+
+def test_mesh_pad_rows_computes_the_same(monkeypatch):
+    """ops.MESH_PAD_ROWS (a one-token product of a GSPMD-sharded weight as XLA's dot on a padded x): off by
+    default and off the GPU; where it applies, the same values from an 8-row dot."""
+    x, w, ref = _case(1, 64, 96)
+    assert ops.MESH_PAD_ROWS == 0 and not ops._pads_on_mesh(x, w)
+    monkeypatch.setattr(ops, "MESH_PAD_ROWS", 8)
+    assert not ops._pads_on_mesh(x, w)  # CPU, no mesh
+    monkeypatch.setattr(ops, "_pads_on_mesh", lambda x, w: True)
+    x3 = x.reshape(1, 1, 64)
+    assert _rel(ops.matmul(x3, w).reshape(1, 96), ref) < TOL
+    assert "8x64" in jax.jit(ops.matmul).lower(x3, w).as_text()
