@@ -61,8 +61,14 @@ def main():
     ap.add_argument("--prompt_len", type=int, default=32)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--paths", default="xla,pallas")
+    ap.add_argument("--attn_out_stages", type=int, default=0, help="pipeline stages of the fused attn_out kernel's "
+                    "key loop (pallas_kernels.decode_layer.ATTN_OUT_STAGES; 0: its default)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
+    if args.attn_out_stages:
+        from pallas_kernels import decode_layer
+
+        decode_layer.ATTN_OUT_STAGES = args.attn_out_stages
     cfg = load_config(args.config).replace(num_mtp_layers=0)
     if args.layers:
         n = args.layers

@@ -320,10 +320,16 @@ def _mlp_kernel(layer_ref, x_ref, acc_in, nw_ref, wg_ref, wu_ref, wd_ref, acc_re
 
 # --------------------------------------------------------------------------- entry points
 
-def _call(kernel, grid, out_shape, interpret, aliases=None, num_warps=4):
+# Pipeline stages of attn_out's loop over key blocks. At 1 (as measured so far) each block's K/V loads wait a
+# full memory latency: read offline from its SASS, 12 dependent round trips per program for SmolLM2 (4 blocks x
+# 3 kv heads), about its 30 us per call. Unmeasured above 1 (benchmarks/bench_fused.py --attn_out_stages N).
+ATTN_OUT_STAGES = 1
+
+
+def _call(kernel, grid, out_shape, interpret, aliases=None, num_warps=4, num_stages=1):
     return pl.pallas_call(kernel, grid=grid, out_shape=out_shape, interpret=interpret,
                           input_output_aliases=aliases or {},
-                          compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1))
+                          compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages))
 
 
 @functools.partial(jax.jit, static_argnames=("g", "interpret"))
@@ -346,7 +352,8 @@ def attn_out(layer, pos, x, q_buf, cache_k, cache_v, sink, wo, *, g: Geometry, i
     kernel = functools.partial(_attn_out_kernel, g=g, interpret=interpret)
     out_shape = (jax.ShapeDtypeStruct((g.hidden,), F32), jax.ShapeDtypeStruct((g.hidden,), F32),
                  jax.ShapeDtypeStruct((programs, g.num_kv_heads, g.group_pad, g.v_head_dim), BF16))  # scratch
-    x_mid, acc, _ = _call(kernel, (programs,), out_shape, interpret)(layer, pos, x, q_buf, cache_k, cache_v, sink, wo)
+    x_mid, acc, _ = _call(kernel, (programs,), out_shape, interpret, num_stages=ATTN_OUT_STAGES)(
+        layer, pos, x, q_buf, cache_k, cache_v, sink, wo)
     return x_mid, acc
 
 
