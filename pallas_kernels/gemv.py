@@ -32,7 +32,9 @@ class GemvConfig:
     bk: int = 64            # weight rows per loop step
     split_k: int = 1        # programs along K (f32 partials summed outside)
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 3     # (Triton pipelines only loads that feed a dot: the M > 1 path; see prefetch)
+    prefetch: bool = False  # M = 1: load the next K step's tile before the FMAs of this one (by hand: compiled
+                            # offline, the M = 1 loop has no asynchronous copies at any num_stages). Untimed.
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -69,13 +71,19 @@ def _kernel(x_ref, w_ref, o_ref, *, M: int, cfg: GemvConfig, steps: int):
     first = ki * steps
 
     if M == 1:
-        def body(i, acc):
+        def tile(i):  # the weight tile [bk, bn] and x rows [bk, 1] of K step i
             k0 = pl.multiple_of((first + i) * cfg.bk, cfg.bk)
-            w = w_ref[pl.ds(k0, cfg.bk), pl.ds(n0, cfg.bn)].astype(F32)
-            x = x_ref[pl.ds(k0, cfg.bk), :].astype(F32)     # [bk, 1]
-            return acc + w * x
+            return w_ref[pl.ds(k0, cfg.bk), pl.ds(n0, cfg.bn)], x_ref[pl.ds(k0, cfg.bk), :]
 
-        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((cfg.bk, cfg.bn), F32))
+        def fma(acc, t):
+            return acc + t[0].astype(F32) * t[1].astype(F32)
+
+        zero = jnp.zeros((cfg.bk, cfg.bn), F32)
+        if cfg.prefetch and steps > 1:  # step i's FMAs run while step i + 1's loads are in flight
+            acc, last = jax.lax.fori_loop(0, steps - 1, lambda i, c: (fma(c[0], c[1]), tile(i + 1)), (zero, tile(0)))
+            acc = fma(acc, last)
+        else:
+            acc = jax.lax.fori_loop(0, steps, lambda i, a: fma(a, tile(i)), zero)
         out = jnp.sum(acc, axis=0, keepdims=True)             # [1, bn]
         rows = 1
     else:

@@ -25,6 +25,9 @@ def _rel(a, b):
 @pytest.mark.parametrize("M,K,N,cfg", [
     (1, 256, 96, GemvConfig(bn=32, bk=32)),                 # M = 1 FMA path, 8 steps
     (1, 512, 64, GemvConfig(bn=16, bk=64, split_k=4)),      # split-K partials summed outside
+    (1, 256, 96, GemvConfig(bn=32, bk=32, prefetch=True)),  # the next step's tile loaded ahead
+    (1, 512, 64, GemvConfig(bn=16, bk=64, split_k=4, prefetch=True)),  # 2 steps per split
+    (1, 128, 32, GemvConfig(bn=32, bk=64, split_k=2, prefetch=True)),  # 1 step: no prefetch to do
     (1, 576, 960, None),                                    # SmolLM2's q/k/v, default config
     (3, 256, 48, GemvConfig(bn=16, bk=64, split_k=2)),      # M > 1: rows padded to 16, masked
     (9, 384, 128, GemvConfig(bn=64, bk=128)),               # a k = 8 verify
