@@ -1,7 +1,7 @@
 """Instruction mix of a Pallas (Triton) kernel's main loop for sm_90, without a GPU.
 
     pip install --target /tmp/tri triton==3.6.0     # the GPU image's version; not a project dependency
-    PYTHONPATH=/tmp/tri python benchmarks/triton_sass.py
+    PYTHONPATH=/tmp/tri python benchmarks/triton_sass.py [--what int4_m1|gemv|fused]
 
 Lowers the int4_m1 variants at the decode shapes for `lowering_platforms=("cuda",)` on this (CPU) machine,
 captures the Triton IR jax emits, compiles it with pip Triton for sm_90 (ttgir -> ptx -> cubin; ptxas and
@@ -9,6 +9,10 @@ nvdisasm ship in the wheel) and counts the SASS instructions of the longest loop
 instructions x 32 threads / weights per warp and iteration (mma.sync m16n8k16: 128 weights per HMMA; wgmma
 m64n16k16: 256 per HGMMA and warp). XLA bundles its own Triton, so this is a guide to what the GPU runs, not
 a copy of it. Uses jax internals (the Pallas Triton lowering entry point), so it may need updating with jax.
+--what gemv: the dense bf16 GEMV (pallas_kernels/gemv.py) at M = 1 with and without its hand prefetch, and at
+M = 9: instructions per weight of the loop and its asynchronous copies (LDGSTS: a pipelined load).
+--what fused: the fused decode layer's three kernels (pallas_kernels/decode_layer.py) for SmolLM2 shapes: whole
+kernel instruction mix, global / local-memory loads, and attn_out's asynchronous copies at 1-3 stages.
 """
 from __future__ import annotations
 
@@ -71,6 +75,62 @@ def loop_mix(ttir: str, num_warps: int, num_stages: int) -> collections.Counter:
     return collections.Counter(op.split(".")[0] for op, _ in ins[best[0]:best[1] + 1])
 
 
+def sass_of(ttir: str, num_warps: int, num_stages: int) -> tuple[str, int]:
+    """(SASS text, shared memory bytes) of a Triton IR kernel compiled for sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ttir")
+        open(src, "w").write(ttir)
+        cc = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+        cubin = os.path.join(d, "k.cubin")
+        open(cubin, "wb").write(cc.asm["cubin"])
+        nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+        return subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout, \
+            cc.metadata.shared
+
+
+def opcode_mix(sass: str) -> collections.Counter:
+    return collections.Counter(m.group(1).split(".")[0] for m in
+                               re.finditer(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+
+
+def gemv_main():
+    import dataclasses
+    from pallas_kernels import gemv as G
+    S = jax.ShapeDtypeStruct
+    for M, K, N in ((1, 8192, 4096), (1, 4096, 14848), (9, 4096, 14848)):
+        d = G.default_config(M, K, N)
+        for cfg in (d, dataclasses.replace(d, prefetch=True)) if M == 1 else (d,):
+            (ttir,) = capture_ttir(lambda x, w: G.gemv(x, w, cfg=cfg), S((M, K), jnp.bfloat16), S((K, N), jnp.bfloat16))
+            c = loop_mix(ttir, cfg.num_warps, cfg.num_stages)
+            per_thread = cfg.bk * cfg.bn / (32 * cfg.num_warps)
+            print(f"M={M} {K}x{N} prefetch={cfg.prefetch}: loop {sum(c.values())} instr = "
+                  f"{sum(c.values()) / per_thread:.2f}/weight, LDGSTS {c['LDGSTS']}; "
+                  + " ".join(f"{k} {v}" for k, v in c.most_common(8)), flush=True)
+
+
+def fused_main():
+    from mimo_jax import model
+    from mimo_jax.config import load_config
+    cfg = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
+                                   "smollm2_135m.json")).replace(num_mtp_layers=0)
+    params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
+    cache = jax.eval_shape(lambda: model.init_cache(cfg, 1, 256))
+    S = jax.ShapeDtypeStruct
+    ttirs = capture_ttir(lambda p, t, q, c: model.forward_hidden(p, t, q, c, cfg, "pallas"), params,
+                         S((1, 1), jnp.int32), S((1,), jnp.int32), cache)
+    for ttir in ttirs:
+        name = re.search(r"tt.func public @(\w+)", ttir).group(1)
+        for stages in ((1, 2, 3) if "attn_out" in name else (1,)):
+            sass, smem = sass_of(ttir, 4, stages)
+            c = opcode_mix(sass)
+            print(f"{name} stages {stages}: {sum(c.values())} instr, LDG {c['LDG']}, LDGSTS {c['LDGSTS']}, LDL "
+                  f"{c['LDL']}, BAR {c['BAR']}, smem {smem} B; " + " ".join(f"{k} {v}" for k, v in c.most_common(8)),
+                  flush=True)
+
+
 def per_weight(c: collections.Counter) -> float:
     if c["HGMMA"]:
         return sum(c.values()) / (8 * c["HGMMA"])
@@ -78,6 +138,9 @@ def per_weight(c: collections.Counter) -> float:
 
 
 def main():
+    what = sys.argv[sys.argv.index("--what") + 1] if "--what" in sys.argv else "int4_m1"
+    if what != "int4_m1":
+        return {"gemv": gemv_main, "fused": fused_main}[what]()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_int4_m1 import VARIANTS, m1_cfg
     from pallas_kernels import int4_matmul as K4
