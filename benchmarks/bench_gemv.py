@@ -97,7 +97,7 @@ def bench_one(M, K, N, ceiling, cfgs, pads=()):
         except ValueError:
             continue
         name = "pallas" if i == 0 else (f"pallas[{c.bn},{c.bk},s{c.split_k},w{c.num_warps},st{c.num_stages}"
-                                        f"{',prefetch' if c.prefetch else ''}]")
+                                        f"{',prefetch' if c.prefetch else ''}{',dot' if c.dot else ''}]")
         try:
             t = run(name, lambda x, w, c=c: G.gemv(x, w, cfg=c))
         except Exception as e:  # noqa: BLE001
@@ -120,6 +120,7 @@ def variants(M, K, N):
            dataclasses.replace(d, split_k=max(1, d.split_k // 2)), dataclasses.replace(d, split_k=d.split_k * 2)]
     if M == 1:
         out.append(dataclasses.replace(d, prefetch=True))
+        out.append(dataclasses.replace(G.default_config(9, K, N), dot=True))  # the verify's tiling, as a dot
         out.append(dataclasses.replace(d, bk=d.bk // 2))
         out.append(dataclasses.replace(d, bk=2 * d.bk, split_k=max(1, d.split_k // 2)))
     return out

@@ -102,11 +102,12 @@ def gemv_main():
     S = jax.ShapeDtypeStruct
     for M, K, N in ((1, 8192, 4096), (1, 4096, 14848), (9, 4096, 14848)):
         d = G.default_config(M, K, N)
-        for cfg in (d, dataclasses.replace(d, prefetch=True)) if M == 1 else (d,):
+        for cfg in ((d, dataclasses.replace(d, prefetch=True), dataclasses.replace(G.default_config(9, K, N), dot=True))
+                    if M == 1 else (d,)):
             (ttir,) = capture_ttir(lambda x, w: G.gemv(x, w, cfg=cfg), S((M, K), jnp.bfloat16), S((K, N), jnp.bfloat16))
             c = loop_mix(ttir, cfg.num_warps, cfg.num_stages)
             per_thread = cfg.bk * cfg.bn / (32 * cfg.num_warps)
-            print(f"M={M} {K}x{N} prefetch={cfg.prefetch}: loop {sum(c.values())} instr = "
+            print(f"M={M} {K}x{N} prefetch={cfg.prefetch} dot={cfg.dot}: loop {sum(c.values())} instr = "
                   f"{sum(c.values()) / per_thread:.2f}/weight, LDGSTS {c['LDGSTS']}; "
                   + " ".join(f"{k} {v}" for k, v in c.most_common(8)), flush=True)
 

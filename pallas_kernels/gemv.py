@@ -8,7 +8,7 @@ Larger ones go to cuBLAS / Triton GEMMs tuned for throughput, not for one row.
 Layout of the work: every program owns a column tile [bn] and a K range (K / split); it walks its range in
 steps of bk rows with the loads pipelined (num_stages), so each weight byte is read once:
   - M = 1: no tensor cores. acc[bk, bn] += W[k:k+bk, tile] * x[k:k+bk, None] in the weight tile's own
-    register layout, one reduction over the bk rows at the end;
+    register layout, one reduction over the bk rows at the end (cfg.dot: the M > 1 form instead);
   - M > 1: the rows padded to 16 (the tensor-core dot minimum), acc[16, bn] += x[16, bk] @ W[bk, tile].
 With split > 1 the programs write f32 partials [split, M, N] that XLA sums (one small fusion, which also takes
 whatever elementwise op follows: a residual add, the SiLU of a gate).
@@ -35,6 +35,9 @@ class GemvConfig:
     num_stages: int = 3     # (Triton pipelines only loads that feed a dot: the M > 1 path; see prefetch)
     prefetch: bool = False  # M = 1: load the next K step's tile before the FMAs of this one (by hand: compiled
                             # offline, the M = 1 loop has no asynchronous copies at any num_stages). Untimed.
+    dot: bool = False       # M = 1 through the M > 1 path (x padded to 16 rows, a tensor-core dot), whose loads
+                            # Triton pipelines. Untimed at M = 1; the same kernel at M = 9 ran 4096 x 13568 in
+                            # 28.9 us (88% of the ceiling) where the FMA path's best at M = 1 was 32.8 (77%).
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -70,7 +73,7 @@ def _kernel(x_ref, w_ref, o_ref, *, M: int, cfg: GemvConfig, steps: int):
     n0 = pl.multiple_of(ni * cfg.bn, cfg.bn)
     first = ki * steps
 
-    if M == 1:
+    if M == 1 and not cfg.dot:
         def tile(i):  # the weight tile [bk, bn] and x rows [bk, 1] of K step i
             k0 = pl.multiple_of((first + i) * cfg.bk, cfg.bk)
             return w_ref[pl.ds(k0, cfg.bk), pl.ds(n0, cfg.bn)], x_ref[pl.ds(k0, cfg.bk), :]
@@ -125,7 +128,7 @@ def gemv(x, w, *, cfg: GemvConfig | None = None, interpret: bool = False, partia
     split = cfg.split_k > 1
     out_dtype = F32 if (split or partials) else x.dtype
     shape = (cfg.split_k, M, N) if split else (M, N)
-    xin = x.astype(w.dtype).reshape(K, 1) if M == 1 else x.astype(w.dtype)
+    xin = x.astype(w.dtype).reshape(K, 1) if M == 1 and not cfg.dot else x.astype(w.dtype)
     out = pl.pallas_call(
         functools.partial(_kernel, M=M, cfg=cfg, steps=steps),
         grid=(N // cfg.bn, cfg.split_k),

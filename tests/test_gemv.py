@@ -28,6 +28,8 @@ def _rel(a, b):
     (1, 256, 96, GemvConfig(bn=32, bk=32, prefetch=True)),  # the next step's tile loaded ahead
     (1, 512, 64, GemvConfig(bn=16, bk=64, split_k=4, prefetch=True)),  # 2 steps per split
     (1, 128, 32, GemvConfig(bn=32, bk=64, split_k=2, prefetch=True)),  # 1 step: no prefetch to do
+    (1, 384, 128, GemvConfig(bn=64, bk=128, dot=True)),     # M = 1 as a 16-row tensor-core dot
+    (1, 512, 64, GemvConfig(bn=32, bk=64, split_k=2, dot=True)),
     (1, 576, 960, None),                                    # SmolLM2's q/k/v, default config
     (3, 256, 48, GemvConfig(bn=16, bk=64, split_k=2)),      # M > 1: rows padded to 16, masked
     (9, 384, 128, GemvConfig(bn=64, bk=128)),               # a k = 8 verify
