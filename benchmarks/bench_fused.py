@@ -63,12 +63,15 @@ def main():
     ap.add_argument("--paths", default="xla,pallas")
     ap.add_argument("--attn_out_stages", type=int, default=0, help="pipeline stages of the fused attn_out kernel's "
                     "key loop (pallas_kernels.decode_layer.ATTN_OUT_STAGES; 0: its default)")
+    ap.add_argument("--mlp_dot", action="store_true", help="the fused MLP kernel's products as pipelined 16-row dots "
+                    "(pallas_kernels.decode_layer.MLP_DOT)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
-    if args.attn_out_stages:
-        from pallas_kernels import decode_layer
+    from pallas_kernels import decode_layer
 
+    if args.attn_out_stages:
         decode_layer.ATTN_OUT_STAGES = args.attn_out_stages
+    decode_layer.MLP_DOT = decode_layer.MLP_DOT or args.mlp_dot
     cfg = load_config(args.config).replace(num_mtp_layers=0)
     if args.layers:
         n = args.layers

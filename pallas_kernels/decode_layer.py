@@ -301,11 +301,50 @@ def _swiglu_act(gate, up):
     return (gate * jax.nn.sigmoid(gate) * up).astype(BF16)
 
 
+# The MLP kernel's products as 16-row tensor-core dots (row 0 the token, the rest zeros) in loops that Triton
+# pipelines (MLP_STAGES): Triton pipelines only loads that feed a dot, and the FMA form's weight loads each wait
+# a memory latency (offline SASS, BENCHMARKS.md session 13). Off until timed (bench_fused.py --mlp_dot).
+MLP_DOT = False
+MLP_STAGES = 3
+
+
+def _mlp_dot(x_ref, nw_ref, wg_ref, wu_ref, wd_ref, acc_ref, layer, c0, g: Geometry):
+    """_mlp_kernel's body with the products as dots: gate/up over K blocks, then W_down's [bi, bn] blocks, each
+    block's row added atomically into the residual accumulator."""
+    nk = g.hidden // g.bk
+    sq = jax.lax.fori_loop(0, nk, lambda i, a: a + _load_x(x_ref, pl.multiple_of(i * g.bk, g.bk), g.bk) ** 2,
+                           jnp.zeros((g.bk,), F32))
+    rstd = jax.lax.rsqrt(jnp.sum(sq) / g.hidden + g.eps)
+    first = (jnp.arange(16) == 0)[:, None]
+
+    def gate_up(i, accs):
+        k0 = pl.multiple_of(i * g.bk, g.bk)
+        xn = (_load_x(x_ref, k0, g.bk) * rstd).astype(BF16)
+        xn = (nw_ref[layer, pl.ds(k0, g.bk)] * xn).astype(BF16)  # as rms_norm rounds
+        xr = jnp.where(first, xn[None, :].astype(F32), 0.0).astype(BF16)  # [16, bk]
+        return tuple(a + jnp.dot(xr, w_ref[layer, pl.ds(k0, g.bk), pl.ds(c0, g.bi)], preferred_element_type=F32)
+                     for a, w_ref in zip(accs, (wg_ref, wu_ref)))
+    zero = jnp.zeros((16, g.bi), F32)
+    ag, au = jax.lax.fori_loop(0, nk, gate_up, (zero, zero))
+    row0 = lambda a: jnp.sum(jnp.where(first, a, 0.0), axis=0)  # noqa: E731
+    h = _swiglu_act(row0(ag), row0(au)).astype(F32)
+    hr = jnp.where(first, h[None, :], 0.0).astype(BF16)  # [16, bi]
+
+    def down(b, carry):
+        n0 = pl.multiple_of(b * g.bn, g.bn)
+        y = jnp.dot(hr, wd_ref[layer, pl.ds(c0, g.bi), pl.ds(n0, g.bn)], preferred_element_type=F32)
+        plgpu.atomic_add(acc_ref, (pl.ds(n0, g.bn),), row0(y))
+        return carry
+    jax.lax.fori_loop(0, g.hidden // g.bn, down, 0)
+
+
 def _mlp_kernel(layer_ref, x_ref, acc_in, nw_ref, wg_ref, wu_ref, wd_ref, acc_ref, *, g: Geometry):
     del acc_in  # aliased to acc_ref
     i = pl.program_id(0)
     layer = layer_ref[0]
     c0 = pl.multiple_of(i * g.bi, g.bi)
+    if MLP_DOT:
+        return _mlp_dot(x_ref, nw_ref, wg_ref, wu_ref, wd_ref, acc_ref, layer, c0, g)
     block = _normed_input(x_ref, nw_ref, layer, g.hidden, g.bk, g.eps)
     gate, up = _normed_gemv(block, layer, [(wg_ref, c0, g.bi), (wu_ref, c0, g.bi)], g.hidden, g.bk)
     h = _swiglu_act(gate, up).astype(F32)[:, None]
@@ -362,7 +401,8 @@ def mlp(layer, x, acc, norm_w, w_gate, w_up, w_down, *, g: Geometry, interpret: 
     """acc + SwiGLU(RMSNorm(x)) [H] f32: each program adds its block's share of the down projection into acc
     atomically (acc arrives holding x: the residual). x, acc [H] f32."""
     kernel = functools.partial(_mlp_kernel, g=g)
-    return _call(kernel, (g.intermediate // g.bi,), jax.ShapeDtypeStruct((g.hidden,), F32), interpret, {2: 0})(
+    return _call(kernel, (g.intermediate // g.bi,), jax.ShapeDtypeStruct((g.hidden,), F32), interpret, {2: 0},
+                 num_stages=MLP_STAGES if MLP_DOT else 1)(
         layer, x, acc, norm_w, w_gate, w_up, w_down)
 
 

@@ -82,7 +82,10 @@ def test_attention_sees_exactly_the_window():
     assert not np.allclose(np.asarray(run(w["ck"].at[0, 0, inside].add(5.0))), np.asarray(base))
 
 
-def test_mlp_kernel_matches_reference():
+@pytest.mark.parametrize("dot", [False, True])
+def test_mlp_kernel_matches_reference(monkeypatch, dot):
+    """Both forms of the MLP kernel: FMAs, and the products as 16-row dots in pipelined loops (decode_layer.MLP_DOT)."""
+    monkeypatch.setattr(dl, "MLP_DOT", dot)
     g = SMOL
     w = _setup(g, 64)
     layer, x = jnp.array([2], jnp.int32), w["x"]
