@@ -12,7 +12,8 @@ a copy of it. Uses jax internals (the Pallas Triton lowering entry point), so it
 --what gemv: the dense bf16 GEMV (pallas_kernels/gemv.py) at M = 1 with and without its hand prefetch, and at
 M = 9: instructions per weight of the loop and its asynchronous copies (LDGSTS: a pipelined load).
 --what fused: the fused decode layer's three kernels (pallas_kernels/decode_layer.py) for SmolLM2 shapes: whole
-kernel instruction mix, global / local-memory loads, and attn_out's asynchronous copies at 1-3 stages.
+kernel instruction mix, global / local-memory loads, and attn_out's asynchronous copies at 1-3 stages; with the
+products as FMAs, then as pipelined dots (ATTN_IN_DOT / MLP_DOT).
 """
 from __future__ import annotations
 
@@ -115,6 +116,15 @@ def gemv_main():
 def fused_main():
     from mimo_jax import model
     from mimo_jax.config import load_config
+    from pallas_kernels import decode_layer
+    for dot in (False, True):  # the products as FMAs, then as pipelined 16-row dots (ATTN_IN_DOT / MLP_DOT)
+        decode_layer.ATTN_IN_DOT = decode_layer.MLP_DOT = dot
+        jax.clear_caches()  # the kernels' jits read the knobs when they trace
+        print(f"-- products as {'16-row dots (attn_in, mlp; DOT_STAGES)' if dot else 'FMAs'}")
+        _fused_kernels(model, load_config, decode_layer.DOT_STAGES if dot else 1)
+
+
+def _fused_kernels(model, load_config, dot_stages):
     cfg = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
                                    "smollm2_135m.json")).replace(num_mtp_layers=0)
     params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
@@ -124,7 +134,7 @@ def fused_main():
                          S((1, 1), jnp.int32), S((1,), jnp.int32), cache)
     for ttir in ttirs:
         name = re.search(r"tt.func public @(\w+)", ttir).group(1)
-        for stages in ((1, 2, 3) if "attn_out" in name else (1,)):
+        for stages in ((1, 2, 3) if "attn_out" in name else (dot_stages,)):
             sass, smem = sass_of(ttir, 4, stages)
             c = opcode_mix(sass)
             print(f"{name} stages {stages}: {sum(c.values())} instr, LDG {c['LDG']}, LDGSTS {c['LDGSTS']}, LDL "

@@ -184,7 +184,12 @@ def _attn_in_kernel(layer_ref, pos_ref, x_ref, nw_ref, wq_ref, wk_ref, wv_ref, q
     del q_in, k_in, v_in  # aliased to q_ref / k_ref / v_ref
     j = pl.program_id(0)
     layer, pos = layer_ref[0], pos_ref[0]
-    block = _normed_input(x_ref, nw_ref, layer, g.hidden, g.bk, g.eps)
+    if ATTN_IN_DOT:
+        rstd = _rstd(x_ref, g.hidden, g.bk, g.eps)
+        gemv = lambda cols: _normed_gemv_dot(x_ref, nw_ref, layer, rstd, cols, g.hidden, g.bk)  # noqa: E731
+    else:
+        block = _normed_input(x_ref, nw_ref, layer, g.hidden, g.bk, g.eps)
+        gemv = lambda cols: _normed_gemv(block, layer, cols, g.hidden, g.bk)  # noqa: E731
     half, d, dv = g.rope_dim // 2, g.head_dim, g.v_head_dim
     slot = _slot(pos, g, k_ref.shape[2])
 
@@ -192,7 +197,7 @@ def _attn_in_kernel(layer_ref, pos_ref, x_ref, nw_ref, wq_ref, wk_ref, wv_ref, q
         c0 = head * d
         cols = [(w_ref, c0, half), (w_ref, c0 + half, half)] + (
             [(w_ref, c0 + g.rope_dim, d - g.rope_dim)] if d > g.rope_dim else [])
-        ys = _normed_gemv(block, layer, cols, g.hidden, g.bk)
+        ys = gemv(cols)
         # the model rounds the projection to bf16 before RoPE
         ys = [y.astype(BF16).astype(F32) for y in ys]
         o1, o2 = _rope(ys[0], ys[1], pos, g)
@@ -216,7 +221,7 @@ def _attn_in_kernel(layer_ref, pos_ref, x_ref, nw_ref, wq_ref, wk_ref, wv_ref, q
     @pl.when(j >= g.num_heads + g.num_kv_heads)
     def _v():
         h = j - g.num_heads - g.num_kv_heads
-        (y,) = _normed_gemv(block, layer, [(wv_ref, h * dv, dv)], g.hidden, g.bk)
+        (y,) = gemv([(wv_ref, h * dv, dv)])
         y = y.astype(BF16)
         if g.value_scale != 1.0:
             y = y * jnp.asarray(g.value_scale, BF16)
@@ -301,39 +306,54 @@ def _swiglu_act(gate, up):
     return (gate * jax.nn.sigmoid(gate) * up).astype(BF16)
 
 
-# The MLP kernel's products as 16-row tensor-core dots (row 0 the token, the rest zeros) in loops that Triton
-# pipelines (MLP_STAGES): Triton pipelines only loads that feed a dot, and the FMA form's weight loads each wait
-# a memory latency (offline SASS, BENCHMARKS.md session 13). Off until timed (bench_fused.py --mlp_dot).
+# The products of attn_in (q/k/v) and of the MLP kernel as 16-row tensor-core dots (row 0 the token, the rest
+# zeros) in loops that Triton pipelines (DOT_STAGES): Triton pipelines only loads that feed a dot, and the FMA
+# form's weight loads each wait a memory latency (offline SASS, BENCHMARKS.md session 13). Off until timed
+# (bench_fused.py --attn_in_dot / --mlp_dot).
+ATTN_IN_DOT = False
 MLP_DOT = False
-MLP_STAGES = 3
+DOT_STAGES = 3
+_FIRST = 16  # rows of the padded dot
+
+
+def _rstd(x_ref, hidden, bk, eps):
+    sq = jax.lax.fori_loop(0, hidden // bk, lambda i, a: a + _load_x(x_ref, pl.multiple_of(i * bk, bk), bk) ** 2,
+                           jnp.zeros((bk,), F32))
+    return jax.lax.rsqrt(jnp.sum(sq) / hidden + eps)
+
+
+def _row0(a):
+    return jnp.sum(jnp.where((jnp.arange(_FIRST) == 0)[:, None], a, 0.0), axis=0)
+
+
+def _as_rows(v):
+    """[n] -> [16, n] bf16, v in row 0 and zeros below (the dot's A operand)."""
+    return jnp.where((jnp.arange(_FIRST) == 0)[:, None], v[None, :].astype(F32), 0.0).astype(BF16)
+
+
+def _normed_gemv_dot(x_ref, nw_ref, layer, rstd, cols, hidden, bk):
+    """_normed_gemv as dots: sum_k rmsnorm(x)[k] * w[layer, k, c0 + c] for each (w_ref, c0, width) in cols."""
+    def body(i, accs):
+        k0 = pl.multiple_of(i * bk, bk)
+        xn = (nw_ref[layer, pl.ds(k0, bk)] * (_load_x(x_ref, k0, bk) * rstd).astype(BF16)).astype(BF16)
+        xr = _as_rows(xn)
+        return tuple(a + jnp.dot(xr, w_ref[layer, pl.ds(k0, bk), pl.ds(c0, width)], preferred_element_type=F32)
+                     for a, (w_ref, c0, width) in zip(accs, cols))
+    init = tuple(jnp.zeros((_FIRST, width), F32) for _, _, width in cols)
+    return [_row0(a) for a in jax.lax.fori_loop(0, hidden // bk, body, init)]
 
 
 def _mlp_dot(x_ref, nw_ref, wg_ref, wu_ref, wd_ref, acc_ref, layer, c0, g: Geometry):
     """_mlp_kernel's body with the products as dots: gate/up over K blocks, then W_down's [bi, bn] blocks, each
     block's row added atomically into the residual accumulator."""
-    nk = g.hidden // g.bk
-    sq = jax.lax.fori_loop(0, nk, lambda i, a: a + _load_x(x_ref, pl.multiple_of(i * g.bk, g.bk), g.bk) ** 2,
-                           jnp.zeros((g.bk,), F32))
-    rstd = jax.lax.rsqrt(jnp.sum(sq) / g.hidden + g.eps)
-    first = (jnp.arange(16) == 0)[:, None]
-
-    def gate_up(i, accs):
-        k0 = pl.multiple_of(i * g.bk, g.bk)
-        xn = (_load_x(x_ref, k0, g.bk) * rstd).astype(BF16)
-        xn = (nw_ref[layer, pl.ds(k0, g.bk)] * xn).astype(BF16)  # as rms_norm rounds
-        xr = jnp.where(first, xn[None, :].astype(F32), 0.0).astype(BF16)  # [16, bk]
-        return tuple(a + jnp.dot(xr, w_ref[layer, pl.ds(k0, g.bk), pl.ds(c0, g.bi)], preferred_element_type=F32)
-                     for a, w_ref in zip(accs, (wg_ref, wu_ref)))
-    zero = jnp.zeros((16, g.bi), F32)
-    ag, au = jax.lax.fori_loop(0, nk, gate_up, (zero, zero))
-    row0 = lambda a: jnp.sum(jnp.where(first, a, 0.0), axis=0)  # noqa: E731
-    h = _swiglu_act(row0(ag), row0(au)).astype(F32)
-    hr = jnp.where(first, h[None, :], 0.0).astype(BF16)  # [16, bi]
+    rstd = _rstd(x_ref, g.hidden, g.bk, g.eps)
+    gate, up = _normed_gemv_dot(x_ref, nw_ref, layer, rstd, [(wg_ref, c0, g.bi), (wu_ref, c0, g.bi)], g.hidden, g.bk)
+    hr = _as_rows(_swiglu_act(gate, up))
 
     def down(b, carry):
         n0 = pl.multiple_of(b * g.bn, g.bn)
         y = jnp.dot(hr, wd_ref[layer, pl.ds(c0, g.bi), pl.ds(n0, g.bn)], preferred_element_type=F32)
-        plgpu.atomic_add(acc_ref, (pl.ds(n0, g.bn),), row0(y))
+        plgpu.atomic_add(acc_ref, (pl.ds(n0, g.bn),), _row0(y))
         return carry
     jax.lax.fori_loop(0, g.hidden // g.bn, down, 0)
 
@@ -380,7 +400,8 @@ def attn_in(layer, pos, x, norm_w, wq, wk, wv, q_buf, cache_k, cache_v, *, g: Ge
     out_shape = (jax.ShapeDtypeStruct(q_buf.shape, q_buf.dtype), jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
                  jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype))
     return _call(functools.partial(_attn_in_kernel, g=g), (g.num_heads + 2 * g.num_kv_heads,), out_shape,
-                 interpret, {7: 0, 8: 1, 9: 2})(layer, pos, x, norm_w, wq, wk, wv, q_buf, cache_k, cache_v)
+                 interpret, {7: 0, 8: 1, 9: 2}, num_stages=DOT_STAGES if ATTN_IN_DOT else 1)(
+        layer, pos, x, norm_w, wq, wk, wv, q_buf, cache_k, cache_v)
 
 
 @functools.partial(jax.jit, static_argnames=("g", "interpret"))
@@ -402,7 +423,7 @@ def mlp(layer, x, acc, norm_w, w_gate, w_up, w_down, *, g: Geometry, interpret: 
     atomically (acc arrives holding x: the residual). x, acc [H] f32."""
     kernel = functools.partial(_mlp_kernel, g=g)
     return _call(kernel, (g.intermediate // g.bi,), jax.ShapeDtypeStruct((g.hidden,), F32), interpret, {2: 0},
-                 num_stages=MLP_STAGES if MLP_DOT else 1)(
+                 num_stages=DOT_STAGES if MLP_DOT else 1)(
         layer, x, acc, norm_w, w_gate, w_up, w_down)
 
 

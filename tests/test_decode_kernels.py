@@ -47,7 +47,9 @@ def _close(a, b, tol):
 
 @pytest.mark.parametrize("g,size,pos", [(SMOL, 64, 0), (SMOL, 64, 40), (MIMO_SWA, 32, 5), (MIMO_SWA, 32, 77),
                                         (MIMO_FULL, 64, 63)])
-def test_attention_kernels_match_reference(g, size, pos):
+@pytest.mark.parametrize("dot", [False, True])
+def test_attention_kernels_match_reference(monkeypatch, g, size, pos, dot):
+    monkeypatch.setattr(dl, "ATTN_IN_DOT", dot)  # attn_in's products as FMAs, or as pipelined 16-row dots
     assert dl.supported(g) is None
     w = _setup(g, size)
     layer, p = jnp.array([1], jnp.int32), jnp.array([pos], jnp.int32)
