@@ -63,18 +63,15 @@ def main():
     ap.add_argument("--paths", default="xla,pallas")
     ap.add_argument("--attn_out_stages", type=int, default=0, help="pipeline stages of the fused attn_out kernel's "
                     "key loop (pallas_kernels.decode_layer.ATTN_OUT_STAGES; 0: its default)")
-    ap.add_argument("--mlp_dot", action="store_true", help="the fused MLP kernel's products as pipelined 16-row dots "
-                    "(pallas_kernels.decode_layer.MLP_DOT)")
-    ap.add_argument("--attn_in_dot", action="store_true", help="the fused attn_in kernel's q/k/v products the same "
-                    "way (pallas_kernels.decode_layer.ATTN_IN_DOT)")
+    ap.add_argument("--dots", action="store_true", help="the fused kernels' products as pipelined 16-row dots "
+                    "(pallas_kernels.decode_layer.DOTS)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     from pallas_kernels import decode_layer
 
     if args.attn_out_stages:
         decode_layer.ATTN_OUT_STAGES = args.attn_out_stages
-    decode_layer.MLP_DOT = decode_layer.MLP_DOT or args.mlp_dot
-    decode_layer.ATTN_IN_DOT = decode_layer.ATTN_IN_DOT or args.attn_in_dot
+    decode_layer.DOTS = decode_layer.DOTS or args.dots
     cfg = load_config(args.config).replace(num_mtp_layers=0)
     if args.layers:
         n = args.layers

@@ -13,7 +13,7 @@ a copy of it. Uses jax internals (the Pallas Triton lowering entry point), so it
 M = 9: instructions per weight of the loop and its asynchronous copies (LDGSTS: a pipelined load).
 --what fused: the fused decode layer's three kernels (pallas_kernels/decode_layer.py) for SmolLM2 shapes: whole
 kernel instruction mix, global / local-memory loads, and attn_out's asynchronous copies at 1-3 stages; with the
-products as FMAs, then as pipelined dots (ATTN_IN_DOT / MLP_DOT).
+products as FMAs, then as pipelined dots (DOTS).
 """
 from __future__ import annotations
 
@@ -117,10 +117,10 @@ def fused_main():
     from mimo_jax import model
     from mimo_jax.config import load_config
     from pallas_kernels import decode_layer
-    for dot in (False, True):  # the products as FMAs, then as pipelined 16-row dots (ATTN_IN_DOT / MLP_DOT)
-        decode_layer.ATTN_IN_DOT = decode_layer.MLP_DOT = dot
+    for dot in (False, True):  # the products as FMAs, then as pipelined 16-row dots (DOTS)
+        decode_layer.DOTS = dot
         jax.clear_caches()  # the kernels' jits read the knobs when they trace
-        print(f"-- products as {'16-row dots (attn_in, mlp; DOT_STAGES)' if dot else 'FMAs'}")
+        print(f"-- products as {'16-row dots (DOTS, DOT_STAGES)' if dot else 'FMAs'}")
         _fused_kernels(model, load_config, decode_layer.DOT_STAGES if dot else 1)
 
 
@@ -134,7 +134,7 @@ def _fused_kernels(model, load_config, dot_stages):
                          S((1, 1), jnp.int32), S((1,), jnp.int32), cache)
     for ttir in ttirs:
         name = re.search(r"tt.func public @(\w+)", ttir).group(1)
-        for stages in ((1, 2, 3) if "attn_out" in name else (dot_stages,)):
+        for stages in ((1, 2, 3) if "attn_out" in name and dot_stages == 1 else (dot_stages,)):
             sass, smem = sass_of(ttir, 4, stages)
             c = opcode_mix(sass)
             print(f"{name} stages {stages}: {sum(c.values())} instr, LDG {c['LDG']}, LDGSTS {c['LDGSTS']}, LDL "

@@ -184,7 +184,7 @@ def _attn_in_kernel(layer_ref, pos_ref, x_ref, nw_ref, wq_ref, wk_ref, wv_ref, q
     del q_in, k_in, v_in  # aliased to q_ref / k_ref / v_ref
     j = pl.program_id(0)
     layer, pos = layer_ref[0], pos_ref[0]
-    if ATTN_IN_DOT:
+    if DOTS:
         rstd = _rstd(x_ref, g.hidden, g.bk, g.eps)
         gemv = lambda cols: _normed_gemv_dot(x_ref, nw_ref, layer, rstd, cols, g.hidden, g.bk)  # noqa: E731
     else:
@@ -292,7 +292,15 @@ def _attn_out_kernel(layer_ref, pos_ref, x_ref, q_ref, k_ref, v_ref, sink_ref, w
         h, i = (j // g.group, j % g.group) if isinstance(j, int) else (jax.lax.div(j, g.group), jax.lax.rem(j, g.group))
         o = o_ref[pid, h, i, :].astype(F32)[:, None]                          # [Dv, 1]
         return acc + o * wo_ref[layer, pl.ds(_aligned(j * dv, dv), dv), pl.ds(n0, g.bn)].astype(F32)
-    y = jnp.sum(_loop(g.num_heads, member, jnp.zeros((dv, g.bn), F32)), axis=0)
+
+    def member_dot(j, acc):  # DOTS: head j's row of o (as row 0 of 16) times its rows of W_o
+        o = _as_rows(o_ref[pid, jax.lax.div(j, g.group), jax.lax.rem(j, g.group), :])
+        return acc + jnp.dot(o, wo_ref[layer, pl.ds(pl.multiple_of(j * dv, dv), dv), pl.ds(n0, g.bn)],
+                             preferred_element_type=F32)
+    if DOTS:
+        y = _row0(jax.lax.fori_loop(0, g.num_heads, member_dot, jnp.zeros((_FIRST, g.bn), F32)))
+    else:
+        y = jnp.sum(_loop(g.num_heads, member, jnp.zeros((dv, g.bn), F32)), axis=0)
     # the model rounds the attention output to bf16 before the residual add
     x = _load_x(x_ref, n0, g.bn) + y.astype(BF16).astype(F32)
     out_ref[pl.ds(n0, g.bn)] = x
@@ -306,12 +314,11 @@ def _swiglu_act(gate, up):
     return (gate * jax.nn.sigmoid(gate) * up).astype(BF16)
 
 
-# The products of attn_in (q/k/v) and of the MLP kernel as 16-row tensor-core dots (row 0 the token, the rest
-# zeros) in loops that Triton pipelines (DOT_STAGES): Triton pipelines only loads that feed a dot, and the FMA
-# form's weight loads each wait a memory latency (offline SASS, BENCHMARKS.md session 13). Off until timed
-# (bench_fused.py --attn_in_dot / --mlp_dot).
-ATTN_IN_DOT = False
-MLP_DOT = False
+# DOTS: the kernels' products (attn_in's q/k/v, attn_out's W_o, the MLP's gate/up and down) as 16-row tensor-core
+# dots (row 0 the token, the rest zeros) in loops that Triton pipelines (DOT_STAGES): Triton pipelines only loads
+# that feed a dot, and the FMA form's weight loads each wait a memory latency (offline SASS, BENCHMARKS.md
+# session 13). Off until timed (bench_fused.py --dots; its --profile times each kernel).
+DOTS = False
 DOT_STAGES = 3
 _FIRST = 16  # rows of the padded dot
 
@@ -363,7 +370,7 @@ def _mlp_kernel(layer_ref, x_ref, acc_in, nw_ref, wg_ref, wu_ref, wd_ref, acc_re
     i = pl.program_id(0)
     layer = layer_ref[0]
     c0 = pl.multiple_of(i * g.bi, g.bi)
-    if MLP_DOT:
+    if DOTS:
         return _mlp_dot(x_ref, nw_ref, wg_ref, wu_ref, wd_ref, acc_ref, layer, c0, g)
     block = _normed_input(x_ref, nw_ref, layer, g.hidden, g.bk, g.eps)
     gate, up = _normed_gemv(block, layer, [(wg_ref, c0, g.bi), (wu_ref, c0, g.bi)], g.hidden, g.bk)
@@ -400,7 +407,7 @@ def attn_in(layer, pos, x, norm_w, wq, wk, wv, q_buf, cache_k, cache_v, *, g: Ge
     out_shape = (jax.ShapeDtypeStruct(q_buf.shape, q_buf.dtype), jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
                  jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype))
     return _call(functools.partial(_attn_in_kernel, g=g), (g.num_heads + 2 * g.num_kv_heads,), out_shape,
-                 interpret, {7: 0, 8: 1, 9: 2}, num_stages=DOT_STAGES if ATTN_IN_DOT else 1)(
+                 interpret, {7: 0, 8: 1, 9: 2}, num_stages=DOT_STAGES if DOTS else 1)(
         layer, pos, x, norm_w, wq, wk, wv, q_buf, cache_k, cache_v)
 
 
@@ -412,7 +419,8 @@ def attn_out(layer, pos, x, q_buf, cache_k, cache_v, sink, wo, *, g: Geometry, i
     kernel = functools.partial(_attn_out_kernel, g=g, interpret=interpret)
     out_shape = (jax.ShapeDtypeStruct((g.hidden,), F32), jax.ShapeDtypeStruct((g.hidden,), F32),
                  jax.ShapeDtypeStruct((programs, g.num_kv_heads, g.group_pad, g.v_head_dim), BF16))  # scratch
-    x_mid, acc, _ = _call(kernel, (programs,), out_shape, interpret, num_stages=ATTN_OUT_STAGES)(
+    x_mid, acc, _ = _call(kernel, (programs,), out_shape, interpret,
+                          num_stages=max(ATTN_OUT_STAGES, DOT_STAGES if DOTS else 1))(
         layer, pos, x, q_buf, cache_k, cache_v, sink, wo)
     return x_mid, acc
 
@@ -423,7 +431,7 @@ def mlp(layer, x, acc, norm_w, w_gate, w_up, w_down, *, g: Geometry, interpret: 
     atomically (acc arrives holding x: the residual). x, acc [H] f32."""
     kernel = functools.partial(_mlp_kernel, g=g)
     return _call(kernel, (g.intermediate // g.bi,), jax.ShapeDtypeStruct((g.hidden,), F32), interpret, {2: 0},
-                 num_stages=DOT_STAGES if MLP_DOT else 1)(
+                 num_stages=DOT_STAGES if DOTS else 1)(
         layer, x, acc, norm_w, w_gate, w_up, w_down)
 
 

@@ -19,6 +19,19 @@ MIMO_FULL = dl.Geometry(hidden=64, num_heads=8, num_kv_heads=1, head_dim=48, v_h
                         rope_theta=500.0, window=None, sink=False, value_scale=0.7, eps=1e-6, bk=32, bn=32, bs=16)
 
 
+@pytest.fixture
+def fresh_traces():
+    """The kernels' jits read decode_layer.DOTS when they trace: start and leave each test with no cached trace."""
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+def _uses_dots(fn) -> bool:
+    """Whether the kernel traced by fn() multiplies with dots (the DOTS form) rather than FMAs only."""
+    return "dot_general" in str(jax.make_jaxpr(fn)())
+
+
 def _setup(g, size, layers=3, seed=0):
     ks = jax.random.split(jax.random.PRNGKey(seed), 12)
     h = g.hidden
@@ -48,13 +61,14 @@ def _close(a, b, tol):
 @pytest.mark.parametrize("g,size,pos", [(SMOL, 64, 0), (SMOL, 64, 40), (MIMO_SWA, 32, 5), (MIMO_SWA, 32, 77),
                                         (MIMO_FULL, 64, 63)])
 @pytest.mark.parametrize("dot", [False, True])
-def test_attention_kernels_match_reference(monkeypatch, g, size, pos, dot):
-    monkeypatch.setattr(dl, "ATTN_IN_DOT", dot)  # attn_in's products as FMAs, or as pipelined 16-row dots
+def test_attention_kernels_match_reference(monkeypatch, fresh_traces, g, size, pos, dot):
+    monkeypatch.setattr(dl, "DOTS", dot)  # the products as FMAs, or as pipelined 16-row dots
     assert dl.supported(g) is None
     w = _setup(g, size)
     layer, p = jnp.array([1], jnp.int32), jnp.array([pos], jnp.int32)
     q0 = jnp.zeros((g.num_kv_heads, g.group_pad, g.head_dim), BF16)
     args = (layer, p, w["x"], w["norm"], w["wq"], w["wk"], w["wv"])
+    assert _uses_dots(lambda: dl.attn_in(*args, q0, w["ck"], w["cv"], g=g, interpret=True)) == dot
     got = dl.attn_in(*args, q0, w["ck"], w["cv"], g=g, interpret=True)
     want = dl.reference_attn_in(*args, q0, w["ck"], w["cv"], g=g)
     for a, b in zip(got, want):
@@ -85,13 +99,14 @@ def test_attention_sees_exactly_the_window():
 
 
 @pytest.mark.parametrize("dot", [False, True])
-def test_mlp_kernel_matches_reference(monkeypatch, dot):
-    """Both forms of the MLP kernel: FMAs, and the products as 16-row dots in pipelined loops (decode_layer.MLP_DOT)."""
-    monkeypatch.setattr(dl, "MLP_DOT", dot)
+def test_mlp_kernel_matches_reference(monkeypatch, fresh_traces, dot):
+    """Both forms of the MLP kernel: FMAs, and the products as 16-row dots in pipelined loops (decode_layer.DOTS)."""
+    monkeypatch.setattr(dl, "DOTS", dot)
     g = SMOL
     w = _setup(g, 64)
     layer, x = jnp.array([2], jnp.int32), w["x"]
     acc = x + 1.0  # the residual the MLP output is added to
+    assert _uses_dots(lambda: dl.mlp(layer, x, acc, w["norm"], w["wg"], w["wu"], w["wd"], g=g, interpret=True)) == dot
     got = dl.mlp(layer, x, acc, w["norm"], w["wg"], w["wu"], w["wd"], g=g, interpret=True)
     want = dl.reference_mlp(layer, x, acc, w["norm"], w["wg"], w["wu"], w["wd"], g=g)
     _close(got - acc, want - acc, 1e-2)

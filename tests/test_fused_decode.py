@@ -23,10 +23,16 @@ def _cfg(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tiny_mimo", "tiny_llama"])
-def test_fused_decode_matches_xla(name):
+@pytest.mark.parametrize("name,dots", [("tiny_mimo", False), ("tiny_llama", False), ("tiny_llama", True)])
+def test_fused_decode_matches_xla(monkeypatch, request, name, dots):
     """Both bf16 paths against the f32 XLA path on the same weights: the fused one (f32 residual stream) must be
-    as close to it as the bf16 XLA path is (random tiny models amplify bf16 rounding to ~10% by layer 8)."""
+    as close to it as the bf16 XLA path is (random tiny models amplify bf16 rounding to ~10% by layer 8); dots:
+    the kernels' products as pipelined 16-row dots (decode_layer.DOTS)."""
+    from pallas_kernels import decode_layer
+
+    monkeypatch.setattr(decode_layer, "DOTS", dots)
+    jax.clear_caches()  # the kernels' jits read the knob when they trace (and again at the end: no trace leaks)
+    request.addfinalizer(jax.clear_caches)
     cfg = _cfg(name)
     params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
     p32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
