@@ -110,3 +110,22 @@ def test_mlp_kernel_matches_reference(monkeypatch, fresh_traces, dot):
     got = dl.mlp(layer, x, acc, w["norm"], w["wg"], w["wu"], w["wd"], g=g, interpret=True)
     want = dl.reference_mlp(layer, x, acc, w["norm"], w["wg"], w["wu"], w["wd"], g=g)
     _close(got - acc, want - acc, 1e-2)
+
+
+@pytest.mark.parametrize("dot", [False, True])
+def test_kernels_lower_for_the_gpu(monkeypatch, fresh_traces, dot):
+    """The three kernels lower to Triton IR for a GPU (on this CPU), with the products as FMAs or as dots."""
+    monkeypatch.setattr(dl, "DOTS", dot)
+    g, size, S = SMOL, 64, jax.ShapeDtypeStruct
+    w = jax.tree_util.tree_map(lambda a: S(a.shape, a.dtype), _setup(g, size))
+    i32 = S((1,), jnp.int32)
+    q0 = S((g.num_kv_heads, g.group_pad, g.head_dim), BF16)
+    lower = lambda f, *a: jax.jit(f).trace(*a).lower(lowering_platforms=("cuda",)).as_text()  # noqa: E731
+    text = lower(lambda *a: dl.attn_in(*a, g=g), i32, i32, w["x"], w["norm"], w["wq"], w["wk"], w["wv"], q0, w["ck"],
+                 w["cv"])
+    assert "_attn_in_kernel" in text
+    sink = S((3, g.num_kv_heads, g.group_pad), F32)
+    text = lower(lambda *a: dl.attn_out(*a, g=g), i32, i32, w["x"], q0, w["ck"], w["cv"], sink, w["wo"])
+    assert "_attn_out_kernel" in text
+    text = lower(lambda *a: dl.mlp(*a, g=g), i32, w["x"], w["x"], w["norm"], w["wg"], w["wu"], w["wd"])
+    assert "_mlp_kernel" in text

@@ -1,4 +1,6 @@
 """Pallas dense GEMV (pallas_kernels/gemv.py) == f32 jnp reference, in interpret mode on CPU; the GPU lowering."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,9 +72,12 @@ def test_matmul_keeps_xla_off_gpu_and_for_batches():
 
 
 def test_gemv_lowers_for_the_gpu():
-    for M, K, N in ((1, 4096, 13568), (9, 4096, 7424)):
+    d = default_config(1, 4096, 13568)
+    cases = ((1, 4096, 13568, None), (9, 4096, 7424, None), (1, 4096, 13568, dataclasses.replace(d, prefetch=True)),
+             (1, 4096, 13568, dataclasses.replace(default_config(9, 4096, 13568), dot=True)))
+    for M, K, N, cfg in cases:
         args = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16), jax.ShapeDtypeStruct((K, N), jnp.bfloat16))
-        text = jax.jit(lambda x, w: gemv(x, w)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        text = jax.jit(lambda x, w: gemv(x, w, cfg=cfg)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert "gemv_bf16" in text
 
 
