@@ -47,35 +47,6 @@ def capture_ttir(fn, *args) -> list[str]:
     return texts
 
 
-def loop_mix(ttir: str, num_warps: int, num_stages: int) -> collections.Counter:
-    """SASS opcode counts of the longest backward-branch loop of the kernel compiled for sm_90."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ttir")
-        open(src, "w").write(ttir)
-        cc = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
-        cubin = os.path.join(d, "k.cubin")
-        open(cubin, "wb").write(cc.asm["cubin"])
-        nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-        sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
-    ins, labels = [], {}
-    for line in sass.splitlines():
-        m = re.match(r"\s*\.(L_x_\d+):", line)
-        if m:
-            labels[m.group(1)] = len(ins)
-        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
-        if m:
-            ins.append((m.group(1), m.group(2)))
-    best = (0, len(ins) - 1)
-    loops = [(labels[t.group(1)], j) for j, (op, rest) in enumerate(ins) if op.startswith("BRA")
-             for t in [re.search(r"\.(L_x_\d+)", rest)] if t and labels.get(t.group(1), j) < j]
-    if loops:
-        best = max(loops, key=lambda ab: ab[1] - ab[0])
-    return collections.Counter(op.split(".")[0] for op, _ in ins[best[0]:best[1] + 1])
-
-
 def sass_of(ttir: str, num_warps: int, num_stages: int) -> tuple[str, int]:
     """(SASS text, shared memory bytes) of a Triton IR kernel compiled for sm_90."""
     import triton
@@ -90,6 +61,25 @@ def sass_of(ttir: str, num_warps: int, num_stages: int) -> tuple[str, int]:
         nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
         return subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout, \
             cc.metadata.shared
+
+
+def loop_mix(ttir: str, num_warps: int, num_stages: int) -> collections.Counter:
+    """SASS opcode counts of the longest backward-branch loop of the kernel compiled for sm_90."""
+    sass, _ = sass_of(ttir, num_warps, num_stages)
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        m = re.match(r"\s*\.(L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+        m = re.search(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
+        if m:
+            ins.append((m.group(1), m.group(2)))
+    best = (0, len(ins) - 1)
+    loops = [(labels[t.group(1)], j) for j, (op, rest) in enumerate(ins) if op.startswith("BRA")
+             for t in [re.search(r"\.(L_x_\d+)", rest)] if t and labels.get(t.group(1), j) < j]
+    if loops:
+        best = max(loops, key=lambda ab: ab[1] - ab[0])
+    return collections.Counter(op.split(".")[0] for op, _ in ins[best[0]:best[1] + 1])
 
 
 def opcode_mix(sass: str) -> collections.Counter:
