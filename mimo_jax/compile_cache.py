@@ -17,7 +17,8 @@ DEFAULT_DIR = os.path.join("~", ".cache", "mimo_jax", "xla")
 
 
 def enable(path: str | None) -> str | None:
-    """Use `path` (user-expanded; created if missing) as JAX's persistent compilation cache, every program
+    """Use `path` (user-expanded; created if missing; OSError if it cannot be, or is not writable) as JAX's
+    persistent compilation cache, every program
     cached however small or fast to compile (a program left out would be autotuned afresh). None / "" = off.
     Call before the first compilation. Returns the directory used, or None."""
     if not path:
@@ -26,6 +27,8 @@ def enable(path: str | None) -> str | None:
 
     path = os.path.expanduser(path)
     os.makedirs(path, exist_ok=True)
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"{path} is not writable")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -36,10 +39,7 @@ def enable_or_warn(path: str | None) -> str | None:
     """enable(path); a directory that cannot be created or written turns the cache off with one warning line on
     stderr (the run itself does not need it)."""
     try:
-        path = enable(path)
-        if path and not os.access(path, os.W_OK):
-            raise PermissionError(f"{path} is not writable")
-        return path
+        return enable(path)
     except OSError as e:
         print(f"warning: compilation cache off ({e})", file=sys.stderr)
         import jax

@@ -20,9 +20,7 @@ from mimo_jax.ops import pair_matmul, pair_swiglu_in, ragged_matmul, ragged_swig
 
 def route(p, x, top_k: int, norm_topk_prob: bool, scaling: float):
     """x [N, H] -> (weights [N, k] f32, expert ids [N, k] int32)."""
-    w, x32 = p["router"], x.astype(jnp.float32)
-    logits = ops.matmul(x32, w) if isinstance(w, ops.OutInWeight) else jnp.dot(x32, w.astype(jnp.float32))
-    scores = jax.nn.sigmoid(logits)
+    scores = jax.nn.sigmoid(ops.matmul(x.astype(jnp.float32), p["router"]))  # (f32; "in, out" or ops.OutInWeight)
     _, ids = jax.lax.top_k(scores + p["router_bias"].astype(jnp.float32), top_k)
     weights = jnp.take_along_axis(scores, ids, axis=-1)
     if norm_topk_prob:

@@ -37,13 +37,20 @@ GEMV_PAD_ROWS = 16
 MESH_PAD_ROWS = 0
 
 
-def _pads_on_mesh(x, w) -> bool:
+def _one_token_bf16_on_gpu(x, w, mesh: bool) -> int:
+    """Elements of w when x @ w is one bf16 token times a plain bf16 matrix on a GPU, on a mesh (mesh=True) or
+    on one device; else 0."""
     from mimo_jax import sharding
 
-    if MESH_PAD_ROWS <= 1 or jax.default_backend() != "gpu" or sharding.expert_axis_size() == 1:
-        return False
-    return (isinstance(w, jax.Array) and w.ndim == 2 and w.dtype == jnp.bfloat16 and x.dtype == jnp.bfloat16
-            and int(np.prod(x.shape[:-1])) == 1 and w.shape[0] * w.shape[1] >= GEMV_ELEMENTS[0])
+    if jax.default_backend() != "gpu" or (sharding.expert_axis_size() > 1) != mesh:
+        return 0
+    if not isinstance(w, jax.Array) or w.ndim != 2 or w.dtype != jnp.bfloat16 or x.dtype != jnp.bfloat16:
+        return 0
+    return w.shape[0] * w.shape[1] if int(np.prod(x.shape[:-1])) == 1 else 0
+
+
+def _pads_on_mesh(x, w) -> bool:
+    return MESH_PAD_ROWS > 1 and _one_token_bf16_on_gpu(x, w, mesh=True) >= GEMV_ELEMENTS[0]
 
 
 def _padded_dot(x, w, rows: int):
@@ -55,16 +62,10 @@ def _padded_dot(x, w, rows: int):
 
 
 def _use_gemv(x, w) -> bool:
-    from mimo_jax import sharding  # the mesh decides: a GSPMD-sharded weight must stay on XLA's dot
     from pallas_kernels.gemv import supported
 
-    if jax.default_backend() != "gpu" or sharding.expert_axis_size() > 1:
-        return False
-    if w.ndim != 2 or w.dtype != jnp.bfloat16 or x.dtype != jnp.bfloat16:
-        return False
-    K, N = w.shape
-    rows = int(np.prod(x.shape[:-1]))
-    return rows == 1 and GEMV_ELEMENTS[0] <= K * N < GEMV_ELEMENTS[1] and supported(rows, K, N)
+    n = _one_token_bf16_on_gpu(x, w, mesh=False)  # (a GSPMD-sharded weight must stay on XLA's dot)
+    return GEMV_ELEMENTS[0] <= n < GEMV_ELEMENTS[1] and supported(1, *w.shape)
 
 
 @jax.tree_util.register_dataclass

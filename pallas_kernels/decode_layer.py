@@ -145,11 +145,12 @@ def _loop(n: int, body, init):
     return jax.lax.fori_loop(0, n, body, init)
 
 
-def _normed_input(x_ref, nw_ref, layer, hidden, bk, eps):
+def _normed_input(x_ref, nw_ref, layer, hidden, bk, eps, traced: bool = False):
     """k-block i -> rmsnorm(x)[block i] as f32 [bk, 1] (bf16-rounded as the model rounds it). The sum of
-    squares accumulates elementwise and reduces once (each reduction is a block-wide barrier)."""
+    squares accumulates elementwise and reduces once (each reduction is a block-wide barrier). traced: i may be
+    a loop index (x's blocks are loaded again then, not kept in registers)."""
     n = hidden // bk
-    if n <= UNROLL:  # x read once, kept in registers
+    if n <= UNROLL and not traced:  # x read once, kept in registers
         xs = [_load_x(x_ref, i * bk, bk) for i in range(n)]
         sq = xs[0] * xs[0]
         for x in xs[1:]:
@@ -184,12 +185,8 @@ def _attn_in_kernel(layer_ref, pos_ref, x_ref, nw_ref, wq_ref, wk_ref, wv_ref, q
     del q_in, k_in, v_in  # aliased to q_ref / k_ref / v_ref
     j = pl.program_id(0)
     layer, pos = layer_ref[0], pos_ref[0]
-    if DOTS:
-        rstd = _rstd(x_ref, g.hidden, g.bk, g.eps)
-        gemv = lambda cols: _normed_gemv_dot(x_ref, nw_ref, layer, rstd, cols, g.hidden, g.bk)  # noqa: E731
-    else:
-        block = _normed_input(x_ref, nw_ref, layer, g.hidden, g.bk, g.eps)
-        gemv = lambda cols: _normed_gemv(block, layer, cols, g.hidden, g.bk)  # noqa: E731
+    block = _normed_input(x_ref, nw_ref, layer, g.hidden, g.bk, g.eps, traced=DOTS)
+    gemv = lambda cols: (_normed_gemv_dot if DOTS else _normed_gemv)(block, layer, cols, g.hidden, g.bk)  # noqa: E731
     half, d, dv = g.rope_dim // 2, g.head_dim, g.v_head_dim
     slot = _slot(pos, g, k_ref.shape[2])
 
@@ -323,12 +320,6 @@ DOT_STAGES = 3
 _FIRST = 16  # rows of the padded dot
 
 
-def _rstd(x_ref, hidden, bk, eps):
-    sq = jax.lax.fori_loop(0, hidden // bk, lambda i, a: a + _load_x(x_ref, pl.multiple_of(i * bk, bk), bk) ** 2,
-                           jnp.zeros((bk,), F32))
-    return jax.lax.rsqrt(jnp.sum(sq) / hidden + eps)
-
-
 def _row0(a):
     return jnp.sum(jnp.where((jnp.arange(_FIRST) == 0)[:, None], a, 0.0), axis=0)
 
@@ -338,12 +329,11 @@ def _as_rows(v):
     return jnp.where((jnp.arange(_FIRST) == 0)[:, None], v[None, :].astype(F32), 0.0).astype(BF16)
 
 
-def _normed_gemv_dot(x_ref, nw_ref, layer, rstd, cols, hidden, bk):
-    """_normed_gemv as dots: sum_k rmsnorm(x)[k] * w[layer, k, c0 + c] for each (w_ref, c0, width) in cols."""
+def _normed_gemv_dot(block, layer, cols, hidden, bk):
+    """_normed_gemv as dots in a loop (block: _normed_input(..., traced=True))."""
     def body(i, accs):
         k0 = pl.multiple_of(i * bk, bk)
-        xn = (nw_ref[layer, pl.ds(k0, bk)] * (_load_x(x_ref, k0, bk) * rstd).astype(BF16)).astype(BF16)
-        xr = _as_rows(xn)
+        xr = _as_rows(block(i)[:, 0])
         return tuple(a + jnp.dot(xr, w_ref[layer, pl.ds(k0, bk), pl.ds(c0, width)], preferred_element_type=F32)
                      for a, (w_ref, c0, width) in zip(accs, cols))
     init = tuple(jnp.zeros((_FIRST, width), F32) for _, _, width in cols)
@@ -353,8 +343,8 @@ def _normed_gemv_dot(x_ref, nw_ref, layer, rstd, cols, hidden, bk):
 def _mlp_dot(x_ref, nw_ref, wg_ref, wu_ref, wd_ref, acc_ref, layer, c0, g: Geometry):
     """_mlp_kernel's body with the products as dots: gate/up over K blocks, then W_down's [bi, bn] blocks, each
     block's row added atomically into the residual accumulator."""
-    rstd = _rstd(x_ref, g.hidden, g.bk, g.eps)
-    gate, up = _normed_gemv_dot(x_ref, nw_ref, layer, rstd, [(wg_ref, c0, g.bi), (wu_ref, c0, g.bi)], g.hidden, g.bk)
+    block = _normed_input(x_ref, nw_ref, layer, g.hidden, g.bk, g.eps, traced=True)
+    gate, up = _normed_gemv_dot(block, layer, [(wg_ref, c0, g.bi), (wu_ref, c0, g.bi)], g.hidden, g.bk)
     hr = _as_rows(_swiglu_act(gate, up))
 
     def down(b, carry):
