@@ -1,7 +1,7 @@
 #!/bin/bash
 # Step wall time of one profile_step command under library-knob variants (benchmarks/knobs.py), each variant its
 # own process, in one device call:
-#   KNOBS="baseline;sharding.VOCAB_EMBED_LOCAL=0;ops.OUT_IN_ON_MESH=1 ops.OUT_IN_ROUTER=1" \
+#   KNOBS="baseline;sharding.VOCAB_EMBED_LOCAL=0;ops.OUT_IN_ON_MESH=1 ops.MESH_PAD_ROWS=8" \
 #     bash benchmarks/knob_sweep.sh --config configs/mimo_v2_flash.json --layers 48 --devices 2 --k 8 --drafter block
 # Items are separated by ";", knobs within an item by spaces; "baseline" (or an empty item) = today's defaults.
 # TIMEOUT (seconds per variant, default 240) bounds each run so one hang cannot eat the call.
