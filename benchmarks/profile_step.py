@@ -32,8 +32,9 @@ from pathlib import Path
 
 _DUMP = tempfile.mkdtemp(prefix="profile_step_hlo_")
 # Entry point: the optimized HLO of the step is dumped so every kernel can be traced back to its JAX op.
+# On a CPU each thunk is traced too (the flag is read by XLA:CPU only).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={_DUMP} --xla_dump_hlo_as_text"
-                           " --xla_dump_hlo_module_re=.*(decode|step).*").strip()
+                           " --xla_dump_hlo_module_re=.*(decode|step).* --xla_cpu_enable_xprof_traceme=true").strip()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -100,10 +101,22 @@ def op_name_of(op_names: dict, module: str, hlo_op: str, tf_op: str = "", kernel
 
 
 def kernel_events(xplane: str):
-    """(kernel name, duration us, stats dict) of every GPU kernel in the trace, and the per-module executions."""
+    """(kernel name, duration us, stats dict) of every GPU kernel in the trace, and the per-module executions.
+    On a CPU the "kernels" are XLA:CPU's thunks (one per fusion, dot or copy; traced on the threads that run
+    them when compiled with --xla_cpu_enable_xprof_traceme, which this script sets); the two cores' thunks are
+    summed, so the kernel time can exceed the wall time."""
     pd = jax.profiler.ProfileData.from_file(xplane)
     kernels, modules, line_names = [], collections.Counter(), set()
     for plane in pd.planes:
+        if plane.name.startswith("/host:CPU") and jax.default_backend() == "cpu":
+            for line in plane.lines:
+                for ev in line.events:
+                    st = dict(ev.stats)
+                    # a loop's or call's thunk spans its body's thunks: the body's are counted
+                    if "hlo_op" in st and "hlo_module" in st and not re.match(r"(while|conditional|call)\b", ev.name):
+                        line_names.add(line.name.split("/")[0])
+                        kernels.append((ev.name, ev.duration_ns / 1e3, st))
+            continue
         if not plane.name.startswith("/device:GPU"):
             continue
         for line in plane.lines:

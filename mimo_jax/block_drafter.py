@@ -159,12 +159,15 @@ def context_kv(w, d: BlockConfig, ctx, ctx_pos):
 
 
 def block_logits(w, vocab, tparams, cfg: ModelConfig, d: BlockConfig, ctx, ctx_pos, token, position, block: int,
-                 head=None, ctx_kv=None):
+                 head=None, ctx_kv=None, slots: int | None = None):
     """The drafter's forward for A blocks sharing one context (training packs many blocks of a sequence; a
     decode step has A = 1). ctx [B,C,H] target normed hidden states at positions ctx_pos [B,C] (-1: none),
     token [B,A] at position [B,A] -> logits [B,A,block,Vd] f32 over the draft vocabulary; slot j predicts the
     token at position+j+1. Block a sees the context positions in [position_a - window, position_a). ctx holds
-    the features ([B,C,F*H], `features`); ctx_kv: their `context_kv` if already computed (ctx is then unused)."""
+    the features ([B,C,F*H], `features`); ctx_kv: their `context_kv` if already computed (ctx is then unused).
+    slots: the logits of the first `slots` slots only ([B,A,slots,Vd]; all `block` slots still run, as the block
+    attends to itself both ways): a decode step with k < block drafts k tokens, and the draft head is most of a
+    small drafter's work."""
     (b, a), h, eps = token.shape, d.hidden_size, d.rms_norm_eps
     nh, nkv, hd, dtype = d.num_heads, d.num_kv_heads, d.head_dim, w["fc"].dtype
     ck, cv = ctx_kv if ctx_kv is not None else context_kv(w, d, ctx, ctx_pos)
@@ -196,7 +199,7 @@ def block_logits(w, vocab, tparams, cfg: ModelConfig, d: BlockConfig, ctx, ctx_p
             x, _ = layer(x, (p, ck[i], cv[i]))
     else:
         x, _ = jax.lax.scan(layer, x, (w["layers"], ck, cv))
-    out = rms_norm(x, w["final_norm"], eps).reshape(b, a, block, h)
+    out = rms_norm(x, w["final_norm"], eps).reshape(b, a, block, h)[:, :, :slots]
     rows = (head if head is not None else head_rows(tparams, cfg, vocab)).astype(dtype)
     return jnp.einsum("bath,vh->batv", out, rows, preferred_element_type=jnp.float32)
 
@@ -240,7 +243,7 @@ def _propose(params, state, key, settings, cfg, k, is_greedy, d: BlockConfig):
     ring, dw = state["mtp_cache"], params["drafter"]
     sub = block_logits(dw["w"], dw["vocab"], params, cfg, d, None, ring["pos"], state["token"][:, None],
                        state["position"][None, None], max(k, d.block_size), dw.get("head"),
-                       ctx_kv=(ring["k"], ring["v"]))[:, 0, :k]  # [1, k, Vd]
+                       ctx_kv=(ring["k"], ring["v"]), slots=k)[:, 0]  # [1, k, Vd]
     q = full_vocab(sub, dw["vocab"], cfg.vocab_size)
     if is_greedy:
         drafts = dw["vocab"][jnp.argmax(sub, axis=-1)].astype(jnp.int32)

@@ -219,17 +219,21 @@ def step(params, state, key, temperature, top_k, top_p, *, cfg: ModelConfig, k: 
     settings = (temperature, top_k, top_p)
     position = state["position"]
     key_d, key_a, key_r = jax.random.split(sampling.token_key(key, position + 1), 3)  # its first token: P + 1
-    drafts, q_logits, mtp_cache = drafter.propose(params, state, key_d, settings, cfg, k, is_greedy)
+    with jax.named_scope("drafter"):  # the profiles' groups (benchmarks/profile_step.py)
+        drafts, q_logits, mtp_cache = drafter.propose(params, state, key_d, settings, cfg, k, is_greedy)
     tokens = jnp.concatenate([state["token"][:, None], drafts], axis=1)
     normed, feats, cache = verify_forward(params, tokens, position + jnp.arange(k + 1, dtype=jnp.int32),
                                           state["cache"], cfg, drafter.taps)
-    n, bonus = accept(drafts, q_logits, model.head(params, normed, cfg), key_a, settings, is_greedy)
+    logits = model.head(params, normed, cfg)
+    with jax.named_scope("sampling"):
+        n, bonus = accept(drafts, q_logits, logits, key_a, settings, is_greedy)
     slots = jnp.arange(k + 1)
     emitted = jnp.where(slots < n, jnp.concatenate([drafts, drafts[:, :1]], axis=1), 0)
     emitted = jnp.where(slots == n, bonus[:, None], emitted).astype(jnp.int32)
     state = {**state, "cache": cache, "mtp_cache": mtp_cache}
-    draft, draft_logits, draft_hidden, mtp_cache = drafter.refresh(params, state, feats, emitted, n, key_r,
-                                                                   settings, cfg, is_greedy)
+    with jax.named_scope("drafter"):
+        draft, draft_logits, draft_hidden, mtp_cache = drafter.refresh(params, state, feats, emitted, n, key_r,
+                                                                       settings, cfg, is_greedy)
     new_state = {**state, "cache": cache, "mtp_cache": mtp_cache, "token": bonus, "position": position + n + 1,
                  "draft": draft, "draft_logits": draft_logits, "draft_hidden": draft_hidden}
     return emitted, n, new_state

@@ -197,6 +197,11 @@ def test_ring_keys_values_equal_the_forward_from_features(target, per_layer):
     ctx = feats[:, np.asarray(state["pos"][0])]  # the features of the positions in the ring's slot order
     want = bd.block_logits(w, vocab, target.params, cfg, d, ctx, state["pos"], token, position, 4)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # a decode step with k < block computes the draft head for its k slots only: the same logits for those
+    first = bd.block_logits(w, vocab, target.params, cfg, d, None, state["pos"], token, position, 4,
+                            ctx_kv=(state["k"], state["v"]), slots=2)
+    assert first.shape == got.shape[:2] + (2,) + got.shape[3:]
+    np.testing.assert_allclose(np.asarray(first), np.asarray(got[:, :, :2]), rtol=1e-6, atol=1e-6)
 
 
 def test_schedule_progress_stop_and_finish():
