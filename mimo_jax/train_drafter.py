@@ -84,6 +84,30 @@ def loss_fn(w, batch, tparams, vocab, cfg, d: bd.BlockConfig, soft_weight: float
     return loss, (jnp.sum(accepted * full), jnp.sum(full), jnp.sum(batch["label_ok"]))
 
 
+@functools.lru_cache(maxsize=None)
+def optimizer():
+    """AdamW (its learning rate set per step: lr_at) after clipping the global norm to 1; one object, so that
+    train_step compiles once per shape in a process (several train() calls: a resumed run, tests, a notebook)."""
+    import optax
+
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=0.01))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "d", "soft_weight", "decay"), donate_argnums=(0, 1))
+def train_step(w, opt_state, batch, tparams, vocab, head, lr, *, cfg: ModelConfig, d: bd.BlockConfig,
+               soft_weight: float, decay: float):
+    """One AdamW step on loss_fn -> (weights, optimizer state, loss, (accepted, full blocks, labels)). The target's
+    arrays are arguments, not constants to fold."""
+    import optax
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(w, batch, tparams, vocab, cfg, d, soft_weight,
+                                                                     decay, head)
+    opt_state[1].hyperparams["learning_rate"] = lr
+    updates, opt_state = optimizer().update(grads, opt_state, w)
+    return optax.apply_updates(w, updates), opt_state, loss, stats
+
+
 def make_batch(data: Data, rows, rng, anchors: int, d: bd.BlockConfig, sub_index: np.ndarray) -> dict:
     """Rows of the data set with `anchors` random anchors P each (from gen_start - 1 on); the context is the whole
     row (each block masks it to its own window). Slot j's label is the target's greedy token after P+j, used
@@ -168,7 +192,6 @@ def train(engine, data: Data, d: bd.BlockConfig, vocab: np.ndarray, out: Path, s
     there. Time is clock() after each step (the progress of step s is where the run stood after step s - 1).
     init: weights to start from (an earlier drafter's, same BlockConfig) instead of fresh ones; the optimizer and
     the schedule start afresh (a resumed run's own weights take precedence)."""
-    import optax
     from tqdm import tqdm
 
     cfg, tparams = engine.cfg, engine.params
@@ -176,8 +199,7 @@ def train(engine, data: Data, d: bd.BlockConfig, vocab: np.ndarray, out: Path, s
     sub_index[vocab] = np.arange(len(vocab))
     jvocab = jnp.asarray(vocab)
     head = bd.head_rows(tparams, cfg, jvocab).astype(jnp.float32)
-    opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=0.01))
+    opt = optimizer()
     w = bd.init_weights(d, jax.random.PRNGKey(seed))
     # final_norm feeds the target's own head: start from the target's (a copy: w is donated)
     w["final_norm"] = jnp.array(tparams["final_norm"], jnp.float32, copy=True)
@@ -206,14 +228,6 @@ def train(engine, data: Data, d: bd.BlockConfig, vocab: np.ndarray, out: Path, s
                   file=sys.stderr)
         return w, []
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step_fn(w, opt_state, batch, tparams, jvocab, head, lr):  # target arrays as arguments: no constants to fold
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(w, batch, tparams, jvocab, cfg, d,
-                                                                         soft_weight, decay, head)
-        opt_state[1].hyperparams["learning_rate"] = lr
-        updates, opt_state = opt.update(grads, opt_state, w)
-        return optax.apply_updates(w, updates), opt_state, loss, stats
-
     # the sampler goes on where the saved run left it (older files: a stream of its own, not the first batches')
     rng = np.random.default_rng(seed if start == 0 else [seed, start])
     if state["rng"] is not None:
@@ -226,8 +240,9 @@ def train(engine, data: Data, d: bd.BlockConfig, vocab: np.ndarray, out: Path, s
         lr_s = lr_at(sched.progress(s, elapsed), lr)
         rows = rng.choice(n, batch, replace=n < batch)
         b = make_batch(data, rows, rng, anchors, d, sub_index)
-        w, opt_state, loss, (acc, full, labels) = step_fn(w, opt_state, jax.tree_util.tree_map(jnp.asarray, b),
-                                                          tparams, jvocab, head, jnp.float32(lr_s))
+        w, opt_state, loss, (acc, full, labels) = train_step(w, opt_state, jax.tree_util.tree_map(jnp.asarray, b),
+                                                             tparams, jvocab, head, jnp.float32(lr_s), cfg=cfg, d=d,
+                                                             soft_weight=soft_weight, decay=decay)
         elapsed = clock() - t0
         stop = sched.stop(elapsed)
         if s % log_every == 0 or s == steps - 1 or stop:

@@ -33,7 +33,7 @@ from mimo_jax import drafter_files, model, mtp, mtp_drafter
 from mimo_jax.config import ModelConfig
 from mimo_jax.drafter_data import Data, DataNotCached, datasets, draft_vocab
 from mimo_jax.errors import InputError
-from mimo_jax.train_drafter import Schedule, lr_at, report, target_pass, time_budget
+from mimo_jax.train_drafter import Schedule, lr_at, optimizer, report, target_pass, time_budget
 
 
 def greedy_run(tokens, labels):
@@ -86,6 +86,19 @@ def loss_fn(w, batch, tparams, mcfg: ModelConfig, depths: int, soft_weight: floa
                                                   jnp.sum(label >= 0))
 
 
+@functools.partial(jax.jit, static_argnames=("mcfg", "depths", "soft_weight", "decay"), donate_argnums=(0, 1))
+def train_step(w, opt_state, batch, tparams, lr, *, mcfg: ModelConfig, depths: int, soft_weight: float,
+               decay: float):
+    """One AdamW step on loss_fn -> (weights, optimizer state, loss, (accepted, chain starts, labels))."""
+    import optax
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(w, batch, tparams, mcfg, depths, soft_weight,
+                                                                     decay)
+    opt_state[1].hyperparams["learning_rate"] = lr
+    updates, opt_state = optimizer().update(grads, opt_state, w)
+    return optax.apply_updates(w, updates), opt_state, loss, stats
+
+
 def save_state(path: Path, w, opt_state, step: int, mcfg, target, extra: dict):
     """float32 weights + optimizer state + step (+ extra) in one file, written atomically."""
     mtp_drafter.save(path, w, mcfg, target, {**extra, "step": step}, dtype=np.float32,
@@ -106,14 +119,12 @@ def train(engine, data: Data, out: Path, steps: int, batch: int, lr: float, laye
     train_drafter's schedule (warm-up, cosine to lr / 10 over --steps or max_minutes). init: MTP weights to start
     from (an earlier drafter file's, `layers` of them) instead of fresh ones; the optimizer and schedule start
     fresh (a fine-tune)."""
-    import optax
     from tqdm import tqdm
 
     cfg, tparams = engine.cfg, engine.params
     n = cfg.num_mtp_layers or layers
     mcfg = mtp_drafter.config_for(cfg, n, window if not cfg.num_mtp_layers else cfg.sliding_window)
-    opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=0.01))
+    opt = optimizer()
     w = mtp_drafter.init_weights(tparams, mcfg, jax.random.PRNGKey(seed))
     if init is not None:
         if jax.tree_util.tree_structure(init) != jax.tree_util.tree_structure(w) or any(
@@ -127,14 +138,6 @@ def train(engine, data: Data, out: Path, steps: int, batch: int, lr: float, laye
     sched = Schedule(steps, 0.0, 60 * max_minutes, 0.0)
     tparams = {k: v for k, v in tparams.items() if k != "mtp"}
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step_fn(w, opt_state, b, tparams, lr):
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(w, b, tparams, mcfg, depths, soft_weight,
-                                                                         decay)
-        opt_state[1].hyperparams["learning_rate"] = lr
-        updates, opt_state = opt.update(grads, opt_state, w)
-        return optax.apply_updates(w, updates), opt_state, loss, stats
-
     rng = np.random.default_rng([seed, start])
     hist, acc_sum, acc_n = [], 0.0, 0.0
     bar = tqdm(total=steps, initial=start, desc="train mtp", file=sys.stderr, disable=not log)
@@ -143,7 +146,8 @@ def train(engine, data: Data, out: Path, steps: int, batch: int, lr: float, laye
         lr_s = lr_at(sched.progress(s, elapsed), lr)
         rows = rng.choice(len(data.tokens), batch, replace=len(data.tokens) < batch)
         b = jax.tree_util.tree_map(jnp.asarray, make_batch(data, rows))
-        w, opt_state, loss, (acc, starts, labels) = step_fn(w, opt_state, b, tparams, jnp.float32(lr_s))
+        w, opt_state, loss, (acc, starts, labels) = train_step(w, opt_state, b, tparams, jnp.float32(lr_s), mcfg=mcfg,
+                                                               depths=depths, soft_weight=soft_weight, decay=decay)
         elapsed = time.perf_counter() - t0
         stop = sched.stop(elapsed)
         if s % log_every == 0 or s == steps - 1 or stop:
