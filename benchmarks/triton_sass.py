@@ -1,7 +1,7 @@
 """Instruction mix of a Pallas (Triton) kernel's main loop for sm_90, without a GPU.
 
     pip install --target /tmp/tri triton==3.6.0     # the GPU image's version; not a project dependency
-    PYTHONPATH=/tmp/tri python benchmarks/triton_sass.py [--what int4_m1|gemv|fused]
+    PYTHONPATH=/tmp/tri python benchmarks/triton_sass.py [--what int4_m1|gemv|fused|formats]
 
 Lowers the int4_m1 variants at the decode shapes for `lowering_platforms=("cuda",)` on this (CPU) machine,
 captures the Triton IR jax emits, compiles it with pip Triton for sm_90 (ttgir -> ptx -> cubin; ptxas and
@@ -11,6 +11,7 @@ m64n16k16: 256 per HGMMA and warp). XLA bundles its own Triton, so this is a gui
 a copy of it. Uses jax internals (the Pallas Triton lowering entry point), so it may need updating with jax.
 --what gemv: the dense bf16 GEMV (pallas_kernels/gemv.py) at M = 1 with and without its hand prefetch, and at
 M = 9: instructions per weight of the loop and its asynchronous copies (LDGSTS: a pipelined load).
+--what formats: the routed decode-pair kernel for int4_sym (group 128) and MXFP4 (group 32) at mid_mimo's shapes.
 --what fused: the fused decode layer's three kernels (pallas_kernels/decode_layer.py) for SmolLM2 shapes: whole
 kernel instruction mix, global / local-memory loads, and attn_out's asynchronous copies at 1-3 stages; with the
 products as FMAs, then as pipelined dots (DOTS).
@@ -138,10 +139,30 @@ def per_weight(c: collections.Counter) -> float:
     return sum(c.values()) / (4 * max(c["HMMA"], 1))
 
 
+def formats_main():
+    """The routed decode-pair kernel (int4_grouped_matmul with row_experts and no config: int4_m1 with its default
+    config) for each 4-bit format at mid_mimo's pair shapes: where MXFP4 (group 32, e8m0 scales folded per F
+    groups) spends more instructions per weight than int4 (group 128)."""
+    from pallas_kernels import int4_matmul as K4
+    from pallas_kernels.int4_m1 import default_m1_config
+    S = jax.ShapeDtypeStruct
+    for fmt, g, sdt in (("int4_sym", 128, jnp.float16), ("mxfp4", 32, jnp.uint8)):
+        for name, K, N, nw in (("gate/up", 4096, 2048, 2), ("down", 2048, 4096, 1)):
+            cfg = default_m1_config(8, K, N, g, nw, layout="kn", fold=K4.M1_FOLD.get(fmt, 1))
+            fn = lambda x, i, p, s: K4.int4_grouped_matmul(x, None, ((p, s, None),) * nw, fmt=fmt, group_size=g,
+                                                           row_experts=i, epilogue="silu_mul" if nw == 2 else "none")
+            (ttir,) = capture_ttir(fn, S((8, K), jnp.bfloat16), S((8,), jnp.int32), S((64, K // 2, N), jnp.uint8),
+                                   S((64, K // g, N), sdt))
+            c = loop_mix(ttir, cfg.num_warps, cfg.num_stages)
+            print(f"{fmt:8s} g{g:<3d} {name:8s} fold {cfg.fold} split {cfg.split_k} bn {cfg.bn}: loop "
+                  f"{sum(c.values()):5d} instr, {per_weight(c):.2f} instr/weight; "
+                  + " ".join(f"{k} {v}" for k, v in c.most_common(10)), flush=True)
+
+
 def main():
     what = sys.argv[sys.argv.index("--what") + 1] if "--what" in sys.argv else "int4_m1"
     if what != "int4_m1":
-        return {"gemv": gemv_main, "fused": fused_main}[what]()
+        return {"gemv": gemv_main, "fused": fused_main, "formats": formats_main}[what]()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_int4_m1 import VARIANTS, m1_cfg
     from pallas_kernels import int4_matmul as K4
