@@ -144,11 +144,10 @@ def formats_main():
     config) for each 4-bit format at mid_mimo's pair shapes: where MXFP4 (group 32, e8m0 scales folded per F
     groups) spends more instructions per weight than int4 (group 128)."""
     from pallas_kernels import int4_matmul as K4
-    from pallas_kernels.int4_m1 import default_m1_config
     S = jax.ShapeDtypeStruct
     for fmt, g, sdt in (("int4_sym", 128, jnp.float16), ("mxfp4", 32, jnp.uint8)):
         for name, K, N, nw in (("gate/up", 4096, 2048, 2), ("down", 2048, 4096, 1)):
-            cfg = default_m1_config(8, K, N, g, nw, layout="kn", fold=K4.M1_FOLD.get(fmt, 1))
+            cfg = K4.routed_m1_config(fmt, 8, K, N, g, nw)
             fn = lambda x, i, p, s: K4.int4_grouped_matmul(x, None, ((p, s, None),) * nw, fmt=fmt, group_size=g,
                                                            row_experts=i, epilogue="silu_mul" if nw == 2 else "none")
             (ttir,) = capture_ttir(fn, S((8, K), jnp.bfloat16), S((8,), jnp.int32), S((64, K // 2, N), jnp.uint8),

@@ -523,6 +523,13 @@ def routes_to_m1(fmt: str, n_weights: int) -> bool:
     return n_weights in M1_ROUTES.get(fmt, ())
 
 
+def routed_m1_config(fmt: str, M: int, K: int, N: int, group_size: int, n_weights: int):
+    """The int4_m1 config a routed decode pair runs with (stored "kn", M1_FOLD groups per dot)."""
+    from pallas_kernels.int4_m1 import default_m1_config
+
+    return default_m1_config(M, K, N, group_size, n_weights, layout="kn", fold=M1_FOLD.get(fmt, 1))
+
+
 @functools.partial(jax.jit, static_argnames=("fmt", "group_size", "cfg", "interpret", "epilogue"))
 def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, group_size: int,
                         cfg: KernelConfig | None = None, interpret: bool = False, epilogue: str = "none",
@@ -541,8 +548,8 @@ def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, gr
             and epilogue != "silu_mul_scaled"):
         # pairs (decode): pallas_kernels.int4_m1 -- the same dot (x rows as A, mma.sync), each pair's program
         # inside the aligned 16-row block of x that holds it, K split for ~2 weight tiles per SM.
-        from pallas_kernels.int4_m1 import default_m1_config, int4_m1_matmul
-        m1 = default_m1_config(M, K, N, group_size, len(weights), layout="kn", fold=M1_FOLD.get(fmt, 1))
+        from pallas_kernels.int4_m1 import int4_m1_matmul
+        m1 = routed_m1_config(fmt, M, K, N, group_size, len(weights))
         return int4_m1_matmul(x, weights, row_experts, fmt=fmt, group_size=group_size, cfg=m1,
                               interpret=interpret, epilogue=epilogue)
     if cfg is None:
