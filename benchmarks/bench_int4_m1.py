@@ -269,17 +269,22 @@ def mxfp4_section(E, K, N, nw, n_sets):
     guard("grouped", lambda: run("grouped kernel", lambda x, ids, w: K4.int4_grouped_matmul(
         x, None, w, fmt="mxfp4", group_size=gs, epilogue=epi, row_experts=ids, cfg=grouped,
         interpret=STATE["interpret"]), w_kn, str(grouped)))
-    for fold in (2, 4):
+    for fold, in_decode in ((2, False), (4, False), (4, True)):
         gcfg = dataclasses.replace(grouped, fold=K4.fit_fold(fold, K // gs // grouped.split_k // grouped.unroll))
-        guard(f"grouped fold {fold}", lambda: run(f"grouped kernel fold {gcfg.fold}",
+        gcfg = dataclasses.replace(gcfg, scale_in_decode=in_decode and gcfg.fold > 1)
+        glabel = f"grouped kernel fold {gcfg.fold}{' in decode' if gcfg.scale_in_decode else ''}"
+        guard(glabel, lambda: run(glabel,
                                                   lambda x, ids, w: K4.int4_grouped_matmul(
             x, None, w, fmt="mxfp4", group_size=gs, epilogue=epi, row_experts=ids, cfg=gcfg,
             interpret=STATE["interpret"]), w_kn, str(gcfg)))
-    variants = [("xw", "kn", 128, 4, f) for f in (1, 2, 4, 8)] + [("xw", "nk", 128, 4, f) for f in (1, 4)] + \
-               [("xw", "nk", 64, 4, f) for f in (1, 4)] + [("wx", "nk", 64, 2, f) for f in (1, 4)]
-    for orient, layout, bn, warps, fold in variants:
+    # the last field: the scales inside the e2m1 decode (cfg.scale_in_decode, int4_matmul.FOLD_SCALE_IN_DECODE)
+    variants = [("xw", "kn", 128, 4, f, False) for f in (1, 2, 4, 8)] + [("xw", "kn", 128, 4, 4, True)] + \
+               [("xw", "nk", 128, 4, f, False) for f in (1, 4)] + [("xw", "nk", 64, 4, f, False) for f in (1, 4)] + \
+               [("wx", "nk", 64, 2, f, False) for f in (1, 4)]
+    for orient, layout, bn, warps, fold, in_decode in variants:
         cfg = default_m1_config(8, K, N, gs, nw, orient=orient, layout=layout, bn=bn, num_warps=warps, fold=fold)
-        label = f"m1 {orient} {layout} bn{bn} w{warps} fold {cfg.fold}"
+        cfg = dataclasses.replace(cfg, scale_in_decode=in_decode and cfg.fold > 1)
+        label = f"m1 {orient} {layout} bn{bn} w{warps} fold {cfg.fold}{' in decode' if cfg.scale_in_decode else ''}"
         w = tuple(((nk if layout == "nk" else kn)[j], ws[j].scales, None) for j in range(nw))
         guard(label, lambda: run(label, lambda x, ids, w: int4_m1_matmul(
             x, w, ids, fmt="mxfp4", group_size=gs, cfg=cfg, epilogue=epi, interpret=STATE["interpret"]),

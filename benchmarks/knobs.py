@@ -3,7 +3,7 @@
     python benchmarks/knobs.py ops.OUT_IN_FOLD_NORMS=1 engine.SPEC_LAYOUT=same layers.REDUCE_ATTENTION_MAX_Q=0 -- \
         benchmarks/bench_speculative.py --drafter block --k 8
 
-Each NAME=VALUE names mimo_jax.<module>.<KNOB>, which must exist; VALUE is parsed as a Python literal (1/0 for
+Each NAME=VALUE names mimo_jax.<module>.<KNOB> (or pallas_kernels.<module>.<KNOB>), which must exist; VALUE is parsed as a Python literal (1/0 for
 booleans also work) or kept as a string."""
 import ast
 import importlib
@@ -16,9 +16,10 @@ def set_knob(assignment: str) -> str:
     module_name, _, knob = name.rpartition(".")
     if not module_name or not knob or not _:
         raise SystemExit(f"knobs.py: expected module.KNOB=VALUE, got {assignment!r}")
-    module = importlib.import_module(f"mimo_jax.{module_name}")
+    full = module_name if module_name.startswith("pallas_kernels.") else f"mimo_jax.{module_name}"
+    module = importlib.import_module(full)
     if not hasattr(module, knob):
-        raise SystemExit(f"knobs.py: mimo_jax.{module_name} has no {knob}")
+        raise SystemExit(f"knobs.py: {full} has no {knob}")
     old = getattr(module, knob)
     try:
         new = ast.literal_eval(value)

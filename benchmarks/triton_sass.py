@@ -11,7 +11,8 @@ m64n16k16: 256 per HGMMA and warp). XLA bundles its own Triton, so this is a gui
 a copy of it. Uses jax internals (the Pallas Triton lowering entry point), so it may need updating with jax.
 --what gemv: the dense bf16 GEMV (pallas_kernels/gemv.py) at M = 1 with and without its hand prefetch, and at
 M = 9: instructions per weight of the loop and its asynchronous copies (LDGSTS: a pipelined load).
---what formats: the routed decode-pair kernel for int4_sym (group 128) and MXFP4 (group 32) at mid_mimo's shapes.
+--what formats: the routed decode-pair kernel for int4_sym (group 128) and MXFP4 (group 32) at mid_mimo's shapes;
+MXFP4 also with its scales inside the e2m1 decode (int4_matmul.FOLD_SCALE_IN_DECODE).
 --what fused: the fused decode layer's three kernels (pallas_kernels/decode_layer.py) for SmolLM2 shapes: whole
 kernel instruction mix, global / local-memory loads, and attn_out's asynchronous copies at 1-3 stages; with the
 products as FMAs, then as pipelined dots (DOTS).
@@ -145,7 +146,10 @@ def formats_main():
     groups) spends more instructions per weight than int4 (group 128)."""
     from pallas_kernels import int4_matmul as K4
     S = jax.ShapeDtypeStruct
-    for fmt, g, sdt in (("int4_sym", 128, jnp.float16), ("mxfp4", 32, jnp.uint8)):
+    for fmt, g, sdt, in_decode in (("int4_sym", 128, jnp.float16, False), ("mxfp4", 32, jnp.uint8, False),
+                                   ("mxfp4", 32, jnp.uint8, True)):
+        K4.FOLD_SCALE_IN_DECODE = in_decode  # the knob, read when the kernel traces (its jit cache cleared)
+        jax.clear_caches()
         for name, K, N, nw in (("gate/up", 4096, 2048, 2), ("down", 2048, 4096, 1)):
             cfg = K4.routed_m1_config(fmt, 8, K, N, g, nw)
             fn = lambda x, i, p, s: K4.int4_grouped_matmul(x, None, ((p, s, None),) * nw, fmt=fmt, group_size=g,
@@ -153,7 +157,8 @@ def formats_main():
             (ttir,) = capture_ttir(fn, S((8, K), jnp.bfloat16), S((8,), jnp.int32), S((64, K // 2, N), jnp.uint8),
                                    S((64, K // g, N), sdt))
             c = loop_mix(ttir, cfg.num_warps, cfg.num_stages)
-            print(f"{fmt:8s} g{g:<3d} {name:8s} fold {cfg.fold} split {cfg.split_k} bn {cfg.bn}: loop "
+            print(f"{fmt:8s} g{g:<3d} {name:8s} fold {cfg.fold}{' in decode' if in_decode else ''} split "
+                  f"{cfg.split_k} bn {cfg.bn}: loop "
                   f"{sum(c.values()):5d} instr, {per_weight(c):.2f} instr/weight; "
                   + " ".join(f"{k} {v}" for k, v in c.most_common(10)), flush=True)
 

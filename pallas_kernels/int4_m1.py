@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.int4_matmul import (_NIBBLES_ASM, _codes_to_bf16, _e2m1_asm, _largest_pow2_divisor, _pow2,
-                                       check_fold, fit_fold, flat_weights, fold_x, folded_partial,
+                                       check_fold, fit_fold, flat_weights, folded_partial, folded_x,
                                        folded_x_halves, sum_partials)
 
 F32, BF16, U16 = jnp.float32, jnp.bfloat16, jnp.uint16
@@ -72,6 +72,7 @@ class M1Config:
     num_warps: int = 4
     num_stages: int = 3
     fold: int = 1           # mxfp4: groups per dot, their power-of-two scales applied to the bf16 weights
+    scale_in_decode: bool = False  # fold > 1: the scales multiply inside the e2m1 decode (int4_matmul.folded_partial)
 
 
 def default_m1_config(rows: int, K: int, N: int, group_size: int, n_weights: int = 1, n_sms: int = 132,
@@ -110,7 +111,8 @@ def check(K: int, N: int, group_size: int, cfg: M1Config, fmt: str) -> None:
     if (K // group_size) % cfg.split_k:
         raise ValueError(f"int4_m1: weight (K={K}, N={N}): {K // group_size} groups not divisible by "
                          f"split_k={cfg.split_k}")
-    check_fold(cfg.fold, fmt, K // group_size // cfg.split_k, f"int4_m1: weight (K={K}, N={N})")
+    check_fold(cfg.fold, fmt, K // group_size // cfg.split_k, f"int4_m1: weight (K={K}, N={N})",
+               cfg.scale_in_decode)
 
 
 # --------------------------------------------------------------------------- in-register dequant
@@ -226,7 +228,7 @@ def _kernel(ids_ref, x_ref, *refs, fmt, gs, E, cfg, n_weights, epilogue, pairs, 
         for j in range(n_weights):
             p_ref, s_ref = wrefs[per * j], wrefs[per * j + 1]
             d = folded_partial(x_lo, x_hi, w_tile(p_ref, g, F), s_ref[e, pl.ds(g, F), pl.ds(n0, bn)], not interpret,
-                               wx)
+                               wx, cfg.scale_in_decode)
             new.append(accs[j] + d)
         return tuple(new)
 
@@ -293,7 +295,7 @@ def int4_m1_matmul(x, weights, row_experts=None, *, fmt: str, group_size: int, c
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         name=f"int4_m1_{cfg.orient}_{cfg.layout}_{fmt}",
-    )(ids, (fold_x(x, group_size) if cfg.fold > 1 else x).astype(BF16), *flat)
+    )(ids, folded_x(x, group_size, cfg), *flat)
     if not split:
         return out
     return sum_partials(out, N, epilogue).astype(x.dtype)

@@ -45,6 +45,7 @@ class KernelConfig:
                             # trick in jnp) or "convert" (int -> float); mxfp4 decodes in jnp for all but "asm"
     fold: int = 1           # mxfp4: groups per dot, their power-of-two scales applied to the bf16 weights
                             # (`folded_partial`; x permuted by `fold_x`); not on the M = 1 GEMV path
+    scale_in_decode: bool = False  # fold > 1: the scales multiply inside the e2m1 decode (`folded_partial`)
 
 
 def _pow2(v: int) -> bool:
@@ -82,8 +83,11 @@ def fit_fold(fold: int, groups: int) -> int:
     return max(fold, 1)
 
 
-def check_fold(fold: int, fmt: str, groups: int, what: str) -> None:
-    """fold > 1 (groups per dot) needs mxfp4's power-of-two scales and must divide the groups of a K range."""
+def check_fold(fold: int, fmt: str, groups: int, what: str, scale_in_decode: bool = False) -> None:
+    """fold > 1 (groups per dot) needs mxfp4's power-of-two scales and must divide the groups of a K range;
+    scale_in_decode needs fold > 1."""
+    if scale_in_decode and fold == 1:
+        raise ValueError(f"{what}: scale_in_decode needs fold > 1 (mxfp4, several groups per dot)")
     if fold == 1:
         return
     if fmt != "mxfp4" or not _pow2(fold):
@@ -194,12 +198,20 @@ lop3.b32 t1, u1, 0x01C001C0, v1, 0xEA;""",
 }
 
 
-def _e2m1_asm(p):
-    """uint8 [r, c] -> (low, high) nibbles as bf16 e2m1 values (exact; the e8m0 scale is applied to the partial)."""
+def _e2m1_asm(p, factor=None):
+    """uint8 [r, c] -> (low, high) nibbles as bf16 e2m1 values (exact; the e8m0 scale is applied after), or with
+    factor (bf16 [r, c], each weight's 2^(e - 1 - X_SCALE_EXP)) the values times 2^(e - 127 - X_SCALE_EXP): the
+    fma multiplies by each weight's own factor instead of 2^126 (operands $3 / $4: the factors of the register's
+    elements 0-1 / 2-3, paired as t0 / t1 pair the bytes of $2)."""
+    asm, args, constraints = _E2M1_ASM, [p], "=r,=r,r"
+    if factor is not None:
+        for a, b in (("mov.b32 k, 0x7E807E80;\n", ""), ("t0, k, z", "t0, $3, z"), ("t1, k, z", "t1, $4, z")):
+            asm = asm.replace(a, b)
+        args, constraints = [p, factor], "=r,=r,r,r,r"
     out = []
     for half in ("lo", "hi"):
-        asm = _E2M1_ASM.replace("MERGE", _E2M1_MERGE[half])
-        (v,) = plgpu.elementwise_inline_asm(asm, args=[p], constraints="=r,=r,r", pack=4,
+        (v,) = plgpu.elementwise_inline_asm(asm.replace("MERGE", _E2M1_MERGE[half]), args=args,
+                                            constraints=constraints, pack=4,
                                             result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, BF16)])
         out.append(v)
     return tuple(out)
@@ -246,25 +258,53 @@ def folded_x_halves(x_ref, rows, mask, kb: int, width: int):
             plgpu.load(x_ref.at[rows, pl.ds(kx + kb, width)], mask=mask, other=0.0))
 
 
-def folded_partial(x_lo, x_hi, p, s, ptx: bool, wx: bool = False):
+def folded_x(x, group_size: int, cfg):
+    """x [M, K] as a kernel with cfg reads it, bf16: in `fold_x` order for cfg.fold > 1, and times 2^X_SCALE_EXP
+    (exact) for cfg.scale_in_decode, whose weights arrive times 2^-X_SCALE_EXP."""
+    if cfg.fold == 1:
+        return x.astype(BF16)
+    x = fold_x(x, group_size)
+    if cfg.scale_in_decode:
+        x = x.astype(F32) * float(2 ** X_SCALE_EXP)
+    return x.astype(BF16)
+
+
+def folded_partial(x_lo, x_hi, p, s, ptx: bool, wx: bool = False, scale_in_decode: bool = False):
     """F mxfp4 groups in one dot pair: x_lo/x_hi [bm, F G/2] bf16 (columns as `fold_x` orders them), p the packed
     rows of the F groups [F G/2, bn] uint8, s their e8m0 scales [F, bn] -> f32 [bm, bn]. Each group's scale, a
     power of two, multiplies its decoded bf16 weights (exact short of subnormals) before the dot. wx: the
     transposed orientation (p [bn, F G/2], x_lo/x_hi [F G/2, bm] -> [bn, bm]). ptx: the e2m1 decode by inline PTX
-    (GPU), else jnp."""
-    if ptx:
-        lo, hi = _e2m1_asm(p)
-    else:
-        p16 = p.astype(U16)
-        lo, hi = _codes_to_bf16(p16 & 15, "mxfp4", "convert"), _codes_to_bf16(p16 >> 4, "mxfp4", "convert")
-    sc = jax.lax.bitcast_convert_type(s.astype(U16) << 7, BF16)  # 2^(e - 127)
+    (GPU), else jnp. scale_in_decode: the weights come out times 2^-X_SCALE_EXP with the scale applied by the
+    decode's own multiply (x arrives times 2^X_SCALE_EXP, `folded_x`): one bf16x2 multiply per two weights fewer
+    on the PTX path."""
     F, bn = s.shape
-    if wx:  # column f * G/2 + r takes group f's scale
-        rows = jnp.broadcast_to(sc.T[:, :, None], (bn, F, p.shape[1] // F)).reshape(p.shape)
-        return (jnp.dot(lo * rows, x_lo, preferred_element_type=F32)
-                + jnp.dot(hi * rows, x_hi, preferred_element_type=F32))
-    rows = jnp.broadcast_to(sc[:, None, :], (F, p.shape[0] // F, bn)).reshape(p.shape)  # row f * G/2 + r: group f
-    return jnp.dot(x_lo, lo * rows, preferred_element_type=F32) + jnp.dot(x_hi, hi * rows, preferred_element_type=F32)
+
+    def per_weight(sc):  # [F, bn] -> p's shape: packed row f * G/2 + r (column, for wx) takes group f's value
+        if wx:
+            return jnp.broadcast_to(sc.T[:, :, None], (bn, F, p.shape[1] // F)).reshape(p.shape)
+        return jnp.broadcast_to(sc[:, None, :], (F, p.shape[0] // F, bn)).reshape(p.shape)
+
+    if scale_in_decode and ptx:  # 2^126 (the decode's) x 2^(e - 127) x 2^-X: the bf16 2^(e - 1 - X)
+        lo, hi = _e2m1_asm(p, per_weight(_pow2_bf16(s, 126 - X_SCALE_EXP)))
+    else:
+        if ptx:
+            lo, hi = _e2m1_asm(p)
+        else:
+            p16 = p.astype(U16)
+            lo, hi = _codes_to_bf16(p16 & 15, "mxfp4", "convert"), _codes_to_bf16(p16 >> 4, "mxfp4", "convert")
+        sc = _pow2_bf16(s, -X_SCALE_EXP if scale_in_decode else 0)  # 2^(e - 127) (x 2^-X)
+        lo, hi = lo * per_weight(sc), hi * per_weight(sc)
+    if wx:
+        return jnp.dot(lo, x_lo, preferred_element_type=F32) + jnp.dot(hi, x_hi, preferred_element_type=F32)
+    return jnp.dot(x_lo, lo, preferred_element_type=F32) + jnp.dot(x_hi, hi, preferred_element_type=F32)
+
+
+def _pow2_bf16(s, shift: int):
+    """e8m0 scales (uint8) -> bf16 2^(e - 127 + shift): the exponent placed into a bf16 for shift >= 0; shifts
+    below 0 (the interpret path's 2^-X_SCALE_EXP) in f32, as small e would leave the bf16 exponent range."""
+    if shift >= 0:
+        return jax.lax.bitcast_convert_type((s.astype(U16) + shift) << 7, BF16)
+    return jnp.exp2(s.astype(F32) - (127 - shift)).astype(BF16)
 
 
 def _k_loop(x_ref, rows_at, rmask, w_at, n0, g_first, n_iter, cfg, fmt, gs, bm, accs_init):
@@ -283,7 +323,8 @@ def _k_loop(x_ref, rows_at, rmask, w_at, n0, g_first, n_iter, cfg, fmt, gs, bm, 
                 for j, (p_ref, s_ref, _, lead) in enumerate(w_at):
                     p = p_ref[(*lead, pl.ds(kb, F * half), pl.ds(n0, cfg.bn))]
                     s = s_ref[(*lead, pl.ds(g, F), pl.ds(n0, cfg.bn))]
-                    accs[j] = accs[j] + folded_partial(x_lo, x_hi, p, s, cfg.method == "asm")
+                    accs[j] = accs[j] + folded_partial(x_lo, x_hi, p, s, cfg.method == "asm",
+                                                       scale_in_decode=cfg.scale_in_decode)
             return tuple(accs)
 
         return jax.lax.fori_loop(0, n_iter // F, body_fold, accs_init)
@@ -380,7 +421,7 @@ def int4_matmul(x, packed, scales, mins, *, fmt: str, group_size: int, cfg: Kern
         raise ValueError(f"int4_matmul: bm=1 (the GEMV path) needs M = 1, got x {x.shape}")
     check_shapes(K, N, group_size, dataclasses.replace(cfg, bm=16) if gemv else cfg)
     groups_per_split = K // group_size // cfg.split_k
-    check_fold(cfg.fold, fmt, groups_per_split // cfg.unroll, "int4_matmul")
+    check_fold(cfg.fold, fmt, groups_per_split // cfg.unroll, "int4_matmul", cfg.scale_in_decode)
     if gemv and cfg.fold > 1:
         raise ValueError("int4_matmul: fold > 1 is not on the M = 1 GEMV path (bm=1)")
     out_dtype = F32 if cfg.split_k > 1 else x.dtype
@@ -392,8 +433,7 @@ def int4_matmul(x, packed, scales, mins, *, fmt: str, group_size: int, cfg: Kern
                                    groups_per_split=groups_per_split)
     else:
         grid = (pl.cdiv(M, cfg.bm), N // cfg.bn, cfg.split_k)
-        xin = fold_x(x, group_size) if cfg.fold > 1 else x
-        args = (xin.astype(BF16), packed, scales) + ((mins,) if fmt == "int4_asym" else ())
+        args = (folded_x(x, group_size, cfg), packed, scales) + ((mins,) if fmt == "int4_asym" else ())
         kernel = functools.partial(_dense_kernel, fmt=fmt, gs=group_size, M=M, cfg=cfg,
                                    groups_per_split=groups_per_split)
     out = pl.pallas_call(
@@ -517,6 +557,16 @@ M1_ROUTES = {"int4_sym": (1, 2), "int4_asym": (1, 2), "mxfp4": (1, 2)}
 # 54.7 / 68.1 / 48.6, down 34.9 / 27.8 / 26.1.
 M1_FOLD = {"mxfp4": 4}
 GROUPED_FOLD = {"mxfp4": 4}  # the same on the grouped kernel's default config (verify, prefill)
+# Folded MXFP4 (fold > 1) with the scales inside the e2m1 decode (cfg.scale_in_decode): the decode's fma
+# multiplies by 2^(e - 1 - X_SCALE_EXP) instead of 2^126, and x comes times 2^X_SCALE_EXP, so the separate
+# scale multiply (one bf16x2 per two weights) goes. Offline SASS of the routed decode pair (`triton_sass.py --what
+# formats`, mid_mimo shapes, loop instructions per K step): gate/up 1577 -> 1411, down 770 -> 755 (its factor
+# registers cost ~60 more IMADs), i.e. 6.11 -> 5.64 instructions per weight (int4: 4.26); not yet timed.
+# Exact for e8m0 scales 2^-67 .. 2^65 (X = 64: the bf16 factor 2^(e - 65) exists for e <= 192; weights below
+# 2^-133 flush to zero) and |x| < 2^64. Off until a GPU measures it
+# (`benchmarks/knobs.py pallas_kernels.int4_matmul.FOLD_SCALE_IN_DECODE=1 -- ...`).
+FOLD_SCALE_IN_DECODE = False
+X_SCALE_EXP = 64
 
 
 def routes_to_m1(fmt: str, n_weights: int) -> bool:
@@ -527,7 +577,8 @@ def routed_m1_config(fmt: str, M: int, K: int, N: int, group_size: int, n_weight
     """The int4_m1 config a routed decode pair runs with (stored "kn", M1_FOLD groups per dot)."""
     from pallas_kernels.int4_m1 import default_m1_config
 
-    return default_m1_config(M, K, N, group_size, n_weights, layout="kn", fold=M1_FOLD.get(fmt, 1))
+    cfg = default_m1_config(M, K, N, group_size, n_weights, layout="kn", fold=M1_FOLD.get(fmt, 1))
+    return dataclasses.replace(cfg, scale_in_decode=FOLD_SCALE_IN_DECODE and cfg.fold > 1)
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "group_size", "cfg", "interpret", "epilogue"))
@@ -555,10 +606,12 @@ def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, gr
     if cfg is None:
         cfg = default_grouped_config(M, K, N, group_size, E)
         groups = K // group_size // cfg.split_k // cfg.unroll
-        cfg = dataclasses.replace(cfg, fold=fit_fold(GROUPED_FOLD.get(fmt, 1), groups))
+        fold = fit_fold(GROUPED_FOLD.get(fmt, 1), groups)
+        cfg = dataclasses.replace(cfg, fold=fold, scale_in_decode=FOLD_SCALE_IN_DECODE and fold > 1)
     cfg = _for_backend(cfg, interpret)
     check_shapes(K, N, group_size, cfg, what="expert weight")
-    check_fold(cfg.fold, fmt, K // group_size // cfg.split_k // cfg.unroll, "int4_grouped_matmul")
+    check_fold(cfg.fold, fmt, K // group_size // cfg.split_k // cfg.unroll, "int4_grouped_matmul",
+               cfg.scale_in_decode)
     tiles = row_tiles(row_experts) if row_experts is not None else tile_schedule(group_sizes, M, cfg.bm)
     flat = flat_weights(weights, fmt)
     if epilogue == "silu_mul_scaled":
@@ -573,7 +626,7 @@ def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, gr
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         name=f"int4_grouped_{fmt}",
-    )(tiles, (fold_x(x, group_size) if cfg.fold > 1 else x).astype(BF16), *flat)
+    )(tiles, folded_x(x, group_size, cfg), *flat)
     if not split:
         return out
     return sum_partials(out, N, epilogue, row_scale).astype(x.dtype)

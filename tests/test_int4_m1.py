@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mimo_jax import quant as Q
-from pallas_kernels.int4_m1 import M1Config, default_m1_config, fold_x, int4_m1_matmul, to_nk
-from pallas_kernels.int4_matmul import KernelConfig, routes_to_m1
+from pallas_kernels.int4_m1 import M1Config, default_m1_config, int4_m1_matmul, to_nk
+from pallas_kernels.int4_matmul import KernelConfig, fold_x, routes_to_m1
 
 _GROUPED = KernelConfig(bm=16, bn=16)  # an explicit config: the grouped kernel
 TOL = 1e-2  # bf16 activations and output against an f32 reference
@@ -63,15 +63,17 @@ def test_mxfp4_pairs_match_reference(orient, layout, split):
     assert _rel(h, jax.nn.silu(g) * u) < TOL and not np.asarray(h[2]).any()
 
 
-@pytest.mark.parametrize("orient,layout,split,fold,K", [
-    ("xw", "kn", 1, 2, 192), ("xw", "nk", 3, 2, 192), ("wx", "nk", 1, 2, 192), ("wx", "kn", 2, 4, 256),
-    ("xw", "kn", 1, 8, 256),
+@pytest.mark.parametrize("orient,layout,split,fold,K,in_decode", [
+    ("xw", "kn", 1, 2, 192, False), ("xw", "nk", 3, 2, 192, False), ("wx", "nk", 1, 2, 192, False),
+    ("wx", "kn", 2, 4, 256, False), ("xw", "kn", 1, 8, 256, False), ("xw", "kn", 2, 4, 256, True),
+    ("wx", "nk", 1, 2, 192, True),
 ])
-def test_mxfp4_folded_scales_match_reference(orient, layout, split, fold, K):
+def test_mxfp4_folded_scales_match_reference(orient, layout, split, fold, K, in_decode):
     """fold > 1: several 32-wide groups per dot, their e8m0 scales applied to the bf16 weights (exact for powers
-    of two): the same products as the per-group path, with a skip id, single weight and fused SiLU(g) * u."""
+    of two): the same products as the per-group path, with a skip id, single weight and fused SiLU(g) * u; also
+    with the scales inside the decode (x times 2^64, weights times 2^-64)."""
     wg, wu, x, ids, g, u = _case("mxfp4", 32, K=K)
-    cfg = M1Config(orient=orient, layout=layout, bn=16, split_k=split, fold=fold)
+    cfg = M1Config(orient=orient, layout=layout, bn=16, split_k=split, fold=fold, scale_in_decode=in_decode)
     run = lambda w, c=cfg, **kw: int4_m1_matmul(x, w, ids, fmt="mxfp4", group_size=32, cfg=c, interpret=True, **kw)
     y = run((_arrays(wg, layout),))
     assert _rel(y, g) < TOL and not np.asarray(y[2]).any()
@@ -152,6 +154,16 @@ def test_default_config_for_the_decode_shapes():
     assert default_m1_config(8, 2048, 4096, 32, 1).fold == 1
 
 
+
+def test_scale_in_decode_knob_reaches_the_folded_configs(monkeypatch):
+    """int4_matmul.FOLD_SCALE_IN_DECODE (off until measured) turns it on for the folded routes only."""
+    from pallas_kernels import int4_matmul
+    assert not int4_matmul.routed_m1_config("mxfp4", 8, 2048, 4096, 32, 1).scale_in_decode
+    monkeypatch.setattr(int4_matmul, "FOLD_SCALE_IN_DECODE", True)
+    assert int4_matmul.routed_m1_config("mxfp4", 8, 2048, 4096, 32, 1).scale_in_decode
+    assert not int4_matmul.routed_m1_config("int4_sym", 8, 2048, 4096, 128, 1).scale_in_decode  # fold 1
+
+
 def test_rejects_what_it_does_not_handle():
     wg, _, x, ids, _, _ = _case("int4_sym", 64)
     with pytest.raises(ValueError, match="int8"):
@@ -166,6 +178,9 @@ def test_rejects_what_it_does_not_handle():
     with pytest.raises(ValueError, match="not divisible by fold=4"):
         int4_m1_matmul(x, (_arrays(wm, "kn"),), ids, fmt="mxfp4", group_size=32, cfg=M1Config(bn=16, fold=4),
                        interpret=True)
+    with pytest.raises(ValueError, match="scale_in_decode needs fold > 1"):
+        int4_m1_matmul(x, (_arrays(wm, "kn"),), ids, fmt="mxfp4", group_size=32,
+                       cfg=M1Config(bn=16, scale_in_decode=True), interpret=True)
     with pytest.raises(ValueError, match="bn=32"):
         int4_m1_matmul(x, (_arrays(wg, "kn"),), ids, fmt="int4_sym", group_size=64, cfg=M1Config(bn=32),
                        interpret=True)
@@ -185,8 +200,11 @@ def test_lowers_to_triton(fmt):
     assert ("int4_m1" in down) == routes_to_m1(fmt, 1) is True
     kernel = f"int4_grouped_{fmt}"  # the grouped kernel's name (the jit around either kernel is int4_grouped_matmul)
     assert kernel not in routed and kernel not in down
-    folds = ((("xw", "kn", 4), ("wx", "nk", 2)) if fmt == "mxfp4" else ())  # mxfp4's folded-scale variant too
-    for orient, layout, fold in (("wx", "nk", 1), ("wx", "kn", 1)) + folds:
-        cfg = M1Config(orient=orient, layout=layout, bn=64, split_k=2, num_warps=4, fold=fold)
+    # mxfp4's folded-scale variants too (the scales inside the PTX decode: its 5-operand asm)
+    folds = ((("xw", "kn", 4, False), ("wx", "nk", 2, False), ("xw", "kn", 4, True), ("wx", "nk", 2, True))
+             if fmt == "mxfp4" else ())
+    for orient, layout, fold, in_decode in (("wx", "nk", 1, False), ("wx", "kn", 1, False)) + folds:
+        cfg = M1Config(orient=orient, layout=layout, bn=64, split_k=2, num_warps=4, fold=fold,
+                       scale_in_decode=in_decode)
         jax.jit(lambda x, w, i: int4_m1_matmul(x, (w,), i, fmt=fmt, group_size=gs, cfg=cfg)) \
             .trace(x, _arrays(wg, layout), ids).lower(lowering_platforms=("cuda",))

@@ -42,6 +42,7 @@ CASES = [  # fmt, group, M, K, N, kernel config
     ("mxfp4", 32, 1, 128, 32, KernelConfig(bm=1, bn=16, split_k=4)),
     ("mxfp4", 32, 3, 256, 32, KernelConfig(bn=32, split_k=2, fold=4)),  # 4 groups per dot, scales on the weights
     ("mxfp4", 32, 37, 256, 16, KernelConfig(bm=16, bn=16, unroll=2, fold=2)),
+    ("mxfp4", 32, 5, 256, 32, KernelConfig(bn=32, split_k=2, fold=4, scale_in_decode=True)),  # scales in the decode
 ]
 
 
@@ -84,8 +85,9 @@ def test_grouped_kernel_matches_ragged_dot(fmt, gs, split):
     assert _rel(h, jax.nn.silu(ref) * refu * rs[:, None]) < TOL
 
 
-@pytest.mark.parametrize("split,unroll,fold", [(1, 1, 4), (2, 1, 2), (1, 2, 2)])
-def test_grouped_mxfp4_folded_scales_match_ragged_dot(split, unroll, fold):
+@pytest.mark.parametrize("split,unroll,fold,in_decode", [(1, 1, 4, False), (2, 1, 2, False), (1, 2, 2, False),
+                                                        (2, 1, 2, True)])
+def test_grouped_mxfp4_folded_scales_match_ragged_dot(split, unroll, fold, in_decode):
     """fold > 1: several mxfp4 groups per dot (their e8m0 scales applied to the bf16 weights): the same products as
     the reference and as one group per dot, sorted rows and the fused gate/up with row scales."""
     E, K, N = 6, 256, 32
@@ -95,7 +97,7 @@ def test_grouped_mxfp4_folded_scales_match_ragged_dot(split, unroll, fold):
     x = _x(4, M, K)
     ref = jax.lax.ragged_dot(x.astype(jnp.float32), Q.dequantize(we, jnp.float32), gsz)
     refu = jax.lax.ragged_dot(x.astype(jnp.float32), Q.dequantize(wu, jnp.float32), gsz)
-    cfg = KernelConfig(bm=16, bn=16, unroll=unroll, split_k=split, fold=fold)
+    cfg = KernelConfig(bm=16, bn=16, unroll=unroll, split_k=split, fold=fold, scale_in_decode=in_decode)
     out = Q.ragged_qmatmul(x, we, gsz, impl="interpret", cfg=cfg)
     assert _rel(out, ref) < TOL
     one = Q.ragged_qmatmul(x, we, gsz, impl="interpret", cfg=KernelConfig(bm=16, bn=16, unroll=unroll, split_k=split))
@@ -116,6 +118,22 @@ def test_fold_is_refused_where_it_does_not_apply():
         Q.qmatmul(x, qm, impl="interpret", cfg=KernelConfig(bn=32, split_k=2, fold=4))
     with pytest.raises(ValueError, match="GEMV"):
         Q.qmatmul(x[:1], qm, impl="interpret", cfg=KernelConfig(bm=1, bn=32, fold=2))
+    with pytest.raises(ValueError, match="scale_in_decode needs fold > 1"):
+        Q.qmatmul(x, qm, impl="interpret", cfg=KernelConfig(bn=32, scale_in_decode=True))
+
+
+@pytest.mark.parametrize("shift", [-50, 0, 50])
+def test_scales_in_the_decode_across_the_e8m0_range(shift):
+    """scale_in_decode (weights times 2^-64 by the decode's multiply, x times 2^64): the same products for
+    weights far from 1 (e8m0 scales near 2^-52 and 2^48), against both the reference and the default fold."""
+    qw = Q.quantize(jax.random.normal(jax.random.PRNGKey(9), (256, 32)) * 2.0 ** shift, "mxfp4", 32)
+    x = _x(9, 3, 256)
+    ref = x.astype(jnp.float32) @ Q.dequantize(qw, jnp.float32)
+    out = Q.qmatmul(x, qw, impl="interpret", cfg=KernelConfig(bn=32, fold=4, scale_in_decode=True))
+    assert _rel(out, ref) < TOL and np.isfinite(np.asarray(out, np.float32)).all()
+    plain = Q.qmatmul(x, qw, impl="interpret", cfg=KernelConfig(bn=32, fold=4))
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(plain, np.float32), rtol=1e-2,
+                               atol=1e-2 * float(np.abs(np.asarray(plain, np.float32)).max()))
 
 
 def test_grouped_single_token_top_k():
