@@ -292,8 +292,8 @@ def folded_partial(x_lo, x_hi, p, s, ptx: bool, wx: bool = False, scale_in_decod
         else:
             p16 = p.astype(U16)
             lo, hi = _codes_to_bf16(p16 & 15, "mxfp4", "convert"), _codes_to_bf16(p16 >> 4, "mxfp4", "convert")
-        sc = _pow2_bf16(s, -X_SCALE_EXP if scale_in_decode else 0)  # 2^(e - 127) (x 2^-X)
-        lo, hi = lo * per_weight(sc), hi * per_weight(sc)
+        sc = per_weight(_pow2_bf16(s, -X_SCALE_EXP if scale_in_decode else 0))  # 2^(e - 127) (x 2^-X)
+        lo, hi = lo * sc, hi * sc
     if wx:
         return jnp.dot(lo, x_lo, preferred_element_type=F32) + jnp.dot(hi, x_hi, preferred_element_type=F32)
     return jnp.dot(x_lo, lo, preferred_element_type=F32) + jnp.dot(x_hi, hi, preferred_element_type=F32)
