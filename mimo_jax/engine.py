@@ -518,7 +518,8 @@ class Stream:
         self.stats.prefill_ms = 1e3 * (time.perf_counter() - t0)
         t1 = time.perf_counter()
         budget = self._budget()
-        run = functools.partial(speculative.step, params, key=self.key, temperature=self.sampling[0],
+        one_step, chunk_steps = speculative.step_functions(k)
+        run = functools.partial(one_step, params, key=self.key, temperature=self.sampling[0],
                                 top_k=self.sampling[1], top_p=self.sampling[2], cfg=cfg, k=k, drafter=drafter,
                                 is_greedy=self.is_greedy)
         kept, reason = budget.take(0, [first_id])
@@ -527,7 +528,7 @@ class Stream:
             return
         chunk = e.decode_steps
         if chunk > 1:  # several steps per dispatch: emitted [chunk, 1, k+1], n [chunk]
-            run = functools.partial(speculative.steps, params, key=self.key, temperature=self.sampling[0],
+            run = functools.partial(chunk_steps, params, key=self.key, temperature=self.sampling[0],
                                     top_k=self.sampling[1], top_p=self.sampling[2], cfg=cfg, k=k, drafter=drafter,
                                     is_greedy=self.is_greedy, steps=chunk)
         pending = run(state=state)

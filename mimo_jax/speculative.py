@@ -212,9 +212,8 @@ def accept(drafts, q_logits, p_logits, key, settings, is_greedy: bool):
     return n, bonus[None]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k", "drafter", "is_greedy"), donate_argnames="state")
-def step(params, state, key, temperature, top_k, top_p, *, cfg: ModelConfig, k: int, drafter: Drafter,
-         is_greedy: bool):
+def _step(params, state, key, temperature, top_k, top_p, *, cfg: ModelConfig, k: int, drafter: Drafter,
+          is_greedy: bool):
     """One speculative step -> (emitted [1, k+1] (first n+1 valid), n accepted drafts, new state)."""
     settings = (temperature, top_k, top_p)
     position = state["position"]
@@ -239,18 +238,54 @@ def step(params, state, key, temperature, top_k, top_p, *, cfg: ModelConfig, k: 
     return emitted, n, new_state
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k", "drafter", "is_greedy", "steps"), donate_argnames="state")
-def steps(params, state, key, temperature, top_k, top_p, *, cfg: ModelConfig, k: int, drafter: Drafter,
-          is_greedy: bool, steps: int):
+def _steps(params, state, key, temperature, top_k, top_p, *, cfg: ModelConfig, k: int, drafter: Drafter,
+           is_greedy: bool, steps: int):
     """`steps` speculative steps in one dispatch (a scan over `step`) -> (emitted [steps, 1, k+1], n [steps],
     new state): the host reads a chunk of steps at once."""
     def one(state, _):
-        emitted, n, state = step(params, state, key, temperature, top_k, top_p, cfg=cfg, k=k, drafter=drafter,
-                                 is_greedy=is_greedy)
+        emitted, n, state = _step(params, state, key, temperature, top_k, top_p, cfg=cfg, k=k, drafter=drafter,
+                                  is_greedy=is_greedy)
         return state, (emitted, n)
 
     state, (emitted, n) = jax.lax.scan(one, state, None, length=steps)
     return emitted, n, state
+
+
+_STEP_STATICS = ("cfg", "k", "drafter", "is_greedy")
+step = jax.jit(_step, static_argnames=_STEP_STATICS, donate_argnames="state")
+steps = jax.jit(_steps, static_argnames=_STEP_STATICS + ("steps",), donate_argnames="state")
+
+# XLA:CPU sends every dot of more than one row to YNNPACK, which at 2-9 rows reads the weights ~2-3x slower than
+# the one-row pass; with it off, Eigen runs a dot of 8+ rows at ~2.1x a one-row pass (this 2-core CPU, 30 layers
+# of SmolLM2's f32 weights). So on a CPU, when k >= CPU_EIGEN_MIN_K (every dot of the step then has >= 8 rows: the
+# verify's k + 1, the block drafter's k slots), the step is compiled with YNNPACK off. Measured end to end
+# (BENCHMARKS.md, session 15; block drafter k = 8, 12 prompts x 256): code 1.36x -> 1.61x plain, chat 0.85x ->
+# 1.01x. Below 8 rows Eigen is slower than YNNPACK, so smaller k keep the default.
+CPU_EIGEN_MIN_K = 8
+CPU_EIGEN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+_step_eigen = jax.jit(_step, static_argnames=_STEP_STATICS, donate_argnames="state",
+                      compiler_options=CPU_EIGEN_OPTIONS)
+_steps_eigen = jax.jit(_steps, static_argnames=_STEP_STATICS + ("steps",), donate_argnames="state",
+                       compiler_options=CPU_EIGEN_OPTIONS)
+
+
+@functools.cache
+def _cpu_takes_eigen_options() -> bool:
+    """Whether this jaxlib's XLA:CPU knows the option (an unknown one fails the compile)."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=CPU_EIGEN_OPTIONS).lower(jnp.float32(0)).compile()
+    except Exception:  # noqa: BLE001 - an older/newer XLA without the option: keep the default step
+        return False
+    return True
+
+
+def step_functions(k: int, backend: str | None = None):
+    """(step, steps) for a k-draft step on `backend` (default: jax's default backend): the Eigen-dot compile on a
+    CPU when k >= CPU_EIGEN_MIN_K and XLA:CPU has the option, else the default compile."""
+    backend = backend or jax.default_backend()
+    if backend == "cpu" and k >= CPU_EIGEN_MIN_K and _cpu_takes_eigen_options():
+        return _step_eigen, _steps_eigen
+    return step, steps
 
 
 # ---- the state after the prompt ----

@@ -80,6 +80,31 @@ def test_speculative_step_compiles_once(tiny):
     assert speculative.step._cache_size() == before  # every step of every request reused one executable
 
 
+def test_cpu_steps_of_eight_or_more_drafts_compile_with_eigen_dots(tiny):
+    """On a CPU, k >= 8 runs a separate compile of the same step with YNNPACK off (its optimized HLO has no
+    __ynn_fusion, the default compile's has), k < 8 and other backends the default one; the greedy-equality test
+    above covers the Eigen compile's output (k = 8, 10)."""
+    assert speculative.step_functions(7, "cpu") == (speculative.step, speculative.steps)
+    assert speculative.step_functions(8, "gpu") == (speculative.step, speculative.steps)
+    eigen = speculative.step_functions(8, "cpu")
+    if not speculative._cpu_takes_eigen_options():
+        pytest.skip("this jaxlib's XLA:CPU has no xla_cpu_experimental_ynn_fusion_type")
+    assert eigen == (speculative._step_eigen, speculative._steps_eigen)
+    cfg, params = tiny
+    e = engine(cfg, params, speculative_k=8)
+    default = speculative.step._cache_size(), speculative.steps._cache_size()
+    e.generate([1, 2, 3], max_new_tokens=12)
+    # the Engine took the Eigen compile (a cache entry; the k = 8 tests above may have made it) and not the default
+    assert speculative._step_eigen._cache_size() + speculative._steps_eigen._cache_size() >= 1
+    assert (speculative.step._cache_size(), speculative.steps._cache_size()) == default
+
+    x, w = jnp.ones((9, 256), jnp.float32), jnp.ones((256, 256), jnp.float32)
+    def hlo(options):
+        return jax.jit(lambda a, b: a @ b, compiler_options=options).lower(x, w).compile().as_text()
+    assert "__ynn_fusion" in hlo({}) or "ynn" not in hlo({}).lower()  # (a jaxlib without YNNPACK: nothing to see)
+    assert "ynn" not in hlo(speculative.CPU_EIGEN_OPTIONS).lower()
+
+
 @pytest.mark.parametrize("drafter,settings", [("mtp", (1.0, 0, 1.0)), ("mtp", (0.8, 5, 0.9)),
                                               ("mtp_vocab", (0.8, 5, 0.9)), (ORACLE, (1.0, 0, 1.0)),
                                               (BLOCK, (0.8, 5, 0.9))],
