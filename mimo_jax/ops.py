@@ -27,6 +27,11 @@ GEMV_ELEMENTS = (1 << 23, 1 << 26)
 # padded to 8 / 16 rows (82 / 80% of the ceiling) vs 36.9 us in the kernel (74%), while narrow ones lose padded
 # (8192 x 4096: 33.4 / 26.1 vs 26.6 us); mid_mimo int4 plain decode 1.528 -> 1.496 (8) / 1.493 ms (16).
 GEMV_PAD_ROWS = 16
+# Or (True) the wide ones through the kernel's tensor-core form (pallas_kernels.gemv.wide_dot_config: x as 16 rows,
+# the loop's loads pipelined). One H200, session 16, `bench_gemv.py --quick --ms 1 --sweep`: 4096 x 13568 29.4 us
+# and 4096 x 14848 32.4 us (~3.8 TB/s) vs XLA's one-row dot 45.2 / 44.6 us. Off until a step measures it against
+# the padded dot (knob_sweep.sh ops.GEMV_WIDE_DOT=1).
+GEMV_WIDE_DOT = False
 
 
 # Under a mesh (GSPMD-sharded weights: the GEMV kernel does not apply) a one-token product of a weight with
@@ -225,12 +230,15 @@ def matmul(x, w):
     if isinstance(w, OutInWeight):
         return jnp.einsum("...k,nk->...n", x, w.t.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
     if _use_gemv(x, w):
-        from pallas_kernels.gemv import gemv
+        from pallas_kernels.gemv import gemv, wide_dot_config
 
         K, N = w.shape
-        if GEMV_PAD_ROWS > 1 and N > K:
+        cfg = None
+        if N > K and GEMV_WIDE_DOT:
+            cfg = wide_dot_config(K, N)
+        elif GEMV_PAD_ROWS > 1 and N > K:
             return _padded_dot(x, w, GEMV_PAD_ROWS)
-        return gemv(x.reshape(1, -1), w).reshape(*x.shape[:-1], N)
+        return gemv(x.reshape(1, -1), w, cfg=cfg).reshape(*x.shape[:-1], N)
     if _pads_on_mesh(x, w):
         return _padded_dot(x, w, MESH_PAD_ROWS)
     return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)

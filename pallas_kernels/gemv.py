@@ -63,6 +63,13 @@ def default_config(M: int, K: int, N: int, n_sms: int = 132) -> GemvConfig:
     return GemvConfig(bn=bn, bk=bk, split_k=split, num_warps=warps)
 
 
+def wide_dot_config(K: int, N: int) -> GemvConfig:
+    """One token times a wide weight (N > K, MiMo's fused q/k/v) as the tensor-core form, one program per 64
+    columns, K in steps of 128: `bench_gemv.py --quick --ms 1 --sweep`'s best there (one H200, session 16)."""
+    return GemvConfig(bn=_pow2_divisor(N, 64), bk=_pow2_divisor(K, 128), split_k=1, num_warps=4, num_stages=3,
+                      dot=True)
+
+
 def supported(M: int, K: int, N: int) -> bool:
     """Shapes the kernel takes (others stay on XLA's dot)."""
     return 1 <= M <= 16 and K % 16 == 0 and N % 16 == 0

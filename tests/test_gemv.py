@@ -97,9 +97,25 @@ def test_gemv_route_pads_wide_products_for_xla(monkeypatch, K, N):
         import pallas_kernels.gemv as G
 
         calls = []
-        monkeypatch.setattr(G, "gemv", lambda x, w: calls.append(x.shape) or gemv(x, w, interpret=True))
+        monkeypatch.setattr(G, "gemv", lambda x, w, cfg=None: calls.append(x.shape) or gemv(x, w, interpret=True))
         assert _rel(ops.matmul(x3, w).reshape(1, N), ref) < TOL
         assert calls == [(1, K)]
+
+
+def test_gemv_wide_dot_knob_routes_wide_products_to_the_kernels_dot_form(monkeypatch):
+    """ops.GEMV_WIDE_DOT: a wide one-token product (N > K) runs in the kernel with gemv.wide_dot_config (x as 16
+    rows, a tensor-core dot), the same values (interpret mode); a narrow one keeps the default config."""
+    import pallas_kernels.gemv as G
+
+    monkeypatch.setattr(ops, "_use_gemv", lambda x, w: True)
+    monkeypatch.setattr(ops, "GEMV_WIDE_DOT", True)
+    cfgs = []
+    monkeypatch.setattr(G, "gemv", lambda x, w, cfg=None: cfgs.append(cfg) or gemv(x, w, cfg=cfg, interpret=True))
+    for K, N in ((64, 192), (192, 64)):
+        x, w, ref = _case(1, K, N)
+        assert _rel(ops.matmul(x.reshape(1, 1, K), w).reshape(1, N), ref) < TOL
+    assert cfgs == [G.wide_dot_config(64, 192), None]
+    assert cfgs[0].dot and cfgs[0].split_k == 1 and cfgs[0].bk == 64 and cfgs[0].bn == 64
 
 
 def test_mesh_pad_rows_computes_the_same(monkeypatch):
