@@ -9,6 +9,9 @@ import ast
 import importlib
 import runpy
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mimo_jax and pallas_kernels from this checkout
 
 
 def set_knob(assignment: str) -> str:
