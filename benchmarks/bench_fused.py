@@ -65,13 +65,15 @@ def main():
                     "key loop (pallas_kernels.decode_layer.ATTN_OUT_STAGES; 0: its default)")
     ap.add_argument("--dots", action="store_true", help="the fused kernels' products as pipelined 16-row dots "
                     "(pallas_kernels.decode_layer.DOTS)")
+    ap.add_argument("--fma", action="store_true", help="the fused kernels' products as FMA loops (DOTS off: the "
+                    "form before session 16)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     from pallas_kernels import decode_layer
 
     if args.attn_out_stages:
         decode_layer.ATTN_OUT_STAGES = args.attn_out_stages
-    decode_layer.DOTS = decode_layer.DOTS or args.dots
+    decode_layer.DOTS = (decode_layer.DOTS or args.dots) and not args.fma
     cfg = load_config(args.config).replace(num_mtp_layers=0)
     if args.layers:
         n = args.layers

@@ -314,8 +314,10 @@ def _swiglu_act(gate, up):
 # DOTS: the kernels' products (attn_in's q/k/v, attn_out's W_o, the MLP's gate/up and down) as 16-row tensor-core
 # dots (row 0 the token, the rest zeros) in loops that Triton pipelines (DOT_STAGES): Triton pipelines only loads
 # that feed a dot, and the FMA form's weight loads each wait a memory latency (offline SASS, BENCHMARKS.md
-# session 13). Off until timed (bench_fused.py --dots; its --profile times each kernel).
-DOTS = False
+# session 13). Timed (one H200, session 16, `bench_fused.py --config configs/smollm2_135m.json --profile [--dots]`,
+# us per call): attn_in 16.0 -> 9.1, attn_out 30.6 -> 15.2, mlp 22.4 -> 17.9; the fused step 1.924 -> 1.229 ms/token
+# (XLA's path in the same run: 1.198), greedy tokens identical. On by default.
+DOTS = True
 DOT_STAGES = 3
 _FIRST = 16  # rows of the padded dot
 
@@ -378,7 +380,8 @@ def _mlp_kernel(layer_ref, x_ref, acc_in, nw_ref, wg_ref, wu_ref, wd_ref, acc_re
 
 # Pipeline stages of attn_out's loop over key blocks. At 1 (as measured so far) each block's K/V loads wait a
 # full memory latency: read offline from its SASS, 12 dependent round trips per program for SmolLM2 (4 blocks x
-# 3 kv heads), about its 30 us per call. Unmeasured above 1 (benchmarks/bench_fused.py --attn_out_stages N).
+# 3 kv heads), about its 30 us per call. At 3 (one H200, session 16, FMA form): 30.6 -> 14.1 us per call, the
+# fused step 1.924 -> 1.543 ms/token; with DOTS (15.2 us at 1) the pair is untimed, so this stays 1 for now.
 ATTN_OUT_STAGES = 1
 
 
