@@ -24,14 +24,14 @@ Nibble -> bf16 (cfg.method), in registers by inline PTX (GPU) or jnp (interpret 
   "asm"    bf16(q - 8) (int4_sym) / bf16(q) (int4_asym) by prmt + lop3 + a bf16x2 fma (as int4_matmul);
   "magic"  bf16(128 + q) by prmt + lop3 only (one instruction fewer per two weights); the bias is folded into
            the f32 partial: x . w = s * (x . (128 + q)) + sum(x) * (m - 128 s), m = -8 s for int4_sym.
-mxfp4 codes become bf16 by int4_matmul's PTX e2m1 decode (`_e2m1_asm`; jnp `_codes_to_bf16` in interpret mode;
+mxfp4 codes become bf16 by nibble_decode's PTX e2m1 decode (`_e2m1_asm`; jnp `_codes_to_bf16` in interpret mode;
 method "asm" only) and the group's partial is scaled by 2^(e - 127).
 
 cfg.fold = F > 1 (mxfp4 only): F groups per dot. An e8m0 scale is a power of two, so the decoded bf16 weights can
 take it exactly (a bf16 multiply, short of subnormals) before one dot over F x 32 K rows: F times fewer, larger dots
 and no per-group scaling of the [16, bn] f32 accumulator (with 32-wide groups that scaling is ~1 f32 op per weight,
 4x int4 g128's share). x comes permuted so that its columns line up with the packed rows of F groups: all groups'
-low halves, then all high halves (int4_matmul's `fold_x` / `folded_partial`, shared with the grouped kernel).
+low halves, then all high halves (mxfp4_fold's `fold_x` / `folded_partial`, shared with the grouped kernel).
 """
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.int4_matmul import (_NIBBLES_ASM, _codes_to_bf16, _e2m1_asm, _largest_pow2_divisor, _pow2,
-                                       check_fold, fit_fold, flat_weights, folded_partial, folded_x,
-                                       folded_x_halves, sum_partials)
+from pallas_kernels.int4_matmul import _largest_pow2_divisor, _pow2, check_fold, fit_fold, flat_weights, sum_partials
+from pallas_kernels.mxfp4_fold import folded_partial, folded_x, folded_x_halves
+from pallas_kernels.nibble_decode import _NIBBLES_ASM, _codes_to_bf16, _e2m1_asm
 
 F32, BF16, U16 = jnp.float32, jnp.bfloat16, jnp.uint16
 ROWS = 16  # x rows per program: the tensor-core dot minimum
@@ -72,7 +72,7 @@ class M1Config:
     num_warps: int = 4
     num_stages: int = 3
     fold: int = 1           # mxfp4: groups per dot, their power-of-two scales applied to the bf16 weights
-    scale_in_decode: bool = False  # fold > 1: the scales multiply inside the e2m1 decode (int4_matmul.folded_partial)
+    scale_in_decode: bool = False  # fold > 1: the scales multiply inside the e2m1 decode (mxfp4_fold.folded_partial)
 
 
 def default_m1_config(rows: int, K: int, N: int, group_size: int, n_weights: int = 1, n_sms: int = 132,

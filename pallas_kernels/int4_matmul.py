@@ -12,7 +12,8 @@ into the bit pattern of 128.0 (0x4300) -- no int->float conversion instruction -
 the min term: x . w = s * dot + sum(x) * (m - 128 s). mxfp4 codes become bf16 by placing the e2m1
 exponent/mantissa bits into a bf16 pattern: on the GPU ("asm") as a bf16 subnormal-range pattern scaled by one
 bf16x2 multiply (`_e2m1_asm`), in jnp with a select for the two subnormal codes; the e8m0 scale is a power of
-two applied to the partial.
+two applied to the partial (those decodes: pallas_kernels/nibble_decode.py). With cfg.fold > 1 an mxfp4 dot covers
+several groups, their scales applied to the bf16 weights (pallas_kernels/mxfp4_fold.py).
 
 Decode is weight streaming: every program reads a disjoint [K range, N tile] of the weight once. For small
 M the grid is (M tiles, N tiles, K splits) so that enough programs exist to keep HBM busy (split-K partials
@@ -28,6 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.mxfp4_fold import folded_partial, folded_x, folded_x_halves
+from pallas_kernels.nibble_decode import _codes_to_bf16, _e2m1_asm, _nibbles_asm
 
 F32, BF16, U16 = jnp.float32, jnp.bfloat16, jnp.uint16
 
@@ -115,108 +119,6 @@ def check_shapes(K: int, N: int, group_size: int, cfg: KernelConfig, what: str =
 
 # --------------------------------------------------------------------------- in-register dequant
 
-def _codes_to_bf16(c, fmt: str, method: str):
-    """uint16 codes 0..15 -> the bf16 values the dot uses: 128 + q ("magic"), q - 8 / q ("magic_sub", int4_sym
-    / int4_asym), q ("convert"); e2m1(q) for mxfp4."""
-    if fmt == "mxfp4":
-        mag = c & 7
-        bits = jnp.where(mag >= 2, mag * 64 + 0x3F00, mag * 0x3F00) | ((c & 8) << 12)
-        return jax.lax.bitcast_convert_type(bits.astype(U16), BF16)
-    if method in ("magic", "magic_sub"):
-        v = jax.lax.bitcast_convert_type(c | 0x4300, BF16)  # exactly 128 + q
-        if method == "magic_sub":
-            v = v - jnp.asarray(136.0 if fmt == "int4_sym" else 128.0, BF16)  # exact in bf16
-        return v
-    return c.astype(F32).astype(BF16)
-
-
-
-# Marlin-style nibble -> bf16 on 32-bit registers, 4 packed bytes at a time: prmt spreads bytes b0,b1 (b2,b3)
-# into the two 16-bit halves of a register, lop3 computes (t & 0x000F000F) | 0x43004300 = bf16x2(128 + q),
-# one bf16x2 fma subtracts the bias. Low nibbles: 6 instructions per 4 weights; high nibbles add a shift.
-# (Two single-result asm calls: the Triton lowering here mishandles multi-result inline asm.)
-_NIBBLES_ASM = """{
-.reg .b32 t0, t1, one, bias;
-mov.b32 one, 0x3F803F80;
-mov.b32 bias, BIAS;
-prmt.b32 t0, $2, 0, 0x4140;
-prmt.b32 t1, $2, 0, 0x4342;
-SHIFT
-lop3.b32 t0, t0, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 t1, t1, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 $0, t0, one, bias;
-fma.rn.bf16x2 $1, t1, one, bias;
-}"""
-
-
-def _nibbles_asm(p, fmt: str):
-    """uint8 [r, c] -> (low, high) nibbles as bf16 q - 8 (int4_sym) or q (int4_asym)."""
-    bias = "0xC308C308" if fmt == "int4_sym" else "0xC300C300"  # bf16x2 of -136 / -128
-    out = []
-    for shift in ("", "shr.b32 t0, t0, 4;\nshr.b32 t1, t1, 4;"):
-        asm = _NIBBLES_ASM.replace("BIAS", bias).replace("SHIFT", shift)
-        (v,) = plgpu.elementwise_inline_asm(asm, args=[p], constraints="=r,=r,r", pack=4,
-                                            result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, BF16)])
-        out.append(v)
-    return out
-
-
-# mxfp4 (method "asm"): e2m1 nibble -> bf16 by placing its bits as a bf16 subnormal-range pattern and one
-# bf16x2 multiply by 2^126 (no compare or select for the two subnormal codes: bf16 keeps them exact). Per half
-# of a register (one byte of $2, spread by prmt as in _NIBBLES_ASM): magnitude bits e1 e0 m go to bf16 bits 8..6
-# (exponent field e, mantissa m: the value e2m1 * 2^-126, a subnormal for e = 0), the sign to bit 15. Low
-# nibbles: bits 0..2 << 6 and bit 3 << 12, merged by one lop3 ((a | b) & mask: neither shift puts a bit into the
-# other's field); high nibbles: bits 4..6 << 2 and bit 7 << 8 (the second shift would reach bit 8, so it is
-# masked first). 5-6 instructions per 2 weights, against ~9 jnp ops per weight (the jnp decode, `_e2m1_bits`).
-# Measured on one H200 (mid_mimo decode, BENCHMARKS.md session 7): gate/up 78.6 -> 52.8 us, down 44.6 -> 32.6 us,
-# exact (every single weight of a GPU check equal to quant.dequantize).
-_E2M1_ASM = """{
-.reg .b32 t0, t1, u0, u1, v0, v1, k, z;
-mov.b32 k, 0x7E807E80;
-mov.b32 z, 0x80008000;
-prmt.b32 t0, $2, 0, 0x4140;
-prmt.b32 t1, $2, 0, 0x4342;
-MERGE
-fma.rn.bf16x2 $0, t0, k, z;
-fma.rn.bf16x2 $1, t1, k, z;
-}"""
-_E2M1_MERGE = {
-    "lo": """shl.b32 u0, t0, 6;
-shl.b32 v0, t0, 12;
-shl.b32 u1, t1, 6;
-shl.b32 v1, t1, 12;
-lop3.b32 t0, u0, v0, 0x81C081C0, 0xA8;
-lop3.b32 t1, u1, v1, 0x81C081C0, 0xA8;""",
-    "hi": """shl.b32 u0, t0, 2;
-shl.b32 v0, t0, 8;
-and.b32 v0, v0, 0x80008000;
-shl.b32 u1, t1, 2;
-shl.b32 v1, t1, 8;
-and.b32 v1, v1, 0x80008000;
-lop3.b32 t0, u0, 0x01C001C0, v0, 0xEA;
-lop3.b32 t1, u1, 0x01C001C0, v1, 0xEA;""",
-}
-
-
-def _e2m1_asm(p, factor=None):
-    """uint8 [r, c] -> (low, high) nibbles as bf16 e2m1 values (exact; the e8m0 scale is applied after), or with
-    factor (bf16 [r, c], each weight's 2^(e - 1 - X_SCALE_EXP)) the values times 2^(e - 127 - X_SCALE_EXP): the
-    fma multiplies by each weight's own factor instead of 2^126 (operands $3 / $4: the factors of the register's
-    elements 0-1 / 2-3, paired as t0 / t1 pair the bytes of $2)."""
-    asm, args, constraints = _E2M1_ASM, [p], "=r,=r,r"
-    if factor is not None:
-        for a, b in (("mov.b32 k, 0x7E807E80;\n", ""), ("t0, k, z", "t0, $3, z"), ("t1, k, z", "t1, $4, z")):
-            asm = asm.replace(a, b)
-        args, constraints = [p, factor], "=r,=r,r,r,r"
-    out = []
-    for half in ("lo", "hi"):
-        (v,) = plgpu.elementwise_inline_asm(asm.replace("MERGE", _E2M1_MERGE[half]), args=args,
-                                            constraints=constraints, pack=4,
-                                            result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, BF16)])
-        out.append(v)
-    return tuple(out)
-
-
 def _group_partial(x_lo, x_hi, p, s, m, fmt: str, method: str):
     """One group: x_lo/x_hi [bm, G/2] bf16, p [G/2, bn] uint8, s/m [1, bn] -> f32 [bm, bn] contribution."""
     if method == "asm" and fmt == "mxfp4":
@@ -240,71 +142,6 @@ def _group_partial(x_lo, x_hi, p, s, m, fmt: str, method: str):
     c = -(8.0 + bias) * sf if fmt == "int4_sym" else m.astype(F32) - bias * sf
     xs = jnp.sum(x_lo.astype(F32), axis=1, keepdims=True) + jnp.sum(x_hi.astype(F32), axis=1, keepdims=True)
     return d * sf + xs * c
-
-
-def fold_x(x, group_size: int):
-    """x [M, K] -> [M, K] with each group's first halves first (group order), then its second halves: column
-    g * G/2 + j is x[:, g * G + j] and column K/2 + g * G/2 + j is x[:, g * G + G/2 + j], i.e. the order of the
-    packed rows (byte row g * G/2 + j holds rows g * G + j and g * G + G/2 + j)."""
-    M, K = x.shape
-    return x.reshape(M, K // group_size, 2, group_size // 2).transpose(0, 2, 1, 3).reshape(M, K)
-
-
-def folded_x_halves(x_ref, rows, mask, kb: int, width: int):
-    """The two column ranges of a `fold_x`-ordered x that meet packed rows [kb, kb + width): the groups' first
-    halves from column kb, their second halves from column K/2 + kb (rows past the mask read as 0)."""
-    kx = x_ref.shape[1] // 2
-    return (plgpu.load(x_ref.at[rows, pl.ds(kb, width)], mask=mask, other=0.0),
-            plgpu.load(x_ref.at[rows, pl.ds(kx + kb, width)], mask=mask, other=0.0))
-
-
-def folded_x(x, group_size: int, cfg):
-    """x [M, K] as a kernel with cfg reads it, bf16: in `fold_x` order for cfg.fold > 1, and times 2^X_SCALE_EXP
-    (exact) for cfg.scale_in_decode, whose weights arrive times 2^-X_SCALE_EXP."""
-    if cfg.fold == 1:
-        return x.astype(BF16)
-    x = fold_x(x, group_size)
-    if cfg.scale_in_decode:
-        x = x.astype(F32) * float(2 ** X_SCALE_EXP)
-    return x.astype(BF16)
-
-
-def folded_partial(x_lo, x_hi, p, s, ptx: bool, wx: bool = False, scale_in_decode: bool = False):
-    """F mxfp4 groups in one dot pair: x_lo/x_hi [bm, F G/2] bf16 (columns as `fold_x` orders them), p the packed
-    rows of the F groups [F G/2, bn] uint8, s their e8m0 scales [F, bn] -> f32 [bm, bn]. Each group's scale, a
-    power of two, multiplies its decoded bf16 weights (exact short of subnormals) before the dot. wx: the
-    transposed orientation (p [bn, F G/2], x_lo/x_hi [F G/2, bm] -> [bn, bm]). ptx: the e2m1 decode by inline PTX
-    (GPU), else jnp. scale_in_decode: the weights come out times 2^-X_SCALE_EXP with the scale applied by the
-    decode's own multiply (x arrives times 2^X_SCALE_EXP, `folded_x`): one bf16x2 multiply per two weights fewer
-    on the PTX path."""
-    F, bn = s.shape
-
-    def per_weight(sc):  # [F, bn] -> p's shape: packed row f * G/2 + r (column, for wx) takes group f's value
-        if wx:
-            return jnp.broadcast_to(sc.T[:, :, None], (bn, F, p.shape[1] // F)).reshape(p.shape)
-        return jnp.broadcast_to(sc[:, None, :], (F, p.shape[0] // F, bn)).reshape(p.shape)
-
-    if scale_in_decode and ptx:  # 2^126 (the decode's) x 2^(e - 127) x 2^-X: the bf16 2^(e - 1 - X)
-        lo, hi = _e2m1_asm(p, per_weight(_pow2_bf16(s, 126 - X_SCALE_EXP)))
-    else:
-        if ptx:
-            lo, hi = _e2m1_asm(p)
-        else:
-            p16 = p.astype(U16)
-            lo, hi = _codes_to_bf16(p16 & 15, "mxfp4", "convert"), _codes_to_bf16(p16 >> 4, "mxfp4", "convert")
-        sc = per_weight(_pow2_bf16(s, -X_SCALE_EXP if scale_in_decode else 0))  # 2^(e - 127) (x 2^-X)
-        lo, hi = lo * sc, hi * sc
-    if wx:
-        return jnp.dot(lo, x_lo, preferred_element_type=F32) + jnp.dot(hi, x_hi, preferred_element_type=F32)
-    return jnp.dot(x_lo, lo, preferred_element_type=F32) + jnp.dot(x_hi, hi, preferred_element_type=F32)
-
-
-def _pow2_bf16(s, shift: int):
-    """e8m0 scales (uint8) -> bf16 2^(e - 127 + shift): the exponent placed into a bf16 for shift >= 0; shifts
-    below 0 (the interpret path's 2^-X_SCALE_EXP) in f32, as small e would leave the bf16 exponent range."""
-    if shift >= 0:
-        return jax.lax.bitcast_convert_type((s.astype(U16) + shift) << 7, BF16)
-    return jnp.exp2(s.astype(F32) - (127 - shift)).astype(BF16)
 
 
 def _k_loop(x_ref, rows_at, rmask, w_at, n0, g_first, n_iter, cfg, fmt, gs, bm, accs_init):
@@ -558,15 +395,13 @@ M1_ROUTES = {"int4_sym": (1, 2), "int4_asym": (1, 2), "mxfp4": (1, 2)}
 M1_FOLD = {"mxfp4": 4}
 GROUPED_FOLD = {"mxfp4": 4}  # the same on the grouped kernel's default config (verify, prefill)
 # Folded MXFP4 (fold > 1) with the scales inside the e2m1 decode (cfg.scale_in_decode): the decode's fma
-# multiplies by 2^(e - 1 - X_SCALE_EXP) instead of 2^126, and x comes times 2^X_SCALE_EXP, so the separate
+# multiplies by 2^(e - 1 - X) instead of 2^126, and x comes times 2^X (X = mxfp4_fold.X_SCALE_EXP), so the separate
 # scale multiply (one bf16x2 per two weights) goes. Offline SASS of the routed decode pair (`triton_sass.py --what
 # formats`, mid_mimo shapes, loop instructions per K step): gate/up 1577 -> 1411, down 770 -> 755 (its factor
 # registers cost ~60 more IMADs), i.e. 6.11 -> 5.64 instructions per weight (int4: 4.26); not yet timed.
-# Exact for e8m0 scales 2^-67 .. 2^65 (X = 64: the bf16 factor 2^(e - 65) exists for e <= 192; weights below
-# 2^-133 flush to zero) and |x| < 2^64. Off until a GPU measures it
+# Exact for the scales and x that mxfp4_fold.X_SCALE_EXP names. Off until a GPU measures it
 # (`benchmarks/knobs.py pallas_kernels.int4_matmul.FOLD_SCALE_IN_DECODE=1 -- ...`).
 FOLD_SCALE_IN_DECODE = False
-X_SCALE_EXP = 64
 
 
 def routes_to_m1(fmt: str, n_weights: int) -> bool:

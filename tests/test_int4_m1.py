@@ -7,7 +7,8 @@ import pytest
 
 from mimo_jax import quant as Q
 from pallas_kernels.int4_m1 import M1Config, default_m1_config, int4_m1_matmul, to_nk
-from pallas_kernels.int4_matmul import KernelConfig, fold_x, routes_to_m1
+from pallas_kernels.int4_matmul import KernelConfig, routes_to_m1
+from pallas_kernels.mxfp4_fold import fold_x
 
 _GROUPED = KernelConfig(bm=16, bn=16)  # an explicit config: the grouped kernel
 TOL = 1e-2  # bf16 activations and output against an f32 reference

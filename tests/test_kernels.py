@@ -187,7 +187,7 @@ def test_kernels_lower_to_triton(fmt):
 
 
 def e2m1_bits_reference(b0: int, b1: int, half: str) -> tuple[int, int]:
-    """What int4_matmul._e2m1_asm's integer steps (its shifts and lop3 masks) make of two bytes spread into one
+    """What nibble_decode._e2m1_asm's integer steps (its shifts and lop3 masks) make of two bytes spread into one
     32-bit register (b0 in the low 16 bits, b1 in the high), low or high nibbles: the two bf16 bit patterns before
     the multiply by 2^126."""
     t = (b0 & 0xFF) | (b1 & 0xFF) << 16
