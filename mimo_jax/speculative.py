@@ -251,22 +251,24 @@ def _steps(params, state, key, temperature, top_k, top_p, *, cfg: ModelConfig, k
     return emitted, n, state
 
 
-_STEP_STATICS = ("cfg", "k", "drafter", "is_greedy")
-step = jax.jit(_step, static_argnames=_STEP_STATICS, donate_argnames="state")
-steps = jax.jit(_steps, static_argnames=_STEP_STATICS + ("steps",), donate_argnames="state")
+def _jitted(**options):
+    """(step, steps) jitted with the given jax.jit options (the state donated)."""
+    statics = ("cfg", "k", "drafter", "is_greedy")
+    return (jax.jit(_step, static_argnames=statics, donate_argnames="state", **options),
+            jax.jit(_steps, static_argnames=statics + ("steps",), donate_argnames="state", **options))
+
+
+step, steps = _jitted()
 
 # XLA:CPU sends every dot of more than one row to YNNPACK, which at 2-9 rows reads the weights ~2-3x slower than
 # the one-row pass; with it off, Eigen runs a dot of 8+ rows at ~2.1x a one-row pass (this 2-core CPU, 30 layers
 # of SmolLM2's f32 weights). So on a CPU, when k >= CPU_EIGEN_MIN_K (every dot of the step then has >= 8 rows: the
 # verify's k + 1, the block drafter's k slots), the step is compiled with YNNPACK off. Measured end to end
-# (BENCHMARKS.md, session 15; block drafter k = 8, 12 prompts x 256): code 1.36x -> 1.61x plain, chat 0.85x ->
-# 1.01x. Below 8 rows Eigen is slower than YNNPACK, so smaller k keep the default.
+# (BENCHMARKS.md, sessions 15-16; block drafter k = 8, 12 prompts x 256, through the Engine): code 1.36x -> 1.66x
+# plain, chat 0.85x -> 1.03x. Below 8 rows Eigen is slower than YNNPACK, so smaller k keep the default.
 CPU_EIGEN_MIN_K = 8
 CPU_EIGEN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-_step_eigen = jax.jit(_step, static_argnames=_STEP_STATICS, donate_argnames="state",
-                      compiler_options=CPU_EIGEN_OPTIONS)
-_steps_eigen = jax.jit(_steps, static_argnames=_STEP_STATICS + ("steps",), donate_argnames="state",
-                       compiler_options=CPU_EIGEN_OPTIONS)
+_step_eigen, _steps_eigen = _jitted(compiler_options=CPU_EIGEN_OPTIONS)
 
 
 @functools.cache

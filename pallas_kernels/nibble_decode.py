@@ -64,7 +64,7 @@ def _nibbles_asm(p, fmt: str):
 # (exponent field e, mantissa m: the value e2m1 * 2^-126, a subnormal for e = 0), the sign to bit 15. Low
 # nibbles: bits 0..2 << 6 and bit 3 << 12, merged by one lop3 ((a | b) & mask: neither shift puts a bit into the
 # other's field); high nibbles: bits 4..6 << 2 and bit 7 << 8 (the second shift would reach bit 8, so it is
-# masked first). 5-6 instructions per 2 weights, against ~9 jnp ops per weight (the jnp decode, `_e2m1_bits`).
+# masked first). 5-6 instructions per 2 weights, against ~9 jnp ops per weight (the jnp decode, `_codes_to_bf16`).
 # Measured on one H200 (mid_mimo decode, BENCHMARKS.md session 7): gate/up 78.6 -> 52.8 us, down 44.6 -> 32.6 us,
 # exact (every single weight of a GPU check equal to quant.dequantize).
 _E2M1_ASM = """{

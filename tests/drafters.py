@@ -62,7 +62,8 @@ def speculative_greedy(spec, ids: list[int], max_new: int):
     state = {"cache": cache, "token": first, "position": jnp.int32(len(ids)), "mtp_cache": dstate,
              "draft": jnp.zeros_like(first), "draft_logits": jnp.zeros((1, cfg.vocab_size), jnp.float32),
              "draft_hidden": jnp.zeros((1, cfg.hidden_size), spec.cache_dtype)}
-    run = functools.partial(speculative.step_functions(k)[0], params, key=key, temperature=greedy[0], top_k=greedy[1],
+    one_step = speculative.step_functions(k)[0]  # the compile the Engine runs for this k
+    run = functools.partial(one_step, params, key=key, temperature=greedy[0], top_k=greedy[1],
                             top_p=greedy[2], cfg=cfg, k=k, drafter=drafter, is_greedy=True)
     hist, t1 = np.zeros(k + 1, int), time.perf_counter()
     pending = run(state=state)
