@@ -10,6 +10,7 @@ collectives in the compiled step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 import re
@@ -65,8 +66,7 @@ def random_params(cfg, mesh, attention, fmt: str = "int4_sym"):
         scales = (jnp.full(w.scales.shape, 127 - 7, jnp.uint8) if w.fmt == "mxfp4"
                   else jnp.full(w.scales.shape, 0.004, w.scales.dtype))
         mins = None if w.mins is None else jnp.full(w.mins.shape, -0.03, w.mins.dtype)
-        return quant.QuantizedWeight(jax.random.bits(k, w.packed.shape, jnp.uint8), scales, mins, w.fmt,
-                                     w.group_size, w.kn, w.dtype)
+        return dataclasses.replace(w, packed=jax.random.bits(k, w.packed.shape, jnp.uint8), scales=scales, mins=mins)
 
     def make(key):
         keys = jax.random.split(key, len(leaves))

@@ -4,7 +4,8 @@ A converted directory (`python -m mimo_jax.convert`) holds
     params/          orbax-checkpoint (each array saved shard by shard from its devices); QuantizedWeight leaves
                      are saved as {"packed", "scales"[, "mins"]} dicts, their metadata lives in converted.json
     config.json      the ModelConfig (configs/*.json format: what `config.load_config` and the CLI read)
-    converted.json   format version, expert format and group, dtype, the config again: written last
+    converted.json   format version, expert format, group and stored layout ("kn" when absent), dtype, the config
+                     again: written last
     tokenizer files  copied from the source checkpoint
 It is written under a hidden sibling `.<name>.partial-<pid>` and renamed to its name when complete, so a
 conversion that is interrupted or fails (disk full) never leaves a directory that looks complete; one without
@@ -13,6 +14,7 @@ bounded by disk bandwidth, with no quantization work.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -70,8 +72,16 @@ def _unplain(plain, targets):
     def conv(t, p):
         if not _is_q(t):
             return p
-        return quant.QuantizedWeight(p["packed"], p["scales"], p.get("mins"), t.fmt, t.group_size, t.kn, t.dtype)
+        return dataclasses.replace(t, packed=p["packed"], scales=p["scales"], mins=p.get("mins"))
     return jax.tree_util.tree_map(conv, targets, plain, is_leaf=_is_q)
+
+
+def _expert_layout(params) -> str | None:
+    """The one stored layout of the params' quantized weights (None: none quantized); mixed layouts are refused."""
+    layouts = {x.layout for x in jax.tree_util.tree_leaves(params, is_leaf=_is_q) if _is_q(x)}
+    if len(layouts) > 1:
+        raise CheckpointError(f"quantized weights in several layouts {sorted(layouts)}; convert them to one first")
+    return next(iter(layouts), None)
 
 
 def _checkpointer():
@@ -102,6 +112,7 @@ def save(out, cfg: ModelConfig, params, fmt: str, group: int, dtype, source=None
                 if f.is_file() and f.name != "config.json" and not f.name.endswith(_SKIP):
                     shutil.copy2(f, tmp / f.name)
         meta = {"version": VERSION, "quant_experts": fmt, "quant_group": group, "dtype": jnp.dtype(dtype).name,
+                "expert_layout": _expert_layout(params),
                 "source": str(source) if source else None, "config": cfg.to_dict()}
         (tmp / META).write_text(json.dumps(meta, indent=1))  # last: its presence means complete
         os.rename(tmp, out)
@@ -132,7 +143,8 @@ def restore(path, mesh=None, attention: str = "tp", dtype=None, quant_experts=No
     if quant_experts not in (None, "none") and check_format(quant_experts, quant_group) != (fmt, group):
         raise ConfigError(f"{path} was converted with experts {fmt} g{group}; quant_experts={quant_experts!r} "
                           f"g{quant_group} needs its own conversion")
-    stored = quantize_structs(param_shapes(cfg, jnp.dtype(meta["dtype"])), fmt, group)
+    layout = meta.get("expert_layout") or "kn"  # written before layouts existed: "kn"
+    stored = quantize_structs(param_shapes(cfg, jnp.dtype(meta["dtype"])), fmt, group, layout)
     ckptr = _checkpointer()
     params_dir = (path / PARAMS).absolute()
     try:
@@ -144,7 +156,7 @@ def restore(path, mesh=None, attention: str = "tp", dtype=None, quant_experts=No
         if want.get(name) != have.get(name):
             raise CheckpointError(f"orbax checkpoint {params_dir} was written for another config: params{name} is "
                                   f"{have.get(name, 'absent')} there, its config.json wants {want.get(name, 'none')}")
-    targets = quantize_structs(param_shapes(cfg, dtype or jnp.dtype(meta["dtype"])), fmt, group)
+    targets = quantize_structs(param_shapes(cfg, dtype or jnp.dtype(meta["dtype"])), fmt, group, layout)
     shardings = placement.shardings(targets, cfg, mesh, attention)
     abstract = jax.tree_util.tree_map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s),
                                       _plain(targets), _plain(shardings))

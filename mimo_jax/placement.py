@@ -14,6 +14,7 @@ span every process.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -79,6 +80,7 @@ class _Quantized:
         if isinstance(value, quant.QuantizedWeight):  # stored quantized (MXFP4 experts): written as they are
             if (value.fmt, value.group_size) != (t.fmt, t.group_size):
                 raise ValueError(f"a {value.fmt} g{value.group_size} weight cannot fill a {t.fmt} g{t.group_size} leaf")
+            value = quant.to_layout(value, t.layout)
             for name, part in self.parts.items():
                 part.put(index, getattr(value, name))
             return
@@ -90,15 +92,14 @@ class _Quantized:
         if not owners:  # the expert lives on another process's device
             return
         w = value.astype(_np_dtype(t.dtype), copy=False) if isinstance(value, np.ndarray) else value.astype(t.dtype)
-        qw = quant.quantize_jit(jax.device_put(w, owners[0][0]), fmt=t.fmt, group_size=t.group_size)
+        qw = quant.quantize_jit(jax.device_put(w, owners[0][0]), fmt=t.fmt, group_size=t.group_size, layout=t.layout)
         for name, part in self.parts.items():
             part.put(index, getattr(qw, name))
 
     def result(self) -> quant.QuantizedWeight:
         arrays = {name: part.result() for name, part in self.parts.items()}
         t = self.target
-        return quant.QuantizedWeight(arrays["packed"], arrays["scales"], arrays.get("mins"), t.fmt, t.group_size,
-                                     t.kn, t.dtype)
+        return dataclasses.replace(t, packed=arrays["packed"], scales=arrays["scales"], mins=arrays.get("mins"))
 
 
 def _is_q(x) -> bool:

@@ -14,8 +14,16 @@ Formats (q is the unsigned 4-bit code, s the group's scale, m its min):
   int4_asym  w = q * s + m          GGUF Q4_1 (s = d, m = m, float16)
   mxfp4      w = e2m1(q) * 2^(e - 127), e the group's e8m0 byte, G = 32 (OCP MX; UltraSpeed experts)
 
+Stored layouts (`layout`, static aux data like the format):
+  "kn"  packed [..., K/2, N] as above (N contiguous): the dense kernels and the default.
+  "nk"  packed [..., N, K/2], the same bytes with the last two axes swapped: one output column's bytes are
+        contiguous along K, which the one-token expert kernel (pallas_kernels/int4_m1) reads 8 bytes at a time
+        instead of byte by byte (BENCHMARKS.md: routed gate/up and down 8-19% faster). For int4 g32 it is exactly
+        GGUF's block byte order without the scales. Scales and mins stay [..., K/G, N] in both layouts.
+`to_layout` converts (exactly: only bytes move); quantize, dequantize and the GGUF / MXFP4 imports take a layout.
+
 All arrays are pytree leaves and share their leading dims, so a stacked [L, K, N] weight scans into
-per-layer [K, N] weights; format, group size, logical (K, N) and dtype are static aux data.
+per-layer [K, N] weights; format, group size, logical (K, N), dtype and layout are static aux data.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 FORMATS = ("int4_sym", "int4_asym", "mxfp4")
+LAYOUTS = ("kn", "nk")
 PACK = 32  # K granularity of the layout: every group size is a multiple of this
 
 # e2m1 magnitudes for codes 0..7; bit 3 of the code is the sign.
@@ -38,16 +47,17 @@ E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
 class QuantizedWeight:
     """A 4-bit weight W[..., K, N]; see the module docstring for the layout."""
 
-    packed: Any                # uint8 [..., K/2, N]
+    packed: Any                # uint8 [..., K/2, N] ("kn") or [..., N, K/2] ("nk")
     scales: Any                # float16 [..., K/G, N] (uint8 e8m0 for mxfp4)
     mins: Any                  # float16 [..., K/G, N] for int4_asym, else None
     fmt: str
     group_size: int
     kn: tuple[int, int]        # logical (K, N) of the last two dims
     dtype: str = "bfloat16"    # logical dtype: what dequantize returns by default
+    layout: str = "kn"         # how packed is stored: "kn" or "nk" (module docstring)
 
     def tree_flatten(self):
-        return (self.packed, self.scales, self.mins), (self.fmt, self.group_size, self.kn, self.dtype)
+        return (self.packed, self.scales, self.mins), (self.fmt, self.group_size, self.kn, self.dtype, self.layout)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -74,6 +84,32 @@ class QuantizedWeight:
             raise IndexError(f"QuantizedWeight{self.shape}: only leading dims can be indexed, got {idx}")
         pick = lambda a: None if a is None else a[idx]
         return dataclasses.replace(self, packed=pick(self.packed), scales=pick(self.scales), mins=pick(self.mins))
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown 4-bit weight layout {layout!r}; expected one of {LAYOUTS}")
+    return layout
+
+
+def _swap(a):
+    return np.swapaxes(a, -1, -2) if isinstance(a, np.ndarray) else jnp.swapaxes(a, -1, -2)
+
+
+def to_layout(qw: QuantizedWeight, layout: str) -> QuantizedWeight:
+    """The same weight stored in `layout` (only the packed bytes' last two axes move; scales and mins stay).
+    Numpy arrays stay numpy (contiguous), jax arrays stay jax; a no-op when it already is."""
+    if check_layout(layout) == qw.layout:
+        return qw
+    packed = _swap(qw.packed)
+    if isinstance(packed, np.ndarray):
+        packed = np.ascontiguousarray(packed)
+    return dataclasses.replace(qw, packed=packed, layout=layout)
+
+
+def kn_packed(qw: QuantizedWeight):
+    """The packed bytes in the "kn" order [..., K/2, N], whatever the stored layout."""
+    return qw.packed if qw.layout == "kn" else _swap(qw.packed)
 
 
 def _check(fmt: str, group_size: int, K: int, N: int) -> None:
@@ -117,14 +153,15 @@ def e2m1_to_float(q):
 
 # --------------------------------------------------------------------------- quantize / dequantize
 
-def quantize(w, fmt: str = "int4_sym", group_size: int = 128) -> QuantizedWeight:
+def quantize(w, fmt: str = "int4_sym", group_size: int = 128, layout: str = "kn") -> QuantizedWeight:
     """Round-to-nearest quantization of W[..., K, N] (groups of `group_size` along K).
 
     int4_sym follows GGUF Q4_0 (scale = the signed value of largest magnitude / -8, so it maps to code 0),
     int4_asym follows Q4_1 (scale = (max - min) / 15, min = min), mxfp4 follows OCP MX (shared exponent
     floor(log2(amax)) - 2, elements rounded to the nearest e2m1 value). Scales are stored as float16 and
-    the codes are computed from the stored (rounded) scales.
+    the codes are computed from the stored (rounded) scales. `layout`: how the packed bytes are stored.
     """
+    check_layout(layout)
     w = jnp.asarray(w)
     if w.ndim < 2:
         raise ValueError(f"quantize needs a weight [..., K, N], got shape {w.shape}")
@@ -158,14 +195,15 @@ def quantize(w, fmt: str = "int4_sym", group_size: int = 128) -> QuantizedWeight
         q = code + 8 * ((x < 0) & (code > 0))
         scales = (e + 127).astype(jnp.uint8)[..., 0, :]
     q = q.astype(jnp.uint8).reshape(*lead, K, N)
-    return QuantizedWeight(pack_codes(q, group_size), scales, mins, fmt, group_size, (K, N),
-                           jnp.dtype(w.dtype).name if jnp.issubdtype(w.dtype, jnp.floating) else "float32")
+    qw = QuantizedWeight(pack_codes(q, group_size), scales, mins, fmt, group_size, (K, N),
+                         jnp.dtype(w.dtype).name if jnp.issubdtype(w.dtype, jnp.floating) else "float32")
+    return to_layout(qw, layout)
 
 
 def dequantize(qw: QuantizedWeight, dtype=None):
     """The jnp reference: W[..., K, N] in `dtype` (default: the weight's logical dtype), computed in f32."""
     dtype = jnp.dtype(dtype or qw.dtype)
-    q = unpack_codes(qw.packed, qw.group_size)
+    q = unpack_codes(kn_packed(qw), qw.group_size)
     G = qw.group_size
     if qw.fmt == "int4_sym":
         w = (q.astype(jnp.float32) - 8.0) * _per_row(qw.scales.astype(jnp.float32), G)
@@ -191,12 +229,12 @@ def quantization_error(w, qw: QuantizedWeight) -> dict[str, float]:
 
 # One weight [K, N] at a time, compiled once per shape: what the streaming loader and quantize_experts both call,
 # so a model quantized while loading and one quantized after loading hold the same bits.
-quantize_jit = jax.jit(quantize, static_argnames=("fmt", "group_size"))
+quantize_jit = jax.jit(quantize, static_argnames=("fmt", "group_size", "layout"))
 
 
 # --------------------------------------------------------------------------- MXFP4 as checkpoints store it
 
-def from_mxfp4_blocks(blocks, scales, dtype: str = "bfloat16") -> QuantizedWeight:
+def from_mxfp4_blocks(blocks, scales, dtype: str = "bfloat16", layout: str = "kn") -> QuantizedWeight:
     """An MXFP4 weight as serving checkpoints store it (torch layout [..., out, in]): `blocks` uint8
     [..., out, in/2], element 2j of a row in the low nibble of byte j and 2j + 1 in the high nibble (int8 or
     uint8 bytes); `scales` [..., out, in/32] e8m0 bytes (uint8 or float8_e8m0fnu), value = e2m1 * 2^(s - 127).
@@ -211,15 +249,16 @@ def from_mxfp4_blocks(blocks, scales, dtype: str = "bfloat16") -> QuantizedWeigh
                          f"got {tuple(scales.shape)}")
     codes = np.stack([blocks & 15, blocks >> 4], axis=-1).reshape(*lead, n_out, n_in)
     packed = pack_codes(np.swapaxes(codes, -1, -2), 32)
-    return QuantizedWeight(np.ascontiguousarray(packed), np.ascontiguousarray(np.swapaxes(scales, -1, -2)), None,
-                           "mxfp4", 32, (n_in, n_out), dtype)
+    qw = QuantizedWeight(np.ascontiguousarray(packed), np.ascontiguousarray(np.swapaxes(scales, -1, -2)), None,
+                         "mxfp4", 32, (n_in, n_out), dtype)
+    return to_layout(qw, layout)
 
 
 def to_mxfp4_blocks(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
     """The inverse of from_mxfp4_blocks: (blocks uint8 [..., out, in/2], scales uint8 [..., out, in/32])."""
     if qw.fmt != "mxfp4":
         raise ValueError(f"to_mxfp4_blocks needs an mxfp4 weight, got {qw.fmt}")
-    codes = np.swapaxes(np.asarray(unpack_codes(np.asarray(qw.packed), 32)), -1, -2)  # [..., out, in]
+    codes = np.swapaxes(np.asarray(unpack_codes(np.asarray(kn_packed(qw)), 32)), -1, -2)  # [..., out, in]
     blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
     return np.ascontiguousarray(blocks), np.ascontiguousarray(np.swapaxes(np.asarray(qw.scales), -1, -2))
 
@@ -237,10 +276,11 @@ def _gguf_blocks(raw_blocks, shape, block_bytes: int):
     return raw.reshape(*lead, n_out, n_in // 32, block_bytes), lead, n_out, n_in
 
 
-def _gguf_to_kn(blocks, lead, n_out, n_in):
-    """[..., out, in/32, 16] bytes -> [..., in/2, out]: byte j of a block already is our nibble order."""
+def _gguf_packed(blocks, lead, n_out, n_in, layout: str):
+    """[..., out, in/32, 16] bytes -> packed: byte j of a block already is our nibble order, so "nk" [..., out, in/2]
+    is the blocks' nibble bytes as they are and "kn" [..., in/2, out] their transpose."""
     qs = blocks.reshape(*lead, n_out, n_in // 2)
-    return np.ascontiguousarray(np.swapaxes(qs, -1, -2))
+    return np.ascontiguousarray(qs if check_layout(layout) == "nk" else np.swapaxes(qs, -1, -2))
 
 
 def _f16_field(blocks, offset):
@@ -248,22 +288,22 @@ def _f16_field(blocks, offset):
     return np.ascontiguousarray(np.swapaxes(v, -1, -2))                                # [..., in/32, out]
 
 
-def from_gguf_q4_0(raw_blocks, shape, dtype: str = "bfloat16") -> QuantizedWeight:
+def from_gguf_q4_0(raw_blocks, shape, dtype: str = "bfloat16", layout: str = "kn") -> QuantizedWeight:
     """GGUF Q4_0 bytes (18 per block of 32: f16 d, 16 bytes of nibbles) of a tensor whose dequantized
-    numpy/torch shape is `shape` = [..., out, in] -> QuantizedWeight of logical shape [..., in, out],
-    bit-exact (dequantize == gguf.quants.dequantize(...).swapaxes(-1, -2) in float32)."""
+    numpy/torch shape is `shape` = [..., out, in] -> QuantizedWeight of logical shape [..., in, out] stored in
+    `layout`, bit-exact (dequantize == gguf.quants.dequantize(...).swapaxes(-1, -2) in float32)."""
     blocks, lead, n_out, n_in = _gguf_blocks(raw_blocks, shape, 18)
-    packed = _gguf_to_kn(blocks[..., 2:], lead, n_out, n_in)
+    packed = _gguf_packed(blocks[..., 2:], lead, n_out, n_in, layout)
     return QuantizedWeight(jnp.asarray(packed), jnp.asarray(_f16_field(blocks, 0)), None,
-                           "int4_sym", 32, (n_in, n_out), dtype)
+                           "int4_sym", 32, (n_in, n_out), dtype, layout)
 
 
-def from_gguf_q4_1(raw_blocks, shape, dtype: str = "bfloat16") -> QuantizedWeight:
+def from_gguf_q4_1(raw_blocks, shape, dtype: str = "bfloat16", layout: str = "kn") -> QuantizedWeight:
     """GGUF Q4_1 bytes (20 per block of 32: f16 d, f16 m, 16 bytes of nibbles); see from_gguf_q4_0."""
     blocks, lead, n_out, n_in = _gguf_blocks(raw_blocks, shape, 20)
-    packed = _gguf_to_kn(blocks[..., 4:], lead, n_out, n_in)
+    packed = _gguf_packed(blocks[..., 4:], lead, n_out, n_in, layout)
     return QuantizedWeight(jnp.asarray(packed), jnp.asarray(_f16_field(blocks, 0)),
-                           jnp.asarray(_f16_field(blocks, 2)), "int4_asym", 32, (n_in, n_out), dtype)
+                           jnp.asarray(_f16_field(blocks, 2)), "int4_asym", 32, (n_in, n_out), dtype, layout)
 
 
 # --------------------------------------------------------------------------- matmuls (dispatch)
@@ -331,7 +371,13 @@ def pad_to_fit_kernel(w, max_overhead: float = 0.5):
         sharding = getattr(a, "sharding", None)
         return jax.jit(lambda v: jnp.pad(v, widths), out_shardings=sharding)(a)
 
-    return QuantizedWeight(pad(w.packed), pad(w.scales), pad(w.mins), w.fmt, w.group_size, w.kn, w.dtype)
+    return dataclasses.replace(w, packed=pad(w.packed), scales=pad(w.scales), mins=pad(w.mins))
+
+
+def _fused_pair(w_gate, w_up) -> bool:
+    """Whether one kernel can read both weights: both quantized, in the same format, group size and layout."""
+    return (isinstance(w_gate, QuantizedWeight) and isinstance(w_up, QuantizedWeight)
+            and (w_gate.fmt, w_gate.group_size, w_gate.layout) == (w_up.fmt, w_up.group_size, w_up.layout))
 
 
 def _weight_arrays(w: QuantizedWeight):
@@ -356,7 +402,7 @@ def qmatmul(x, w, *, impl: str = "auto", cfg=None):
     else:
         from pallas_kernels.int4_matmul import int4_matmul
         out = int4_matmul(x2, *_weight_arrays(w), fmt=w.fmt, group_size=w.group_size, cfg=cfg,
-                          interpret=impl == "interpret")
+                          interpret=impl == "interpret", layout=w.layout)
     return out.reshape(*x.shape[:-1], N)
 
 
@@ -383,7 +429,7 @@ def ragged_qmatmul(x, w, group_sizes, *, impl: str = "auto", cfg=None):
                                   preferred_element_type=jnp.float32).astype(x.dtype)
     from pallas_kernels.int4_matmul import int4_grouped_matmul
     return int4_grouped_matmul(x, group_sizes, (_weight_arrays(w),), fmt=w.fmt, group_size=w.group_size,
-                               cfg=cfg, interpret=impl == "interpret")
+                               cfg=cfg, interpret=impl == "interpret", layout=w.layout)
 
 
 def ragged_qmatmul_gate_up(x, w_gate, w_up, group_sizes, row_scale=None, *, impl: str = "auto",
@@ -394,8 +440,7 @@ def ragged_qmatmul_gate_up(x, w_gate, w_up, group_sizes, row_scale=None, *, impl
     _check_ragged(x, w_gate, group_sizes, "ragged_qmatmul_gate_up")
     _check_ragged(x, w_up, group_sizes, "ragged_qmatmul_gate_up")
     impl = _impl(impl)
-    same = (isinstance(w_gate, QuantizedWeight) and isinstance(w_up, QuantizedWeight)
-            and (w_gate.fmt, w_gate.group_size) == (w_up.fmt, w_up.group_size))
+    same = _fused_pair(w_gate, w_up)
     if impl == "xla" or not same:
         g = ragged_qmatmul(x, w_gate, group_sizes, impl=impl, cfg=cfg).astype(jnp.float32)
         u = ragged_qmatmul(x, w_up, group_sizes, impl=impl, cfg=cfg).astype(jnp.float32)
@@ -406,7 +451,7 @@ def ragged_qmatmul_gate_up(x, w_gate, w_up, group_sizes, row_scale=None, *, impl
     from pallas_kernels.int4_matmul import int4_grouped_matmul
     return int4_grouped_matmul(x, group_sizes, (_weight_arrays(w_gate), _weight_arrays(w_up)), row_scale,
                                fmt=w_gate.fmt, group_size=w_gate.group_size, cfg=cfg,
-                               interpret=impl == "interpret",
+                               interpret=impl == "interpret", layout=w_gate.layout,
                                epilogue="silu_mul" if row_scale is None else "silu_mul_scaled")
 
 
@@ -425,15 +470,15 @@ def pair_qmatmul(x, w, row_experts, *, impl: str = "auto", cfg=None):
         return jnp.where((row_experts < E)[:, None], y, 0.0).astype(x.dtype)
     from pallas_kernels.int4_matmul import int4_grouped_matmul
     return int4_grouped_matmul(x, None, (_weight_arrays(w),), fmt=w.fmt, group_size=w.group_size, cfg=cfg,
-                               interpret=impl == "interpret", row_experts=jnp.minimum(row_experts, E))
+                               interpret=impl == "interpret", row_experts=jnp.minimum(row_experts, E),
+                               layout=w.layout)
 
 
 def pair_qmatmul_gate_up(x, w_gate, w_up, row_experts, *, impl: str = "auto", cfg=None):
     """SiLU(x @ w_gate[e_r]) * (x @ w_up[e_r]) per row r (see pair_qmatmul); one kernel reads x once for both
     weights when both are quantized in the same format."""
     impl = _impl(impl)
-    same = (isinstance(w_gate, QuantizedWeight) and isinstance(w_up, QuantizedWeight)
-            and (w_gate.fmt, w_gate.group_size) == (w_up.fmt, w_up.group_size))
+    same = _fused_pair(w_gate, w_up)
     if impl == "xla" or not same:
         g = pair_qmatmul(x, w_gate, row_experts, impl=impl, cfg=cfg).astype(jnp.float32)
         u = pair_qmatmul(x, w_up, row_experts, impl=impl, cfg=cfg).astype(jnp.float32)
@@ -442,4 +487,5 @@ def pair_qmatmul_gate_up(x, w_gate, w_up, row_experts, *, impl: str = "auto", cf
     from pallas_kernels.int4_matmul import int4_grouped_matmul
     return int4_grouped_matmul(x, None, (_weight_arrays(w_gate), _weight_arrays(w_up)), fmt=w_gate.fmt,
                                group_size=w_gate.group_size, cfg=cfg, interpret=impl == "interpret",
-                               epilogue="silu_mul", row_experts=jnp.minimum(row_experts, w_gate.shape[0]))
+                               epilogue="silu_mul", row_experts=jnp.minimum(row_experts, w_gate.shape[0]),
+                               layout=w_gate.layout)

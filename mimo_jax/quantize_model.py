@@ -10,6 +10,7 @@ quantized while loading and one quantized after loading are bit-identical.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -22,6 +23,17 @@ from mimo_jax.plan import path_keys, stack_axes
 
 EXPERT_LEAVES = ("w_gate", "w_up", "w_down")
 CHOICES = ("none", "int4_sym", "int4_asym", "mxfp4")
+# How each format's expert bytes are stored (quant.LAYOUTS; every kernel and the XLA path read both, only speed
+# differs). "nk" makes the one-token routed kernels 8-19% faster (BENCHMARKS.md, bench_int4_m1); "kn" stays the
+# default until a whole step measures "nk", the verify (grouped kernel) included: `knobs.py
+# quantize_model.EXPERT_LAYOUT=nk -- benchmarks/profile_step.py ...` sets every format.
+EXPERT_LAYOUT = {"int4_sym": "kn", "int4_asym": "kn", "mxfp4": "kn"}
+
+
+def expert_layout(fmt: str) -> str:
+    """The stored layout of `fmt` experts (EXPERT_LAYOUT; a plain string there applies to every format)."""
+    table = EXPERT_LAYOUT
+    return quant.check_layout(table if isinstance(table, str) else table.get(fmt, "kn"))
 
 
 def is_expert_leaf(keys: tuple, ndim: int) -> bool:
@@ -46,7 +58,7 @@ def check_format(fmt: str | None, group_size: int) -> tuple[str, int]:
     return fmt, group_size
 
 
-def quantized_struct(struct, fmt: str, group_size: int, where: str = "") -> quant.QuantizedWeight:
+def quantized_struct(struct, fmt: str, group_size: int, where: str = "", layout: str = "kn") -> quant.QuantizedWeight:
     """The QuantizedWeight (of jax.ShapeDtypeStruct arrays) that quantizing a weight struct [..., K, N] gives."""
     *lead, K, N = struct.shape
     try:
@@ -57,42 +69,46 @@ def quantized_struct(struct, fmt: str, group_size: int, where: str = "") -> quan
     scale_dtype = jnp.uint8 if fmt == "mxfp4" else jnp.float16
     g = jax.ShapeDtypeStruct(lead + (K // group_size, N), scale_dtype)
     mins = jax.ShapeDtypeStruct(g.shape, jnp.float16) if fmt == "int4_asym" else None
-    return quant.QuantizedWeight(jax.ShapeDtypeStruct(lead + (K // 2, N), jnp.uint8), g, mins, fmt, group_size,
-                                 (K, N), jnp.dtype(struct.dtype).name)
+    packed = lead + ((K // 2, N) if quant.check_layout(layout) == "kn" else (N, K // 2))
+    return quant.QuantizedWeight(jax.ShapeDtypeStruct(packed, jnp.uint8), g, mins, fmt, group_size,
+                                 (K, N), jnp.dtype(struct.dtype).name, layout)
 
 
-def quantize_structs(structs, fmt: str, group_size: int):
-    """param_shapes(...) with every routed-expert leaf replaced by its quantized_struct."""
+def quantize_structs(structs, fmt: str, group_size: int, layout: str | None = None):
+    """param_shapes(...) with every routed-expert leaf replaced by its quantized_struct (layout None: the
+    format's expert_layout)."""
     if fmt == "none":
         return structs
+    layout = layout or expert_layout(fmt)
 
     def q(path, s):
-        return quantized_struct(s, fmt, group_size, jax.tree_util.keystr(path)) if _is_expert(path, s) else s
+        return quantized_struct(s, fmt, group_size, jax.tree_util.keystr(path), layout) if _is_expert(path, s) else s
 
     return jax.tree_util.tree_map_with_path(q, structs)
 
 
-def quantize_experts(params, fmt: str = "int4_sym", group_size: int = 128):
+def quantize_experts(params, fmt: str = "int4_sym", group_size: int = 128, layout: str | None = None):
     """params with every routed-expert weight [..., E, K, N] replaced by a QuantizedWeight (each expert quantized
-    by quant.quantize_jit; a stack's quantized arrays are gathered on the host, then put back where it was)."""
+    by quant.quantize_jit; a stack's quantized arrays are gathered on the host, then put back where it was), stored
+    in `layout` (None: the format's expert_layout)."""
     fmt, group_size = check_format(fmt, group_size)
     if fmt == "none":
         return params
+    layout = layout or expert_layout(fmt)
 
     def q(path, leaf):
         if not _is_expert(path, leaf):
             return leaf
-        target = quantized_struct(leaf, fmt, group_size, jax.tree_util.keystr(path))
+        target = quantized_struct(leaf, fmt, group_size, jax.tree_util.keystr(path), layout)
         arrays = {name: np.zeros(s.shape, s.dtype) for name, s in
                   (("packed", target.packed), ("scales", target.scales), ("mins", target.mins)) if s is not None}
         for idx in itertools.product(*(range(n) for n in leaf.shape[:-2])):
-            qw = quant.quantize_jit(leaf[idx], fmt=fmt, group_size=group_size)
+            qw = quant.quantize_jit(leaf[idx], fmt=fmt, group_size=group_size, layout=layout)
             for name, buf in arrays.items():
                 buf[idx] = np.asarray(getattr(qw, name))
         place = (lambda a: jax.device_put(a, leaf.sharding)) if isinstance(leaf, jax.Array) else jnp.asarray
-        return quant.QuantizedWeight(place(arrays["packed"]), place(arrays["scales"]),
-                                     place(arrays["mins"]) if "mins" in arrays else None, fmt, group_size,
-                                     target.kn, target.dtype)
+        return dataclasses.replace(target, packed=place(arrays["packed"]), scales=place(arrays["scales"]),
+                                   mins=place(arrays["mins"]) if "mins" in arrays else None)
 
     return jax.tree_util.tree_map_with_path(q, params)
 

@@ -1,7 +1,8 @@
 """W4A16 dequant-matmul Pallas kernels (Triton lowering): dense x[M,K] @ W4[K,N] and grouped by expert.
 
 Weight layout: see mimo_jax/quant.py (packed uint8 [.., K/2, N]; per group of G rows along K, byte j holds
-row j in the low nibble and row j + G/2 in the high nibble; scales/mins [.., K/G, N]).
+row j in the low nibble and row j + G/2 in the high nibble; scales/mins [.., K/G, N]). With layout "nk" the packed
+bytes are stored [.., N, K/2] and each program reads its [bn, G/2] tile and transposes it in registers.
 
 Per group the kernel loads the G/2 x N-tile bytes once, turns each nibble into a bf16 in registers, and
 does two small dots (x[:, low half] @ lo, x[:, high half] @ hi) into one f32 partial; the group's scale
@@ -50,6 +51,7 @@ class KernelConfig:
     fold: int = 1           # mxfp4: groups per dot, their power-of-two scales applied to the bf16 weights
                             # (`folded_partial`; x permuted by `fold_x`); not on the M = 1 GEMV path
     scale_in_decode: bool = False  # fold > 1: the scales multiply inside the e2m1 decode (`folded_partial`)
+    layout: str = "kn"      # the weight's stored layout (set from the weight by the entry points, not a choice)
 
 
 def _pow2(v: int) -> bool:
@@ -148,6 +150,11 @@ def _k_loop(x_ref, rows_at, rmask, w_at, n0, g_first, n_iter, cfg, fmt, gs, bm, 
     """The K loop over groups (cfg.fold > 1: over chunks of fold groups; x permuted by fold_x); w_at lists
     (packed, scales, mins or None, leading index) per weight."""
     half = gs // 2
+
+    def w_tile(p_ref, lead, kb, rows):  # packed rows [kb, kb + rows) of the N tile as [rows, bn], either layout
+        if cfg.layout == "nk":
+            return p_ref[(*lead, pl.ds(n0, cfg.bn), pl.ds(kb, rows))].T
+        return p_ref[(*lead, pl.ds(kb, rows), pl.ds(n0, cfg.bn))]
     if cfg.fold > 1:
         F = cfg.fold
 
@@ -158,7 +165,7 @@ def _k_loop(x_ref, rows_at, rmask, w_at, n0, g_first, n_iter, cfg, fmt, gs, bm, 
                 kb = pl.multiple_of(g * half, half * F)  # the chunk's packed row = its column in either half of x
                 x_lo, x_hi = folded_x_halves(x_ref, pl.ds(rows_at, bm), rmask[:, None], kb, F * half)
                 for j, (p_ref, s_ref, _, lead) in enumerate(w_at):
-                    p = p_ref[(*lead, pl.ds(kb, F * half), pl.ds(n0, cfg.bn))]
+                    p = w_tile(p_ref, lead, kb, F * half)
                     s = s_ref[(*lead, pl.ds(g, F), pl.ds(n0, cfg.bn))]
                     accs[j] = accs[j] + folded_partial(x_lo, x_hi, p, s, cfg.method == "asm",
                                                        scale_in_decode=cfg.scale_in_decode)
@@ -175,7 +182,7 @@ def _k_loop(x_ref, rows_at, rmask, w_at, n0, g_first, n_iter, cfg, fmt, gs, bm, 
             x_hi = plgpu.load(x_ref.at[pl.ds(rows_at, bm), pl.ds(k0 + half, half)], mask=rmask[:, None],
                               other=0.0)
             for j, (p_ref, s_ref, m_ref, lead) in enumerate(w_at):
-                p = p_ref[(*lead, pl.ds(pl.multiple_of(g * half, half), half), pl.ds(n0, cfg.bn))]
+                p = w_tile(p_ref, lead, pl.multiple_of(g * half, half), half)
                 s = s_ref[(*lead, pl.ds(g, 1), pl.ds(n0, cfg.bn))]
                 m = None if m_ref is None else m_ref[(*lead, pl.ds(g, 1), pl.ds(n0, cfg.bn))]
                 accs[j] = accs[j] + _group_partial(x_lo, x_hi, p, s, m, fmt, cfg.method)
@@ -244,18 +251,30 @@ def _gemv_kernel(x_ref, p_ref, s_ref, *rest, fmt, gs, cfg, groups_per_split):
     o_ref[(*lead, pl.ds(0, 1), pl.ds(n0, cfg.bn))] = out.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "cfg", "interpret"))
+def packed_kn(packed, layout: str) -> tuple[int, int]:
+    """(K, N) of a packed weight [.., K/2, N] ("kn") or [.., N, K/2] ("nk")."""
+    if layout not in ("kn", "nk"):
+        raise ValueError(f"unknown 4-bit weight layout {layout!r}")
+    k2, n = packed.shape[-2:] if layout == "kn" else packed.shape[-2:][::-1]
+    return 2 * k2, n
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "cfg", "interpret", "layout"))
 def int4_matmul(x, packed, scales, mins, *, fmt: str, group_size: int, cfg: KernelConfig | None = None,
-                interpret: bool = False):
-    """x[M, K] (bf16) @ W4[K, N] -> [M, N] in x's dtype. packed/scales/mins as in mimo_jax.quant."""
+                interpret: bool = False, layout: str = "kn"):
+    """x[M, K] (bf16) @ W4[K, N] -> [M, N] in x's dtype. packed/scales/mins as in mimo_jax.quant, packed stored in
+    `layout`."""
     M, K = x.shape
-    N = packed.shape[-1]
-    if packed.shape != (K // 2, N):
-        raise ValueError(f"int4_matmul: x {x.shape} does not match packed weight {packed.shape} (K={K})")
-    cfg = _for_backend(cfg or default_config(M, K, N, group_size), interpret)
+    Kw, N = packed_kn(packed, layout)
+    if packed.ndim != 2 or Kw != K:
+        raise ValueError(f"int4_matmul: x {x.shape} does not match packed weight {packed.shape} (K={K}, "
+                         f"layout {layout})")
+    cfg = _for_backend(dataclasses.replace(cfg or default_config(M, K, N, group_size), layout=layout), interpret)
     gemv = cfg.bm == 1
     if gemv and M != 1:
         raise ValueError(f"int4_matmul: bm=1 (the GEMV path) needs M = 1, got x {x.shape}")
+    if gemv and layout != "kn":
+        raise ValueError("int4_matmul: bm=1 (the GEMV path) reads the kn layout only")
     check_shapes(K, N, group_size, dataclasses.replace(cfg, bm=16) if gemv else cfg)
     groups_per_split = K // group_size // cfg.split_k
     check_fold(cfg.fold, fmt, groups_per_split // cfg.unroll, "int4_matmul", cfg.scale_in_decode)
@@ -408,34 +427,45 @@ def routes_to_m1(fmt: str, n_weights: int) -> bool:
     return n_weights in M1_ROUTES.get(fmt, ())
 
 
-def routed_m1_config(fmt: str, M: int, K: int, N: int, group_size: int, n_weights: int):
-    """The int4_m1 config a routed decode pair runs with (stored "kn", M1_FOLD groups per dot)."""
+# Experts stored "nk" (mimo_jax.quant): the int4_m1 form per (format kind, weights per call) that measured fastest
+# on an H200 (BENCHMARKS.md, `bench_int4_m1.py`, 8 pairs of 64 experts, mid_mimo shapes, split by
+# default_m1_config): int4 gate/up xw bn64 w4 35.7 us (kn routed 39.3), down wx bn64 w2 16.9 (18.9); mxfp4 fold 4
+# gate/up xw bn128 w4 41.06 (44.51), down wx bn64 w2 20.13 (24.80).
+M1_NK = {("int4", 2): dict(orient="xw", bn=64, num_warps=4), ("int4", 1): dict(orient="wx", bn=64, num_warps=2),
+         ("mxfp4", 2): dict(orient="xw", bn=128, num_warps=4), ("mxfp4", 1): dict(orient="wx", bn=64, num_warps=2)}
+
+
+def routed_m1_config(fmt: str, M: int, K: int, N: int, group_size: int, n_weights: int, layout: str = "kn"):
+    """The int4_m1 config a routed decode pair runs with: the weight's stored layout, M1_FOLD groups per dot, and
+    for "nk" the M1_NK form."""
     from pallas_kernels.int4_m1 import default_m1_config
 
-    cfg = default_m1_config(M, K, N, group_size, n_weights, layout="kn", fold=M1_FOLD.get(fmt, 1))
+    form = M1_NK.get(("mxfp4" if fmt == "mxfp4" else "int4", n_weights), {}) if layout == "nk" else {}
+    cfg = default_m1_config(M, K, N, group_size, n_weights, layout=layout, fold=M1_FOLD.get(fmt, 1), **form)
     return dataclasses.replace(cfg, scale_in_decode=FOLD_SCALE_IN_DECODE and cfg.fold > 1)
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "cfg", "interpret", "epilogue"))
+@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "cfg", "interpret", "epilogue", "layout"))
 def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, group_size: int,
                         cfg: KernelConfig | None = None, interpret: bool = False, epilogue: str = "none",
-                        row_experts=None):
+                        row_experts=None, layout: str = "kn"):
     """Rows of x[M, K] sorted by expert, group_sizes[E] rows per expert; weights is a tuple of
-    (packed [E, K/2, N], scales [E, K/G, N], mins or None) -- one entry, or two (gate, up) for
-    epilogue "silu_mul" (SiLU(x Wg) * (x Wu)) / "silu_mul_scaled" (same, times row_scale[M]).
+    (packed [E, K/2, N] ("kn") or [E, N, K/2] ("nk"), scales [E, K/G, N], mins or None) -- one entry, or two
+    (gate, up) for epilogue "silu_mul" (SiLU(x Wg) * (x Wu)) / "silu_mul_scaled" (same, times row_scale[M]).
     With row_experts (int32 [M], E = skip: a zero row) instead of group_sizes, row r uses expert
     row_experts[r] and the rows need no sorting (`row_tiles`)."""
     M, K = x.shape
-    E, K2, N = weights[0][0].shape
-    if K2 * 2 != K:
-        raise ValueError(f"int4_grouped_matmul: x {x.shape} does not match expert weights [E={E}, K={K2 * 2}, "
-                         f"N={N}]")
+    E = weights[0][0].shape[0]
+    Kw, N = packed_kn(weights[0][0], layout)
+    if weights[0][0].ndim != 3 or Kw != K:
+        raise ValueError(f"int4_grouped_matmul: x {x.shape} does not match expert weights [E={E}, K={Kw}, "
+                         f"N={N}] (layout {layout})")
     if (row_experts is not None and cfg is None and routes_to_m1(fmt, len(weights))
             and epilogue != "silu_mul_scaled"):
         # pairs (decode): pallas_kernels.int4_m1 -- the same dot (x rows as A, mma.sync), each pair's program
         # inside the aligned 16-row block of x that holds it, K split for ~2 weight tiles per SM.
         from pallas_kernels.int4_m1 import int4_m1_matmul
-        m1 = routed_m1_config(fmt, M, K, N, group_size, len(weights))
+        m1 = routed_m1_config(fmt, M, K, N, group_size, len(weights), layout)
         return int4_m1_matmul(x, weights, row_experts, fmt=fmt, group_size=group_size, cfg=m1,
                               interpret=interpret, epilogue=epilogue)
     if cfg is None:
@@ -443,7 +473,7 @@ def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, gr
         groups = K // group_size // cfg.split_k // cfg.unroll
         fold = fit_fold(GROUPED_FOLD.get(fmt, 1), groups)
         cfg = dataclasses.replace(cfg, fold=fold, scale_in_decode=FOLD_SCALE_IN_DECODE and fold > 1)
-    cfg = _for_backend(cfg, interpret)
+    cfg = _for_backend(dataclasses.replace(cfg, layout=layout), interpret)
     check_shapes(K, N, group_size, cfg, what="expert weight")
     check_fold(cfg.fold, fmt, K // group_size // cfg.split_k // cfg.unroll, "int4_grouped_matmul",
                cfg.scale_in_decode)

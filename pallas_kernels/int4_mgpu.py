@@ -344,8 +344,9 @@ def qmatmul_mgpu(x, qw, cfg: MgpuConfig | None = None):
     if qw.fmt != "int4_sym" or qw.ndim != 2:
         raise NotImplementedError(f"int4_mgpu: 2-D int4_sym weights only, got {qw.fmt} {qw.shape}")
     cfg = cfg or default_config(x.shape[0], *qw.kn, qw.group_size)
+    packed = qw.packed if qw.layout == "kn" else jnp.swapaxes(qw.packed, -1, -2)  # this module's inputs are "kn"
     if cfg.layout == "nk":
-        w, s = to_nk(qw.packed, qw.group_size), qw.scales
+        w, s = to_nk(packed, qw.group_size), qw.scales
     else:
-        w, s = to_kernel_layout(qw.packed, qw.scales, qw.group_size, bn=cfg.bn)
+        w, s = to_kernel_layout(packed, qw.scales, qw.group_size, bn=cfg.bn)
     return int4_matmul_mgpu(x, w, s, group_size=qw.group_size, cfg=cfg)

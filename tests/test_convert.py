@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_fixtures import save_hub_layout
-from mimo_jax import checkpoint, convert, safetensors_io
+from mimo_jax import checkpoint, convert, quantize_model, safetensors_io
 from mimo_jax.engine import Engine
 from mimo_jax.errors import CheckpointError, ConfigError
 from mimo_jax.loader import Checkpoint, load_checkpoint
-from mimo_jax.quant import QuantizedWeight, dequantize
+from mimo_jax.quant import QuantizedWeight, dequantize, to_layout
 from test_loader import assert_same_params, mtp_tensors, quant_model
 
 E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)
@@ -112,6 +112,28 @@ def test_orbax_round_trip_exact(dirs, converted):
     np.testing.assert_array_equal(bf16["layers"][1]["mlp"]["w_gate"].packed, want["layers"][1]["mlp"]["w_gate"].packed)
     with pytest.raises(ConfigError, match="converted with experts int4_sym g32"):
         Engine.from_pretrained(converted, quant_experts="int4_asym", quant_group=32)
+
+
+def test_mxfp4_checkpoint_loads_into_the_nk_layout(dirs, monkeypatch):
+    cfg, kn = load_checkpoint(dirs[2], jnp.float32)
+    monkeypatch.setattr(quantize_model, "EXPERT_LAYOUT", "nk")
+    _, nk = load_checkpoint(dirs[2], jnp.float32)
+    a, b = nk["layers"][1]["mlp"]["w_down"], kn["layers"][1]["mlp"]["w_down"]
+    assert (a.layout, b.layout) == ("nk", "kn")
+    np.testing.assert_array_equal(to_layout(a, "kn").packed, b.packed)  # bytes moved, not requantized
+
+
+def test_orbax_round_trip_keeps_the_nk_layout(dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(quantize_model, "EXPERT_LAYOUT", "nk")
+    out = tmp_path / "nk"
+    assert convert.main(["--checkpoint", str(dirs[1]), "--out", str(out), "--quant_experts", "int4_asym",
+                         "--quant_group", "32", "--dtype", "float32"]) == 0
+    assert json.loads((out / checkpoint.META).read_text())["expert_layout"] == "nk"
+    _, want = load_checkpoint(dirs[1], jnp.float32, quant_experts="int4_asym", quant_group=32)
+    monkeypatch.setattr(quantize_model, "EXPERT_LAYOUT", "kn")  # restoring follows the directory, not the table
+    _, got = checkpoint.restore(out)
+    assert_same_params(got, want)
+    assert got["layers"][1]["mlp"]["w_up"].layout == "nk"
 
 
 def test_orbax_directory_from_another_config(dirs, converted, tmp_path):

@@ -20,11 +20,11 @@ from hf_fixtures import (fp8_round_trip, hf_logits, random_hf_model, save_hub_la
                          save_transformers_layout)
 from mimo_jax.engine import Engine
 from mimo_jax.errors import CheckpointError, ConfigError
-from mimo_jax import safetensors_io
+from mimo_jax import quantize_model, safetensors_io
 from mimo_jax.loader import Checkpoint, load_checkpoint
 from mimo_jax.model import plan_of
 from mimo_jax.plan import Loop, layer_slots
-from mimo_jax.quant import QuantizedWeight
+from mimo_jax.quant import QuantizedWeight, to_layout
 from mimo_jax.quantize_model import quantize_experts
 
 FORMATS = ("int4_sym", "int4_asym", "mxfp4")
@@ -231,7 +231,7 @@ def assert_same_params(got, want):
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got, is_leaf=is_q)[0],
                             jax.tree_util.tree_leaves(want, is_leaf=is_q)):
         if is_q(a):
-            assert (a.fmt, a.group_size, a.kn, a.dtype) == (b.fmt, b.group_size, b.kn, b.dtype), path
+            assert (a.fmt, a.group_size, a.kn, a.dtype, a.layout) == (b.fmt, b.group_size, b.kn, b.dtype, b.layout), path
         for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
             assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
 
@@ -248,6 +248,22 @@ def test_quantized_while_loading_equals_load_then_quantize(quant_dirs, fmt, dtyp
     n_q = sum(isinstance(x, QuantizedWeight) for x in
               jax.tree_util.tree_leaves(got, is_leaf=lambda x: isinstance(x, QuantizedWeight)))
     assert n_q == 3 * sum(r.kind[1] == "moe" for r in runs)  # gate / up / down of every MoE stack
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantized_while_loading_in_the_nk_layout(quant_dirs, fmt, monkeypatch):
+    """Experts stored "nk" (quantize_model.EXPERT_LAYOUT): quantized while loading == load then quantize, and the
+    same bits as the "kn" load with its bytes transposed."""
+    path = quant_dirs[1][0]
+    _, ref = load_checkpoint(path, jnp.float32)
+    _, kn = load_checkpoint(path, jnp.float32, quant_experts=fmt, quant_group=32)
+    monkeypatch.setattr(quantize_model, "EXPERT_LAYOUT", {fmt: "nk"})
+    _, got = load_checkpoint(path, jnp.float32, quant_experts=fmt, quant_group=32)
+    assert_same_params(got, quantize_experts(ref, fmt, 32))
+    is_q = lambda x: isinstance(x, QuantizedWeight)  # noqa: E731
+    as_kn = jax.tree_util.tree_map(lambda w: to_layout(w, "kn") if is_q(w) else w, got, is_leaf=is_q)
+    assert any(w.layout == "nk" for w in jax.tree_util.tree_leaves(got, is_leaf=is_q) if is_q(w))
+    assert_same_params(as_kn, kn)
 
 
 def test_engine_from_pretrained_quant_experts(quant_dirs):
