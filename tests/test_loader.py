@@ -396,6 +396,11 @@ def _sharded_worker(path: str, tmp: str) -> None:
             d = checkpoint.save(Path(tmp) / "conv", cfg, sharded, fmt, 32, jnp.bfloat16, path)
             compare("orbax", checkpoint.restore(d, mesh=mesh)[1], single)
             compare("orbax_1dev", checkpoint.restore(d)[1], single)
+    quantize_model.EXPERT_LAYOUT = "nk"  # experts stored "nk": placed on the mesh the same way
+    _, single = load_checkpoint(path, jnp.bfloat16, quant_experts="int4_sym", quant_group=32)
+    _, sharded = load_checkpoint(path, jnp.bfloat16, mesh=mesh, quant_experts="int4_sym", quant_group=32)
+    assert sharded["layers"][1]["mlp"]["w_gate"].layout == "nk"
+    compare("nk", sharded, single)
     print("RESULT " + json.dumps(out))
 
 
