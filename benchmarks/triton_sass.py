@@ -16,6 +16,8 @@ MXFP4 also with its scales inside the e2m1 decode (int4_matmul.FOLD_SCALE_IN_DEC
 --what fused: the fused decode layer's three kernels (pallas_kernels/decode_layer.py) for SmolLM2 shapes: whole
 kernel instruction mix, global / local-memory loads, and attn_out's asynchronous copies at 1-3 stages; with the
 products as FMAs, then as pipelined dots (DOTS).
+--what layouts: the expert kernels at mid_mimo's shapes with the weights stored "kn" and "nk" (mimo_jax.quant
+layouts): the routed decode pairs (int4_m1, M1_NK's forms for nk) and the grouped verify kernel (9 tokens x top-8).
 """
 from __future__ import annotations
 
@@ -163,10 +165,41 @@ def formats_main():
                   + " ".join(f"{k} {v}" for k, v in c.most_common(10)), flush=True)
 
 
+def layouts_main():
+    """Routed decode pairs and the grouped verify kernel, weights "kn" vs "nk", int4_sym g128 and MXFP4."""
+    from pallas_kernels import int4_matmul as K4
+    S = jax.ShapeDtypeStruct
+    for fmt, g, sdt in (("int4_sym", 128, jnp.float16), ("mxfp4", 32, jnp.uint8)):
+        for layout in ("kn", "nk"):
+            for name, K, N, nw in (("gate/up", 4096, 2048, 2), ("down", 2048, 4096, 1)):
+                p = S((64,) + ((K // 2, N) if layout == "kn" else (N, K // 2)), jnp.uint8)
+                sc = S((64, K // g, N), sdt)
+                ep = "silu_mul" if nw == 2 else "none"
+                for rows, what in ((8, "decode pairs"), (72, "verify grouped")):
+                    if rows == 8:
+                        cfg = K4.routed_m1_config(fmt, 8, K, N, g, nw, layout)
+                        fn = lambda x, i, p, s: K4.int4_grouped_matmul(  # noqa: E731
+                            x, None, ((p, s, None),) * nw, fmt=fmt, group_size=g, row_experts=i, epilogue=ep,
+                            layout=layout)
+                        args = (S((8, K), jnp.bfloat16), S((8,), jnp.int32), p, sc)
+                        desc = f"m1 {cfg.orient} bn{cfg.bn} w{cfg.num_warps} split {cfg.split_k}"
+                    else:
+                        cfg = K4.default_grouped_config(72, K, N, g, 64)
+                        fn = lambda x, gs, p, s: K4.int4_grouped_matmul(  # noqa: E731
+                            x, gs, ((p, s, None),) * nw, fmt=fmt, group_size=g, epilogue=ep, layout=layout)
+                        args = (S((72, K), jnp.bfloat16), S((64,), jnp.int32), p, sc)
+                        desc = f"grouped bm{cfg.bm} bn{cfg.bn} split {cfg.split_k}"
+                    (ttir,) = capture_ttir(fn, *args)
+                    c = loop_mix(ttir, cfg.num_warps, cfg.num_stages)
+                    print(f"{fmt:8s} {layout} {name:8s} {what:15s} {desc:28s} loop {sum(c.values()):5d} instr, "
+                          f"{per_weight(c):.2f} instr/weight; " + " ".join(f"{k} {v}" for k, v in c.most_common(8)),
+                          flush=True)
+
+
 def main():
     what = sys.argv[sys.argv.index("--what") + 1] if "--what" in sys.argv else "int4_m1"
     if what != "int4_m1":
-        return {"gemv": gemv_main, "fused": fused_main, "formats": formats_main}[what]()
+        return {"gemv": gemv_main, "fused": fused_main, "formats": formats_main, "layouts": layouts_main}[what]()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_int4_m1 import VARIANTS, m1_cfg
     from pallas_kernels import int4_matmul as K4
