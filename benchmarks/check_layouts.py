@@ -9,6 +9,7 @@ measured in the same run, counting the touched experts' bytes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np  # noqa: E402
 
 from ceiling import read_ceiling  # noqa: E402
 from mimo_jax import quant as Q  # noqa: E402
+from pallas_kernels import int4_matmul as IM  # noqa: E402
 
 H, I, E, TOP = 4096, 2048, 64, 8
 
@@ -35,6 +37,12 @@ def timed(f, reps):
         out = f()
     jax.block_until_ready(out)
     return (time.perf_counter() - t) / reps
+
+
+def grouped_cfg(fmt, K, N, gs):
+    """The grouped kernel's own config for TOP decode pairs (as int4_grouped_matmul picks it without a route)."""
+    cfg = IM.default_grouped_config(TOP, K, N, gs, E)
+    return dataclasses.replace(cfg, fold=IM.fit_fold(IM.GROUPED_FOLD.get(fmt, 1), K // gs // cfg.split_k))
 
 
 def main() -> None:
@@ -61,11 +69,16 @@ def main() -> None:
                        for s in sets]
             touched = len({int(e) for e in np.asarray(ids[0])})
             results = {}
-            for layout in ("kn", "nk"):
+            variants = ("kn", "nk", "nk grouped") if tokens == 1 else ("kn", "nk")
+            for variant in variants:
+                layout = variant.split()[0]
                 wl = {n: Q.to_layout(v, layout) for n, v in w.items()}
                 if tokens == 1:
-                    f = jax.jit(lambda x, i, wl=wl: Q.pair_qmatmul(Q.pair_qmatmul_gate_up(x, wl["gate"], wl["up"], i),
-                                                                   wl["down"], i))
+                    # the route (int4_m1), or with an explicit config the grouped kernel's row tiles
+                    cu, cd = ((grouped_cfg(fmt, H, I, gs), grouped_cfg(fmt, I, H, gs))
+                              if variant.endswith("grouped") else (None, None))
+                    f = jax.jit(lambda x, i, wl=wl, cu=cu, cd=cd: Q.pair_qmatmul(
+                        Q.pair_qmatmul_gate_up(x, wl["gate"], wl["up"], i, cfg=cu), wl["down"], i, cfg=cd))
                 else:
                     def f(x, i, wl=wl):
                         gsz = jnp.bincount(i, length=E).astype(jnp.int32)
@@ -86,8 +99,8 @@ def main() -> None:
 
                 sec = timed(call, args.reps)
                 pct = 100 * touched * per_expert / sec / ceiling
-                results[layout] = sec
-                print(f"{fmt:9s} tokens {tokens}  {layout}: {sec * 1e6:8.1f} us/MoE layer ({pct:4.1f}% of ceiling, "
+                results[variant] = sec
+                print(f"{fmt:9s} tokens {tokens}  {variant:10s}: {sec * 1e6:8.1f} us/MoE layer ({pct:4.1f}% of ceiling, "
                       f"{touched} experts)  rel err vs XLA {rel:.2e} {'OK' if rel < 2e-2 else 'FAIL'}")
             print(f"{fmt:9s} tokens {tokens}  nk / kn = {results['nk'] / results['kn']:.3f}")
 
