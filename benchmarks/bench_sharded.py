@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 
 from mimo_jax import model, quant, sharding
 from mimo_jax.config import MOE, load_config
-from mimo_jax.quantize_model import _is_expert, check_format, quantized_struct
+from mimo_jax.quantize_model import _is_expert, check_format, expert_layout, quantized_struct
 
 from ceiling import read_ceiling
 
@@ -38,7 +38,7 @@ def abstract_params(cfg, fmt: str = "int4_sym"):
     fmt, group = check_format(fmt, GROUP)
 
     def to_q(path, s):
-        return quantized_struct(s, fmt, group) if _is_expert(path, s) else s
+        return quantized_struct(s, fmt, group, layout=expert_layout(fmt)) if _is_expert(path, s) else s
     return jax.tree_util.tree_map_with_path(to_q, model.param_shapes(cfg, jnp.bfloat16))
 
 

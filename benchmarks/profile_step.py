@@ -217,11 +217,12 @@ def build(args, cfg, mesh):
     dtype = jnp.dtype(args.dtype)
     fmt, group = check_format(mesh_format(args, mesh), args.quant_group)
     per_weight = None if fmt == "none" else 0.5 + {"int4_sym": 2, "int4_asym": 4, "mxfp4": 1}[fmt] / group
-    if mesh is not None:  # random 4-bit experts generated on their devices (bench_sharded)
+    if mesh is not None or (args.random_experts and fmt != "none"):
+        # random 4-bit experts generated on their devices (bench_sharded; one device: a mesh of one)
         import bench_sharded
 
         bench_sharded.GROUP = args.quant_group
-        return bench_sharded.random_params(cfg, mesh, args.attention, fmt), per_weight
+        return bench_sharded.random_params(cfg, mesh or sharding.make_mesh(1), args.attention, fmt), per_weight
     params = model.init_params(cfg, jax.random.PRNGKey(0), dtype)
     if fmt == "none":
         return params, None
@@ -241,6 +242,9 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quant_experts", default="none")
     ap.add_argument("--quant_group", type=int, default=128)
+    ap.add_argument("--random_experts", action="store_true",
+                    help="one device: random 4-bit expert codes made on the device (as under a mesh) instead of "
+                         "quantizing random bf16 experts (a Flash-sized bf16 stack takes minutes to quantize)")
     ap.add_argument("--devices", type=int, default=1)
     ap.add_argument("--attention", default="tp")
     ap.add_argument("--k", type=int, default=0, help="also profile the speculative step with k drafts (MTP)")
@@ -279,7 +283,8 @@ def main():
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
     tag = args.tag or Path(args.config).stem
     print(f"== {tag}: {jax.devices()[0].device_kind} x{args.devices}, jax {jax.__version__}, {cfg.num_layers} "
-          f"layers, {args.dtype}, experts {mesh_format(args, mesh)}{' (random codes)' if mesh is not None else ''}; "
+          f"layers, {args.dtype}, experts {mesh_format(args, mesh)}"
+          f"{' (random codes)' if mesh is not None or args.random_experts else ''}; "
           f"read ceiling {ceiling / 1e9:.0f} GB/s per device (measured now)")
     summary = {"tag": tag, "device": jax.devices()[0].device_kind, "devices": args.devices, "jax": jax.__version__,
                "ceiling_GBps": ceiling / 1e9}
