@@ -10,12 +10,22 @@ un-sorted and summed with the router weights.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mimo_jax import ops, quant, sharding
 from mimo_jax.ops import pair_matmul, pair_swiglu_in, ragged_matmul, ragged_swiglu_in
+
+# Expert parallelism at decode: each device runs all top-k (token, expert) pairs, the ones held elsewhere as skips,
+# so ~k / devices pairs do work. True: the expert kernels' default configs split K for those busy pairs (with 4 of 8
+# pairs busy per GPU, twice the K splits), keeping ~2 weight tiles per SM as measured best for 8 busy pairs
+# (BENCHMARKS.md, session 4). The Flash 2 x H200 profile of session 12 had the gate/up pair kernel at ~19% of its
+# bytes (40.8 us for ~4 local pairs, where mid_mimo's 8 take 39 us). Untimed (no 2-GPU machine since): off until a
+# sweep measures it (knob_sweep.sh moe.EP_SPLIT_FOR_BUSY_PAIRS=1 ... --devices 2).
+EP_SPLIT_FOR_BUSY_PAIRS = False
 
 
 def route(p, x, top_k: int, norm_topk_prob: bool, scaling: float):
@@ -36,14 +46,15 @@ def _flatten_lead(w, n_lead: int):
     return jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[n_lead + 1:]), w)
 
 
-def experts(stack, index, x, weights, ids):
+def experts(stack, index, x, weights, ids, busy_pairs: int | None = None):
     """Routed experts of one layer: sum_j weights[:, j] * expert_{ids[:, j]}(x), x [N, H] -> [N, H].
 
     `stack` holds the expert weights of a whole run of layers ([*stack, E, K, N] each, never sliced by the layer
     scan) and `index` picks this layer. With fewer (token, expert) pairs than experts (decode, verify), the
     stack is viewed as [layers * E, K, N] and the grouped matmul reads only the experts the pairs name, straight
     from the stack; otherwise (prefill) this layer's experts are sliced out first. An id equal to E marks a pair
-    to skip (expert parallelism: the expert lives on another device).
+    to skip (expert parallelism: the expert lives on another device); busy_pairs: how many of one token's
+    pairs are expected not to skip (the kernels' K splits; see EP_SPLIT_FOR_BUSY_PAIRS).
     """
     n, k = ids.shape
     lead = stack["w_gate"].shape[: len(index)]
@@ -71,8 +82,8 @@ def experts(stack, index, x, weights, ids):
     if n == 1:
         # One token (decode): its k experts are distinct, so every (token, expert) pair is its own row tile in
         # pair order -- no sort, group sizes, tile schedule or un-sort (each was a kernel per layer).
-        h = pair_swiglu_in(jnp.broadcast_to(x, (k, x.shape[1])), w["w_gate"], w["w_up"], flat)
-        y = pair_matmul(h, w["w_down"], flat)
+        h = pair_swiglu_in(jnp.broadcast_to(x, (k, x.shape[1])), w["w_gate"], w["w_up"], flat, busy_pairs)
+        y = pair_matmul(h, w["w_down"], flat, busy_pairs)
         return jnp.einsum("kh,k->h", y.astype(jnp.float32), weights[0])[None].astype(x.dtype)
     order = jnp.argsort(flat, stable=True)
     rows = x[order // k]
@@ -90,6 +101,10 @@ def moe(p, stack, index, x, top_k: int, norm_topk_prob: bool, scaling: float):
     with jax.named_scope("router"):
         weights, ids = route(p, flat, top_k, norm_topk_prob, scaling)
     with jax.named_scope("experts"):
-        if sharding.expert_axis_size() > 1:
-            return sharding.ep_experts(experts, stack, index, flat, weights, ids).reshape(shape)
+        n_dev = sharding.expert_axis_size()
+        if n_dev > 1:
+            local = experts
+            if EP_SPLIT_FOR_BUSY_PAIRS:
+                local = functools.partial(experts, busy_pairs=max(1, -(-top_k // n_dev)))
+            return sharding.ep_experts(local, stack, index, flat, weights, ids).reshape(shape)
         return experts(stack, index, flat, weights, ids).reshape(shape)

@@ -269,14 +269,15 @@ def ragged_swiglu_in(x, w_gate, w_up, group_sizes):
     return jax.nn.silu(ragged_matmul(x, w_gate, group_sizes)) * ragged_matmul(x, w_up, group_sizes)
 
 
-def pair_matmul(x, w, experts):
+def pair_matmul(x, w, experts, busy_rows: int | None = None):
     """Row r of x [M, K] times expert experts[r] of w [E, K, N] -> [M, N] (an id >= E: a zero row); rows in
-    any order, no sort. For rows whose experts are distinct (one token's top-k), each expert is read once."""
-    return quant.pair_qmatmul(x, w, experts)
+    any order, no sort. For rows whose experts are distinct (one token's top-k), each expert is read once.
+    busy_rows: rows expected not to skip (quant.pair_qmatmul)."""
+    return quant.pair_qmatmul(x, w, experts, busy_rows=busy_rows)
 
 
-def pair_swiglu_in(x, w_gate, w_up, experts):
+def pair_swiglu_in(x, w_gate, w_up, experts, busy_rows: int | None = None):
     """SiLU(x @ w_gate[e]) * (x @ w_up[e]) per row (see pair_matmul); one kernel when both are quantized."""
     if isinstance(w_gate, quant.QuantizedWeight):
-        return quant.pair_qmatmul_gate_up(x, w_gate, w_up, experts)
+        return quant.pair_qmatmul_gate_up(x, w_gate, w_up, experts, busy_rows=busy_rows)
     return jax.nn.silu(pair_matmul(x, w_gate, experts)) * pair_matmul(x, w_up, experts)

@@ -455,10 +455,11 @@ def ragged_qmatmul_gate_up(x, w_gate, w_up, group_sizes, row_scale=None, *, impl
                                epilogue="silu_mul" if row_scale is None else "silu_mul_scaled")
 
 
-def pair_qmatmul(x, w, row_experts, *, impl: str = "auto", cfg=None):
+def pair_qmatmul(x, w, row_experts, *, impl: str = "auto", cfg=None, busy_rows: int | None = None):
     """Row r of x[M, K] times expert row_experts[r] of w[E, K, N] -> [M, N]; E (or more) = skip, a zero row.
     Rows need no sorting: the Pallas kernel runs one row tile per row (`int4_matmul.row_tiles`), which reads
-    every expert once when the rows' experts are distinct (one token's top-k at decode)."""
+    every expert once when the rows' experts are distinct (one token's top-k at decode). busy_rows: how many rows
+    are expected not to skip (the kernel's default config splits K for those)."""
     _check_ragged(x, w, None, "pair_qmatmul")
     impl = _impl(impl)
     E = w.shape[0]
@@ -471,21 +472,22 @@ def pair_qmatmul(x, w, row_experts, *, impl: str = "auto", cfg=None):
     from pallas_kernels.int4_matmul import int4_grouped_matmul
     return int4_grouped_matmul(x, None, (_weight_arrays(w),), fmt=w.fmt, group_size=w.group_size, cfg=cfg,
                                interpret=impl == "interpret", row_experts=jnp.minimum(row_experts, E),
-                               layout=w.layout)
+                               layout=w.layout, busy_rows=busy_rows)
 
 
-def pair_qmatmul_gate_up(x, w_gate, w_up, row_experts, *, impl: str = "auto", cfg=None):
+def pair_qmatmul_gate_up(x, w_gate, w_up, row_experts, *, impl: str = "auto", cfg=None,
+                         busy_rows: int | None = None):
     """SiLU(x @ w_gate[e_r]) * (x @ w_up[e_r]) per row r (see pair_qmatmul); one kernel reads x once for both
     weights when both are quantized in the same format."""
     impl = _impl(impl)
     same = _fused_pair(w_gate, w_up)
     if impl == "xla" or not same:
-        g = pair_qmatmul(x, w_gate, row_experts, impl=impl, cfg=cfg).astype(jnp.float32)
-        u = pair_qmatmul(x, w_up, row_experts, impl=impl, cfg=cfg).astype(jnp.float32)
+        g = pair_qmatmul(x, w_gate, row_experts, impl=impl, cfg=cfg, busy_rows=busy_rows).astype(jnp.float32)
+        u = pair_qmatmul(x, w_up, row_experts, impl=impl, cfg=cfg, busy_rows=busy_rows).astype(jnp.float32)
         return (jax.nn.silu(g) * u).astype(x.dtype)
     _check_ragged(x, w_gate, None, "pair_qmatmul_gate_up")
     from pallas_kernels.int4_matmul import int4_grouped_matmul
     return int4_grouped_matmul(x, None, (_weight_arrays(w_gate), _weight_arrays(w_up)), fmt=w_gate.fmt,
                                group_size=w_gate.group_size, cfg=cfg, interpret=impl == "interpret",
                                epilogue="silu_mul", row_experts=jnp.minimum(row_experts, w_gate.shape[0]),
-                               layout=w_gate.layout)
+                               layout=w_gate.layout, busy_rows=busy_rows)

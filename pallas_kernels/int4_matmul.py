@@ -378,7 +378,7 @@ def _grouped_kernel(tiles_ref, x_ref, *refs, fmt, gs, E, cfg, n_weights, epilogu
 
 
 def default_grouped_config(M: int, K: int, N: int, group_size: int, E: int | None = None,
-                           n_sms: int = 132) -> KernelConfig:
+                           n_sms: int = 132, busy_rows: int | None = None) -> KernelConfig:
     """One row tile per expert with rows: with few (decode: 1 token x top-8 = 8 tiles x N/128), a whole-K
     program per (tile, N tile) leaves ~1 program per SM, so K is split until there are ~2 per SM (the
     partials are summed, and the SiLU epilogue applied, by one small XLA fusion). Measured on an H200
@@ -386,7 +386,7 @@ def default_grouped_config(M: int, K: int, N: int, group_size: int, E: int | Non
     55.8 -> 52.3 us; at 9 tokens (no split) unroll 1 instead of 2: 158 -> 134 us, gate/up 354 -> 273 us."""
     groups = K // group_size
     bn = _largest_pow2_divisor(N, 128)
-    busy_tiles = min(E if E is not None else M, M)
+    busy_tiles = min(E if E is not None else M, M, busy_rows or M)  # busy_rows: rows expected to do work
     split = 1
     while (N // bn) * busy_tiles * split < 2 * n_sms and groups % (split * 2) == 0 and split < 8:
         split *= 2
@@ -445,15 +445,17 @@ def routed_m1_config(fmt: str, M: int, K: int, N: int, group_size: int, n_weight
     return dataclasses.replace(cfg, scale_in_decode=FOLD_SCALE_IN_DECODE and cfg.fold > 1)
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "cfg", "interpret", "epilogue", "layout"))
+@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "cfg", "interpret", "epilogue", "layout",
+                                             "busy_rows"))
 def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, group_size: int,
                         cfg: KernelConfig | None = None, interpret: bool = False, epilogue: str = "none",
-                        row_experts=None, layout: str = "kn"):
+                        row_experts=None, layout: str = "kn", busy_rows: int | None = None):
     """Rows of x[M, K] sorted by expert, group_sizes[E] rows per expert; weights is a tuple of
     (packed [E, K/2, N] ("kn") or [E, N, K/2] ("nk"), scales [E, K/G, N], mins or None) -- one entry, or two
     (gate, up) for epilogue "silu_mul" (SiLU(x Wg) * (x Wu)) / "silu_mul_scaled" (same, times row_scale[M]).
     With row_experts (int32 [M], E = skip: a zero row) instead of group_sizes, row r uses expert
-    row_experts[r] and the rows need no sorting (`row_tiles`)."""
+    row_experts[r] and the rows need no sorting (`row_tiles`). busy_rows (static): how many of the rows are
+    expected to do work (expert parallelism: the others skip); the default configs split K for those, not all M."""
     M, K = x.shape
     E = weights[0][0].shape[0]
     Kw, N = packed_kn(weights[0][0], layout)
@@ -465,11 +467,11 @@ def int4_grouped_matmul(x, group_sizes, weights, row_scale=None, *, fmt: str, gr
         # pairs (decode): pallas_kernels.int4_m1 -- the same dot (x rows as A, mma.sync), each pair's program
         # inside the aligned 16-row block of x that holds it, K split for ~2 weight tiles per SM.
         from pallas_kernels.int4_m1 import int4_m1_matmul
-        m1 = routed_m1_config(fmt, M, K, N, group_size, len(weights), layout)
+        m1 = routed_m1_config(fmt, min(M, busy_rows or M), K, N, group_size, len(weights), layout)
         return int4_m1_matmul(x, weights, row_experts, fmt=fmt, group_size=group_size, cfg=m1,
                               interpret=interpret, epilogue=epilogue)
     if cfg is None:
-        cfg = default_grouped_config(M, K, N, group_size, E)
+        cfg = default_grouped_config(M, K, N, group_size, E, busy_rows=busy_rows)
         groups = K // group_size // cfg.split_k // cfg.unroll
         fold = fit_fold(GROUPED_FOLD.get(fmt, 1), groups)
         cfg = dataclasses.replace(cfg, fold=fold, scale_in_decode=FOLD_SCALE_IN_DECODE and fold > 1)
