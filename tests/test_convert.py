@@ -115,6 +115,7 @@ def test_orbax_round_trip_exact(dirs, converted):
 
 
 def test_mxfp4_checkpoint_loads_into_the_nk_layout(dirs, monkeypatch):
+    monkeypatch.setattr(quantize_model, "EXPERT_LAYOUT", "kn")
     cfg, kn = load_checkpoint(dirs[2], jnp.float32)
     monkeypatch.setattr(quantize_model, "EXPERT_LAYOUT", "nk")
     _, nk = load_checkpoint(dirs[2], jnp.float32)

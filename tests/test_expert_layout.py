@@ -165,7 +165,7 @@ def test_model_with_nk_experts_equals_kn(fmt, monkeypatch):
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_mimo.json")
     params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 12)), jnp.int32)
-    kn = quantize_model.quantize_experts(params, fmt, 32)
+    kn = quantize_model.quantize_experts(params, fmt, 32, layout="kn")
     monkeypatch.setattr(quantize_model, "EXPERT_LAYOUT", "nk")  # the table's default for every format
     nk = quantize_model.quantize_experts(params, fmt, 32)
     is_q = lambda w: isinstance(w, Q.QuantizedWeight)  # noqa: E731

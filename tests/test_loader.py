@@ -256,6 +256,7 @@ def test_quantized_while_loading_in_the_nk_layout(quant_dirs, fmt, monkeypatch):
     same bits as the "kn" load with its bytes transposed."""
     path = quant_dirs[1][0]
     _, ref = load_checkpoint(path, jnp.float32)
+    monkeypatch.setattr(quantize_model, "EXPERT_LAYOUT", "kn")
     _, kn = load_checkpoint(path, jnp.float32, quant_experts=fmt, quant_group=32)
     monkeypatch.setattr(quantize_model, "EXPERT_LAYOUT", {fmt: "nk"})
     _, got = load_checkpoint(path, jnp.float32, quant_experts=fmt, quant_group=32)
@@ -386,6 +387,7 @@ def _sharded_worker(path: str, tmp: str) -> None:
             if not (a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))):
                 out["mismatch"].append(name + jax.tree_util.keystr(p))
 
+    quantize_model.EXPERT_LAYOUT = "kn"  # then "nk" below
     for fmt in (None, "int4_sym", "mxfp4"):
         cfg, single = load_checkpoint(path, jnp.bfloat16, quant_experts=fmt, quant_group=32)
         _, sharded = load_checkpoint(path, jnp.bfloat16, mesh=mesh, quant_experts=fmt, quant_group=32)
