@@ -29,9 +29,10 @@ GEMV_ELEMENTS = (1 << 23, 1 << 26)
 GEMV_PAD_ROWS = 16
 # Or (True) the wide ones through the kernel's tensor-core form (pallas_kernels.gemv.wide_dot_config: x as 16 rows,
 # the loop's loads pipelined). One H200, session 16, `bench_gemv.py --quick --ms 1 --sweep`: 4096 x 13568 29.4 us
-# and 4096 x 14848 32.4 us (~3.8 TB/s) vs XLA's one-row dot 45.2 / 44.6 us. Off until a step measures it against
-# the padded dot (knob_sweep.sh ops.GEMV_WIDE_DOT=1).
-GEMV_WIDE_DOT = False
+# and 4096 x 14848 32.4 us (~3.8 TB/s) vs XLA's one-row dot 45.2 / 44.6 us. In the step (session 18, one H200,
+# mid_mimo int4 experts "nk", `knob_sweep.sh ... --k 8 --drafter block`): plain 1.556 -> 1.542 ms against the padded
+# dot, the speculative step unchanged (2.293 / 2.294).
+GEMV_WIDE_DOT = True
 
 
 # Under a mesh (GSPMD-sharded weights: the GEMV kernel does not apply) a one-token product of a weight with

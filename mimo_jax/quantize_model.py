@@ -24,10 +24,11 @@ from mimo_jax.plan import path_keys, stack_axes
 EXPERT_LEAVES = ("w_gate", "w_up", "w_down")
 CHOICES = ("none", "int4_sym", "int4_asym", "mxfp4")
 # How each format's expert bytes are stored (quant.LAYOUTS; every kernel and the XLA path read both, only speed
-# differs). "nk" makes the one-token routed kernels 8-19% faster (BENCHMARKS.md, bench_int4_m1); "kn" stays the
-# default until a whole step measures "nk", the verify (grouped kernel) included: `knobs.py
-# quantize_model.EXPERT_LAYOUT=nk -- benchmarks/profile_step.py ...` sets every format.
-EXPERT_LAYOUT = {"int4_sym": "kn", "int4_asym": "kn", "mxfp4": "kn"}
+# differs). "nk" (bytes along K) since session 18: one H200, mid_mimo, `knob_sweep.sh ... --k 8 --drafter block`:
+# int4_sym plain 1.497 -> 1.556 ms (+4%, the routed decode pairs: unexplained, see BENCHMARKS.md) but the k = 8
+# speculative step 2.488 -> 2.293 ms (-8%, the grouped verify kernel); mxfp4 plain 1.553 -> 1.500 (-3%), speculative
+# 2.468 -> 2.500 (+1%, within run-to-run spread). `knobs.py quantize_model.EXPERT_LAYOUT=kn -- ...` goes back.
+EXPERT_LAYOUT = {"int4_sym": "nk", "int4_asym": "nk", "mxfp4": "nk"}
 
 
 def expert_layout(fmt: str) -> str:

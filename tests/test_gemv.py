@@ -84,8 +84,10 @@ def test_gemv_lowers_for_the_gpu():
 @pytest.mark.parametrize("K,N", [(64, 192), (192, 64)])
 def test_gemv_route_pads_wide_products_for_xla(monkeypatch, K, N):
     """Where the GEMV route applies (a GPU), a wide product (N > K) runs as XLA's dot on x padded to
-    ops.GEMV_PAD_ROWS rows, the same values; a narrow one stays on the kernel (interpret mode here)."""
+    ops.GEMV_PAD_ROWS rows (with ops.GEMV_WIDE_DOT off), the same values; a narrow one stays on the kernel
+    (interpret mode here)."""
     monkeypatch.setattr(ops, "_use_gemv", lambda x, w: True)
+    monkeypatch.setattr(ops, "GEMV_WIDE_DOT", False)
     monkeypatch.setattr(ops, "GEMV_PAD_ROWS", 16)
     x, w, ref = _case(1, K, N)
     x3 = x.reshape(1, 1, K)
