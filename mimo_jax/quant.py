@@ -15,11 +15,12 @@ Formats (q is the unsigned 4-bit code, s the group's scale, m its min):
   mxfp4      w = e2m1(q) * 2^(e - 127), e the group's e8m0 byte, G = 32 (OCP MX; UltraSpeed experts)
 
 Stored layouts (`layout`, static aux data like the format):
-  "kn"  packed [..., K/2, N] as above (N contiguous): the dense kernels and the default.
+  "kn"  packed [..., K/2, N] as above (N contiguous): dense weights, and a QuantizedWeight's default.
   "nk"  packed [..., N, K/2], the same bytes with the last two axes swapped: one output column's bytes are
-        contiguous along K, which the one-token expert kernel (pallas_kernels/int4_m1) reads 8 bytes at a time
-        instead of byte by byte (BENCHMARKS.md: routed gate/up and down 8-19% faster). For int4 g32 it is exactly
-        GGUF's block byte order without the scales. Scales and mins stay [..., K/G, N] in both layouts.
+        contiguous along K, which the expert kernels read 8 bytes at a time instead of byte by byte. Routed
+        experts are stored so by default (quantize_model.EXPERT_LAYOUT; BENCHMARKS.md, session 18: the
+        speculative verify 8% faster per int4 step). For int4 g32 it is exactly GGUF's block byte order without
+        the scales. Scales and mins stay [..., K/G, N] in both layouts.
 `to_layout` converts (exactly: only bytes move); quantize, dequantize and the GGUF / MXFP4 imports take a layout.
 
 All arrays are pytree leaves and share their leading dims, so a stacked [L, K, N] weight scans into
