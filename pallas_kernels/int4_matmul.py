@@ -427,11 +427,13 @@ def routes_to_m1(fmt: str, n_weights: int) -> bool:
     return n_weights in M1_ROUTES.get(fmt, ())
 
 
-# Experts stored "nk" (mimo_jax.quant): the int4_m1 form per (format kind, weights per call) that measured fastest
-# on an H200 (BENCHMARKS.md, `bench_int4_m1.py`, 8 pairs of 64 experts, mid_mimo shapes, split by
-# default_m1_config): int4 gate/up xw bn64 w4 35.7 us (kn routed 39.3), down wx bn64 w2 16.9 (18.9); mxfp4 fold 4
-# gate/up xw bn128 w4 41.06 (44.51), down wx bn64 w2 20.13 (24.80).
-M1_NK = {("int4", 2): dict(orient="xw", bn=64, num_warps=4), ("int4", 1): dict(orient="wx", bn=64, num_warps=2),
+# Experts stored "nk" (mimo_jax.quant): the int4_m1 form per (format kind, weights per call). First chosen on an
+# H200 by `bench_int4_m1.py` (8 pairs of 64 experts, mid_mimo shapes, split by default_m1_config): int4 gate/up xw
+# bn64 w4 35.7 us (kn routed 39.3), down wx bn64 w2 16.9 (18.9); mxfp4 fold 4 gate/up xw bn128 w4 41.06 (44.51),
+# down wx bn64 w2 20.13 (24.80). The step disagreed for int4 gate/up (session 19, one H100, mid_mimo int4 plain
+# decode, profile_step): bn64 (split 1) 50.1 us per call vs bn128 (split 2) 41.8 (kn: 40.3); the step 1.880 ->
+# 1.832 ms, the speculative k = 8 step 2.778 -> 2.758. So int4 gate/up is bn128 too.
+M1_NK = {("int4", 2): dict(orient="xw", bn=128, num_warps=4), ("int4", 1): dict(orient="wx", bn=64, num_warps=2),
          ("mxfp4", 2): dict(orient="xw", bn=128, num_warps=4), ("mxfp4", 1): dict(orient="wx", bn=64, num_warps=2)}
 
 
