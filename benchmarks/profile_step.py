@@ -212,7 +212,7 @@ def random_block_drafter(cfg, layers: int) -> str:
 
 
 def build(args, cfg, mesh):
-    from mimo_jax.quantize_model import check_format, quantize_experts
+    from mimo_jax.quantize_model import check_format, quantize_dense, quantize_experts
 
     dtype = jnp.dtype(args.dtype)
     fmt, group = check_format(mesh_format(args, mesh), args.quant_group)
@@ -222,8 +222,9 @@ def build(args, cfg, mesh):
         import bench_sharded
 
         bench_sharded.GROUP = args.quant_group
-        return bench_sharded.random_params(cfg, mesh or sharding.make_mesh(1), args.attention, fmt), per_weight
-    params = model.init_params(cfg, jax.random.PRNGKey(0), dtype)
+        params = bench_sharded.random_params(cfg, mesh or sharding.make_mesh(1), args.attention, fmt)
+        return quantize_dense(params, args.dense), per_weight
+    params = quantize_dense(model.init_params(cfg, jax.random.PRNGKey(0), dtype), args.dense)
     if fmt == "none":
         return params, None
     return quantize_experts(params, fmt, args.quant_group), per_weight
@@ -242,6 +243,8 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quant_experts", default="none")
     ap.add_argument("--quant_group", type=int, default=128)
+    ap.add_argument("--dense", default="bf16", choices=("bf16", "fp8"),
+                    help="q/k/v and the dense MLP: bf16, or fp8 with 128 x 128 block scales (the hub's format)")
     ap.add_argument("--random_experts", action="store_true",
                     help="one device: random 4-bit expert codes made on the device (as under a mesh) instead of "
                          "quantizing random bf16 experts (a Flash-sized bf16 stack takes minutes to quantize)")
@@ -283,7 +286,7 @@ def main():
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
     tag = args.tag or Path(args.config).stem
     print(f"== {tag}: {jax.devices()[0].device_kind} x{args.devices}, jax {jax.__version__}, {cfg.num_layers} "
-          f"layers, {args.dtype}, experts {mesh_format(args, mesh)}"
+          f"layers, {args.dtype}, dense {args.dense}, experts {mesh_format(args, mesh)}"
           f"{' (random codes)' if mesh is not None or args.random_experts else ''}; "
           f"read ceiling {ceiling / 1e9:.0f} GB/s per device (measured now)")
     summary = {"tag": tag, "device": jax.devices()[0].device_kind, "devices": args.devices, "jax": jax.__version__,
@@ -302,11 +305,12 @@ def main():
                         speculative_k=k, layout=layout, drafter=drafter, decode_steps=per_dispatch)
         cap = engine.capacity(len(ids), args.new_tokens)
         if k == 0:
-            nbytes = step_bytes(cfg, itemsize, cap, expert_itemsize=expert_itemsize)
+            nbytes = step_bytes(cfg, itemsize, cap, expert_itemsize=expert_itemsize, fp8_dense=args.dense == "fp8")
         else:
             e_uniform = (cfg.num_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** (k + 1))
                          if MOE in cfg.mlp_types else None)
-            nbytes = step_bytes(cfg, itemsize, cap, k + 1, e_uniform, ring=k + 1, expert_itemsize=expert_itemsize)
+            nbytes = step_bytes(cfg, itemsize, cap, k + 1, e_uniform, ring=k + 1, expert_itemsize=expert_itemsize,
+                                fp8_dense=args.dense == "fp8")
         floor = nbytes / (ceiling * args.devices)
         spec_tag = f", step layout {args.spec_layout}" if args.spec_layout and k else ""
         print(f"-- {layout}{'' if out_in == 'default' else ', out-in ' + out_in}{spec_tag}: {'plain decode' if k == 0 else f'speculative step k={k}'}, {per_dispatch} step(s) per dispatch (cache bucket {cap}, "

@@ -11,6 +11,7 @@ m64n16k16: 256 per HGMMA and warp). XLA bundles its own Triton, so this is a gui
 a copy of it. Uses jax internals (the Pallas Triton lowering entry point), so it may need updating with jax.
 --what gemv: the dense bf16 GEMV (pallas_kernels/gemv.py) at M = 1 with and without its hand prefetch, and at
 M = 9: instructions per weight of the loop and its asynchronous copies (LDGSTS: a pipelined load).
+--what fp8: the FP8 block-scaled GEMV (gemv.fp8_config) at MiMo's dense shapes.
 --what formats: the routed decode-pair kernel for int4_sym (group 128) and MXFP4 (group 32) at mid_mimo's shapes;
 MXFP4 also with its scales inside the e2m1 decode (int4_matmul.FOLD_SCALE_IN_DECODE).
 --what fused: the fused decode layer's three kernels (pallas_kernels/decode_layer.py) for SmolLM2 shapes: whole
@@ -107,6 +108,27 @@ def gemv_main():
                   + " ".join(f"{k} {v}" for k, v in c.most_common(8)), flush=True)
 
 
+def fp8_main():
+    """The FP8 block-scaled GEMV (mimo_jax/fp8.py) at MiMo's shapes: its default form, the dot in f16, the FMA form."""
+    import dataclasses
+    from pallas_kernels import gemv as G
+    S = jax.ShapeDtypeStruct
+    for M, K, N in ((1, 4096, 14848), (9, 4096, 14848), (1, 16384, 4096), (9, 16384, 4096), (1, 4096, 32768)):
+        d = G.fp8_config(M, K, N)
+        for nk in (False, True):
+          for cfg in (d, dataclasses.replace(d, dot=True, f16=True), dataclasses.replace(d, dot=False)):
+            if M > 1 and not cfg.dot:
+                continue
+            w = S((N, K) if nk else (K, N), jnp.float8_e4m3fn)
+            (ttir,) = capture_ttir(lambda x, w, s: G.gemv(x, w, scale=s, cfg=cfg, nk=nk), S((M, K), jnp.bfloat16),
+                                   w, S((K // 128, N // 128), jnp.float32))
+            c = loop_mix(ttir, cfg.num_warps, cfg.num_stages)
+            per_thread = cfg.bk * cfg.bn / (32 * cfg.num_warps)
+            print(f"fp8 M={M} {K}x{N} nk={nk} dot={cfg.dot} f16={cfg.f16} split={cfg.split_k}: loop {sum(c.values())} instr = "
+                  f"{sum(c.values()) / per_thread:.2f}/weight, LDGSTS {c['LDGSTS']}; "
+                  + " ".join(f"{k} {v}" for k, v in c.most_common(10)), flush=True)  # noqa: E128
+
+
 def fused_main():
     from mimo_jax import model
     from mimo_jax.config import load_config
@@ -199,7 +221,7 @@ def layouts_main():
 def main():
     what = sys.argv[sys.argv.index("--what") + 1] if "--what" in sys.argv else "int4_m1"
     if what != "int4_m1":
-        return {"gemv": gemv_main, "fused": fused_main, "formats": formats_main, "layouts": layouts_main}[what]()
+        return {"gemv": gemv_main, "fp8": fp8_main, "fused": fused_main, "formats": formats_main, "layouts": layouts_main}[what]()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_int4_m1 import VARIANTS, m1_cfg
     from pallas_kernels import int4_matmul as K4

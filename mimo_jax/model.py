@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import ops, sharding
+from mimo_jax import fp8, ops, sharding
 from mimo_jax.config import DENSE, FULL, SLIDING, ModelConfig
 from mimo_jax.layers import attention, rms_norm, swiglu, with_rope_tables
 from mimo_jax.moe import EXPERT_KEYS, moe
@@ -241,17 +241,25 @@ def _with(tree_list, slot, value):
 
 
 def _fusable(*weights) -> bool:
-    """Plain arrays, each on one device (a head- or column-split weight is not concatenated)."""
+    """Plain arrays, each on one device (a head- or column-split weight is not concatenated); or FP8 weights
+    (fp8.Fp8Weight) on one device whose widths are whole scale blocks."""
+    if all(isinstance(w, fp8.Fp8Weight) for w in weights):
+        return (all(len(w.w.sharding.device_set) == 1 and w.shape[-1] % w.block == 0 for w in weights)
+                and len({w.block for w in weights}) == 1)
     return all(isinstance(w, jax.Array) and len(w.sharding.device_set) == 1 for w in weights)
+
+
+def _concat_out(ws):
+    return fp8.concat_out(ws) if isinstance(ws[0], fp8.Fp8Weight) else jnp.concatenate(ws, axis=-1)
 
 
 def _fuse_projections(layer: dict) -> dict:
     """q/k/v into one [H, Nq+Nk+Nv] matrix, gate/up into one [H, 2I]: one GEMM each instead of three / two."""
     attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
     if "wq" in attn and _fusable(attn["wq"], attn["wk"], attn["wv"]):  # (no "wq": fused already)
-        attn["wqkv"] = jnp.concatenate([attn.pop("wq"), attn.pop("wk"), attn.pop("wv")], axis=-1)
+        attn["wqkv"] = _concat_out([attn.pop("wq"), attn.pop("wk"), attn.pop("wv")])
     if "w_gate" in mlp and mlp["w_gate"].ndim == 2 and _fusable(mlp["w_gate"], mlp["w_up"]):
-        mlp["w_gate_up"] = jnp.concatenate([mlp.pop("w_gate"), mlp.pop("w_up")], axis=-1)
+        mlp["w_gate_up"] = _concat_out([mlp.pop("w_gate"), mlp.pop("w_up")])
     return {**layer, "attn": attn, "mlp": mlp}
 
 

@@ -1,8 +1,9 @@
 """The matrix products the model uses, in one place so weight formats can change under them.
 
-Weights are laid out "in, out": dense [K, N], experts [E, K, N]. A weight may be a plain array or a
-quant.QuantizedWeight (int4 / MXFP4 with its metadata); quantized products run the Pallas kernels on GPU and
-the XLA dequantize+dot path elsewhere (quant.py).
+Weights are laid out "in, out": dense [K, N], experts [E, K, N]. A weight may be a plain array, a
+quant.QuantizedWeight (int4 / MXFP4 with its metadata) or an fp8.Fp8Weight (a dense weight kept in the hub's FP8
+with block scales); quantized products run the Pallas kernels on GPU and the XLA dequantize+dot path elsewhere
+(quant.py, fp8.py).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import quant
+from mimo_jax import fp8, quant
 
 # Dense weights streamed by the Pallas GEMV kernel at batch-1 decode (pallas_kernels/gemv.py): one token, bf16,
 # 2^23 <= elements < 2^26. Measured on an H200 (BENCHMARKS.md): MiMo's fused q/k/v (4096 x 13568) 43 -> 35 us, o 21 -> 20
@@ -228,6 +229,8 @@ def matmul(x, w):
         return (y * x.r).astype(x.dtype)
     if isinstance(w, quant.QuantizedWeight):
         return quant.qmatmul(x, w)
+    if isinstance(w, fp8.Fp8Weight):
+        return fp8.matmul(x, w)
     if isinstance(w, OutInWeight):
         return jnp.einsum("...k,nk->...n", x, w.t.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
     if _use_gemv(x, w):

@@ -1,4 +1,5 @@
-"""Quantization as a weight transform over the parameter pytree: the routed experts in int4 or MXFP4.
+"""Quantization as a weight transform over the parameter pytree: the routed experts in int4 or MXFP4, and
+(`quantize_dense`) the dense projections the hub ships in FP8 kept in FP8.
 
 Attention, the dense MLP, embeddings, lm_head, router and the MTP drafter keep their dtype (quantized MTP heads
 lose acceptance; UltraSpeed keeps attention in higher precision too). The format and group size travel in the
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import quant
+from mimo_jax import fp8, quant
 from mimo_jax.errors import ConfigError
 from mimo_jax.plan import path_keys, stack_axes
 
@@ -112,6 +113,41 @@ def quantize_experts(params, fmt: str = "int4_sym", group_size: int = 128, layou
                                    mins=place(arrays["mins"]) if "mins" in arrays else None)
 
     return jax.tree_util.tree_map_with_path(q, params)
+
+
+# The dense weights MiMo-V2-Flash's hub checkpoint stores as FP8 e4m3 with 128 x 128 block scales: q/k/v and the dense
+# MLP (o_proj, embeddings, lm_head and the router are bf16 / fp32 there; ../shared/MIMO_FACTS.md).
+DENSE_FP8_LEAVES = ("wq", "wk", "wv", "w_gate", "w_up", "w_down")
+DENSE_CHOICES = ("bf16", "fp8")
+
+
+def is_dense_fp8_leaf(keys: tuple, ndim: int) -> bool:
+    """A target layer's q/k/v or dense-MLP weight [*stack, K, N] (not a routed-expert stack, not the MTP layers)."""
+    return keys[0] == "layers" and keys[-1] in DENSE_FP8_LEAVES and ndim - stack_axes(keys) == 2
+
+
+def quantize_dense(params, fmt: str = "fp8"):
+    """params with the weights the hub keeps in FP8 (DENSE_FP8_LEAVES) as fp8.Fp8Weight, quantized per 128 x 128
+    block as the hub's checkpoints were (fp8.quantize, one layer's matrix at a time); fmt "bf16" returns params.
+    For a checkpoint that is FP8 already, the loader keeps its values instead (no second rounding)."""
+    if fmt not in DENSE_CHOICES:
+        raise ConfigError(f"unknown dense weight format {fmt!r}; choose from {', '.join(DENSE_CHOICES)}")
+    if fmt == "bf16":
+        return params
+
+    def q(path, leaf):
+        if isinstance(leaf, fp8.Fp8Weight) or not is_dense_fp8_leaf(path_keys(path), leaf.ndim):
+            return leaf
+        lead = leaf.shape[:-2]
+        parts = [fp8.quantize_jit(leaf[idx]) for idx in itertools.product(*(range(n) for n in lead))]
+        if not lead:
+            return parts[0]
+        stack = lambda name: jnp.stack([getattr(p, name) for p in parts]).reshape(  # noqa: E731
+            *lead, *getattr(parts[0], name).shape)
+        place = (lambda a: jax.device_put(a, leaf.sharding)) if isinstance(leaf, jax.Array) else (lambda a: a)
+        return fp8.Fp8Weight(place(stack("w")), place(stack("scale")), parts[0].block, parts[0].layout)
+
+    return jax.tree_util.tree_map_with_path(q, params, is_leaf=lambda x: isinstance(x, fp8.Fp8Weight))
 
 
 def dequantize_experts(params, dtype=jnp.float32):

@@ -13,12 +13,14 @@ The model code never asks how many devices there are: `moe.moe` looks for a "mod
 """
 from __future__ import annotations
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mimo_jax import fp8
 from mimo_jax.config import FULL, ModelConfig
 from mimo_jax.errors import ConfigError
 from mimo_jax.plan import leaf_kind, path_keys, stack_axes
@@ -75,6 +77,11 @@ def specs(tree, cfg: ModelConfig, mesh: Mesh, attention: str = "tp"):
     plan, n = plan_of(cfg), mesh.shape[AXIS]
 
     def spec(path, leaf):
+        if isinstance(leaf, fp8.Fp8Weight):  # w and its block scales split alike, on the axes of its stored layout
+            logical = spec(path, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+            stored = P(*logical[:-2], logical[-1], logical[-2]) if leaf.layout == "nk" and len(logical) >= 2 \
+                else logical
+            return dataclasses.replace(leaf, w=stored, scale=stored)
         keys = path_keys(path)
         while isinstance(keys[-1], int):  # an array inside a QuantizedWeight: packed / scales / mins
             keys = keys[:-1]
@@ -91,7 +98,7 @@ def specs(tree, cfg: ModelConfig, mesh: Mesh, attention: str = "tp"):
         axes = _mesh_axes(cfg, n, kind[0] if kind else FULL, attention)
         return P(*([None] * lead), *(axes[a] if a else None for a in logical))
 
-    return jax.tree_util.tree_map_with_path(spec, tree)
+    return jax.tree_util.tree_map_with_path(spec, tree, is_leaf=lambda x: isinstance(x, fp8.Fp8Weight))
 
 
 def shard(tree, tree_specs, mesh: Mesh):

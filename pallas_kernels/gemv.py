@@ -12,6 +12,10 @@ steps of bk rows with the loads pipelined (num_stages), so each weight byte is r
   - M > 1: the rows padded to 16 (the tensor-core dot minimum), acc[16, bn] += x[16, bk] @ W[bk, tile].
 With split > 1 the programs write f32 partials [split, M, N] that XLA sums (one small fusion, which also takes
 whatever elementwise op follows: a residual add, the SiLU of a gate).
+
+FP8 weights with block scales (mimo_jax/fp8.py: W = w_fp8 * scale[k // B, n // B], B = 128): `scale` given, the
+kernel reads the 1-byte values, widens them in registers (f32 for the FMA form, bf16 for the dot: e4m3 is exact in
+both) and multiplies each K step's partial by its block's scale (bk and bn divide B, so one scale per step).
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ class GemvConfig:
     dot: bool = False       # M = 1 through the M > 1 path (x padded to 16 rows, a tensor-core dot), whose loads
                             # Triton pipelines. Untimed at M = 1; the same kernel at M = 9 ran 4096 x 13568 in
                             # 28.9 us (88% of the ceiling) where the FMA path's best at M = 1 was 32.8 (77%).
+    f16: bool = False       # FP8 weights, dot form: the dot in float16 (e4m3 -> f16 is one conversion per two
+                            # values; -> bf16 goes through f32), x rounded to f16 (overflows past 65504).
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -70,31 +76,55 @@ def wide_dot_config(K: int, N: int) -> GemvConfig:
                       dot=True)
 
 
+def fp8_config(M: int, K: int, N: int, n_sms: int = 132) -> GemvConfig:
+    """FP8 weights (1 byte per value): default_config's tiling with 128-row K steps at M = 1 (the bytes of a bf16
+    64-row step), so a step's tile stays inside one 128 x 128 scale block; wide weights (N > K) as the
+    tensor-core form, as for bf16 (ops.GEMV_WIDE_DOT). Not yet tuned on a GPU (benchmarks/bench_fp8_gemv.py)."""
+    if N > K:
+        return wide_dot_config(K, N)
+    cfg = default_config(M, K, N, n_sms)
+    if M == 1 and K % (128 * cfg.split_k) == 0:
+        cfg = dataclasses.replace(cfg, bk=128)
+    return cfg
+
+
 def supported(M: int, K: int, N: int) -> bool:
     """Shapes the kernel takes (others stay on XLA's dot)."""
     return 1 <= M <= 16 and K % 16 == 0 and N % 16 == 0
 
 
-def _kernel(x_ref, w_ref, o_ref, *, M: int, cfg: GemvConfig, steps: int):
+def _kernel(x_ref, w_ref, *refs, M: int, cfg: GemvConfig, steps: int, block: int, nk: bool):
+    s_ref, o_ref = refs if block else (None, refs[0])
     ni, ki = pl.program_id(0), pl.program_id(1)
     n0 = pl.multiple_of(ni * cfg.bn, cfg.bn)
     first = ki * steps
 
+    def scale(k0):  # the [1, 1] scale of the block holding inputs k0.. and outputs n0.. (FP8 weights), else None
+        if not block:
+            return None
+        if nk:
+            return s_ref[pl.ds(n0 // block, 1), pl.ds(k0 // block, 1)]
+        return s_ref[pl.ds(k0 // block, 1), pl.ds(n0 // block, 1)]
+
     if M == 1 and not cfg.dot:
-        def tile(i):  # the weight tile [bk, bn] and x rows [bk, 1] of K step i
+        def tile(i):  # the weight tile [bk, bn] and x rows [bk, 1] of K step i (FP8: x times the block's scale)
             k0 = pl.multiple_of((first + i) * cfg.bk, cfg.bk)
-            return w_ref[pl.ds(k0, cfg.bk), pl.ds(n0, cfg.bn)], x_ref[pl.ds(k0, cfg.bk), :]
+            x = x_ref[:, pl.ds(k0, cfg.bk)] if nk else x_ref[pl.ds(k0, cfg.bk), :]  # [1, bk] / [bk, 1]
+            if block:
+                x = x.astype(F32) * scale(k0)
+            w = w_ref[pl.ds(n0, cfg.bn), pl.ds(k0, cfg.bk)] if nk else w_ref[pl.ds(k0, cfg.bk), pl.ds(n0, cfg.bn)]
+            return w, x
 
         def fma(acc, t):
             return acc + t[0].astype(F32) * t[1].astype(F32)
 
-        zero = jnp.zeros((cfg.bk, cfg.bn), F32)
+        zero = jnp.zeros((cfg.bn, cfg.bk) if nk else (cfg.bk, cfg.bn), F32)
         if cfg.prefetch and steps > 1:  # step i's FMAs run while step i + 1's loads are in flight
             acc, last = jax.lax.fori_loop(0, steps - 1, lambda i, c: (fma(c[0], c[1]), tile(i + 1)), (zero, tile(0)))
             acc = fma(acc, last)
         else:
             acc = jax.lax.fori_loop(0, steps, lambda i, a: fma(a, tile(i)), zero)
-        out = jnp.sum(acc, axis=0, keepdims=True)             # [1, bn]
+        out = jnp.sum(acc, axis=1)[None, :] if nk else jnp.sum(acc, axis=0, keepdims=True)  # [1, bn]
         rows = 1
     else:
         rows = 16
@@ -102,8 +132,13 @@ def _kernel(x_ref, w_ref, o_ref, *, M: int, cfg: GemvConfig, steps: int):
 
         def body(i, acc):
             k0 = pl.multiple_of((first + i) * cfg.bk, cfg.bk)
-            w = w_ref[pl.ds(k0, cfg.bk), pl.ds(n0, cfg.bn)]
+            w = w_ref[pl.ds(n0, cfg.bn), pl.ds(k0, cfg.bk)] if nk else w_ref[pl.ds(k0, cfg.bk), pl.ds(n0, cfg.bn)]
             x = plgpu.load(x_ref.at[pl.ds(0, rows), pl.ds(k0, cfg.bk)], mask=rmask[:, None], other=0.0)
+            if block:
+                dt = jnp.float16 if cfg.f16 else x.dtype
+                part = (pl.dot(x.astype(dt), w.astype(dt), trans_b=True) if nk
+                        else jnp.dot(x.astype(dt), w.astype(dt), preferred_element_type=F32))
+                return acc + part * scale(k0)
             return acc + jnp.dot(x, w, preferred_element_type=F32)
 
         out = jax.lax.fori_loop(0, steps, body, jnp.zeros((rows, cfg.bn), F32))
@@ -115,35 +150,45 @@ def _kernel(x_ref, w_ref, o_ref, *, M: int, cfg: GemvConfig, steps: int):
                     mask=(jnp.arange(rows) < M)[:, None])
 
 
-def check_config(M: int, K: int, N: int, cfg: GemvConfig) -> None:
+def check_config(M: int, K: int, N: int, cfg: GemvConfig, block: int = 0) -> None:
     if not supported(M, K, N):
         raise ValueError(f"gemv: x [{M}, {K}] @ W [{K}, {N}] needs 1 <= M <= 16 and K, N multiples of 16")
     if N % cfg.bn or K % (cfg.bk * cfg.split_k):
         raise ValueError(f"gemv: K={K} N={N} not divisible by the block (bk={cfg.bk} x split {cfg.split_k}, "
                          f"bn={cfg.bn})")
+    if block and (K % block or N % block or block % cfg.bk or block % cfg.bn):
+        raise ValueError(f"gemv: FP8 weight K={K} N={N}: scale blocks of {block} must tile K and N and hold whole "
+                         f"tiles (bk={cfg.bk}, bn={cfg.bn})")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "partials"))
-def gemv(x, w, *, cfg: GemvConfig | None = None, interpret: bool = False, partials: bool = False):
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "partials", "block", "nk"))
+def gemv(x, w, *, scale=None, block: int = 128, cfg: GemvConfig | None = None, interpret: bool = False,
+         partials: bool = False, nk: bool = False):
     """x [M, K] @ w [K, N] -> [M, N] in x's dtype (f32 accumulation); partials=True returns the f32
-    [split, M, N] partials unsummed (for a caller that fuses the sum with what follows)."""
+    [split, M, N] partials unsummed (for a caller that fuses the sum with what follows). scale: w is FP8 e4m3
+    with float32 block scales [K / block, N / block] (mimo_jax.fp8). nk: w is stored [N, K] (each output's
+    weights contiguous along K, the hub's FP8 layout; scale then [N / block, K / block])."""
     M, K = x.shape
-    N = w.shape[1]
-    cfg = cfg or default_config(M, K, N)
-    check_config(M, K, N, cfg)
+    if nk and scale is None:
+        raise ValueError("gemv: nk (a weight stored [N, K]) is for FP8 weights with their block scales")
+    N = w.shape[0] if nk else w.shape[1]
+    block = block if scale is not None else 0
+    cfg = cfg or (fp8_config(M, K, N) if block else default_config(M, K, N))
+    check_config(M, K, N, cfg, block)
     steps = K // cfg.bk // cfg.split_k
     split = cfg.split_k > 1
     out_dtype = F32 if (split or partials) else x.dtype
     shape = (cfg.split_k, M, N) if split else (M, N)
-    xin = x.astype(w.dtype).reshape(K, 1) if M == 1 and not cfg.dot else x.astype(w.dtype)
+    xdtype = jnp.bfloat16 if block else w.dtype
+    xin = x.astype(xdtype).reshape(K, 1) if M == 1 and not cfg.dot and not nk else x.astype(xdtype)
     out = pl.pallas_call(
-        functools.partial(_kernel, M=M, cfg=cfg, steps=steps),
+        functools.partial(_kernel, M=M, cfg=cfg, steps=steps, block=block, nk=nk),
         grid=(N // cfg.bn, cfg.split_k),
         out_shape=jax.ShapeDtypeStruct(shape, out_dtype),
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        name="gemv_bf16",
-    )(xin, w)
+        name="gemv_fp8" if block else "gemv_bf16",
+    )(xin, w, *(() if scale is None else (scale.astype(F32),)))
     if partials:
         return out if split else out[None]
     return out.sum(axis=0).astype(x.dtype) if split else out

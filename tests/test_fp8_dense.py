@@ -1,0 +1,186 @@
+"""Dense weights kept in FP8 with block scales (mimo_jax/fp8.py): the format's round trip, the GEMV kernel (interpret
+mode) == the jnp reference on random shapes and configs, the model and the Engine with FP8 q/k/v and dense MLP ==
+the same model with those weights dequantized, and the sharding table's specs for them."""
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mimo_jax import fp8, model, sharding
+from mimo_jax.config import load_config
+from mimo_jax.quantize_model import quantize_dense
+from pallas_kernels import gemv as G
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _weight(K, N, seed=0):
+    w = 0.05 * jax.random.normal(jax.random.PRNGKey(seed), (K, N), jnp.float32)
+    return w.at[:128, :128].multiply(40.0)  # one block far larger than the rest: per-block scales matter
+
+
+def test_quantize_round_trip_and_block_scales():
+    w = _weight(300, 200)  # neither side a multiple of the block: the last blocks are partial
+    fw = fp8.quantize(w, layout="kn")
+    assert fw.w.dtype == jnp.float8_e4m3fn and fw.w.shape == (300, 200) and fw.scale.shape == (3, 2)
+    back = fp8.dequantize(fw)
+    # e4m3 keeps 3 mantissa bits: each value within 2^-4 of itself relative to its block's largest
+    for kb in range(3):
+        for nb in range(2):
+            blk = (slice(128 * kb, 128 * kb + 128), slice(128 * nb, 128 * nb + 128))
+            amax = float(jnp.abs(w[blk]).max())
+            assert float(jnp.abs(back[blk] - w[blk]).max()) <= amax / 16 + 1e-12
+            np.testing.assert_allclose(float(fw.scale[kb, nb]), amax / 448, rtol=1e-6)
+    # values already on the grid (the hub's) come back (up to the scale's float32 rounding)
+    again = fp8.quantize(back)
+    np.testing.assert_allclose(np.asarray(fp8.dequantize(again)), np.asarray(back), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+def test_from_checkpoint_keeps_the_values(layout):
+    fw = fp8.quantize(_weight(256, 384), layout="kn")
+    hub_w, hub_s = jnp.swapaxes(fw.w, 0, 1), jnp.swapaxes(fw.scale, 0, 1)  # the hub's "out, in" + scale_inv
+    got = fp8.from_checkpoint(hub_w, hub_s, layout=layout)
+    assert got.layout == layout and got.shape == (256, 384)
+    np.testing.assert_array_equal(np.asarray(fp8.dequantize(got)), np.asarray(fp8.dequantize(fw)))
+    with pytest.raises(ValueError, match="scale shape"):
+        fp8.from_checkpoint(hub_w, hub_s[:, :1])
+
+
+def test_layouts_hold_the_same_values():
+    w = _weight(384, 256)
+    a, b = fp8.quantize(w, layout="kn"), fp8.quantize(w, layout="nk")
+    assert a.w.shape == (384, 256) and b.w.shape == (256, 384) and a.shape == b.shape == (384, 256)
+    np.testing.assert_array_equal(np.asarray(fp8.dequantize(a)), np.asarray(fp8.dequantize(b)))
+
+
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+def test_concat_out_is_exact_and_checks_blocks(layout):
+    parts = [fp8.quantize(_weight(256, n, seed=n), layout=layout) for n in (384, 128, 256)]
+    fused = fp8.concat_out(parts)
+    want = jnp.concatenate([fp8.dequantize(p) for p in parts], axis=-1)
+    np.testing.assert_array_equal(np.asarray(fp8.dequantize(fused)), np.asarray(want))
+    with pytest.raises(ValueError, match="multiple"):
+        fp8.concat_out([fp8.quantize(_weight(256, 192), layout=layout), parts[0]])
+
+
+CASES = [  # (M, K, N, config or None = the default)
+    (1, 512, 384, None), (1, 256, 512, G.GemvConfig(bn=64, bk=64, split_k=2)),
+    (1, 256, 256, G.GemvConfig(bn=128, bk=128, dot=True)), (1, 384, 256, G.GemvConfig(bn=32, bk=128, split_k=3)),
+    (9, 512, 384, None), (9, 256, 256, G.GemvConfig(bn=128, bk=128, split_k=2)), (16, 256, 640, None),
+    (3, 1024, 128, G.GemvConfig(bn=64, bk=32, split_k=4, num_warps=8)),
+]
+
+
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+@pytest.mark.parametrize("M,K,N,cfg", CASES)
+def test_kernel_matches_reference(M, K, N, cfg, layout):
+    fw = fp8.quantize(_weight(K, N, seed=K + N), layout=layout)
+    x = jax.random.normal(jax.random.PRNGKey(M), (M, K), jnp.float32).astype(jnp.bfloat16)
+    ref = np.asarray(x, np.float64) @ np.asarray(fp8.dequantize(fw), np.float64)
+    got = np.asarray(fp8.matmul(x, fw, cfg=cfg, impl="interpret"), np.float64)
+    assert got.shape == (M, N)
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err < 8e-3, err  # the bf16 output's rounding
+    xla = np.asarray(fp8.matmul(x, fw, impl="xla"), np.float64)
+    assert np.abs(xla - ref).max() / np.abs(ref).max() < 2e-2
+
+
+def test_kernel_refuses_tiles_across_blocks():
+    fw = fp8.quantize(_weight(256, 256))
+    x = jnp.ones((1, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="scale blocks"):
+        fp8.matmul(x, fw, cfg=G.GemvConfig(bn=256, bk=64), impl="interpret")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_config(CONFIGS / "tiny_mimo.json")
+    params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
+    return cfg, params
+
+
+def _dequantized(params):
+    return jax.tree_util.tree_map(lambda w: fp8.dequantize(w) if isinstance(w, fp8.Fp8Weight) else w, params,
+                                  is_leaf=lambda w: isinstance(w, fp8.Fp8Weight))
+
+
+def test_model_with_fp8_dense_equals_dequantized(tiny):
+    cfg, params = tiny
+    qp = quantize_dense(params, "fp8")
+    kinds = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(qp, is_leaf=lambda w: isinstance(w, fp8.Fp8Weight))[0]:
+        name = getattr(path[-1], "key", None)
+        if isinstance(leaf, fp8.Fp8Weight):
+            kinds[name] = kinds.get(name, 0) + 1
+    assert {"wq", "wk", "wv"} <= set(kinds) and "wo" not in kinds and "router" not in kinds
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 12)), jnp.int32)
+    pos = jnp.arange(12, dtype=jnp.int32)
+
+    def logits(p):
+        out, _ = model.forward(p, ids, pos, model.init_cache(cfg, 1, 32, jnp.float32), cfg)
+        return np.asarray(out[0])
+
+    a, b = logits(qp), logits(_dequantized(qp))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+    # and the FP8 rounding moved the model (the weights really changed format)
+    assert np.abs(a - logits(params)).max() > 1e-4 * np.abs(a).max()
+
+
+def test_engine_greedy_with_fp8_dense_equals_dequantized(tiny):
+    from mimo_jax.engine import Engine
+
+    cfg, params = tiny
+    qp = quantize_dense(params, "fp8")
+    prompt = [3, 17, 5, 9, 1]
+    a = Engine(cfg, qp, max_seq_len=64).generate(prompt, max_new_tokens=8, temperature=0.0)
+    b = Engine(cfg, _dequantized(qp), max_seq_len=64).generate(prompt, max_new_tokens=8, temperature=0.0)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 8
+
+
+def test_unrolled_layout_fuses_fp8_projections():
+    """q/k/v and gate/up of whole blocks fuse into one Fp8Weight each, with the same products."""
+    layer = {"attn": {k: fp8.quantize(_weight(256, n, seed=n)) for k, n in (("wq", 384), ("wk", 128), ("wv", 256))},
+             "mlp": {k: fp8.quantize(_weight(256, 256, seed=i)) for i, k in enumerate(("w_gate", "w_up"))}}
+    fused = model._fuse_projections(layer)
+    assert isinstance(fused["attn"]["wqkv"], fp8.Fp8Weight) and fused["attn"]["wqkv"].shape == (256, 768)
+    assert isinstance(fused["mlp"]["w_gate_up"], fp8.Fp8Weight)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 256), jnp.float32)
+    q, k, v = jnp.split(fp8.matmul(x, fused["attn"]["wqkv"], impl="xla"), [384, 512], axis=-1)
+    want = fp8.matmul(x, layer["attn"]["wk"], impl="xla")
+    np.testing.assert_allclose(np.asarray(k), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_quantize_dense_rejects_unknown_format(tiny):
+    from mimo_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dense weight format"):
+        quantize_dense(tiny[1], "int8")
+
+
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+def test_sharding_specs_cover_both_arrays(tiny, layout, monkeypatch):
+    """Each FP8 weight's values and scales get the bf16 weight's PartitionSpec, its last two axes swapped for
+    "nk" (what a mesh of 2 would split: q/k/v by heads along N, the dense down along K)."""
+    from jax.sharding import PartitionSpec as P
+
+    cfg, params = tiny
+    monkeypatch.setattr(fp8, "LAYOUT", layout)
+    mesh = sharding.make_mesh(1)
+    monkeypatch.setattr(sharding, "_mesh_axes", lambda *a: {"q_heads": "x", "kv_heads": "x", "ffn": "x",
+                                                            "vocab": None, "experts": "x"})
+    plain = sharding.specs(params, cfg, mesh)
+    q = sharding.specs(quantize_dense(params, "fp8"), cfg, mesh)
+    pairs = []
+    is_spec = lambda s: isinstance(s, (P, fp8.Fp8Weight))  # noqa: E731
+    for s_plain, s_q in zip(jax.tree_util.tree_leaves(plain, is_leaf=is_spec),
+                            jax.tree_util.tree_leaves(q, is_leaf=is_spec)):
+        if isinstance(s_q, fp8.Fp8Weight):
+            pairs.append((s_plain, s_q))
+    assert pairs
+    for s_plain, s_q in pairs:
+        want = P(*s_plain[:-2], s_plain[-1], s_plain[-2]) if layout == "nk" else s_plain
+        assert s_q.w == want and s_q.scale == want
+    assert any("x" in tuple(s) for s, _ in pairs)  # the table did split some of them
