@@ -158,10 +158,11 @@ def concat_out(ws) -> Fp8Weight:
 
 
 def kernel_takes(x, fw: Fp8Weight) -> bool:
-    """Whether x @ fw runs in the GEMV kernel: GPU, a weight on one device, <= 16 rows, K and N whole blocks."""
+    """Whether x @ fw runs in the GEMV kernel: GPU, a weight on one device, <= 16 rows, K and N whole blocks of a
+    multiple of 128 (the kernel's tiles sit inside one block)."""
     from pallas_kernels.gemv import supported
 
-    if jax.default_backend() != "gpu" or fw.ndim != 2:
+    if jax.default_backend() != "gpu" or fw.ndim != 2 or fw.block % 128:
         return False
     sharding = getattr(fw.w, "sharding", None)
     if sharding is not None and len(sharding.device_set) > 1:

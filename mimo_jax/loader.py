@@ -32,12 +32,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from mimo_jax import quant, safetensors_io
+from mimo_jax import fp8, quant, safetensors_io
 from mimo_jax.config import MOE, ModelConfig, config_from_hf
 from mimo_jax.errors import CheckpointError, ConfigError
 from mimo_jax.model import param_shapes, plan_of
 from mimo_jax.plan import layer_slots, leaf_kind, path_keys, stack_axes
-from mimo_jax.quantize_model import check_format, quantize_structs
+from mimo_jax.quantize_model import check_format, dense_structs, quantize_structs
 
 
 # ---- transforms: source tensor (torch layout [out, in]) -> {target leaf name: array in our [in, out] layout} ----
@@ -119,6 +119,8 @@ def _match_layer_rule(suffix: str):
 INDEX = "model.safetensors.index.json"
 _EXPERT_WEIGHT = re.compile(r".*\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight")
 _PACKED = ("U8", "I8")  # an expert weight stored in bytes is MXFP4 (e2m1 pairs) with a `weight_scale` of e8m0s
+# The target layers' FP8 tensors that load_checkpoint(dense="fp8") keeps in FP8 (quantize_model.DENSE_FP8_LEAVES)
+DENSE_FP8_KEY = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkv]_proj|mlp\.(gate|up|down)_proj)\.weight")
 
 
 class Checkpoint:
@@ -129,9 +131,10 @@ class Checkpoint:
     dequantizes there (_dequant_fp8_on_device), so the host only reads; callers transform and cast on the device
     (loader rules, placement). read() = convert(read_raw()): read_raw does the file I/O only (reader threads)."""
 
-    def __init__(self, path: str | Path, device=None):
+    def __init__(self, path: str | Path, device=None, keep_fp8: bool = False):
         self.path = Path(path)
         self.device = device
+        self.keep_fp8 = keep_fp8  # read(): the DENSE_FP8_KEY tensors stored in FP8 as fp8.Fp8Weight, as stored
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint directory not found: {self.path}")
         cfg_file = self.path / "config.json"
@@ -150,6 +153,7 @@ class Checkpoint:
         self._check_index()
         quant = self.hf_config.get("quantization_config") or {}
         self.block = tuple(quant.get("weight_block_size", (128, 128)))
+        self.square_blocks = len(self.block) == 2 and self.block[0] == self.block[1]
 
     def _check_index(self) -> None:
         """Every shard the index names is there and holds the tensors the index puts in it."""
@@ -183,7 +187,8 @@ class Checkpoint:
 
     def read(self, key: str):
         """The tensor as float numpy (torch layout; a jax array on self.device when there is one), or, for an
-        MXFP4 expert, a quant.QuantizedWeight [in, out]."""
+        MXFP4 expert, a quant.QuantizedWeight [in, out]; with keep_fp8, a dense FP8 tensor as an fp8.Fp8Weight
+        [in, out]."""
         return self.convert(key, self.read_raw(key))
 
     def read_raw(self, key: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -216,6 +221,10 @@ class Checkpoint:
         a, scale = raw
         if self.stores_mxfp4(key):
             return quant.from_mxfp4_blocks(a, scale)
+        if scale is not None and self.keep_fp8 and DENSE_FP8_KEY.fullmatch(key) and self.square_blocks:
+            if self.device is not None:  # kept as stored: "out, in" values and scales
+                a, scale = jax.device_put(a, self.device), jax.device_put(scale, self.device)
+            return fp8.from_checkpoint(a, scale, block=self.block[0])
         if self.device is not None:
             a = jax.device_put(a, self.device)
             return a if scale is None else _dequant_fp8_on_device(a, jax.device_put(scale, self.device), self.block)
@@ -252,7 +261,7 @@ class HostSink:
                         for p, s in jax.tree_util.tree_flatten_with_path(structs)[0]}
 
     def put(self, leaf, index, value):
-        if isinstance(value, quant.QuantizedWeight):
+        if isinstance(value, (quant.QuantizedWeight, fp8.Fp8Weight)):
             raise CheckpointError(f"parameter {'.'.join(map(str, leaf))} is stored quantized; load it with "
                                   f"load_checkpoint")
         self.buffers[leaf][index] = value
@@ -322,7 +331,8 @@ def fill(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], sink):
             prefix, index = ("mtp",), (j,)
         if isinstance(array, quant.QuantizedWeight) and not rule.per_expert:
             raise CheckpointError(f"tensor {key} is stored as MXFP4; only routed experts may be")
-        values = array if isinstance(array, quant.QuantizedWeight) else _apply(rule.fn, array)  # as [in, out]
+        kept = isinstance(array, (quant.QuantizedWeight, fp8.Fp8Weight))  # [in, out] already
+        values = array if kept else _apply(rule.fn, array)  # as [in, out]
         array = None
         values = values if isinstance(values, tuple) else (values,)
         expert = int(rm.group("e")) if rule.per_expert else None
@@ -414,7 +424,8 @@ READERS = 2  # tensor (host memory: a small multiple of the largest tensor; one 
 
 def load_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None, attention: str = "tp",
                     quant_experts: str | None = None, quant_group: int = 128,
-                    prefetch_bytes: int = PREFETCH_BYTES, on_device: bool | None = None) -> tuple[ModelConfig, dict]:
+                    prefetch_bytes: int = PREFETCH_BYTES, on_device: bool | None = None,
+                    dense: str = "bf16") -> tuple[ModelConfig, dict]:
     """(config, params on the devices) from a directory of config.json + *.safetensors, streamed: reader threads
     read tensors ahead (at most prefetch_bytes, and twice the largest tensor, beyond the one being placed); each
     tensor is FP8-dequantized, transposed and cast, quantized when it is a routed expert and `quant_experts` names
@@ -424,21 +435,28 @@ def load_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None, attention: 
     on_device (None: when the devices are accelerators): the stored bytes go to a device of this process and the
     dequant / transpose / cast run there, so the host only reads (numpy's FP8 dequant + transpose + cast ran at
     ~0.1 GB/s on one core: BENCHMARKS.md). On a CPU backend the device is the host: numpy does it, one copy of
-    the tensor fewer."""
+    the tensor fewer.
+
+    dense "fp8": q/k/v and the dense MLP of the target layers as fp8.Fp8Weight (quantize_model.DENSE_FP8_LEAVES):
+    an FP8 checkpoint's values and 128 x 128 block scales kept as stored (nothing rounded again), a float
+    checkpoint's tensors quantized while loading (== quantize_dense after a load in `dtype`)."""
     from mimo_jax import placement
 
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
     stage = next(d for d in devices if d.process_index == jax.process_index())
     if on_device is None:
         on_device = stage.platform != "cpu"
-    ckpt = Checkpoint(path, device=stage if on_device else None)
+    ckpt = Checkpoint(path, device=stage if on_device else None, keep_fp8=dense == "fp8")
     cfg = config_from_hf(ckpt.hf_config).replace(num_mtp_layers=_mtp_count(ckpt.keys()))
     fmt, group = expert_format(ckpt, cfg, quant_experts, quant_group)
-    targets = quantize_structs(param_shapes(cfg, dtype), fmt, group)
+    # FP8 kept in the checkpoint's own square blocks (fp8.Fp8Weight.block), else quantized in 128 x 128 ones
+    block = ckpt.block[0] if ckpt.square_blocks and any(ckpt.entries[k].dtype == "F8_E4M3" for k in ckpt.keys()) \
+        else fp8.BLOCK
+    targets = dense_structs(quantize_structs(param_shapes(cfg, dtype), fmt, group), dense, block=block)
     shardings = placement.shardings(targets, cfg, mesh, attention)
     largest = max(ckpt.nbytes(k) for k in ckpt.keys())
     tensors = iter_tensors(ckpt, progress=True, prefetch_bytes=min(prefetch_bytes, 2 * largest))
-    return cfg, fill(cfg, tensors, placement.DeviceSink(targets, shardings))
+    return cfg, fill(cfg, tensors, placement.DeviceSink(targets, shardings, dtype=dtype))
 
 
 def iter_tensors(ckpt: Checkpoint, progress: bool = False, prefetch_bytes: int = 0) -> Iterator[tuple[str, object]]:

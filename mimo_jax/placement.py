@@ -5,7 +5,8 @@
 it: the piece's part for each shard is sliced on the host, copied to that device and written in place by a
 donated dynamic_update_slice (`_write`). Routed experts whose target is a quant.QuantizedWeight are quantized
 one [K, N] matrix at a time by quant.quantize_jit on the device that holds the expert, then written into the
-packed / scales / mins shards the same way. Pieces that arrive as jax arrays (the loader dequantizes and
+packed / scales / mins shards the same way; dense weights whose target is an fp8.Fp8Weight are written as the
+checkpoint stores them (FP8 values and block scales) or quantized on the device (fp8.quantize_jit). Pieces that arrive as jax arrays (the loader dequantizes and
 transposes on a staging device) are cast and sliced there, not on the host. So the host holds one tensor at a
 time and each device its final share plus a bounded number of pieces in flight (DeviceSink's fence); `result()`
 wraps the shards as global arrays (jax.make_array_from_single_device_arrays). Under jax.distributed each process
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import quant
+from mimo_jax import fp8, quant
 from mimo_jax.plan import path_keys
 
 
@@ -102,28 +103,61 @@ class _Quantized:
         return dataclasses.replace(t, packed=arrays["packed"], scales=arrays["scales"], mins=arrays.get("mins"))
 
 
+class _Fp8:
+    """A dense weight kept in FP8 (fp8.Fp8Weight): its values and block scales, filled layer by layer, either
+    from the checkpoint's own FP8 (as stored, no value changed) or quantized from a float tensor on the device."""
+
+    def __init__(self, target: fp8.Fp8Weight, shardings: fp8.Fp8Weight, dtype):
+        self.target, self.dtype = target, jnp.dtype(dtype)
+        self.parts = {name: _Array(getattr(target, name), getattr(shardings, name)) for name in ("w", "scale")}
+
+    def put(self, index: tuple, value) -> None:
+        t = self.target
+        if not isinstance(value, fp8.Fp8Weight):  # cast to the load's dtype first, as quantize_dense after a load
+            owners = self.parts["w"].owners(index)
+            if not owners:
+                return
+            w = value.astype(_np_dtype(self.dtype), copy=False) if isinstance(value, np.ndarray) else \
+                value.astype(self.dtype)
+            value = fp8.quantize_jit(jax.device_put(w, owners[0][0]), block=t.block, layout=t.layout)
+        if value.block != t.block:
+            raise ValueError(f"an FP8 weight of {value.block}-blocks cannot fill a {t.block}-block leaf")
+        if value.layout != t.layout:
+            value = fp8.Fp8Weight(jnp.swapaxes(value.w, -1, -2), jnp.swapaxes(value.scale, -1, -2), value.block,
+                                  t.layout)
+        for name, part in self.parts.items():
+            part.put(index, getattr(value, name))
+
+    def result(self) -> fp8.Fp8Weight:
+        return dataclasses.replace(self.target, w=self.parts["w"].result(), scale=self.parts["scale"].result())
+
+
 def _is_q(x) -> bool:
-    return isinstance(x, quant.QuantizedWeight)
+    return isinstance(x, (quant.QuantizedWeight, fp8.Fp8Weight))
 
 
 class DeviceSink:
     """targets: the parameter pytree of jax.ShapeDtypeStruct (routed experts possibly QuantizedWeight of
-    structs); shardings: the same tree with a jax.sharding.Sharding per array. Every fence_bytes of input the
-    host waits for the last write, so the staging pieces dispatched but not yet written stay bounded."""
+    structs; dense ones possibly fp8.Fp8Weight of structs); shardings: the same tree with a jax.sharding.Sharding
+    per array. Every fence_bytes of input the host waits for the last write, so the staging pieces dispatched but
+    not yet written stay bounded. dtype: what a float tensor is cast to before an FP8 leaf quantizes it."""
 
-    def __init__(self, targets, shardings, fence_bytes: int = 256 << 20):
+    def __init__(self, targets, shardings, fence_bytes: int = 256 << 20, dtype=jnp.bfloat16):
         self.targets, self.fence_bytes, self._since = targets, fence_bytes, 0
         flat_t = jax.tree_util.tree_flatten_with_path(targets, is_leaf=_is_q)[0]
         flat_s = jax.tree_util.tree_leaves(shardings, is_leaf=_is_q)
-        self.leaves = {path_keys(p): (_Quantized(t, s) if _is_q(t) else _Array(t, s))
-                       for (p, t), s in zip(flat_t, flat_s)}
+        def sink(t, s):
+            if isinstance(t, fp8.Fp8Weight):
+                return _Fp8(t, s, dtype)
+            return _Quantized(t, s) if _is_q(t) else _Array(t, s)
+        self.leaves = {path_keys(p): sink(t, s) for (p, t), s in zip(flat_t, flat_s)}
 
     def put(self, leaf: tuple, index: tuple, value) -> None:
         sink = self.leaves[leaf]
         sink.put(tuple(index), value)
         self._since += sum(x.nbytes for x in jax.tree_util.tree_leaves(value))
         if self._since >= self.fence_bytes:
-            parts = sink.parts.values() if isinstance(sink, _Quantized) else (sink,)
+            parts = sink.parts.values() if isinstance(sink, (_Quantized, _Fp8)) else (sink,)
             jax.block_until_ready([s[2] for part in parts for s in part.shards])
             self._since = 0
 

@@ -184,3 +184,51 @@ def test_sharding_specs_cover_both_arrays(tiny, layout, monkeypatch):
         want = P(*s_plain[:-2], s_plain[-1], s_plain[-2]) if layout == "nk" else s_plain
         assert s_q.w == want and s_q.scale == want
     assert any("x" in tuple(s) for s, _ in pairs)  # the table did split some of them
+
+
+# ---- the loader: FP8 kept as stored (hub layout), quantized while loading (float checkpoints) ----
+
+@pytest.fixture(scope="module")
+def ckpt_dirs(tmp_path_factory):
+    from hf_fixtures import fp8_round_trip, random_hf_model, save_hub_layout, save_transformers_layout
+
+    hf = random_hf_model(7, num_layers=4, window=5, hidden_size=64, moe_intermediate_size=32, n_routed_experts=8)
+    fp8_round_trip(hf)
+    root = tmp_path_factory.mktemp("fp8ckpt")
+    return save_hub_layout(hf, root / "hub", shards=2), save_transformers_layout(hf, root / "transformers")
+
+
+def _is_fp8(x):
+    return isinstance(x, fp8.Fp8Weight)
+
+
+def _assert_same(got, want):
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree_util.tree_leaves(want)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+def test_hub_fp8_kept_as_stored(ckpt_dirs, layout, monkeypatch):
+    """dense="fp8" on the hub layout: q/k/v and the dense MLP arrive as Fp8Weight holding the file's FP8 bytes, and
+    dequantized they are the float32 load's tensors bit for bit (every other leaf identical too)."""
+    from mimo_jax.loader import load_checkpoint
+
+    monkeypatch.setattr(fp8, "LAYOUT", layout)
+    _, ref = load_checkpoint(ckpt_dirs[0], jnp.float32)
+    _, got = load_checkpoint(ckpt_dirs[0], jnp.float32, dense="fp8")
+    kept = [w for w in jax.tree_util.tree_leaves(got, is_leaf=_is_fp8) if _is_fp8(w)]
+    assert kept and all(w.layout == layout and w.w.dtype == jnp.float8_e4m3fn for w in kept)
+    _assert_same(jax.tree_util.tree_map(lambda w: fp8.dequantize(w) if _is_fp8(w) else w, got, is_leaf=_is_fp8), ref)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_quantized_while_loading_equals_load_then_quantize(ckpt_dirs, dtype):
+    """A float checkpoint (transformers layout) with dense="fp8": the same Fp8Weights as quantize_dense after a
+    plain load in that dtype, bit for bit."""
+    from mimo_jax.loader import load_checkpoint
+
+    _, ref = load_checkpoint(ckpt_dirs[1], dtype)
+    _, got = load_checkpoint(ckpt_dirs[1], dtype, dense="fp8")
+    _assert_same(got, quantize_dense(ref, "fp8"))
+    assert any(_is_fp8(w) for w in jax.tree_util.tree_leaves(got, is_leaf=_is_fp8))
