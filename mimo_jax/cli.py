@@ -194,9 +194,9 @@ def load(source: Source):
     quant = None if FLAGS.quant_experts == "none" else FLAGS.quant_experts
     if source.kind == "checkpoint":  # experts quantized while streaming onto their devices (loader.py)
         return Engine.from_pretrained(source.path, dtype=dtype, quant_experts=quant, quant_group=FLAGS.quant_group,
-                                      **kwargs)
+                                      dense=FLAGS.dense, **kwargs)
     if source.kind == "random":
-        engine = Engine.from_config(source.cfg, seed=FLAGS.seed, dtype=dtype, **kwargs)
+        engine = Engine.from_config(source.cfg, seed=FLAGS.seed, dtype=dtype, dense=FLAGS.dense, **kwargs)
     else:
         engine = Engine.from_gguf(source.path, dtype, **kwargs)
     if quant:

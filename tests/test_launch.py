@@ -59,6 +59,15 @@ def test_checkpoint_run(ckpt):
     assert len(r.stdout.split()) == 4
 
 
+def test_checkpoint_run_with_fp8_dense_weights(ckpt):
+    """--dense fp8: q/k/v and the dense MLP quantized to FP8 blocks while loading; greedy tokens as with the
+    float weights on this tiny random model is not guaranteed, so only the run's shape is checked here (the
+    equivalences are in test_fp8_dense.py)."""
+    r = launch("--checkpoint", str(ckpt), "--prompt_ids", "5,6,7", "--max_new_tokens", "4", "--dense", "fp8")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.split()) == 4 and all(t.isdigit() for t in r.stdout.split())
+
+
 def test_missing_directory(tmp_path):
     assert_one_line_error(launch("--checkpoint", str(tmp_path / "nope"), "--prompt_ids", "1"), "not found")
 
@@ -177,6 +186,7 @@ def test_flag_errors_before_loading(no_loading, capsys, args, fragments):
     (["--quant_experts", "mxfp4"], "this model (llama, 30 dense layers) has none"),
     (["--max_new_tokens", "4096"], "does not fit the context of 4096"),
     (["--max_seq_len", "9000"], "max_position_embeddings (8192)"),
+    (["--dense", "fp8"], "--dense fp8 applies to a safetensors checkpoint or a --random_init config, not a gguf"),
 ])
 def test_bundled_model_flag_errors_before_loading(no_loading, capsys, args, fragment):
     """The bundled GGUF's config comes from its header alone (milliseconds), before its tensors are read."""
