@@ -77,15 +77,18 @@ def wide_dot_config(K: int, N: int) -> GemvConfig:
 
 
 def fp8_config(M: int, K: int, N: int, n_sms: int = 132) -> GemvConfig:
-    """FP8 weights (1 byte per value): default_config's tiling with 128-row K steps at M = 1 (the bytes of a bf16
-    64-row step), so a step's tile stays inside one 128 x 128 scale block; wide weights (N > K) as the
-    tensor-core form, as for bf16 (ops.GEMV_WIDE_DOT). Not yet tuned on a GPU (benchmarks/bench_fp8_gemv.py)."""
-    if N > K:
-        return wide_dot_config(K, N)
-    cfg = default_config(M, K, N, n_sms)
-    if M == 1 and K % (128 * cfg.split_k) == 0:
-        cfg = dataclasses.replace(cfg, bk=128)
-    return cfg
+    """FP8 weights (1 byte per value), 128-row K steps (a step's tile stays inside one 128 x 128 scale block).
+    M = 1: the FMA form, K split until ~7 programs per SM (each split >= 4 steps). Measured on an H100 (session 19,
+    `bench_fp8_gemv.py --sweep`, weights stored "nk"): 4096 x 14848 27.5 us (72% of the ceiling; bf16 42.6 us),
+    4096 x 32768 54.9 us (79%; bf16 95.8), 16384 x 4096 29.7 us (73%; bf16 50.1); the "kn" layout and the
+    tensor-core form were slower at M = 1 (44-56%). M > 1: the tensor-core form (untimed "nk"; "kn" 44-56%)."""
+    bn, bk = _pow2_divisor(N, 64), _pow2_divisor(K, 128)
+    if M > 1:
+        return GemvConfig(bn=bn, bk=bk, split_k=1, num_warps=4, num_stages=3, dot=True)
+    split = 1
+    while (N // bn) * split < 7 * n_sms and K % (bk * split * 2) == 0 and K // (bk * split * 2) >= 4:
+        split *= 2
+    return GemvConfig(bn=bn, bk=bk, split_k=split, num_warps=4, num_stages=3)
 
 
 def supported(M: int, K: int, N: int) -> bool:
@@ -136,7 +139,8 @@ def _kernel(x_ref, w_ref, *refs, M: int, cfg: GemvConfig, steps: int, block: int
             x = plgpu.load(x_ref.at[pl.ds(0, rows), pl.ds(k0, cfg.bk)], mask=rmask[:, None], other=0.0)
             if block:
                 dt = jnp.float16 if cfg.f16 else x.dtype
-                part = (pl.dot(x.astype(dt), w.astype(dt), trans_b=True) if nk
+                part = (jax.lax.dot_general(x.astype(dt), w.astype(dt), (((1,), (1,)), ((), ())),  # x . w^T
+                                            preferred_element_type=F32) if nk
                         else jnp.dot(x.astype(dt), w.astype(dt), preferred_element_type=F32))
                 return acc + part * scale(k0)
             return acc + jnp.dot(x, w, preferred_element_type=F32)

@@ -432,8 +432,9 @@ def routes_to_m1(fmt: str, n_weights: int) -> bool:
 # bn64 w4 35.7 us (kn routed 39.3), down wx bn64 w2 16.9 (18.9); mxfp4 fold 4 gate/up xw bn128 w4 41.06 (44.51),
 # down wx bn64 w2 20.13 (24.80). The step disagreed for int4 gate/up (session 19, one H100, mid_mimo int4 plain
 # decode, profile_step): bn64 (split 1) 50.1 us per call vs bn128 (split 2) 41.8 (kn: 40.3); the step 1.880 ->
-# 1.832 ms, the speculative k = 8 step 2.778 -> 2.758. So int4 gate/up is bn128 too.
-M1_NK = {("int4", 2): dict(orient="xw", bn=128, num_warps=4), ("int4", 1): dict(orient="wx", bn=64, num_warps=2),
+# 1.832 ms, the speculative k = 8 step 2.778 -> 2.758. So int4 gate/up is bn128 too. The int4 down form in the
+# step (same machine, plain decode, wall): wx bn64 w2 1.835 ms, xw bn128 w4 1.814 (kn's time), wx bn128 w4 1.854.
+M1_NK = {("int4", 2): dict(orient="xw", bn=128, num_warps=4), ("int4", 1): dict(orient="xw", bn=128, num_warps=4),
          ("mxfp4", 2): dict(orient="xw", bn=128, num_warps=4), ("mxfp4", 1): dict(orient="wx", bn=64, num_warps=2)}
 
 
