@@ -81,14 +81,14 @@ def fp8_config(M: int, K: int, N: int, n_sms: int = 132) -> GemvConfig:
     M = 1: the FMA form, K split until ~7 programs per SM (each split >= 4 steps). Measured on an H100 (session 19,
     `bench_fp8_gemv.py --sweep`, weights stored "nk"): 4096 x 14848 27.5 us (72% of the ceiling; bf16 42.6 us),
     4096 x 32768 54.9 us (79%; bf16 95.8), 16384 x 4096 29.7 us (73%; bf16 50.1); the "kn" layout and the
-    tensor-core form were slower at M = 1 (44-56%). M > 1: the tensor-core form (untimed "nk"; "kn" 44-56%)."""
+    tensor-core form were slower at M = 1 (44-56%). M > 1: the tensor-core form, K split until ~1.5 programs per
+    SM: M = 9, "nk", 4096 x 14848 30.1 us (65%; bf16 42.5), 16384 x 4096 33.1 us at split 4 (66%; split 1: 76.9)."""
     bn, bk = _pow2_divisor(N, 64), _pow2_divisor(K, 128)
-    if M > 1:
-        return GemvConfig(bn=bn, bk=bk, split_k=1, num_warps=4, num_stages=3, dot=True)
+    want = 3 * n_sms // 2 if M > 1 else 7 * n_sms
     split = 1
-    while (N // bn) * split < 7 * n_sms and K % (bk * split * 2) == 0 and K // (bk * split * 2) >= 4:
+    while (N // bn) * split < want and K % (bk * split * 2) == 0 and K // (bk * split * 2) >= 4:
         split *= 2
-    return GemvConfig(bn=bn, bk=bk, split_k=split, num_warps=4, num_stages=3)
+    return GemvConfig(bn=bn, bk=bk, split_k=split, num_warps=4, num_stages=3, dot=M > 1)
 
 
 def supported(M: int, K: int, N: int) -> bool:
