@@ -11,9 +11,10 @@ Layouts (`layout`): "kn" ("in, out", as every other dense weight of the model): 
 contiguous along K, which the GEMV kernel's tensor-core form loads with fewer instructions (LAYOUT). Leading axes
 stack layers (the scan slices an Fp8Weight like an array: it is a pytree whose children are w and scale).
 
-Products (`matmul`): on a GPU, one device, up to 16 rows and both sides multiples of the block, the Pallas GEMV
-kernel reads the FP8 bytes and applies each block's scale to its partial (pallas_kernels/gemv.py); elsewhere
-(CPU, prefill, a mesh) XLA's dot of the dequantized weight.
+Products (`matmul`): on a GPU, up to 16 rows and both sides multiples of the block, the Pallas GEMV kernel reads
+the FP8 bytes and applies each block's scale to its partial (pallas_kernels/gemv.py); on a mesh the same kernel
+runs per device under shard_map on each device's slice (`spec`, noted when the weight was placed), with a psum
+when K is split; elsewhere (CPU, prefill) XLA's dot of the dequantized weight.
 """
 from __future__ import annotations
 
@@ -41,9 +42,10 @@ class Fp8Weight:
     scale: jax.Array    # float32 [..., ceil(K / block), ceil(N / block)] ("kn") or [..., ceil(N/B), ceil(K/B)] ("nk")
     block: int = BLOCK
     layout: str = "kn"
+    spec: tuple | None = None  # on a mesh: the PartitionSpec of w (and scale), as stored (sharding.shard notes it)
 
     def tree_flatten(self):
-        return (self.w, self.scale), (self.block, self.layout)
+        return (self.w, self.scale), (self.block, self.layout, self.spec)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -157,19 +159,49 @@ def concat_out(ws) -> Fp8Weight:
                      jnp.concatenate([w.scale for w in ws], axis=axis), block, layout)
 
 
+def _mesh_size() -> int:
+    from mimo_jax import sharding
+
+    return sharding.expert_axis_size()
+
+
 def kernel_takes(x, fw: Fp8Weight) -> bool:
-    """Whether x @ fw runs in the GEMV kernel: GPU, a weight on one device, <= 16 rows, K and N whole blocks of a
-    multiple of 128 (the kernel's tiles sit inside one block)."""
+    """Whether x @ fw runs in the GEMV kernel: GPU, <= 16 rows, a 2-D weight whose blocks are a multiple of 128
+    (the kernel's tiles sit inside one block), each device's K and N whole blocks (on a mesh: the slice it holds,
+    known from `spec`; a weight on a mesh without one stays on XLA's path)."""
     from pallas_kernels.gemv import supported
 
     if jax.default_backend() != "gpu" or fw.ndim != 2 or fw.block % 128:
         return False
-    sharding = getattr(fw.w, "sharding", None)
-    if sharding is not None and len(sharding.device_set) > 1:
+    on_mesh = _mesh_size() > 1
+    if on_mesh and fw.spec is None:
         return False
-    K, N = fw.shape
+    K, N = _local_kn(fw) if on_mesh else fw.shape
     M = int(np.prod(x.shape[:-1]))
     return K % fw.block == 0 and N % fw.block == 0 and supported(M, K, N)
+
+
+def _axes_kn(fw: Fp8Weight):
+    """The mesh axes (or None) that split the logical K and N of a placed weight."""
+    spec = (None, None) + tuple(fw.spec)
+    a, b = spec[-2], spec[-1]
+    return (b, a) if fw.layout == "nk" else (a, b)
+
+
+def _local_kn(fw: Fp8Weight) -> tuple[int, int]:
+    mesh = jax.sharding.get_abstract_mesh()
+    size = lambda ax: 1 if ax is None else int(np.prod([mesh.shape[a] for a in (ax if isinstance(ax, tuple) else (ax,))]))  # noqa: E731
+    (K, N), (k_ax, n_ax) = fw.shape, _axes_kn(fw)
+    return K // size(k_ax), N // size(n_ax)
+
+
+def _kernel_product(rows, fw: Fp8Weight, cfg, interpret: bool):
+    """rows [M, K] @ fw [K, N] in the GEMV kernel on one device's arrays -> f32 [M, N]."""
+    from pallas_kernels.gemv import gemv
+
+    parts = gemv(rows, fw.w, scale=fw.scale, block=fw.block, cfg=cfg, interpret=interpret,
+                 nk=fw.layout == "nk", partials=True)
+    return parts.sum(axis=0)
 
 
 def matmul(x, fw: Fp8Weight, cfg=None, impl: str = "auto"):
@@ -179,9 +211,19 @@ def matmul(x, fw: Fp8Weight, cfg=None, impl: str = "auto"):
     use = impl in ("kernel", "interpret") or (impl == "auto" and kernel_takes(x, fw))
     if not use:
         return jnp.dot(x, dequantize(fw, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
-    from pallas_kernels.gemv import gemv
+    rows, interpret = x.reshape(-1, K), impl == "interpret"
+    if fw.spec is None or _mesh_size() <= 1:
+        y = _kernel_product(rows, fw, cfg, interpret)
+    else:  # each device its slice; a split K is summed over the mesh
+        from jax.sharding import PartitionSpec as P
 
-    rows = x.reshape(-1, K)
-    y = gemv(rows, fw.w, scale=fw.scale, block=fw.block, cfg=cfg, interpret=impl == "interpret",
-             nk=fw.layout == "nk")
-    return y.reshape(*x.shape[:-1], N)
+        k_ax, n_ax = _axes_kn(fw)
+        w_spec = P(*fw.spec[-2:])  # (a layer's slice of a stacked weight keeps the stack's spec)
+
+        def local(r, w, s):
+            y = _kernel_product(r, dataclasses.replace(fw, w=w, scale=s, spec=None), cfg, interpret)
+            return jax.lax.psum(y, k_ax) if k_ax is not None else y
+
+        y = jax.shard_map(local, in_specs=(P(None, k_ax), w_spec, w_spec), out_specs=P(None, n_ax),
+                          check_vma=False)(rows, fw.w, fw.scale)
+    return y.astype(x.dtype).reshape(*x.shape[:-1], N)

@@ -81,7 +81,9 @@ def specs(tree, cfg: ModelConfig, mesh: Mesh, attention: str = "tp"):
             logical = spec(path, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
             stored = P(*logical[:-2], logical[-1], logical[-2]) if leaf.layout == "nk" and len(logical) >= 2 \
                 else logical
-            return dataclasses.replace(leaf, w=stored, scale=stored)
+            # the scales split only where each device holds whole blocks; else they stay whole on every device
+            whole = all(ax is None or dim % (n * leaf.block) == 0 for ax, dim in zip(stored, leaf.w.shape))
+            return dataclasses.replace(leaf, w=stored, scale=stored if whole else P())
         keys = path_keys(path)
         while isinstance(keys[-1], int):  # an array inside a QuantizedWeight: packed / scales / mins
             keys = keys[:-1]
@@ -102,8 +104,14 @@ def specs(tree, cfg: ModelConfig, mesh: Mesh, attention: str = "tp"):
 
 
 def shard(tree, tree_specs, mesh: Mesh):
-    """Place each leaf on the mesh, each device receiving only its own slice."""
-    return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, tree_specs)
+    """Place each leaf on the mesh, each device receiving only its own slice. An fp8.Fp8Weight also notes its
+    PartitionSpec (static), which its products read to run the GEMV kernel per device (fp8.matmul)."""
+    placed = jax.tree_util.tree_map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, tree_specs)
+
+    def note(x, s):
+        return dataclasses.replace(x, spec=tuple(s.w)) if isinstance(x, fp8.Fp8Weight) else x
+
+    return jax.tree_util.tree_map(note, placed, tree_specs, is_leaf=lambda x: isinstance(x, fp8.Fp8Weight))
 
 
 def expert_axis_size() -> int:
