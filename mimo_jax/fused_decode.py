@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mimo_jax import quant, sharding
+from mimo_jax import fp8, quant, sharding
 from mimo_jax.config import DENSE, ModelConfig
 from mimo_jax.layers import rms_norm, swiglu
 from mimo_jax.moe import EXPERT_KEYS, moe
@@ -59,7 +59,7 @@ def unsupported(cfg: ModelConfig, params, cache) -> str | None:
             mats = [pr["attn"][k] for k in ATTN_KEYS]
             if run.kind[1] == DENSE:
                 mats += [pr["mlp"][k] for k in EXPERT_KEYS]
-            if any(isinstance(m, quant.QuantizedWeight) or m.dtype != jnp.bfloat16 for m in mats):
+            if any(isinstance(m, (quant.QuantizedWeight, fp8.Fp8Weight)) or m.dtype != jnp.bfloat16 for m in mats):
                 return "the fused kernels take bfloat16 (unquantized) attention and dense MLP weights"
             if cr["k"].dtype != jnp.bfloat16:
                 return "the fused kernels take a bfloat16 cache"

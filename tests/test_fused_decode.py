@@ -68,3 +68,9 @@ def test_unsupported_says_why():
     f32 = model.init_params(_cfg("tiny_llama"), jax.random.PRNGKey(0), jnp.float32)
     why = fused_decode.unsupported(_cfg("tiny_llama"), f32, model.init_cache(_cfg("tiny_llama"), 1, 64, jnp.float32))
     assert why and "bfloat16" in why
+    from mimo_jax.quantize_model import quantize_dense
+
+    bf16 = model.init_params(_cfg("tiny_llama"), jax.random.PRNGKey(0), jnp.bfloat16)
+    why = fused_decode.unsupported(_cfg("tiny_llama"), quantize_dense(bf16, "fp8"),
+                                   model.init_cache(_cfg("tiny_llama"), 1, 64, jnp.bfloat16))
+    assert why and "unquantized" in why  # FP8 dense weights (fp8.Fp8Weight) stay on the XLA / GEMV path
