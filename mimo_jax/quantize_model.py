@@ -167,7 +167,10 @@ def quantize_dense(params, fmt: str = "fp8"):
             return parts[0]
         stack = lambda name: jnp.stack([getattr(p, name) for p in parts]).reshape(  # noqa: E731
             *lead, *getattr(parts[0], name).shape)
-        place = (lambda a: jax.device_put(a, leaf.sharding)) if isinstance(leaf, jax.Array) else (lambda a: a)
+        # back where the leaf was when the stored shapes match it ("kn"); an "nk" stack stays where quantize_jit put
+        # it (a mesh's Engine places it by the sharding table)
+        same = isinstance(leaf, jax.Array) and parts[0].layout == "kn"
+        place = (lambda a: jax.device_put(a, leaf.sharding)) if same else (lambda a: a)
         return fp8.Fp8Weight(place(stack("w")), place(stack("scale")), parts[0].block, parts[0].layout)
 
     return jax.tree_util.tree_map_with_path(q, params, is_leaf=lambda x: isinstance(x, fp8.Fp8Weight))
