@@ -1,6 +1,7 @@
 """Run by test_fp8_dense.py in a fresh process with 2 simulated CPU devices; prints one JSON result line:
 FP8 products on a mesh (the GEMV kernel in interpret mode under shard_map, N split and K split) against the
-float64 reference, and an Engine with FP8 dense weights on 2 devices against one device (greedy tokens)."""
+float64 reference, an Engine with FP8 dense weights on 2 devices against one device (greedy tokens), and a hub
+FP8 checkpoint loaded with dense="fp8" onto 2 devices against one device (every array, and greedy tokens)."""
 import json
 import os
 import sys
@@ -58,5 +59,29 @@ def engine():
     return {"one": one, "two": two, "noted": [list(s) if s is not None else None for s in noted]}
 
 
+def loaded(directory: str):
+    import tempfile
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from hf_fixtures import fp8_round_trip, random_hf_model, save_hub_layout
+    from mimo_jax.loader import load_checkpoint
+
+    hf = random_hf_model(7, num_layers=4, window=5, hidden_size=256, moe_intermediate_size=128, n_routed_experts=8,
+                         num_attention_heads=4, num_key_value_heads=2)
+    fp8_round_trip(hf)
+    path = save_hub_layout(hf, tempfile.mkdtemp(dir=directory), shards=2)
+    mesh = sharding.make_mesh(2)
+    _, one = load_checkpoint(path, jnp.float32, dense="fp8")
+    _, two = load_checkpoint(path, jnp.float32, dense="fp8", mesh=mesh)
+    same = all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(two)))
+    split = any(isinstance(w, fp8.Fp8Weight) and "model" in tuple(w.w.sharding.spec)
+                for w in jax.tree_util.tree_leaves(two, is_leaf=lambda a: isinstance(a, fp8.Fp8Weight)))
+    kw = dict(dtype=jnp.float32, dense="fp8", max_seq_len=64)
+    greedy = [Engine.from_pretrained(path, **kw, **m).generate([1, 2, 3, 4], 6).token_ids for m in ({}, {"mesh": mesh})]
+    return {"same_arrays": same, "split": split, "greedy": greedy}
+
+
 if __name__ == "__main__":
-    print(json.dumps({"devices": len(jax.devices()), "products": products(), "engine": engine()}))
+    print(json.dumps({"devices": len(jax.devices()), "products": products(), "engine": engine(),
+                      "loaded": loaded(sys.argv[1] if len(sys.argv) > 1 else "/tmp")}))

@@ -235,20 +235,24 @@ def test_quantized_while_loading_equals_load_then_quantize(ckpt_dirs, dtype):
     assert any(_is_fp8(w) for w in jax.tree_util.tree_leaves(got, is_leaf=_is_fp8))
 
 
-def test_on_a_mesh_of_two():
+def test_on_a_mesh_of_two(tmp_path):
     """In a fresh process with 2 CPU devices (tests/fp8_mesh_worker.py): the GEMV kernel (interpret mode) under
     shard_map on each device's slice, N split and K split (a psum), both layouts, M = 1 and 9 == the float64
     product; an Engine with FP8 dense weights on 2 devices gives the 1-device greedy tokens, and the placed
-    weights note their PartitionSpecs."""
+    weights note their PartitionSpecs; a hub FP8 checkpoint loaded with dense="fp8" onto 2 devices holds the
+    1-device load's arrays (split over the mesh) and decodes the same greedy tokens."""
     import json
     import subprocess
     import sys
 
     worker = Path(__file__).with_name("fp8_mesh_worker.py")
-    proc = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["devices"] == 2
     assert len(out["products"]) == 8 and all(err < 8e-3 for err in out["products"].values()), out["products"]
     assert out["engine"]["one"] == out["engine"]["two"] and len(out["engine"]["one"]) == 10
     assert out["engine"]["noted"] and any("model" in (s or []) for s in out["engine"]["noted"])
+    loaded = out["loaded"]
+    assert loaded["same_arrays"] and loaded["split"]
+    assert loaded["greedy"][0] == loaded["greedy"][1] and len(loaded["greedy"][0]) == 6
