@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -123,8 +124,7 @@ def main():
     out = {"ceiling": ceiling, "rows": []}
     for name in a.shapes.split(","):
         K, N = SHAPES[name]
-        for M in map(int, a.ms.split(",")):
-          for layout in a.layouts.split(","):
+        for M, layout in itertools.product(map(int, a.ms.split(",")), a.layouts.split(",")):
             r = bench_one(M, K, N, ceiling, a.sweep, layout)
             out["rows"].append({"shape": name, "K": K, "N": N, "M": M, "layout": layout, **r})
             cells = [f"{k} {v['us']:.1f} us ({v['pct']:.0f}%){' err %.0e' % v['err'] if 'err' in v else ''}"

@@ -116,17 +116,17 @@ def fp8_main():
     for M, K, N in ((1, 4096, 14848), (9, 4096, 14848), (1, 16384, 4096), (9, 16384, 4096), (1, 4096, 32768)):
         d = G.fp8_config(M, K, N)
         for nk in (False, True):
-          for cfg in (d, dataclasses.replace(d, dot=True, f16=True), dataclasses.replace(d, dot=False)):
-            if M > 1 and not cfg.dot:
-                continue
-            w = S((N, K) if nk else (K, N), jnp.float8_e4m3fn)
-            (ttir,) = capture_ttir(lambda x, w, s: G.gemv(x, w, scale=s, cfg=cfg, nk=nk), S((M, K), jnp.bfloat16),
-                                   w, S((K // 128, N // 128), jnp.float32))
-            c = loop_mix(ttir, cfg.num_warps, cfg.num_stages)
-            per_thread = cfg.bk * cfg.bn / (32 * cfg.num_warps)
-            print(f"fp8 M={M} {K}x{N} nk={nk} dot={cfg.dot} f16={cfg.f16} split={cfg.split_k}: loop {sum(c.values())} instr = "
-                  f"{sum(c.values()) / per_thread:.2f}/weight, LDGSTS {c['LDGSTS']}; "
-                  + " ".join(f"{k} {v}" for k, v in c.most_common(10)), flush=True)  # noqa: E128
+            for cfg in (d, dataclasses.replace(d, dot=True, f16=True), dataclasses.replace(d, dot=False)):
+                if M > 1 and not cfg.dot:
+                    continue
+                w = S((N, K) if nk else (K, N), jnp.float8_e4m3fn)
+                (ttir,) = capture_ttir(lambda x, w, s: G.gemv(x, w, scale=s, cfg=cfg, nk=nk), S((M, K), jnp.bfloat16),
+                                       w, S((K // 128, N // 128), jnp.float32))
+                c = loop_mix(ttir, cfg.num_warps, cfg.num_stages)
+                per_thread = cfg.bk * cfg.bn / (32 * cfg.num_warps)
+                print(f"fp8 M={M} {K}x{N} nk={nk} dot={cfg.dot} f16={cfg.f16} split={cfg.split_k}: loop "
+                      f"{sum(c.values())} instr = {sum(c.values()) / per_thread:.2f}/weight, LDGSTS {c['LDGSTS']}; "
+                      + " ".join(f"{k} {v}" for k, v in c.most_common(10)), flush=True)
 
 
 def fused_main():

@@ -277,7 +277,9 @@ class Engine:
 
             path = default_gguf_path()
         path = Path(path)
-        if dense != "bf16" and (path.suffix == ".gguf" or _is_converted(path)):
+        from mimo_jax import checkpoint, loader
+
+        if dense != "bf16" and (path.suffix == ".gguf" or checkpoint.is_converted(path)):
             from mimo_jax.errors import ConfigError
 
             raise ConfigError(f"dense={dense!r} applies to a safetensors checkpoint directory, not {path.name}")
@@ -287,8 +289,6 @@ class Engine:
 
                 raise ConfigError(f"quant_experts={quant_experts!r}: a GGUF (Llama) model has no routed experts")
             return cls.from_gguf(path, dtype or auto_dtype(), **kwargs)
-        from mimo_jax import checkpoint, loader
-
         mesh, attention = kwargs.get("mesh"), kwargs.get("attention", "tp")
         if checkpoint.is_converted(path):
             cfg, params = checkpoint.restore(path, mesh=mesh, attention=attention, dtype=dtype,
@@ -562,9 +562,3 @@ def _find_tokenizer(path: Path):
 
             return Tokenizer.from_file(path / name)
     return None
-
-
-def _is_converted(path: Path) -> bool:
-    from mimo_jax import checkpoint
-
-    return checkpoint.is_converted(path)

@@ -66,20 +66,12 @@ class Fp8Weight:
         """The logical dtype (what the products return for bf16 activations)."""
         return jnp.dtype(jnp.bfloat16)
 
-    @property
-    def nbytes(self) -> int:
-        return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in (self.w, self.scale)))
-
     def __getitem__(self, idx) -> "Fp8Weight":
         """Index leading (stacking) dims only, e.g. w[layer]."""
         idx = idx if isinstance(idx, tuple) else (idx,)
         if len(idx) > self.ndim - 2 or any(i is Ellipsis for i in idx):
             raise IndexError(f"Fp8Weight{self.shape}: only leading dims can be indexed, got {idx}")
         return dataclasses.replace(self, w=self.w[idx], scale=self.scale[idx])
-
-
-def is_fp8(w) -> bool:
-    return isinstance(w, Fp8Weight)
 
 
 def _blocks(n: int, block: int) -> int:
@@ -92,13 +84,13 @@ def _expand(scale, K: int, N: int, block: int):
     return s[..., :K, :N]
 
 
-def _stored(w, scale, block: int, layout: str) -> Fp8Weight:
-    """An Fp8Weight in `layout` from "kn" arrays."""
+def to_layout(fw: Fp8Weight, layout: str) -> Fp8Weight:
+    """The same weight stored in `layout` ("kn" or "nk"): values and scales transposed when it differs."""
     if layout not in ("kn", "nk"):
         raise ValueError(f"FP8 weight layout {layout!r}: 'kn' or 'nk'")
-    if layout == "nk":
-        w, scale = jnp.swapaxes(w, -1, -2), jnp.swapaxes(scale, -1, -2)
-    return Fp8Weight(w, scale, block, layout)
+    if layout == fw.layout:
+        return fw
+    return dataclasses.replace(fw, w=jnp.swapaxes(fw.w, -1, -2), scale=jnp.swapaxes(fw.scale, -1, -2), layout=layout)
 
 
 def quantize(w, block: int = BLOCK, layout: str | None = None) -> Fp8Weight:
@@ -113,7 +105,7 @@ def quantize(w, block: int = BLOCK, layout: str | None = None) -> Fp8Weight:
     amax = jnp.max(jnp.abs(tiles), axis=(-3, -1))                       # [..., kb, nb]
     scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0).astype(jnp.float32)
     q = jnp.clip(w.astype(jnp.float32) / _expand(scale, K, N, block), -E4M3_MAX, E4M3_MAX).astype(F8)
-    return _stored(q, scale, block, layout or LAYOUT)
+    return to_layout(Fp8Weight(q, scale, block, "kn"), layout or LAYOUT)
 
 
 _quantize_jit = jax.jit(quantize, static_argnames=("block", "layout"))
@@ -134,9 +126,7 @@ def from_checkpoint(w_out_in, scale_out_in, block: int = BLOCK, layout: str | No
     if s.shape[-2:] != (_blocks(N, block), _blocks(K, block)):
         raise ValueError(f"FP8 weight [{N}, {K}]: scale shape {s.shape} is not [{_blocks(N, block)}, "
                          f"{_blocks(K, block)}] (block {block})")
-    if (layout or LAYOUT) == "nk":
-        return Fp8Weight(w, s, block, "nk")
-    return Fp8Weight(jnp.swapaxes(w, -1, -2), jnp.swapaxes(s, -1, -2), block, "kn")
+    return to_layout(Fp8Weight(w, s, block, "nk"), layout or LAYOUT)
 
 
 def dequantize(fw: Fp8Weight, dtype=jnp.float32):

@@ -122,9 +122,7 @@ class _Fp8:
             value = fp8.quantize_jit(jax.device_put(w, owners[0][0]), block=t.block, layout=t.layout)
         if value.block != t.block:
             raise ValueError(f"an FP8 weight of {value.block}-blocks cannot fill a {t.block}-block leaf")
-        if value.layout != t.layout:
-            value = fp8.Fp8Weight(jnp.swapaxes(value.w, -1, -2), jnp.swapaxes(value.scale, -1, -2), value.block,
-                                  t.layout)
+        value = fp8.to_layout(value, t.layout)
         for name, part in self.parts.items():
             part.put(index, getattr(value, name))
 

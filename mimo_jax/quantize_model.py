@@ -12,6 +12,7 @@ quantized while loading and one quantized after loading are bit-identical.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 import jax
@@ -121,6 +122,12 @@ DENSE_FP8_LEAVES = ("wq", "wk", "wv", "w_gate", "w_up", "w_down")
 DENSE_CHOICES = ("bf16", "fp8")
 
 
+def _dense_format(fmt: str) -> str:
+    if fmt not in DENSE_CHOICES:
+        raise ConfigError(f"unknown dense weight format {fmt!r}; choose from {', '.join(DENSE_CHOICES)}")
+    return fmt
+
+
 def is_dense_fp8_leaf(keys: tuple, ndim: int) -> bool:
     """A target layer's q/k/v or dense-MLP weight [*stack, K, N] (not a routed-expert stack, not the MTP layers)."""
     return keys[0] == "layers" and keys[-1] in DENSE_FP8_LEAVES and ndim - stack_axes(keys) == 2
@@ -129,22 +136,12 @@ def is_dense_fp8_leaf(keys: tuple, ndim: int) -> bool:
 def dense_structs(structs, fmt: str = "fp8", layout: str | None = None, block: int = fp8.BLOCK):
     """param_shapes(...) with the leaves quantize_dense converts as the Fp8Weight of jax.ShapeDtypeStructs it gives
     (the loader's targets: block = the checkpoint's scale blocks); fmt "bf16" returns structs."""
-    if fmt not in DENSE_CHOICES:
-        raise ConfigError(f"unknown dense weight format {fmt!r}; choose from {', '.join(DENSE_CHOICES)}")
-    if fmt == "bf16":
+    if _dense_format(fmt) == "bf16":
         return structs
-    layout = layout or fp8.LAYOUT
+    quantized = functools.partial(fp8.quantize, block=block, layout=layout or fp8.LAYOUT)
 
     def q(path, s):
-        if not is_dense_fp8_leaf(path_keys(path), len(s.shape)):
-            return s
-        *lead, K, N = s.shape
-        b = block
-        w, sc = (N, K), (-(-N // b), -(-K // b))
-        if layout == "kn":
-            w, sc = w[::-1], sc[::-1]
-        return fp8.Fp8Weight(jax.ShapeDtypeStruct((*lead, *w), fp8.F8),
-                             jax.ShapeDtypeStruct((*lead, *sc), jnp.float32), b, layout)
+        return jax.eval_shape(quantized, s) if is_dense_fp8_leaf(path_keys(path), len(s.shape)) else s
 
     return jax.tree_util.tree_map_with_path(q, structs)
 
@@ -153,9 +150,7 @@ def quantize_dense(params, fmt: str = "fp8"):
     """params with the weights the hub keeps in FP8 (DENSE_FP8_LEAVES) as fp8.Fp8Weight, quantized per 128 x 128
     block as the hub's checkpoints were (fp8.quantize, one layer's matrix at a time); fmt "bf16" returns params.
     For a checkpoint that is FP8 already, the loader keeps its values instead (no second rounding)."""
-    if fmt not in DENSE_CHOICES:
-        raise ConfigError(f"unknown dense weight format {fmt!r}; choose from {', '.join(DENSE_CHOICES)}")
-    if fmt == "bf16":
+    if _dense_format(fmt) == "bf16":
         return params
 
     def q(path, leaf):
