@@ -39,7 +39,7 @@ from pallas_kernels import gemv as G
 SHAPES = {"qkv full": (4096, 13568), "qkv sliding": (4096, 14848), "dense gate_up": (4096, 32768),
           "dense down": (16384, 4096), "qkv sliding /2": (4096, 7424)}
 # bf16 on the hub, candidates for FP8 of our own (not in the default run): lm_head (152576 vocab) and o_proj (64 heads x 128)
-EXTRA_SHAPES = {"lm_head": (4096, 152576), "o_proj": (8192, 4096), "lm_head /2": (4096, 76288)}
+EXTRA_SHAPES = {"lm_head": (4096, 152576), "o_proj": (8192, 4096), "lm_head_half": (4096, 76288)}
 ROTATE = 256 << 20
 KERNEL = "kernel"  # --smoke: "interpret" (CPU)
 
