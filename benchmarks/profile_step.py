@@ -243,8 +243,8 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quant_experts", default="none")
     ap.add_argument("--quant_group", type=int, default=128)
-    ap.add_argument("--dense", default="bf16", choices=("bf16", "fp8"),
-                    help="q/k/v and the dense MLP: bf16, or fp8 with 128 x 128 block scales (the hub's format)")
+    ap.add_argument("--dense", default="bf16", choices=("bf16", "fp8", "fp8_all"),
+                    help="q/k/v and the dense MLP: bf16, or fp8 with 128 x 128 block scales (the hub's format); fp8_all: also o_proj, lm_head")
     ap.add_argument("--random_experts", action="store_true",
                     help="one device: random 4-bit expert codes made on the device (as under a mesh) instead of "
                          "quantizing random bf16 experts (a Flash-sized bf16 stack takes minutes to quantize)")
@@ -305,12 +305,12 @@ def main():
                         speculative_k=k, layout=layout, drafter=drafter, decode_steps=per_dispatch)
         cap = engine.capacity(len(ids), args.new_tokens)
         if k == 0:
-            nbytes = step_bytes(cfg, itemsize, cap, expert_itemsize=expert_itemsize, fp8_dense=args.dense == "fp8")
+            nbytes = step_bytes(cfg, itemsize, cap, expert_itemsize=expert_itemsize, dense=args.dense)
         else:
             e_uniform = (cfg.num_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** (k + 1))
                          if MOE in cfg.mlp_types else None)
             nbytes = step_bytes(cfg, itemsize, cap, k + 1, e_uniform, ring=k + 1, expert_itemsize=expert_itemsize,
-                                fp8_dense=args.dense == "fp8")
+                                dense=args.dense)
         floor = nbytes / (ceiling * args.devices)
         spec_tag = f", step layout {args.spec_layout}" if args.spec_layout and k else ""
         print(f"-- {layout}{'' if out_in == 'default' else ', out-in ' + out_in}{spec_tag}: {'plain decode' if k == 0 else f'speculative step k={k}'}, {per_dispatch} step(s) per dispatch (cache bucket {cap}, "

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax import drafter_files, model, sampling
+from mimo_jax import drafter_files, fp8, model, sampling
 from mimo_jax.config import ModelConfig
 from mimo_jax.errors import InputError
 from mimo_jax.layers import attend, rms_norm, rope, swiglu
@@ -131,6 +131,8 @@ def head_rows(tparams, cfg: ModelConfig, vocab):
     """The target lm_head's rows for the draft vocabulary: [Vd, H]."""
     if cfg.tie_word_embeddings:
         return jnp.take(tparams["embed"], vocab, axis=0)
+    if isinstance(tparams["lm_head"], fp8.Fp8Weight):  # dense "fp8_all"
+        return fp8.columns(tparams["lm_head"], vocab, tparams["embed"].dtype)
     return jnp.take(tparams["lm_head"], vocab, axis=1).T
 
 

@@ -129,6 +129,17 @@ def from_checkpoint(w_out_in, scale_out_in, block: int = BLOCK, layout: str | No
     return to_layout(Fp8Weight(w, s, block, "nk"), layout or LAYOUT)
 
 
+def columns(fw: Fp8Weight, idx, dtype=jnp.float32):
+    """W[:, idx].T of a 2-D weight: the logical columns idx as rows [len(idx), K], only those values widened (the
+    lm_head's rows of a draft vocabulary)."""
+    K = fw.shape[-2]
+    if fw.layout == "nk":
+        vals, s = jnp.take(fw.w, idx, axis=0), jnp.take(fw.scale, idx // fw.block, axis=0)
+    else:
+        vals, s = jnp.take(fw.w, idx, axis=1).T, jnp.take(fw.scale, idx // fw.block, axis=1).T
+    return (vals.astype(jnp.float32) * jnp.repeat(s, fw.block, axis=-1)[:, :K]).astype(dtype)
+
+
 def dequantize(fw: Fp8Weight, dtype=jnp.float32):
     """The logical [..., K, N] values."""
     a, b = fw.w.shape[-2:]
@@ -194,13 +205,14 @@ def _kernel_product(rows, fw: Fp8Weight, cfg, interpret: bool):
     return parts.sum(axis=0)
 
 
-def matmul(x, fw: Fp8Weight, cfg=None, impl: str = "auto"):
-    """x [..., K] @ W [K, N] -> [..., N] in x's dtype (f32 accumulation). impl: "auto" (the kernel where
-    kernel_takes), "kernel", "interpret" (the kernel in interpret mode: CPU tests) or "xla"."""
+def matmul(x, fw: Fp8Weight, cfg=None, impl: str = "auto", out_dtype=None):
+    """x [..., K] @ W [K, N] -> [..., N] in out_dtype (None: x's dtype), f32 accumulation. impl: "auto" (the
+    kernel where kernel_takes), "kernel", "interpret" (the kernel in interpret mode: CPU tests) or "xla"."""
     K, N = fw.shape[-2:]
+    out_dtype = out_dtype or x.dtype
     use = impl in ("kernel", "interpret") or (impl == "auto" and kernel_takes(x, fw))
     if not use:
-        return jnp.dot(x, dequantize(fw, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+        return jnp.dot(x, dequantize(fw, x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
     rows, interpret = x.reshape(-1, K), impl == "interpret"
     if fw.spec is None or _mesh_size() <= 1:
         y = _kernel_product(rows, fw, cfg, interpret)
@@ -216,4 +228,4 @@ def matmul(x, fw: Fp8Weight, cfg=None, impl: str = "auto"):
 
         y = jax.shard_map(local, in_specs=(P(None, k_ax), w_spec, w_spec), out_specs=P(None, n_ax),
                           check_vma=False)(rows, fw.w, fw.scale)
-    return y.astype(x.dtype).reshape(*x.shape[:-1], N)
+    return y.astype(out_dtype).reshape(*x.shape[:-1], N)

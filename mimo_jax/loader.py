@@ -439,14 +439,15 @@ def load_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None, attention: 
 
     dense "fp8": q/k/v and the dense MLP of the target layers as fp8.Fp8Weight (quantize_model.DENSE_FP8_LEAVES):
     an FP8 checkpoint's values and 128 x 128 block scales kept as stored (nothing rounded again), a float
-    checkpoint's tensors quantized while loading (== quantize_dense after a load in `dtype`)."""
+    checkpoint's tensors quantized while loading (== quantize_dense after a load in `dtype`). dense "fp8_all": also
+    o_proj and an untied lm_head, which the hub stores in bf16, quantized while loading."""
     from mimo_jax import placement
 
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
     stage = next(d for d in devices if d.process_index == jax.process_index())
     if on_device is None:
         on_device = stage.platform != "cpu"
-    ckpt = Checkpoint(path, device=stage if on_device else None, keep_fp8=dense == "fp8")
+    ckpt = Checkpoint(path, device=stage if on_device else None, keep_fp8=dense != "bf16")
     cfg = config_from_hf(ckpt.hf_config).replace(num_mtp_layers=_mtp_count(ckpt.keys()))
     fmt, group = expert_format(ckpt, cfg, quant_experts, quant_group)
     # FP8 kept in the checkpoint's own square blocks (fp8.Fp8Weight.block), else quantized in 128 x 128 ones

@@ -354,8 +354,11 @@ def final_norm(params, hidden, cfg: ModelConfig):
 
 @jax.named_scope("lm_head")
 def head(params, normed, cfg: ModelConfig):
-    """The (possibly tied) lm_head: normed hidden [..., H] -> float32 logits [..., V]."""
+    """The (possibly tied) lm_head: normed hidden [..., H] -> float32 logits [..., V]. An untied lm_head may be an
+    fp8.Fp8Weight (dense "fp8_all")."""
     w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    if isinstance(w, fp8.Fp8Weight):
+        return fp8.matmul(normed, w, out_dtype=jnp.float32)
     return jnp.dot(normed, w.astype(normed.dtype), preferred_element_type=jnp.float32)
 
 

@@ -119,7 +119,11 @@ def quantize_experts(params, fmt: str = "int4_sym", group_size: int = 128, layou
 # The dense weights MiMo-V2-Flash's hub checkpoint stores as FP8 e4m3 with 128 x 128 block scales: q/k/v and the dense
 # MLP (o_proj, embeddings, lm_head and the router are bf16 / fp32 there; ../shared/MIMO_FACTS.md).
 DENSE_FP8_LEAVES = ("wq", "wk", "wv", "w_gate", "w_up", "w_down")
-DENSE_CHOICES = ("bf16", "fp8")
+# "fp8_all" adds the products the hub keeps in bf16 (an FP8 rounding of our own, as int4 experts are): o_proj and an
+# untied lm_head, ~25% of mid_mimo's plain decode step on an H100 (BENCHMARKS.md, session 20). A tied lm_head stays
+# the embedding (one table); the embeddings, router and MTP layers stay as they are.
+DENSE_FP8_ALL_LEAVES = DENSE_FP8_LEAVES + ("wo",)
+DENSE_CHOICES = ("bf16", "fp8", "fp8_all")
 
 
 def _dense_format(fmt: str) -> str:
@@ -128,9 +132,15 @@ def _dense_format(fmt: str) -> str:
     return fmt
 
 
-def is_dense_fp8_leaf(keys: tuple, ndim: int) -> bool:
-    """A target layer's q/k/v or dense-MLP weight [*stack, K, N] (not a routed-expert stack, not the MTP layers)."""
-    return keys[0] == "layers" and keys[-1] in DENSE_FP8_LEAVES and ndim - stack_axes(keys) == 2
+def is_dense_fp8_leaf(keys: tuple, ndim: int, fmt: str = "fp8") -> bool:
+    """Whether format `fmt` keeps this leaf in FP8: "fp8", a target layer's q/k/v or dense-MLP weight [*stack, K, N]
+    (not a routed-expert stack, not the MTP layers); "fp8_all", those, o_proj and the (untied) lm_head."""
+    if fmt == "bf16":
+        return False
+    if fmt == "fp8_all" and keys == ("lm_head",):
+        return ndim == 2
+    names = DENSE_FP8_ALL_LEAVES if fmt == "fp8_all" else DENSE_FP8_LEAVES
+    return keys[0] == "layers" and keys[-1] in names and ndim - stack_axes(keys) == 2
 
 
 def dense_structs(structs, fmt: str = "fp8", layout: str | None = None, block: int = fp8.BLOCK):
@@ -141,20 +151,21 @@ def dense_structs(structs, fmt: str = "fp8", layout: str | None = None, block: i
     quantized = functools.partial(fp8.quantize, block=block, layout=layout or fp8.LAYOUT)
 
     def q(path, s):
-        return jax.eval_shape(quantized, s) if is_dense_fp8_leaf(path_keys(path), len(s.shape)) else s
+        return jax.eval_shape(quantized, s) if is_dense_fp8_leaf(path_keys(path), len(s.shape), fmt) else s
 
     return jax.tree_util.tree_map_with_path(q, structs)
 
 
 def quantize_dense(params, fmt: str = "fp8"):
-    """params with the weights the hub keeps in FP8 (DENSE_FP8_LEAVES) as fp8.Fp8Weight, quantized per 128 x 128
-    block as the hub's checkpoints were (fp8.quantize, one layer's matrix at a time); fmt "bf16" returns params.
+    """params with the weights the hub keeps in FP8 (DENSE_FP8_LEAVES; fmt "fp8_all": also o_proj and lm_head) as
+    fp8.Fp8Weight, quantized per 128 x 128 block as the hub's checkpoints were (fp8.quantize, one layer's matrix at a
+    time); fmt "bf16" returns params.
     For a checkpoint that is FP8 already, the loader keeps its values instead (no second rounding)."""
     if _dense_format(fmt) == "bf16":
         return params
 
     def q(path, leaf):
-        if isinstance(leaf, fp8.Fp8Weight) or not is_dense_fp8_leaf(path_keys(path), leaf.ndim):
+        if isinstance(leaf, fp8.Fp8Weight) or not is_dense_fp8_leaf(path_keys(path), leaf.ndim, fmt):
             return leaf
         lead = leaf.shape[:-2]
         parts = [fp8.quantize_jit(leaf[idx]) for idx in itertools.product(*(range(n) for n in lead))]

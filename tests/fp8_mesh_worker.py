@@ -45,11 +45,11 @@ def products():
     return out
 
 
-def engine():
+def engine(fmt: str = "fp8"):
     base = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                                     "tiny_mimo.json"))
     cfg = base.first_layers(4, num_heads=8, num_kv_heads=8, swa_num_heads=8, swa_num_kv_heads=8)
-    params = quantize_dense(model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32), "fp8")
+    params = quantize_dense(model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32), fmt)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 12).tolist()
     one = Engine(cfg, params, max_seq_len=64).generate(prompt, 10).token_ids
     sharded = Engine(cfg, params, max_seq_len=64, mesh=sharding.make_mesh(2))
@@ -84,4 +84,5 @@ def loaded(directory: str):
 
 if __name__ == "__main__":
     print(json.dumps({"devices": len(jax.devices()), "products": products(), "engine": engine(),
+                      "engine_all": engine("fp8_all"),
                       "loaded": loaded(sys.argv[1] if len(sys.argv) > 1 else "/tmp")}))

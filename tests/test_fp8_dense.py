@@ -107,15 +107,19 @@ def _dequantized(params):
                                   is_leaf=lambda w: isinstance(w, fp8.Fp8Weight))
 
 
-def test_model_with_fp8_dense_equals_dequantized(tiny):
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_all"])
+def test_model_with_fp8_dense_equals_dequantized(tiny, fmt):
     cfg, params = tiny
-    qp = quantize_dense(params, "fp8")
+    qp = quantize_dense(params, fmt)
     kinds = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(qp, is_leaf=lambda w: isinstance(w, fp8.Fp8Weight))[0]:
         name = getattr(path[-1], "key", None)
         if isinstance(leaf, fp8.Fp8Weight):
             kinds[name] = kinds.get(name, 0) + 1
-    assert {"wq", "wk", "wv"} <= set(kinds) and "wo" not in kinds and "router" not in kinds
+    assert {"wq", "wk", "wv", "w_gate", "w_down"} <= set(kinds) and "router" not in kinds and "embed" not in kinds
+    assert ("wo" in kinds and "lm_head" in kinds) == (fmt == "fp8_all")
+    assert ("wo" in kinds or "lm_head" in kinds) == (fmt == "fp8_all")
+    assert not any(isinstance(w, fp8.Fp8Weight) for w in jax.tree_util.tree_leaves(qp.get("mtp", []), is_leaf=_is_fp8))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 12)), jnp.int32)
     pos = jnp.arange(12, dtype=jnp.int32)
 
@@ -129,11 +133,12 @@ def test_model_with_fp8_dense_equals_dequantized(tiny):
     assert np.abs(a - logits(params)).max() > 1e-4 * np.abs(a).max()
 
 
-def test_engine_greedy_with_fp8_dense_equals_dequantized(tiny):
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_all"])
+def test_engine_greedy_with_fp8_dense_equals_dequantized(tiny, fmt):
     from mimo_jax.engine import Engine
 
     cfg, params = tiny
-    qp = quantize_dense(params, "fp8")
+    qp = quantize_dense(params, fmt)
     prompt = [3, 17, 5, 9, 1]
     a = Engine(cfg, qp, max_seq_len=64).generate(prompt, max_new_tokens=8, temperature=0.0)
     b = Engine(cfg, _dequantized(qp), max_seq_len=64).generate(prompt, max_new_tokens=8, temperature=0.0)
@@ -151,6 +156,35 @@ def test_unrolled_layout_fuses_fp8_projections():
     q, k, v = jnp.split(fp8.matmul(x, fused["attn"]["wqkv"], impl="xla"), [384, 512], axis=-1)
     want = fp8.matmul(x, layer["attn"]["wk"], impl="xla")
     np.testing.assert_allclose(np.asarray(k), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_fp8_all_keeps_a_tied_lm_head_as_the_embedding(tiny):
+    """A tied model has no lm_head leaf: fp8_all leaves the embedding (the head's table) as it is."""
+    cfg, params = tiny
+    tied = {k: v for k, v in params.items() if k != "lm_head"}
+    qp = quantize_dense(tied, "fp8_all")
+    assert "lm_head" not in qp and qp["embed"] is tied["embed"]
+
+
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+def test_columns_are_the_dequantized_columns(layout):
+    """fp8.columns(W, idx) == dequantize(W)[:, idx].T (the block drafter's lm_head rows), K not a block multiple."""
+    fw = fp8.quantize(_weight(200, 300, seed=3), layout=layout)
+    idx = jnp.asarray([0, 5, 127, 128, 299, 5], jnp.int32)
+    want = np.asarray(fp8.dequantize(fw))[:, np.asarray(idx)].T
+    np.testing.assert_array_equal(np.asarray(fp8.columns(fw, idx)), want)
+
+
+def test_block_drafter_head_rows_of_an_fp8_lm_head(tiny):
+    from mimo_jax import block_drafter
+
+    cfg, params = tiny
+    qp = quantize_dense(params, "fp8_all")
+    vocab = jnp.asarray([1, 7, 30, 2], jnp.int32)
+    got = block_drafter.head_rows(qp, cfg, vocab)
+    want = block_drafter.head_rows({**qp, "lm_head": fp8.dequantize(qp["lm_head"])}, cfg, vocab)
+    assert got.shape == (4, cfg.hidden_size)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_quantize_dense_rejects_unknown_format(tiny):
@@ -223,16 +257,41 @@ def test_hub_fp8_kept_as_stored(ckpt_dirs, layout, monkeypatch):
     _assert_same(jax.tree_util.tree_map(lambda w: fp8.dequantize(w) if _is_fp8(w) else w, got, is_leaf=_is_fp8), ref)
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_all"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_quantized_while_loading_equals_load_then_quantize(ckpt_dirs, dtype):
-    """A float checkpoint (transformers layout) with dense="fp8": the same Fp8Weights as quantize_dense after a
-    plain load in that dtype, bit for bit."""
+def test_quantized_while_loading_equals_load_then_quantize(ckpt_dirs, dtype, fmt):
+    """A float checkpoint (transformers layout) with dense="fp8" / "fp8_all": the same Fp8Weights as quantize_dense
+    after a plain load in that dtype, bit for bit."""
     from mimo_jax.loader import load_checkpoint
 
     _, ref = load_checkpoint(ckpt_dirs[1], dtype)
-    _, got = load_checkpoint(ckpt_dirs[1], dtype, dense="fp8")
-    _assert_same(got, quantize_dense(ref, "fp8"))
+    _, got = load_checkpoint(ckpt_dirs[1], dtype, dense=fmt)
+    _assert_same(got, quantize_dense(ref, fmt))
     assert any(_is_fp8(w) for w in jax.tree_util.tree_leaves(got, is_leaf=_is_fp8))
+    assert _is_fp8(got["lm_head"]) == (fmt == "fp8_all")
+
+
+def test_hub_fp8_all_keeps_the_stored_and_quantizes_the_rest(ckpt_dirs):
+    """dense="fp8_all" on the hub layout: q/k/v and the dense MLP as stored (== dense="fp8"), o_proj and lm_head
+    (bf16 on the hub) quantized while loading in the checkpoint's own blocks (== fp8.quantize of the plain load's)."""
+    from mimo_jax.loader import load_checkpoint
+
+    _, ref = load_checkpoint(ckpt_dirs[0], jnp.float32)
+    _, kept = load_checkpoint(ckpt_dirs[0], jnp.float32, dense="fp8")
+    _, got = load_checkpoint(ckpt_dirs[0], jnp.float32, dense="fp8_all")
+    block = got["lm_head"].block
+    quantized = lambda w: fp8.quantize(w, block=block) if not _is_fp8(w) else w  # noqa: E731
+    _assert_same(got["lm_head"], quantized(ref["lm_head"]))
+    fresh = [(w, k) for w, k in zip(jax.tree_util.tree_leaves(got["layers"], is_leaf=_is_fp8),
+                                    jax.tree_util.tree_leaves(kept["layers"], is_leaf=_is_fp8)) if _is_fp8(w) != _is_fp8(k)]
+    assert fresh  # (o_proj)
+    for w, k in fresh:  # o_proj: stacked [*, K, N]; quantized one layer's matrix at a time, as quantize_dense
+        lead = k.shape[:-2]
+        for idx in np.ndindex(*lead):
+            _assert_same(w[idx], quantized(k[idx]))
+    _assert_same([w for w in jax.tree_util.tree_leaves(got["layers"], is_leaf=_is_fp8) if not any(w is f for f, _ in fresh)],
+                 [k for k in jax.tree_util.tree_leaves(kept["layers"], is_leaf=_is_fp8)
+                  if not any(k is g for _, g in fresh)])
 
 
 def test_on_a_mesh_of_two(tmp_path):
@@ -253,6 +312,8 @@ def test_on_a_mesh_of_two(tmp_path):
     assert len(out["products"]) == 8 and all(err < 8e-3 for err in out["products"].values()), out["products"]
     assert out["engine"]["one"] == out["engine"]["two"] and len(out["engine"]["one"]) == 10
     assert out["engine"]["noted"] and any("model" in (s or []) for s in out["engine"]["noted"])
+    every = out["engine_all"]  # o_proj and lm_head in FP8 too (lm_head split by vocab)
+    assert every["one"] == every["two"] and len(every["one"]) == 10 and len(every["noted"]) > len(out["engine"]["noted"])
     loaded = out["loaded"]
     assert loaded["same_arrays"] and loaded["split"]
     assert loaded["greedy"][0] == loaded["greedy"][1] and len(loaded["greedy"][0]) == 6

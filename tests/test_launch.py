@@ -59,11 +59,12 @@ def test_checkpoint_run(ckpt):
     assert len(r.stdout.split()) == 4
 
 
-def test_checkpoint_run_with_fp8_dense_weights(ckpt):
-    """--dense fp8: q/k/v and the dense MLP quantized to FP8 blocks while loading; greedy tokens as with the
-    float weights on this tiny random model is not guaranteed, so only the run's shape is checked here (the
-    equivalences are in test_fp8_dense.py)."""
-    r = launch("--checkpoint", str(ckpt), "--prompt_ids", "5,6,7", "--max_new_tokens", "4", "--dense", "fp8")
+@pytest.mark.parametrize("dense", ["fp8", "fp8_all"])
+def test_checkpoint_run_with_fp8_dense_weights(ckpt, dense):
+    """--dense fp8 / fp8_all: q/k/v and the dense MLP (fp8_all: o_proj, lm_head too) quantized to FP8 blocks while
+    loading; greedy tokens as with the float weights on this tiny random model is not guaranteed, so only the run's
+    shape is checked here (the equivalences are in test_fp8_dense.py)."""
+    r = launch("--checkpoint", str(ckpt), "--prompt_ids", "5,6,7", "--max_new_tokens", "4", "--dense", dense)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.split()) == 4 and all(t.isdigit() for t in r.stdout.split())
 
