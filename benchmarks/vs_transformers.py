@@ -158,11 +158,7 @@ def main():
         print(f"| {name} | {1e3 * s:.3f} ms | {1 / s:.0f} tok/s | {100 * fl / s:.1f}% | {extra} |", flush=True)
 
     print("| path | ms/token | tok/s | % of its floor | note |\n|---|---|---|---|---|")
-    row("mimo_jax (Engine, bf16)", time_ours(cfg, a.capacity, a.steps, False))
-    if a.ours_quant:
-        fl = step_bytes(cfg, 2, a.capacity, expert_itemsize=0.5 + 2 / 128, dense="fp8_all") / ceiling
-        row("mimo_jax, int4 experts + dense fp8_all", time_ours(cfg, a.capacity, a.steps, True),
-            "fewer bytes (not the same weights)", fl)
+    # transformers first: torch hands its memory back (empty_cache), JAX's allocator keeps what it took
     if not a.skip_theirs:
         for mode in [None] + [m for m in a.compile.split(",") if m != "none"]:
             name = f"transformers {'eager' if mode is None else 'torch.compile ' + mode}"
@@ -171,6 +167,11 @@ def main():
                 row(name, s, f"transformers {tv}, torch {pv}, experts {impl}, warm-up {warm:.0f} s")
             except Exception as e:  # noqa: BLE001 -- report and go on
                 print(f"| {name} | failed | | | {type(e).__name__}: {str(e)[:300]} |", flush=True)
+    row("mimo_jax (Engine, bf16)", time_ours(cfg, a.capacity, a.steps, False))
+    if a.ours_quant:
+        fl = step_bytes(cfg, 2, a.capacity, expert_itemsize=0.5 + 2 / 128, dense="fp8_all") / ceiling
+        row("mimo_jax, int4 experts + dense fp8_all", time_ours(cfg, a.capacity, a.steps, True),
+            "fewer bytes (not the same weights)", fl)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     with open(Path(a.out) / f"vs_transformers_{Path(a.config).stem}.json", "w") as f:
         json.dump({"ceiling": ceiling, "rows": rows}, f, indent=1)
