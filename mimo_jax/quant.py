@@ -456,6 +456,19 @@ def ragged_qmatmul_gate_up(x, w_gate, w_up, group_sizes, row_scale=None, *, impl
                                epilogue="silu_mul" if row_scale is None else "silu_mul_scaled")
 
 
+# Unquantized experts at decode through pallas_kernels/pair_gemv.py (False: XLA's take + einsum, ~8% of the read
+# ceiling on an H100: BENCHMARKS.md, session 20).
+PAIR_GEMV_FLOAT = True
+
+
+def _float_pairs(impl: str, *ws) -> bool:
+    """Whether float (unquantized) expert stacks [E, K, N] take the pair GEMV kernel."""
+    from pallas_kernels.pair_gemv import supported
+
+    return (PAIR_GEMV_FLOAT and impl != "xla" and all(isinstance(w, jax.Array) and w.ndim == 3 for w in ws)
+            and all(w.shape == ws[0].shape and w.dtype == ws[0].dtype for w in ws) and supported(*ws[0].shape[1:]))
+
+
 def pair_qmatmul(x, w, row_experts, *, impl: str = "auto", cfg=None, busy_rows: int | None = None):
     """Row r of x[M, K] times expert row_experts[r] of w[E, K, N] -> [M, N]; E (or more) = skip, a zero row.
     Rows need no sorting: the Pallas kernel runs one row tile per row (`int4_matmul.row_tiles`), which reads
@@ -464,6 +477,9 @@ def pair_qmatmul(x, w, row_experts, *, impl: str = "auto", cfg=None, busy_rows: 
     _check_ragged(x, w, None, "pair_qmatmul")
     impl = _impl(impl)
     E = w.shape[0]
+    if _float_pairs(impl, w):  # unquantized experts: pallas_kernels/pair_gemv.py
+        from pallas_kernels.pair_gemv import pair_gemv
+        return pair_gemv(x, (w,), jnp.minimum(row_experts, E), interpret=impl == "interpret")
     if impl == "xla" or not isinstance(w, QuantizedWeight):
         pick = jnp.minimum(row_experts, E - 1)
         rows_w = jax.tree_util.tree_map(lambda a: jnp.take(a, pick, axis=0), w)
@@ -481,6 +497,10 @@ def pair_qmatmul_gate_up(x, w_gate, w_up, row_experts, *, impl: str = "auto", cf
     """SiLU(x @ w_gate[e_r]) * (x @ w_up[e_r]) per row r (see pair_qmatmul); one kernel reads x once for both
     weights when both are quantized in the same format."""
     impl = _impl(impl)
+    if _float_pairs(impl, w_gate, w_up):
+        from pallas_kernels.pair_gemv import pair_gemv
+        return pair_gemv(x, (w_gate, w_up), jnp.minimum(row_experts, w_gate.shape[0]), interpret=impl == "interpret",
+                         epilogue="silu_mul")
     same = _fused_pair(w_gate, w_up)
     if impl == "xla" or not same:
         g = pair_qmatmul(x, w_gate, row_experts, impl=impl, cfg=cfg, busy_rows=busy_rows).astype(jnp.float32)
