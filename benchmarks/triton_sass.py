@@ -17,6 +17,7 @@ MXFP4 also with its scales inside the e2m1 decode (int4_matmul.FOLD_SCALE_IN_DEC
 --what fused: the fused decode layer's three kernels (pallas_kernels/decode_layer.py) for SmolLM2 shapes: whole
 kernel instruction mix, global / local-memory loads, and attn_out's asynchronous copies at 1-3 stages; with the
 products as FMAs, then as pipelined dots (DOTS).
+--what pair: the bf16 routed-expert pair GEMV (pallas_kernels/pair_gemv.py) at mid_mimo's shapes, 448- and 64-expert stacks.
 --what layouts: the expert kernels at mid_mimo's shapes with the weights stored "kn" and "nk" (mimo_jax.quant
 layouts): the routed decode pairs (int4_m1, M1_NK's forms for nk) and the grouped verify kernel (9 tokens x top-8).
 """
@@ -218,10 +219,32 @@ def layouts_main():
                           flush=True)
 
 
+def pair_main():
+    """The bf16 routed-expert pair GEMV (pallas_kernels/pair_gemv.py) at mid_mimo's decode shapes on the flattened
+    7-layer stack (448 experts: offsets past 2^31 elements): loop instructions per weight, and whether the weight
+    addresses are computed in 64 bits (IMAD.WIDE / 64-bit adds on the expert offset)."""
+    from pallas_kernels import pair_gemv as PG
+    S = jax.ShapeDtypeStruct
+    for name, K, N, nw, E in (("gate/up", 4096, 2048, 2, 448), ("down", 2048, 4096, 1, 448), ("gate/up small", 4096,
+                                                                                          2048, 2, 64)):
+        cfg = PG.default_config(8, K, N, nw)
+        fn = lambda x, i, *ws: PG.pair_gemv(x, ws, i, cfg=cfg, epilogue="silu_mul" if nw == 2 else "none")  # noqa: E731
+        (ttir,) = capture_ttir(fn, S((8, K), jnp.bfloat16), S((8,), jnp.int32), *([S((E, K, N), jnp.bfloat16)] * nw))
+        sass, _ = sass_of(ttir, cfg.num_warps, cfg.num_stages)
+        c = loop_mix(ttir, cfg.num_warps, cfg.num_stages)
+        per_thread = nw * cfg.bk * cfg.bn / (32 * cfg.num_warps)
+        i64 = "i64" in ttir and ("arith.extsi" in ttir or "tt.addptr" in ttir)
+        print(f"pair {name} E={E} {K}x{N} bn{cfg.bn} bk{cfg.bk} split {cfg.split_k}: loop {sum(c.values())} instr = "
+              f"{sum(c.values()) / per_thread:.2f}/weight, LDG {c['LDG']}, LDGSTS {c['LDGSTS']}; i64 in IR: {i64}; "
+              f"IMAD.WIDE in SASS: {sass.count('IMAD.WIDE')}; " + " ".join(f"{k} {v}" for k, v in c.most_common(8)),
+              flush=True)
+
+
 def main():
     what = sys.argv[sys.argv.index("--what") + 1] if "--what" in sys.argv else "int4_m1"
     if what != "int4_m1":
-        return {"gemv": gemv_main, "fp8": fp8_main, "fused": fused_main, "formats": formats_main, "layouts": layouts_main}[what]()
+        return {"gemv": gemv_main, "fp8": fp8_main, "fused": fused_main, "formats": formats_main, "layouts": layouts_main,
+                "pair": pair_main}[what]()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_int4_m1 import VARIANTS, m1_cfg
     from pallas_kernels import int4_matmul as K4

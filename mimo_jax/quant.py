@@ -456,9 +456,11 @@ def ragged_qmatmul_gate_up(x, w_gate, w_up, group_sizes, row_scale=None, *, impl
                                epilogue="silu_mul" if row_scale is None else "silu_mul_scaled")
 
 
-# Unquantized experts at decode through pallas_kernels/pair_gemv.py (False: XLA's take + einsum, ~8% of the read
-# ceiling on an H100: BENCHMARKS.md, session 20).
-PAIR_GEMV_FLOAT = True
+# Unquantized experts at decode through pallas_kernels/pair_gemv.py instead of XLA's take + einsum (~8% of the read
+# ceiling on an H100: BENCHMARKS.md, session 20). Off until timed on a GPU: the kernel compiles for sm_90 offline
+# (`triton_sass.py --what pair`: 2.9-3.2 loop instructions per weight, 64-bit expert offsets), but the one call that
+# would have run it ended with the machine not answering. Next: `benchmarks/bench_pair_gemv.py`, then turn it on.
+PAIR_GEMV_FLOAT = False
 
 
 def _float_pairs(impl: str, *ws) -> bool:

@@ -35,11 +35,12 @@ def test_refuses_mismatched_weights():
                   interpret=True)
 
 
-def test_quant_pair_products_route_float_experts_to_the_kernel():
-    """quant.pair_qmatmul(_gate_up) with unquantized stacks run pair_gemv (interpret here; the GPU's "auto") and
-    equal XLA's take + einsum, skip ids included."""
+def test_quant_pair_products_route_float_experts_to_the_kernel(monkeypatch):
+    """With quant.PAIR_GEMV_FLOAT (off until timed on a GPU), quant.pair_qmatmul(_gate_up) with unquantized stacks
+    run pair_gemv (interpret here; the GPU's "auto") and equal XLA's take + einsum, skip ids included."""
     from mimo_jax import quant as Q
 
+    monkeypatch.setattr(Q, "PAIR_GEMV_FLOAT", True)
     E, K, N = 5, 64, 96
     keys = jax.random.split(jax.random.PRNGKey(1), 4)
     wg, wu = ((0.1 * jax.random.normal(k, (E, K, N))).astype(jnp.bfloat16) for k in keys[:2])
