@@ -11,10 +11,10 @@ Layouts (`layout`): "kn" ("in, out", as every other dense weight of the model): 
 contiguous along K, which the GEMV kernel's tensor-core form loads with fewer instructions (LAYOUT). Leading axes
 stack layers (the scan slices an Fp8Weight like an array: it is a pytree whose children are w and scale).
 
-Products (`matmul`): on a GPU, up to 16 rows and both sides multiples of the block, the Pallas GEMV kernel reads
-the FP8 bytes and applies each block's scale to its partial (pallas_kernels/gemv.py); on a mesh the same kernel
-runs per device under shard_map on each device's slice (`spec`, noted when the weight was placed), with a psum
-when K is split; elsewhere (CPU, prefill) XLA's dot of the dequantized weight.
+Products (`matmul`): on a GPU, up to 48 rows (in chunks of 16) and both sides multiples of the block, the Pallas
+GEMV kernel reads the FP8 bytes and applies each block's scale to its partial (pallas_kernels/gemv.py); on a mesh
+the same kernel runs per device under shard_map on each device's slice (`spec`, noted when the weight was placed),
+with a psum when K is split; elsewhere (CPU, prefill) XLA's dot of the dequantized weight.
 """
 from __future__ import annotations
 
@@ -166,6 +166,14 @@ def _mesh_size() -> int:
     return sharding.expert_axis_size()
 
 
+# Rows past the kernel's 16 run as chunks of 16, each reading the weight again. XLA's path writes the widened weight
+# first and streams at ~15% of the ceiling counting FP8 bytes, the kernel at 55-85% (bench_fp8_gemv.py, sessions 19-20:
+# lm_head at 9 rows 1183 us vs 243), so up to 3 chunks (~4.3 weight-reads' time vs ~6.7) should still win, e.g. a
+# batched decode of 32 slots; estimated from those per-product figures, not timed at a step. Longer (prefill): XLA.
+CHUNK = 16
+KERNEL_MAX_ROWS = 48
+
+
 def kernel_takes(x, fw: Fp8Weight) -> bool:
     """Whether x @ fw runs in the GEMV kernel: GPU, <= 16 rows, a 2-D weight whose blocks are a multiple of 128
     (the kernel's tiles sit inside one block), each device's K and N whole blocks (on a mesh: the slice it holds,
@@ -179,7 +187,7 @@ def kernel_takes(x, fw: Fp8Weight) -> bool:
         return False
     K, N = _local_kn(fw) if on_mesh else fw.shape
     M = int(np.prod(x.shape[:-1]))
-    return K % fw.block == 0 and N % fw.block == 0 and supported(M, K, N)
+    return K % fw.block == 0 and N % fw.block == 0 and M <= KERNEL_MAX_ROWS and supported(min(M, CHUNK), K, N)
 
 
 def _axes_kn(fw: Fp8Weight):
@@ -200,6 +208,9 @@ def _kernel_product(rows, fw: Fp8Weight, cfg, interpret: bool):
     """rows [M, K] @ fw [K, N] in the GEMV kernel on one device's arrays -> f32 [M, N]."""
     from pallas_kernels.gemv import gemv
 
+    if rows.shape[0] > CHUNK:  # chunks of 16 rows (KERNEL_MAX_ROWS)
+        return jnp.concatenate([_kernel_product(rows[i:i + CHUNK], fw, cfg, interpret)
+                                for i in range(0, rows.shape[0], CHUNK)], axis=0)
     parts = gemv(rows, fw.w, scale=fw.scale, block=fw.block, cfg=cfg, interpret=interpret,
                  nk=fw.layout == "nk", partials=True)
     return parts.sum(axis=0)

@@ -88,6 +88,18 @@ def test_kernel_matches_reference(M, K, N, cfg, layout):
     assert np.abs(xla - ref).max() / np.abs(ref).max() < 2e-2
 
 
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+def test_kernel_in_chunks_of_16_rows(layout):
+    """More than 16 rows (a batched decode) run the kernel per 16-row chunk: == the float64 product."""
+    fw = fp8.quantize(_weight(256, 384, seed=5), layout=layout)
+    x = jax.random.normal(jax.random.PRNGKey(2), (37, 256), jnp.float32).astype(jnp.bfloat16)
+    got = np.asarray(fp8.matmul(x, fw, impl="interpret"), np.float64)
+    want = np.asarray(x, np.float64) @ np.asarray(fp8.dequantize(fw), np.float64)
+    assert got.shape == (37, 384) and np.abs(got - want).max() / np.abs(want).max() < 8e-3  # the bf16 output's rounding
+    tail = np.asarray(fp8.matmul(x[32:], fw, impl="interpret"), np.float64)  # the last chunk, alone
+    np.testing.assert_array_equal(got[32:], tail)
+
+
 def test_kernel_refuses_tiles_across_blocks():
     fw = fp8.quantize(_weight(256, 256))
     x = jnp.ones((1, 256), jnp.bfloat16)
