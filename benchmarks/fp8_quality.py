@@ -8,8 +8,9 @@ which the hub keeps in bf16: a rounding of our own, like int4 experts. The only 
 SmolLM2-135M, so this measures the rounding there:
   - reference: the GGUF's weights dequantized to float32 (its Q4_1 is the model we ship), the tied lm_head untied
     (a copy of the embedding: the same model, with an lm_head for fp8_all to round);
-  - variants: quantize_model.quantize_dense(params, "fp8" | "fp8_all"); for scale, the same weights as fp8_all but
-    q/k/v/o and the MLP rounded to int4 (symmetric, groups of 64 along K: the format of our int4 experts), dequantized;
+  - variants: quantize_model.quantize_dense(params, "fp8" | "fp8_all"); for scale, the layers' q/k/v/o and MLP
+    rounded to int4 (symmetric, groups of 64 along K: the format of our int4 experts) and dequantized, lm_head left
+    as it is;
   - code: held-out standard-library windows (files the drafter trainer never sees), teacher-forced;
   - chat: held-out chat prompts, each followed by the reference's own greedy reply, teacher-forced over the reply;
   - per variant: top-1 agreement with the reference's argmax, mean KL(reference || variant) in nats, the text's

@@ -233,9 +233,9 @@ def pair_main():
         sass, _ = sass_of(ttir, cfg.num_warps, cfg.num_stages)
         c = loop_mix(ttir, cfg.num_warps, cfg.num_stages)
         per_thread = nw * cfg.bk * cfg.bn / (32 * cfg.num_warps)
-        i64 = "i64" in ttir and ("arith.extsi" in ttir or "tt.addptr" in ttir)
+        i64 = f"{K * N}_i64" in ttir  # the expert stride (K * N elements) as a 64-bit constant: e * K * N in 64 bits
         print(f"pair {name} E={E} {K}x{N} bn{cfg.bn} bk{cfg.bk} split {cfg.split_k}: loop {sum(c.values())} instr = "
-              f"{sum(c.values()) / per_thread:.2f}/weight, LDG {c['LDG']}, LDGSTS {c['LDGSTS']}; i64 in IR: {i64}; "
+              f"{sum(c.values()) / per_thread:.2f}/weight, LDG {c['LDG']}, LDGSTS {c['LDGSTS']}; expert stride in i64: {i64}; "
               f"IMAD.WIDE in SASS: {sass.count('IMAD.WIDE')}; " + " ".join(f"{k} {v}" for k, v in c.most_common(8)),
               flush=True)
 

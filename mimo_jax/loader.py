@@ -121,6 +121,8 @@ _EXPERT_WEIGHT = re.compile(r".*\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight
 _PACKED = ("U8", "I8")  # an expert weight stored in bytes is MXFP4 (e2m1 pairs) with a `weight_scale` of e8m0s
 # The target layers' FP8 tensors that load_checkpoint(dense="fp8") keeps in FP8 (quantize_model.DENSE_FP8_LEAVES)
 DENSE_FP8_KEY = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkv]_proj|mlp\.(gate|up|down)_proj)\.weight")
+# dense="fp8_all" also keeps o_proj (and lm_head) as stored where a checkpoint ships them in FP8 (MiMo's hub does not)
+DENSE_FP8_ALL_KEY = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight|lm_head\.weight")
 
 
 class Checkpoint:
@@ -131,10 +133,11 @@ class Checkpoint:
     dequantizes there (_dequant_fp8_on_device), so the host only reads; callers transform and cast on the device
     (loader rules, placement). read() = convert(read_raw()): read_raw does the file I/O only (reader threads)."""
 
-    def __init__(self, path: str | Path, device=None, keep_fp8: bool = False):
+    def __init__(self, path: str | Path, device=None, keep_fp8: bool = False, fp8_keys: re.Pattern = DENSE_FP8_KEY):
         self.path = Path(path)
         self.device = device
-        self.keep_fp8 = keep_fp8  # read(): the DENSE_FP8_KEY tensors stored in FP8 as fp8.Fp8Weight, as stored
+        self.keep_fp8 = keep_fp8  # read(): the fp8_keys tensors stored in FP8 as fp8.Fp8Weight, as stored
+        self.fp8_keys = fp8_keys
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint directory not found: {self.path}")
         cfg_file = self.path / "config.json"
@@ -221,7 +224,7 @@ class Checkpoint:
         a, scale = raw
         if self.stores_mxfp4(key):
             return quant.from_mxfp4_blocks(a, scale)
-        if scale is not None and self.keep_fp8 and DENSE_FP8_KEY.fullmatch(key) and self.square_blocks:
+        if scale is not None and self.keep_fp8 and self.fp8_keys.fullmatch(key) and self.square_blocks:
             if self.device is not None:  # kept as stored: "out, in" values and scales
                 a, scale = jax.device_put(a, self.device), jax.device_put(scale, self.device)
             return fp8.from_checkpoint(a, scale, block=self.block[0])
@@ -447,7 +450,8 @@ def load_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None, attention: 
     stage = next(d for d in devices if d.process_index == jax.process_index())
     if on_device is None:
         on_device = stage.platform != "cpu"
-    ckpt = Checkpoint(path, device=stage if on_device else None, keep_fp8=dense != "bf16")
+    ckpt = Checkpoint(path, device=stage if on_device else None, keep_fp8=dense != "bf16",
+                      fp8_keys=DENSE_FP8_ALL_KEY if dense == "fp8_all" else DENSE_FP8_KEY)
     cfg = config_from_hf(ckpt.hf_config).replace(num_mtp_layers=_mtp_count(ckpt.keys()))
     fmt, group = expert_format(ckpt, cfg, quant_experts, quant_group)
     # FP8 kept in the checkpoint's own square blocks (fp8.Fp8Weight.block), else quantized in 128 x 128 ones

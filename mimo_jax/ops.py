@@ -281,7 +281,8 @@ def pair_matmul(x, w, experts, busy_rows: int | None = None):
 
 
 def pair_swiglu_in(x, w_gate, w_up, experts, busy_rows: int | None = None):
-    """SiLU(x @ w_gate[e]) * (x @ w_up[e]) per row (see pair_matmul); one kernel when both are quantized."""
-    if isinstance(w_gate, quant.QuantizedWeight):
+    """SiLU(x @ w_gate[e]) * (x @ w_up[e]) per row (see pair_matmul); one kernel when both are quantized, or both
+    unquantized and the pair GEMV kernel takes them (quant.float_pairs_take_kernel)."""
+    if isinstance(w_gate, quant.QuantizedWeight) or quant.float_pairs_take_kernel(w_gate, w_up):
         return quant.pair_qmatmul_gate_up(x, w_gate, w_up, experts, busy_rows=busy_rows)
     return jax.nn.silu(pair_matmul(x, w_gate, experts)) * pair_matmul(x, w_up, experts)

@@ -464,11 +464,18 @@ PAIR_GEMV_FLOAT = False
 
 
 def _float_pairs(impl: str, *ws) -> bool:
-    """Whether float (unquantized) expert stacks [E, K, N] take the pair GEMV kernel."""
+    """Whether float (unquantized) expert stacks [E, K, N] take the pair GEMV kernel (offsets_fit_kernel: a 1-byte
+    stack of > 2^31 elements would be indexed past 32-bit offsets)."""
     from pallas_kernels.pair_gemv import supported
 
     return (PAIR_GEMV_FLOAT and impl != "xla" and all(isinstance(w, jax.Array) and w.ndim == 3 for w in ws)
-            and all(w.shape == ws[0].shape and w.dtype == ws[0].dtype for w in ws) and supported(*ws[0].shape[1:]))
+            and all(w.shape == ws[0].shape and w.dtype == ws[0].dtype for w in ws) and supported(*ws[0].shape[1:])
+            and all(offsets_fit_kernel(w) for w in ws))
+
+
+def float_pairs_take_kernel(*ws, impl: str = "auto") -> bool:
+    """Whether unquantized expert stacks run pallas_kernels/pair_gemv.py here (PAIR_GEMV_FLOAT, a GPU)."""
+    return _float_pairs(_impl(impl), *ws)
 
 
 def pair_qmatmul(x, w, row_experts, *, impl: str = "auto", cfg=None, busy_rows: int | None = None):

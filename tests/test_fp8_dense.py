@@ -171,11 +171,20 @@ def test_unrolled_layout_fuses_fp8_projections():
 
 
 def test_fp8_all_keeps_a_tied_lm_head_as_the_embedding(tiny):
-    """A tied model has no lm_head leaf: fp8_all leaves the embedding (the head's table) as it is."""
-    cfg, params = tiny
-    tied = {k: v for k, v in params.items() if k != "lm_head"}
+    """A tied model has no lm_head leaf: fp8_all leaves the embedding (the head's table) as it is, rounds o_proj, and
+    the model (its head reading the embedding) == the same model dequantized."""
+    cfg, _ = tiny
+    cfg = cfg.replace(tie_word_embeddings=True)
+    tied = model.init_params(cfg, jax.random.PRNGKey(1), jnp.float32)
+    assert "lm_head" not in tied
     qp = quantize_dense(tied, "fp8_all")
     assert "lm_head" not in qp and qp["embed"] is tied["embed"]
+    assert any(_is_fp8(w) for w in jax.tree_util.tree_leaves(qp["layers"], is_leaf=_is_fp8))
+    ids = jnp.asarray([[3, 9, 1, 7]], jnp.int32)
+    pos = jnp.arange(4, dtype=jnp.int32)
+    a, b = (np.asarray(model.forward(p, ids, pos, model.init_cache(cfg, 1, 16, jnp.float32), cfg)[0])
+            for p in (qp, _dequantized(qp)))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 
 
 @pytest.mark.parametrize("layout", ["kn", "nk"])

@@ -1,4 +1,6 @@
 """pallas_kernels/pair_gemv.py in interpret mode against its jnp reference: one and two weights, skip ids, splits."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,3 +62,30 @@ def test_quant_pair_products_route_float_experts_to_the_kernel(monkeypatch):
         b = np.asarray(b, np.float32)
         np.testing.assert_allclose(a, b, rtol=3e-2, atol=3e-2 * np.abs(b).max())
     assert np.all(got[1][2] == 0)
+
+
+def test_moe_decode_runs_float_experts_in_two_kernels(monkeypatch):
+    """One token through moe.experts with unquantized stacks and the kernel on (its 'auto' made 'interpret' here):
+    gate/up fused in one pair_gemv call and down in another, reading the layer's experts from the whole stack;
+    == the XLA path."""
+    from mimo_jax import moe
+    from mimo_jax import quant as Q
+
+    L, E, H, I, k = 2, 6, 64, 32, 3
+    keys = jax.random.split(jax.random.PRNGKey(4), 5)
+    stack = {"w_gate": (0.2 * jax.random.normal(keys[0], (L, E, H, I))).astype(jnp.bfloat16),
+             "w_up": (0.2 * jax.random.normal(keys[1], (L, E, H, I))).astype(jnp.bfloat16),
+             "w_down": (0.2 * jax.random.normal(keys[2], (L, E, I, H))).astype(jnp.bfloat16)}
+    x = jax.random.normal(keys[3], (1, H), jnp.float32).astype(jnp.bfloat16)
+    weights = jax.nn.softmax(jax.random.normal(keys[4], (1, k)), axis=-1)
+    ids = jnp.asarray([[5, 0, 2]], jnp.int32)
+    run = lambda: moe.experts(stack, (1,), x, weights, ids)  # noqa: E731
+    want = np.asarray(run(), np.float32)
+    monkeypatch.setattr(Q, "PAIR_GEMV_FLOAT", True)
+    real_impl = Q._impl
+    monkeypatch.setattr(Q, "_impl", lambda impl: "interpret" if impl == "auto" else real_impl(impl))
+    jaxpr = str(jax.make_jaxpr(run)())
+    calls = re.findall(r"jaxpr=pair_gemv\d*", jaxpr)  # gate/up fused: 2 calls (unfused: gate, up, down = 3)
+    assert len(calls) == 2, calls
+    got = np.asarray(run(), np.float32)
+    np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2 * np.abs(want).max())
