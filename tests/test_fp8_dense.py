@@ -1,6 +1,7 @@
 """Dense weights kept in FP8 with block scales (mimo_jax/fp8.py): the format's round trip, the GEMV kernel (interpret
 mode) == the jnp reference on random shapes and configs, the model and the Engine with FP8 q/k/v and dense MLP ==
 the same model with those weights dequantized, and the sharding table's specs for them."""
+import re
 from pathlib import Path
 
 import jax
@@ -338,3 +339,25 @@ def test_on_a_mesh_of_two(tmp_path):
     loaded = out["loaded"]
     assert loaded["same_arrays"] and loaded["split"]
     assert loaded["greedy"][0] == loaded["greedy"][1] and len(loaded["greedy"][0]) == 6
+
+
+def test_fp8_all_keeps_an_fp8_stored_o_proj_as_stored(tmp_path, monkeypatch):
+    """A checkpoint that ships o_proj in FP8 too (MiMo's hub does not): dense="fp8_all" keeps its bytes (the
+    dequantized values == the float32 load's, bit for bit), where dense="fp8" dequantizes it."""
+    import hf_fixtures
+    from hf_fixtures import fp8_round_trip, random_hf_model, save_hub_layout
+    from mimo_jax.loader import load_checkpoint
+
+    monkeypatch.setattr(hf_fixtures, "FP8_NAMES", re.compile(
+        r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|eh_proj)\.weight$"))
+    hf = random_hf_model(3, num_layers=3, window=5, hidden_size=64, moe_intermediate_size=32, n_routed_experts=8)
+    fp8_round_trip(hf)
+    path = save_hub_layout(hf, tmp_path / "hub", shards=1)
+    _, ref = load_checkpoint(path, jnp.float32)
+    _, got = load_checkpoint(path, jnp.float32, dense="fp8_all")
+    wo = [w for p, w in jax.tree_util.tree_flatten_with_path(got["layers"], is_leaf=_is_fp8)[0]
+          if "'wo'" in jax.tree_util.keystr(p)]
+    assert wo and all(_is_fp8(w) and w.block == 8 for w in wo)  # the file's 8 x 8 blocks, as stored
+    want = [w for p, w in jax.tree_util.tree_flatten_with_path(ref["layers"])[0] if "'wo'" in jax.tree_util.keystr(p)]
+    for w, r in zip(wo, want):
+        np.testing.assert_array_equal(np.asarray(fp8.dequantize(w)), np.asarray(r))
