@@ -30,15 +30,17 @@ from ceiling import read_ceiling
 def step_bytes(cfg: ModelConfig, itemsize: int, capacity: int, tokens: int = 1, distinct_experts: float | None = None,
                ring: int = 0, expert_itemsize: float | None = None, dense: str = "bf16") -> float:
     """Weights + KV a forward over `tokens` positions must read once (experts: `distinct_experts` per layer;
-    dense "fp8": q/k/v and the dense MLP at 1 byte per value + a float32 scale per 128 x 128 block; "fp8_all":
+    dense "fp8": q/k/v and the dense MLP at 1 byte per value + a float32 scale per 128 x 128 block; "fp8_layers":
+    o_proj too; "fp8_all":
     o_proj and an untied lm_head too)."""
     h, total = cfg.hidden_size, 0
-    f8 = (1 + 4 / 128 ** 2) / itemsize if dense in ("fp8", "fp8_all") else 1.0
-    f8_all = f8 if dense == "fp8_all" else 1.0
+    f8 = (1 + 4 / 128 ** 2) / itemsize if dense != "bf16" else 1.0
+    f8_o = f8 if dense in ("fp8_layers", "fp8_all") else 1.0
+    f8_head = f8 if dense == "fp8_all" else 1.0
     for attn_kind, mlp_kind in cfg.layer_kinds:
         s = cfg.attention(attn_kind)
         total += h * (s.num_heads * s.head_dim + s.num_kv_heads * (s.head_dim + s.v_head_dim)) * f8 + \
-            s.num_heads * s.v_head_dim * h * f8_all
+            s.num_heads * s.v_head_dim * h * f8_o
         length = capacity if attn_kind == FULL else s.window + ring
         total += length * s.num_kv_heads * (s.head_dim + s.v_head_dim)
         if mlp_kind == DENSE:
@@ -47,7 +49,7 @@ def step_bytes(cfg: ModelConfig, itemsize: int, capacity: int, tokens: int = 1, 
             e = distinct_experts if distinct_experts is not None else cfg.num_experts_per_tok
             total += (3 * h * cfg.moe_intermediate_size * e * (expert_itemsize or itemsize) / itemsize
                       + h * cfg.num_experts * 2)  # router in f32
-    total += h * cfg.vocab_size * (1.0 if cfg.tie_word_embeddings else f8_all)  # lm_head
+    total += h * cfg.vocab_size * (1.0 if cfg.tie_word_embeddings else f8_head)  # lm_head
     return total * itemsize
 
 

@@ -8,7 +8,7 @@ which the hub keeps in bf16: a rounding of our own, like int4 experts. The only 
 SmolLM2-135M, so this measures the rounding there:
   - reference: the GGUF's weights dequantized to float32 (its Q4_1 is the model we ship), the tied lm_head untied
     (a copy of the embedding: the same model, with an lm_head for fp8_all to round);
-  - variants: quantize_model.quantize_dense(params, "fp8" | "fp8_all"); for scale, the layers' q/k/v/o and MLP
+  - variants: quantize_model.quantize_dense(params, "fp8" | "fp8_layers" | "fp8_all"); for scale, the layers' q/k/v/o and MLP
     rounded to int4 (symmetric, groups of 64 along K: the format of our int4 experts) and dequantized, lm_head left
     as it is;
   - code: held-out standard-library windows (files the drafter trainer never sees), teacher-forced;
@@ -94,7 +94,8 @@ def main():
     gg = read_gguf(default_gguf_path())
     cfg, params = untied(*load_gguf(gg, jnp.float32, keep_int4=False))
     tok = Tokenizer.from_gguf(gg)
-    variants = {"fp8": quantize_dense(params, "fp8"), "fp8_all": quantize_dense(params, "fp8_all"),
+    variants = {"fp8": quantize_dense(params, "fp8"), "fp8_layers": quantize_dense(params, "fp8_layers"),
+                "fp8_all": quantize_dense(params, "fp8_all"),
                 "int4 g64 (layers' q/k/v/o + MLP)": int4_rounded(params)}
 
     code = np.asarray(drafter_data.code_prompts(tok, a.seqs, a.length, held_out=True, seed=0))

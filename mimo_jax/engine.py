@@ -271,7 +271,7 @@ class Engine:
         one at a time as they stream onto their devices (loader.load_checkpoint); experts a checkpoint stores in
         MXFP4 load as stored. dense "fp8": q/k/v and the dense MLP held in FP8 with 128 x 128 block scales
         (fp8.py; a hub FP8 checkpoint's values as stored, a float one's quantized while loading; safetensors
-        directories only); "fp8_all": o_proj and an untied lm_head too (quantized while loading: the hub keeps them
+        directories only); "fp8_layers": o_proj too; "fp8_all": o_proj and an untied lm_head too (quantized while loading: the hub keeps them
         in bf16). mesh (in kwargs): each tensor goes straight onto its shards."""
         if path is None:
             from mimo_jax.gguf_reader import default_gguf_path
@@ -323,7 +323,7 @@ class Engine:
     @classmethod
     def from_config(cls, cfg: ModelConfig, seed: int = 0, dtype=None, dense: str = "bf16", **kwargs) -> "Engine":
         """Random weights, for benchmarks and tests (dense "fp8": q/k/v and the dense MLP quantized to FP8 blocks,
-        "fp8_all": o_proj and an untied lm_head too; quantize_model.quantize_dense)."""
+        "fp8_layers": o_proj too, "fp8_all": o_proj and an untied lm_head too; quantize_model.quantize_dense)."""
         from mimo_jax.quantize_model import quantize_dense
 
         params = model.init_params(cfg, jax.random.PRNGKey(seed), dtype or auto_dtype())

@@ -122,7 +122,8 @@ _PACKED = ("U8", "I8")  # an expert weight stored in bytes is MXFP4 (e2m1 pairs)
 # The target layers' FP8 tensors that load_checkpoint(dense="fp8") keeps in FP8 (quantize_model.DENSE_FP8_LEAVES)
 DENSE_FP8_KEY = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkv]_proj|mlp\.(gate|up|down)_proj)\.weight")
 # dense="fp8_all" also keeps o_proj (and lm_head) as stored where a checkpoint ships them in FP8 (MiMo's hub does not)
-DENSE_FP8_ALL_KEY = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight|lm_head\.weight")
+DENSE_FP8_LAYERS_KEY = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
+DENSE_FP8_ALL_KEY = re.compile(DENSE_FP8_LAYERS_KEY.pattern + r"|lm_head\.weight")
 
 
 class Checkpoint:
@@ -442,7 +443,7 @@ def load_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None, attention: 
 
     dense "fp8": q/k/v and the dense MLP of the target layers as fp8.Fp8Weight (quantize_model.DENSE_FP8_LEAVES):
     an FP8 checkpoint's values and 128 x 128 block scales kept as stored (nothing rounded again), a float
-    checkpoint's tensors quantized while loading (== quantize_dense after a load in `dtype`). dense "fp8_all": also
+    checkpoint's tensors quantized while loading (== quantize_dense after a load in `dtype`). dense "fp8_layers" / "fp8_all": also
     o_proj and an untied lm_head, which the hub stores in bf16, quantized while loading."""
     from mimo_jax import placement
 
@@ -451,7 +452,7 @@ def load_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None, attention: 
     if on_device is None:
         on_device = stage.platform != "cpu"
     ckpt = Checkpoint(path, device=stage if on_device else None, keep_fp8=dense != "bf16",
-                      fp8_keys=DENSE_FP8_ALL_KEY if dense == "fp8_all" else DENSE_FP8_KEY)
+                      fp8_keys={"fp8_all": DENSE_FP8_ALL_KEY, "fp8_layers": DENSE_FP8_LAYERS_KEY}.get(dense, DENSE_FP8_KEY))
     cfg = config_from_hf(ckpt.hf_config).replace(num_mtp_layers=_mtp_count(ckpt.keys()))
     fmt, group = expert_format(ckpt, cfg, quant_experts, quant_group)
     # FP8 kept in the checkpoint's own square blocks (fp8.Fp8Weight.block), else quantized in 128 x 128 ones

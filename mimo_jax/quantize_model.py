@@ -122,8 +122,10 @@ DENSE_FP8_LEAVES = ("wq", "wk", "wv", "w_gate", "w_up", "w_down")
 # "fp8_all" adds the products the hub keeps in bf16 (an FP8 rounding of our own, as int4 experts are): o_proj and an
 # untied lm_head, ~25% of mid_mimo's plain decode step on an H100 (BENCHMARKS.md, session 20). A tied lm_head stays
 # the embedding (one table); the embeddings, router and MTP layers stay as they are.
+# "fp8_layers": o_proj only (every projection of the layers in FP8, lm_head kept): on SmolLM2 most of fp8_all's
+# change to the predictions came from its lm_head (KL 3.7e-2 for the lm_head alone, o_proj +0.2e-2 over fp8: session 20).
 DENSE_FP8_ALL_LEAVES = DENSE_FP8_LEAVES + ("wo",)
-DENSE_CHOICES = ("bf16", "fp8", "fp8_all")
+DENSE_CHOICES = ("bf16", "fp8", "fp8_layers", "fp8_all")
 
 
 def _dense_format(fmt: str) -> str:
@@ -134,12 +136,13 @@ def _dense_format(fmt: str) -> str:
 
 def is_dense_fp8_leaf(keys: tuple, ndim: int, fmt: str = "fp8") -> bool:
     """Whether format `fmt` keeps this leaf in FP8: "fp8", a target layer's q/k/v or dense-MLP weight [*stack, K, N]
-    (not a routed-expert stack, not the MTP layers); "fp8_all", those, o_proj and the (untied) lm_head."""
+    (not a routed-expert stack, not the MTP layers); "fp8_layers", those and o_proj; "fp8_all", those, o_proj and
+    the (untied) lm_head."""
     if fmt == "bf16":
         return False
     if fmt == "fp8_all" and keys == ("lm_head",):
         return ndim == 2
-    names = DENSE_FP8_ALL_LEAVES if fmt == "fp8_all" else DENSE_FP8_LEAVES
+    names = DENSE_FP8_ALL_LEAVES if fmt in ("fp8_layers", "fp8_all") else DENSE_FP8_LEAVES
     return keys[0] == "layers" and keys[-1] in names and ndim - stack_axes(keys) == 2
 
 
@@ -157,7 +160,8 @@ def dense_structs(structs, fmt: str = "fp8", layout: str | None = None, block: i
 
 
 def quantize_dense(params, fmt: str = "fp8"):
-    """params with the weights the hub keeps in FP8 (DENSE_FP8_LEAVES; fmt "fp8_all": also o_proj and lm_head) as
+    """params with the weights the hub keeps in FP8 (DENSE_FP8_LEAVES; "fp8_layers": also o_proj; "fp8_all": also
+    o_proj and lm_head) as
     fp8.Fp8Weight, quantized per 128 x 128 block as the hub's checkpoints were (fp8.quantize, one layer's matrix at a
     time); fmt "bf16" returns params.
     For a checkpoint that is FP8 already, the loader keeps its values instead (no second rounding)."""

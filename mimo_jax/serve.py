@@ -412,8 +412,9 @@ def _args(argv):
     p.add_argument("--quant_experts", default="none", choices=("none", "int4_sym", "int4_asym", "mxfp4"),
                    help="routed experts in 4 bits (as mimo-jax --quant_experts)")
     p.add_argument("--quant_group", type=int, default=128)
-    p.add_argument("--dense", default="bf16", choices=("bf16", "fp8", "fp8_all"),
-                   help="q/k/v and the dense MLP (fp8_all: also o_proj and lm_head) in FP8 blocks (as mimo-jax --dense)")
+    p.add_argument("--dense", default="bf16", choices=("bf16", "fp8", "fp8_layers", "fp8_all"),
+                   help="q/k/v and the dense MLP (fp8_layers: also o_proj; fp8_all: o_proj and lm_head) in FP8 blocks "
+                        "(as mimo-jax --dense)")
     p.add_argument("--served_model_name", help="the model id clients send (default: the checkpoint's name)")
     p.add_argument("--seed", type=int, default=0, help="random-init seed")
     p.add_argument("--compilation_cache", default=compile_cache.DEFAULT_DIR, help="directory of compiled programs "
