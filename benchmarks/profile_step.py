@@ -44,7 +44,7 @@ import numpy as np
 
 from mimo_jax import engine as engine_module
 from mimo_jax import model, ops, sharding
-from mimo_jax.config import MOE, load_config
+from mimo_jax.config import DENSE_CHOICES, MOE, load_config
 from mimo_jax.engine import Engine
 
 from bench_decode import step_bytes
@@ -243,8 +243,9 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quant_experts", default="none")
     ap.add_argument("--quant_group", type=int, default=128)
-    ap.add_argument("--dense", default="bf16", choices=("bf16", "fp8", "fp8_layers", "fp8_all"),
-                    help="q/k/v and the dense MLP: bf16, or fp8 with 128 x 128 block scales (the hub's format); fp8_layers: also o_proj; fp8_all: o_proj, lm_head")
+    ap.add_argument("--dense", default="bf16", choices=DENSE_CHOICES,
+                    help="q/k/v and the dense MLP: bf16, or fp8 with 128 x 128 block scales (the hub's format); "
+                         "fp8_layers: also o_proj; fp8_all: o_proj, lm_head")
     ap.add_argument("--random_experts", action="store_true",
                     help="one device: random 4-bit expert codes made on the device (as under a mesh) instead of "
                          "quantizing random bf16 experts (a Flash-sized bf16 stack takes minutes to quantize)")

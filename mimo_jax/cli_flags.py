@@ -5,6 +5,7 @@ from __future__ import annotations
 from absl import flags
 
 from mimo_jax.compile_cache import DEFAULT_DIR
+from mimo_jax.config import DENSE_CHOICES
 
 FLAGS = flags.FlagValues()  # our own: importing this module defines nothing in absl's global FLAGS
 _HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
@@ -39,10 +40,10 @@ def _define():
     flags.DEFINE_enum("quant_experts", "none", ["none", "int4_sym", "int4_asym", "mxfp4"], "Store the routed "
                       "experts in 4 bits (attention, dense MLP, embeddings, MTP stay in --dtype); MoE models only.",
                       **F)
-    flags.DEFINE_enum("dense", "bf16", ["bf16", "fp8", "fp8_layers", "fp8_all"], "q/k/v and the dense MLP: bf16 (--dtype), or "
-                      "fp8 (e4m3 with 128 x 128 block scales: a hub FP8 checkpoint's values as stored, half the bytes "
-                      "per decode step); fp8_layers: also o_proj; fp8_all: also o_proj and an untied lm_head (bf16 on the hub, quantized while "
-                      "loading); safetensors checkpoints and --random_init configs.", **F)
+    flags.DEFINE_enum("dense", "bf16", list(DENSE_CHOICES), "q/k/v and the dense MLP: bf16 (--dtype), or fp8 (e4m3 "
+                      "with 128 x 128 block scales: a hub FP8 checkpoint's values as stored, half the bytes per decode "
+                      "step); fp8_layers: also o_proj; fp8_all: also o_proj and an untied lm_head (bf16 on the hub, "
+                      "quantized while loading); safetensors checkpoints and --random_init configs.", **F)
     flags.DEFINE_integer("quant_group", 128, "Group size along K for int4 experts (mxfp4 always uses 32).", **F)
     flags.DEFINE_integer("num_devices", 1, "Devices to spread the model over (experts split; attention per "
                          "--attention); with several hosts, the devices of all of them.", **F)

@@ -14,6 +14,10 @@ from pathlib import Path
 
 from mimo_jax.errors import ConfigError
 
+# Dense (non-expert) weight formats (quantize_model.quantize_dense): bf16; "fp8", the hub's FP8 set (q/k/v, dense MLP);
+# "fp8_layers", also o_proj; "fp8_all", also o_proj and an untied lm_head. Here so that flag parsers need no jax.
+DENSE_CHOICES = ("bf16", "fp8", "fp8_layers", "fp8_all")
+
 FULL, SLIDING = "full", "sliding"
 DENSE, MOE = "dense", "moe"
 

@@ -271,8 +271,8 @@ class Engine:
         one at a time as they stream onto their devices (loader.load_checkpoint); experts a checkpoint stores in
         MXFP4 load as stored. dense "fp8": q/k/v and the dense MLP held in FP8 with 128 x 128 block scales
         (fp8.py; a hub FP8 checkpoint's values as stored, a float one's quantized while loading; safetensors
-        directories only); "fp8_layers": o_proj too; "fp8_all": o_proj and an untied lm_head too (quantized while loading: the hub keeps them
-        in bf16). mesh (in kwargs): each tensor goes straight onto its shards."""
+        directories only); "fp8_layers": o_proj too; "fp8_all": o_proj and an untied lm_head too (quantized while
+        loading: the hub keeps them in bf16). mesh (in kwargs): each tensor goes straight onto its shards."""
         if path is None:
             from mimo_jax.gguf_reader import default_gguf_path
 

@@ -121,9 +121,11 @@ _EXPERT_WEIGHT = re.compile(r".*\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight
 _PACKED = ("U8", "I8")  # an expert weight stored in bytes is MXFP4 (e2m1 pairs) with a `weight_scale` of e8m0s
 # The target layers' FP8 tensors that load_checkpoint(dense="fp8") keeps in FP8 (quantize_model.DENSE_FP8_LEAVES)
 DENSE_FP8_KEY = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkv]_proj|mlp\.(gate|up|down)_proj)\.weight")
-# dense="fp8_all" also keeps o_proj (and lm_head) as stored where a checkpoint ships them in FP8 (MiMo's hub does not)
-DENSE_FP8_LAYERS_KEY = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
-DENSE_FP8_ALL_KEY = re.compile(DENSE_FP8_LAYERS_KEY.pattern + r"|lm_head\.weight")
+# Per dense format, the stored-FP8 tensors kept as stored (quantize_model.is_dense_fp8_leaf's leaves): "fp8_layers" and
+# "fp8_all" also o_proj (and lm_head) where a checkpoint ships them in FP8 (MiMo's hub does not)
+_LAYERS = r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight"
+FP8_KEPT = {"fp8": DENSE_FP8_KEY, "fp8_layers": re.compile(_LAYERS),
+            "fp8_all": re.compile(_LAYERS + r"|lm_head\.weight")}
 
 
 class Checkpoint:
@@ -443,8 +445,8 @@ def load_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None, attention: 
 
     dense "fp8": q/k/v and the dense MLP of the target layers as fp8.Fp8Weight (quantize_model.DENSE_FP8_LEAVES):
     an FP8 checkpoint's values and 128 x 128 block scales kept as stored (nothing rounded again), a float
-    checkpoint's tensors quantized while loading (== quantize_dense after a load in `dtype`). dense "fp8_layers" / "fp8_all": also
-    o_proj and an untied lm_head, which the hub stores in bf16, quantized while loading."""
+    checkpoint's tensors quantized while loading (== quantize_dense after a load in `dtype`). dense "fp8_layers" /
+    "fp8_all": also o_proj (/ and an untied lm_head), which the hub stores in bf16, quantized while loading."""
     from mimo_jax import placement
 
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
@@ -452,7 +454,7 @@ def load_checkpoint(path: str | Path, dtype=jnp.bfloat16, mesh=None, attention: 
     if on_device is None:
         on_device = stage.platform != "cpu"
     ckpt = Checkpoint(path, device=stage if on_device else None, keep_fp8=dense != "bf16",
-                      fp8_keys={"fp8_all": DENSE_FP8_ALL_KEY, "fp8_layers": DENSE_FP8_LAYERS_KEY}.get(dense, DENSE_FP8_KEY))
+                      fp8_keys=FP8_KEPT.get(dense, DENSE_FP8_KEY))
     cfg = config_from_hf(ckpt.hf_config).replace(num_mtp_layers=_mtp_count(ckpt.keys()))
     fmt, group = expert_format(ckpt, cfg, quant_experts, quant_group)
     # FP8 kept in the checkpoint's own square blocks (fp8.Fp8Weight.block), else quantized in 128 x 128 ones

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mimo_jax import fp8, quant
+from mimo_jax.config import DENSE_CHOICES
 from mimo_jax.errors import ConfigError
 from mimo_jax.plan import path_keys, stack_axes
 
@@ -123,9 +124,9 @@ DENSE_FP8_LEAVES = ("wq", "wk", "wv", "w_gate", "w_up", "w_down")
 # untied lm_head, ~25% of mid_mimo's plain decode step on an H100 (BENCHMARKS.md, session 20). A tied lm_head stays
 # the embedding (one table); the embeddings, router and MTP layers stay as they are.
 # "fp8_layers": o_proj only (every projection of the layers in FP8, lm_head kept): on SmolLM2 most of fp8_all's
-# change to the predictions came from its lm_head (KL 3.7e-2 for the lm_head alone, o_proj +0.2e-2 over fp8: session 20).
+# change to the predictions came from its lm_head (KL 3.7e-2 for the lm_head alone, o_proj +0.2e-2 over fp8:
+# BENCHMARKS.md, session 20).
 DENSE_FP8_ALL_LEAVES = DENSE_FP8_LEAVES + ("wo",)
-DENSE_CHOICES = ("bf16", "fp8", "fp8_layers", "fp8_all")
 
 
 def _dense_format(fmt: str) -> str:
@@ -161,9 +162,8 @@ def dense_structs(structs, fmt: str = "fp8", layout: str | None = None, block: i
 
 def quantize_dense(params, fmt: str = "fp8"):
     """params with the weights the hub keeps in FP8 (DENSE_FP8_LEAVES; "fp8_layers": also o_proj; "fp8_all": also
-    o_proj and lm_head) as
-    fp8.Fp8Weight, quantized per 128 x 128 block as the hub's checkpoints were (fp8.quantize, one layer's matrix at a
-    time); fmt "bf16" returns params.
+    o_proj and lm_head) as fp8.Fp8Weight, quantized per 128 x 128 block as the hub's checkpoints were (fp8.quantize,
+    one layer's matrix at a time); fmt "bf16" returns params.
     For a checkpoint that is FP8 already, the loader keeps its values instead (no second rounding)."""
     if _dense_format(fmt) == "bf16":
         return params

@@ -412,7 +412,9 @@ def _args(argv):
     p.add_argument("--quant_experts", default="none", choices=("none", "int4_sym", "int4_asym", "mxfp4"),
                    help="routed experts in 4 bits (as mimo-jax --quant_experts)")
     p.add_argument("--quant_group", type=int, default=128)
-    p.add_argument("--dense", default="bf16", choices=("bf16", "fp8", "fp8_layers", "fp8_all"),
+    from mimo_jax.config import DENSE_CHOICES
+
+    p.add_argument("--dense", default="bf16", choices=DENSE_CHOICES,
                    help="q/k/v and the dense MLP (fp8_layers: also o_proj; fp8_all: o_proj and lm_head) in FP8 blocks "
                         "(as mimo-jax --dense)")
     p.add_argument("--served_model_name", help="the model id clients send (default: the checkpoint's name)")

@@ -74,7 +74,8 @@ def pair_gemv(x, weights, ids, *, cfg: GemvConfig | None = None, interpret: bool
         raise ValueError(f"pair_gemv: x {x.shape} @ W {weights[0].shape}: K must match, K and N multiples of 16")
     cfg = cfg or default_config(P, K, N, nw)
     if N % cfg.bn or K % (cfg.bk * cfg.split_k):
-        raise ValueError(f"pair_gemv: K={K} N={N} not divisible by the block (bk={cfg.bk} x {cfg.split_k}, bn={cfg.bn})")
+        raise ValueError(f"pair_gemv: K={K} N={N} not divisible by the block (bk={cfg.bk} x {cfg.split_k}, "
+                         f"bn={cfg.bn})")
     steps = K // cfg.bk // cfg.split_k
     out = pl.pallas_call(
         functools.partial(_kernel, E=E, cfg=cfg, steps=steps, n_weights=nw),
